@@ -1,0 +1,3 @@
+from hydralm.baselines.dense_transformer import DenseTransformer
+
+__all__ = ["DenseTransformer"]

@@ -1,0 +1,40 @@
+"""Projections shared by the softmax-attention mixers (sliding-window, retrieval, full)."""
+
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from hydralm.config import HydraConfig
+
+
+class AttentionProjections(nn.Module):
+    """q (n_heads) and k/v (n_kv_heads) from one matmul, and the output projection."""
+
+    def __init__(self, cfg: HydraConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.resolved_kv_heads
+        self.head_dim = cfg.resolved_head_dim
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv_heads * self.head_dim
+        self.qkv = nn.Linear(cfg.d_model, self.q_size + 2 * self.kv_size, bias=False)
+        self.out = nn.Linear(self.q_size, cfg.d_model, bias=False)
+        self.out.residual_out = True  # scaled init, see HydraLM._init_weights
+
+    @property
+    def kv_groups(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def split(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, d_model) -> q (B, H, N, D), k and v (B, H_kv, N, D)."""
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def merge(self, y: torch.Tensor) -> torch.Tensor:
+        """y (B, H, N, D) -> (B, N, d_model)."""
+        B, H, N, D = y.shape
+        return self.out(y.transpose(1, 2).reshape(B, N, H * D))

@@ -1,0 +1,34 @@
+"""Depthwise causal 1-D convolution with a streaming cache (the "short conv" of DeltaNet layers)."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ShortConv(nn.Module):
+    def __init__(self, channels: int, kernel_size: int):
+        super().__init__()
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Conv1d's default init
+
+    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None):
+        """x: (B, N, C); cache: the previous kernel_size - 1 inputs (B, kernel_size - 1, C) or None.
+
+        Returns (silu(conv(x)), new cache). Zeros stand in for inputs before the stream starts.
+        """
+        B, N, C = x.shape
+        if cache is None:
+            cache = x.new_zeros(B, self.kernel_size - 1, C)
+        full = torch.cat([cache.to(x.dtype), x], dim=1)
+        y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
+        new_cache = full[:, full.shape[1] - (self.kernel_size - 1):]
+        return F.silu(y), new_cache
+
+    def step(self, x_t: torch.Tensor, cache: torch.Tensor):
+        """One token: x_t (B, C) -> (silu(conv), new cache); a dot product over the window."""
+        full = torch.cat([cache.to(x_t.dtype), x_t[:, None]], dim=1)  # (B, K, C)
+        y = torch.einsum("bkc,ck->bc", full, self.weight[:, 0].to(x_t.dtype))
+        return F.silu(y), full[:, 1:]
