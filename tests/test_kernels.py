@@ -92,17 +92,17 @@ def test_retrieval_attention_matches_dense_mask_reference(N, chunk, top_k):
 
 
 def test_retrieval_attention_never_builds_a_sequence_by_sequence_matrix(monkeypatch):
-    """The gather path's largest score block is (k + 2) * C keys per query, whatever N is."""
-    import hydralm.kernels.chunk_retrieval as cr
+    """Every query scores at most (k + 2) * C keys, whatever N is."""
+    import hydralm.modules.retrieval_attention as ra
 
     seen = []
-    real = F.scaled_dot_product_attention
+    real = ra.topk_chunk_attention
 
-    def spy(q, k, v, **kw):
-        seen.append(k.shape[-2])
-        return real(q, k, v, **kw)
+    def spy(q, selected_k, selected_v, selected_valid, local_k, local_v, local_mask):
+        seen.append(selected_k.shape[-3] * selected_k.shape[-2] + local_k.shape[-2])
+        return real(q, selected_k, selected_v, selected_valid, local_k, local_v, local_mask)
 
-    monkeypatch.setattr(cr.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(ra, "topk_chunk_attention", spy)
     cfg = HydraConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, layer_types=["retrieval"],
                       retrieval_chunk_size=8, retrieval_top_k=2)
     layer = RetrievalAttention(cfg)

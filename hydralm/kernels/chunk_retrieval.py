@@ -1,47 +1,48 @@
-"""Chunk-sparse top-k retrieval attention: routing and the gather-based attention (CPU / eager path).
+"""Chunk-sparse top-k retrieval attention: token-level causal routing and the gather path (CPU / eager).
 
-The sequence is cut into chunks of C tokens. Tokens of chunk i attend with one exact softmax to
-  * the top-k chunks among 0 .. i-2, chosen by the mean query of chunk i-1 against each chunk's summary
-    (the mean of its keys), and
-  * chunk i-1 in full and chunk i causally (the local context).
-Every input of chunk i's routing is complete before chunk i's first token, so routing is causal and the
-parallel forward equals token-by-token decoding. Work is O(N * (k + 2) * C); no N x N matrix is built
-(the routing scores are (N / C) x (N / C), one per chunk pair).
+The sequence is cut into chunks of C tokens; chunk j's summary is the mean of its keys. A token t in
+chunk i attends, with one exact softmax, to
+  * its local context: chunk i-1 in full and chunk i up to itself, and
+  * the top_k chunks among 0 .. i-2 that score highest against its own query (q_t . summary_j).
+Routing reads only q_t and chunks completed before t's local context, so it is causal: the parallel
+forward, chunked prefill and token-by-token decoding pick the same chunks and give the same outputs.
+Work is O(N * (k + 2) * C * D) for attention plus O(N * (N / C) * D) for routing scores; no N x N
+matrix is ever built.
 
 ``retrieval_attention_reference`` builds the same routing with plain loops and an explicit dense mask;
 it exists only to test the fast paths on small inputs.
 """
 
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
-import torch.nn.functional as F
 
 
-def route_chunks(
-    route_q: torch.Tensor, summary_parts: List[torch.Tensor], n_eligible: torch.Tensor, top_k: int
+def route_tokens(
+    q: torch.Tensor, summary_parts: List[torch.Tensor], n_eligible: torch.Tensor, top_k: int
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Pick the top_k past chunks for each routing row.
+    """Top-k past chunks for every query.
 
-    route_q: (B, H, R, D) the mean query of the chunk before each routed chunk.
-    summary_parts: chunk summaries (B, H_kv, n_p, D), concatenated in order along the chunk axis
-        (kept as parts so the caller's bank is never copied).
-    n_eligible: (R,) row r may pick only chunks j < n_eligible[r].
-    Returns selected chunk ids (B, H, R, top_k) and a validity mask (B, H, R, top_k).
+    q: (B, H, ..., D) queries; summary_parts: chunk summaries (B, H_kv, n_p, D) in global chunk order
+    (kept as parts so the caller's bank is never copied); n_eligible: broadcastable to q's middle dims
+    (...,): a query may pick chunks j < n_eligible.
+    Returns chunk ids (B, H, ..., top_k) and a validity mask of the same shape.
     """
-    B, H, R, D = route_q.shape
+    B, H = q.shape[:2]
+    middle, D = q.shape[2:-1], q.shape[-1]
     h_kv = summary_parts[0].shape[1]
-    grouped = route_q.float().reshape(B, h_kv, H // h_kv, R, D)
-    # (B, H_kv, G, R, D) @ (B, H_kv, 1, D, n) -> (B, H, R, n): no copy of the summaries per query head.
-    scores = torch.cat([grouped @ s.float().transpose(-1, -2)[:, :, None] for s in summary_parts], dim=-1)
-    scores = scores.reshape(B, H, R, -1)
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    rows = q.to(dtype).reshape(B, h_kv, H // h_kv, -1, D)
+    # (B, H_kv, G, R, D) @ (B, H_kv, 1, D, n): query heads of a group share their key head's summaries.
+    scores = torch.cat([rows @ s.to(dtype).transpose(-1, -2)[:, :, None] for s in summary_parts], dim=-1)
+    scores = scores.reshape(B, H, *middle, -1)
     n_total = scores.shape[-1]
-    selected = torch.zeros(B, H, R, top_k, dtype=torch.long, device=route_q.device)
-    valid = torch.zeros(B, H, R, top_k, dtype=torch.bool, device=route_q.device)
+    selected = torch.zeros(B, H, *middle, top_k, dtype=torch.long, device=q.device)
+    valid = torch.zeros(B, H, *middle, top_k, dtype=torch.bool, device=q.device)
     k = min(top_k, n_total)
     if k == 0:
         return selected, valid
-    eligible = torch.arange(n_total, device=route_q.device)[None, :] < n_eligible[:, None]
+    eligible = torch.arange(n_total, device=q.device) < n_eligible[..., None]
     top, idx = scores.masked_fill(~eligible, float("-inf")).topk(k, dim=-1)
     selected[..., :k] = idx
     valid[..., :k] = torch.isfinite(top)
@@ -49,50 +50,43 @@ def route_chunks(
 
 
 def gather_chunks(chunks: torch.Tensor, selected: torch.Tensor, offset: int = 0) -> torch.Tensor:
-    """chunks (B, H_kv, n, C, D); selected (B, H, ..., k) global ids -> (B, H, ..., k, C, D).
-
-    Ids are global; this tensor holds chunks offset .. offset + n - 1 (ids outside are clamped and must be
-    masked or replaced by the caller). Query head h reads key head h // (H / H_kv).
-    """
+    """chunks (B, H_kv, n, C, D) holding global ids offset .. offset + n - 1; selected (B, H, ..., k) global
+    ids -> (B, H, ..., k, C, D). Ids outside the range are clamped: the caller masks or replaces them.
+    Query head h reads key head h // (H / H_kv)."""
     B, h_kv, n = chunks.shape[:3]
     H = selected.shape[1]
     extra = selected.dim() - 2
     b_idx = torch.arange(B, device=chunks.device).view(B, *([1] * (extra + 1)))
     h_idx = (torch.arange(H, device=chunks.device) // (H // h_kv)).view(1, H, *([1] * extra))
-    return chunks[b_idx, h_idx, (selected - offset).clamp(0, n - 1)]
+    return chunks[b_idx, h_idx, (selected - offset).clamp(0, max(n - 1, 0))]
 
 
-def chunk_attention(
+def topk_chunk_attention(
     q: torch.Tensor,
     selected_k: torch.Tensor,
     selected_v: torch.Tensor,
     selected_valid: torch.Tensor,
-    prev_k: torch.Tensor,
-    prev_v: torch.Tensor,
-    prev_valid: torch.Tensor,
-    own_k: torch.Tensor,
-    own_v: torch.Tensor,
-    own_mask: torch.Tensor,
+    local_k: torch.Tensor,
+    local_v: torch.Tensor,
+    local_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """One softmax per query over [selected chunks | previous chunk | own chunk].
+    """One softmax per query over [its own selected chunks | a shared local context].
 
-    q (B, H, M, Q, D): Q queries of each of M chunks; selected_k/v (B, H, M, k, C, D), selected_valid
-    (B, H, M, k); prev_k/v (B, H, M, C, D), prev_valid broadcastable to (B, H, M); own_k/v (B, H, M, C, D),
-    own_mask (Q, C) which own-chunk keys each query sees.
+    q (..., Q, D); selected_k/v (..., Q, k, C, D) per-query chunks with selected_valid (..., Q, k);
+    local_k/v (..., L, D) shared by the Q queries with local_mask broadcastable to (..., Q, L).
+    Scores and softmax in fp32 (fp64 for fp64 inputs); returns (..., Q, D) in q's dtype.
     """
-    B, H, M, Q, D = q.shape
-    k_sel, C = selected_k.shape[3], selected_k.shape[4]
-    keys = torch.cat([selected_k.flatten(3, 4), prev_k, own_k], dim=3)
-    values = torch.cat([selected_v.flatten(3, 4), prev_v, own_v], dim=3)
-    mask = torch.cat(
-        [
-            selected_valid.repeat_interleave(C, dim=-1)[..., None, :].expand(B, H, M, Q, k_sel * C),
-            prev_valid.expand(B, H, M)[..., None, None].expand(B, H, M, Q, C),
-            own_mask.expand(B, H, M, Q, C),
-        ],
-        dim=-1,
-    )
-    return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+    k_sel, C = selected_k.shape[-3], selected_k.shape[-2]
+    scale = q.shape[-1] ** -0.5
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qf = q.to(dtype)
+    s_sel = torch.einsum("...qd,...qkcd->...qkc", qf, selected_k.to(dtype)).flatten(-2)
+    s_loc = qf @ local_k.to(dtype).transpose(-1, -2)
+    mask = torch.cat([selected_valid.repeat_interleave(C, dim=-1), local_mask.expand_as(s_loc)], dim=-1)
+    probs = torch.softmax((torch.cat([s_sel, s_loc], dim=-1) * scale).masked_fill(~mask, float("-inf")), dim=-1)
+    p_sel, p_loc = probs.split([k_sel * C, s_loc.shape[-1]], dim=-1)
+    out = torch.einsum("...qkc,...qkcd->...qd", p_sel.unflatten(-1, (k_sel, C)), selected_v.to(dtype))
+    return (out + p_loc @ local_v.to(dtype)).to(q.dtype)
 
 
 def retrieval_attention_reference(
@@ -101,22 +95,17 @@ def retrieval_attention_reference(
     """Readable reference from scratch: q, k, v (B, H, N, D), same heads. Dense N x N mask; small N only."""
     B, H, N, D = q.shape
     C = chunk_size
-    n_chunks = -(-N // C)
     out = torch.empty_like(v)
     for b in range(B):
         for h in range(H):
             allowed = torch.zeros(N, N, dtype=torch.bool)
-            for i in range(n_chunks):
-                rows = slice(i * C, min((i + 1) * C, N))
-                selected: list = []
-                if i >= 2:
-                    route = q[b, h, (i - 1) * C : i * C].float().sum(0) / C
-                    scores = [float(route @ k[b, h, j * C : (j + 1) * C].float().mean(0)) for j in range(i - 1)]
-                    selected = sorted(range(i - 1), key=lambda j: -scores[j])[:top_k]
-                for j in selected + ([i - 1] if i >= 1 else []):
-                    allowed[rows, j * C : (j + 1) * C] = True
-                for t in range(rows.start, rows.stop):
-                    allowed[t, i * C : t + 1] = True
+            summaries = [k[b, h, j * C : (j + 1) * C].float().mean(0) for j in range(N // C)]
+            for t in range(N):
+                i = t // C
+                scores = {j: float(q[b, h, t].float() @ summaries[j]) for j in range(max(0, i - 1))}
+                for j in sorted(scores, key=lambda j: -scores[j])[:top_k]:
+                    allowed[t, j * C : (j + 1) * C] = True
+                allowed[t, max(0, (i - 1) * C) : t + 1] = True  # chunk i-1 and chunk i up to t
             scores = (q[b, h] @ k[b, h].transpose(0, 1)) * D**-0.5
             out[b, h] = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v[b, h]
     return out
