@@ -92,19 +92,19 @@ def test_retrieval_attention_matches_dense_mask_reference(N, chunk, top_k):
 
 
 def test_retrieval_attention_never_builds_a_sequence_by_sequence_matrix(monkeypatch):
-    """Every query scores at most (k + 2) * C keys, whatever N is."""
+    """A query block scores at most (min(k * C, N / C) + 2) * C keys, far fewer than N for long inputs."""
     import hydralm.modules.retrieval_attention as ra
 
     seen = []
-    real = ra.topk_chunk_attention
+    real = ra.sparse_chunk_attention
 
-    def spy(q, selected_k, selected_v, selected_valid, local_k, local_v, local_mask):
-        seen.append(selected_k.shape[-3] * selected_k.shape[-2] + local_k.shape[-2])
-        return real(q, selected_k, selected_v, selected_valid, local_k, local_v, local_mask)
+    def spy(q, chunk_k, chunk_v, chunk_mask, local_k, local_v, local_mask):
+        seen.append(chunk_k.shape[-3] * chunk_k.shape[-2] + local_k.shape[-2])
+        return real(q, chunk_k, chunk_v, chunk_mask, local_k, local_v, local_mask)
 
-    monkeypatch.setattr(ra, "topk_chunk_attention", spy)
+    monkeypatch.setattr(ra, "sparse_chunk_attention", spy)
+    N, C, k = 1024, 8, 2
     cfg = HydraConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, layer_types=["retrieval"],
-                      retrieval_chunk_size=8, retrieval_top_k=2)
-    layer = RetrievalAttention(cfg)
-    layer.attend(*(torch.randn(1, 2, 256, 8) for _ in range(3)))
-    assert seen and max(seen) == (2 + 2) * 8
+                      retrieval_chunk_size=C, retrieval_top_k=k)
+    RetrievalAttention(cfg).attend(*(torch.randn(1, 2, N, 8) for _ in range(3)))
+    assert seen and max(seen) <= (k * C + 2) * C < N // 4

@@ -44,15 +44,16 @@ def sliding_window_attention(
     kp = F.pad(k, (0, 0, window - 1, right))
     vp = F.pad(v, (0, 0, window - 1, right))
     # Block b's band starts at padded index q_offset + b * block.
-    k_blocks = kp[:, :, q_offset:].unfold(2, span, block).transpose(-1, -2)  # (B, H, nb, span, D)
-    v_blocks = vp[:, :, q_offset:].unfold(2, span, block).transpose(-1, -2)
-    q_blocks = F.pad(q, (0, 0, 0, n_blocks * block - N)).reshape(B, H, n_blocks, block, D)
+    # Blocks become extra heads: 4-D inputs reach SDPA's fused CPU/GPU kernels (5-D falls back to math).
+    k_blocks = kp[:, :, q_offset:].unfold(2, span, block).transpose(-1, -2).reshape(B, H * n_blocks, span, D)
+    v_blocks = vp[:, :, q_offset:].unfold(2, span, block).transpose(-1, -2).reshape(B, H * n_blocks, span, -1)
+    q_blocks = F.pad(q, (0, 0, 0, n_blocks * block - N)).reshape(B, H * n_blocks, block, D)
 
     row = torch.arange(block, device=q.device)[:, None]
     col = torch.arange(span, device=q.device)[None, :]
     band = (col >= row) & (col <= row + window - 1)  # same band for every block
     # Key index in the original stream; negative ones are the left padding.
     key_index = q_offset + torch.arange(n_blocks, device=q.device)[:, None] * block - (window - 1) + col
-    mask = band[None] & (key_index >= 0)[:, None, :]  # (nb, block, span)
-    out = F.scaled_dot_product_attention(q_blocks, k_blocks, v_blocks, attn_mask=mask)
+    mask = band[None] & (key_index >= 0)[:, None, :]  # (nb, block, span), the same for every head
+    out = F.scaled_dot_product_attention(q_blocks, k_blocks, v_blocks, attn_mask=mask.repeat(H, 1, 1))
     return out.reshape(B, H, n_blocks * block, -1)[:, :, :N]

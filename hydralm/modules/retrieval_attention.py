@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
-from hydralm.kernels.chunk_retrieval import gather_chunks, route_tokens, topk_chunk_attention
+from hydralm.kernels.chunk_retrieval import gather_chunks, route_tokens, sparse_chunk_attention, union_of_selections
 from hydralm.kernels.local_attention import repeat_kv
 from hydralm.modules.attention import AttentionProjections
 
@@ -88,21 +88,23 @@ class RetrievalAttention(nn.Module):
         prev_ok = (chunk_ids >= 1)[:, None, None].expand(M, C, C)
         local_mask = torch.cat([prev_ok, causal.expand(M, C, C)], dim=-1)  # (M, C, 2C)
 
-        per_chunk = max(1, B * H * C * self.top_k * C * D)
+        n_total = n0 + n_full
+        per_chunk = max(1, B * H * min(C * self.top_k, max(n_total, 1)) * C * D)
         block = max(1, GATHER_BUDGET // per_chunk)
         outputs = []
         for a in range(0, M, block):
             b = min(M, a + block)
             q_blk = qc[:, :, a:b]
             n_eligible = (chunk_ids[a:b] - 1).clamp(min=0)[:, None]  # token of chunk i may pick j < i - 1
-            selected, valid = route_tokens(q_blk, summary_parts, n_eligible, self.top_k)
-            selected_k, selected_v = gather_chunks(kc, selected, offset=n0), gather_chunks(vc, selected, offset=n0)
+            selected, valid = route_tokens(q_blk, summary_parts, n_eligible, self.top_k)  # (B, H, m, C, k)
+            union, union_valid, reads = union_of_selections(selected, valid, max(n_total, 1))
+            union_k, union_v = gather_chunks(kc, union, offset=n0), gather_chunks(vc, union, offset=n0)
             if n0 > 0:
-                in_bank = (selected < n0)[..., None, None]
-                selected_k = torch.where(in_bank, gather_chunks(st["bank_k"][:, :, :n0], selected).to(kc.dtype), selected_k)
-                selected_v = torch.where(in_bank, gather_chunks(st["bank_v"][:, :, :n0], selected).to(vc.dtype), selected_v)
-            outputs.append(topk_chunk_attention(q_blk, selected_k, selected_v, valid,
-                                                local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b]))
+                in_bank = (union < n0)[..., None, None]
+                union_k = torch.where(in_bank, gather_chunks(st["bank_k"][:, :, :n0], union).to(kc.dtype), union_k)
+                union_v = torch.where(in_bank, gather_chunks(st["bank_v"][:, :, :n0], union).to(vc.dtype), union_v)
+            outputs.append(sparse_chunk_attention(q_blk, union_k, union_v, reads,
+                                                  local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b]))
         y = torch.cat(outputs, dim=2).flatten(2, 3)[:, :, filled:length]
 
         # New state: completed chunks join the bank; the remainder becomes the chunk in progress.
@@ -139,7 +141,7 @@ class RetrievalAttention(nn.Module):
         local_v = repeat_kv(torch.cat([prev_v, buf_v], dim=2), groups)
         slots = torch.arange(C, device=x_t.device)
         local_mask = torch.cat([torch.full((C,), n > 0, device=x_t.device), slots <= filled])[None]
-        y = topk_chunk_attention(q, selected_k, selected_v, valid, local_k, local_v, local_mask)
+        y = sparse_chunk_attention(q, selected_k[:, :, 0], selected_v[:, :, 0], valid, local_k, local_v, local_mask)
         new = dict(st, buf_k=buf_k, buf_v=buf_v, pos=st["pos"] + 1)
         if filled == C - 1:  # the chunk just completed: it joins the bank
             new.update(
