@@ -34,8 +34,8 @@ class HydraConfig:
     swa_every: int = 4  # every swa_every-th layer (1-based) is sliding-window attention; 0 = none
     rope_base: float = 10000.0  # rotary base of attention layers
     retrieval_every: int = 0  # every retrieval_every-th layer (not SWA) is retrieval attention; 0 = none
-    retrieval_top_k: int = 8  # past chunks each query chunk retrieves
-    retrieval_chunk_size: int = 64  # tokens per retrieval chunk (the routing granularity)
+    retrieval_top_k: int = 8  # past chunks each token retrieves (beyond its local two chunks)
+    retrieval_chunk_size: int = 64  # tokens per retrieval chunk (the unit that is summarised and retrieved)
     mtp_depth: int = 0  # multi-token-prediction modules (0 = no MTP head)
     mtp_loss_weight: float = 0.1  # weight of the MTP auxiliary loss
     memory: Optional[dict] = None  # compressive memory for streaming: {exact_window, compress_every, pool_size}
@@ -86,6 +86,9 @@ class HydraConfig:
             self._auto_layer_types = True
         else:
             self.layer_types = _check_layer_types(self.layer_types, self.n_layers)
+        rotary = [t for t in self.layer_types if t in ("swa", "attention")]
+        if rotary and self.resolved_head_dim % 2:
+            _fail("head_dim", self.resolved_head_dim, f"an even head size: {rotary[0]} layers use rotary embeddings")
 
     # -- derived sizes ---------------------------------------------------------------------------
     @property

@@ -111,8 +111,8 @@ class HydraLM(nn.Module):
         ``labels`` (B, N), aligned with the logits (-100 = no loss), gives the MTP loss its targets; by
         default the MTP modules learn the input's own future tokens.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids must be (batch, seq_len >= 1), got shape {tuple(input_ids.shape)}")
         self._check_ids(input_ids)
         self._check_state(state)
         x = self.embed(input_ids)

@@ -36,7 +36,7 @@ BAD_VALUES = [
     ("initializer_range", -1.0), ("layer_types", ["deltanet"] * 3), ("layer_types", ["mamba"] * 12),
     ("layer_types", "deltanet"), ("memory", {"exact_window": 8}), ("memory", {"exact_window": 8,
     "compress_every": 0, "pool_size": 4}), ("memory", 5), ("n_layers", 2.0), ("d_model", True),
-    ("mlp_mult", float("nan")),
+    ("mlp_mult", float("nan")), ("head_dim", 7),
 ]
 
 

@@ -117,6 +117,8 @@ def test_out_of_range_ids_raise_value_error():
             model.step(torch.tensor([bad]))
     with pytest.raises(ValueError, match="integer"):
         model(torch.zeros(1, 3))
+    with pytest.raises(ValueError, match="seq_len >= 1"):
+        model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="one entry per layer"):
         model(torch.zeros(1, 3, dtype=torch.long), state=[{}])
 

@@ -1,0 +1,163 @@
+"""LightningModule: next-token training of HydraLM (or the dense baseline) with its metrics.
+
+Loss = CE(logits, labels, ignore_index=-100) + mtp_aux_loss (when mtp_depth > 0) + every auxiliary loss
+the model reports through ``auxiliary_losses`` (the hook the compressive memory's reconstruction loss uses).
+
+Hyperparameters are plain dicts (never Hydra partials or objects), so checkpoints load with
+``torch.load(..., weights_only=True)``.
+"""
+
+import math
+import time
+from typing import Dict, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.aggregation import MeanMetric
+
+from hydralm.baselines.dense_transformer import DenseTransformer
+from hydralm.config import HydraConfig
+from hydralm.model import HydraLM
+from hydralm.training.optim import build_optimizer, warmup_cosine
+
+DEPTH_BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0 + 1e-9))
+ARCHITECTURES = {"hydra": HydraLM, "dense": DenseTransformer}
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class HydraLMModule(L.LightningModule):
+    def __init__(
+        self,
+        model: Dict,
+        optimizer: Dict,
+        architecture: str = "hydra",
+        compile: bool = False,
+        nonfinite: str = "skip",
+        max_consecutive_skips: int = 10,
+    ):
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture={architecture!r} is unknown; allowed: {list(ARCHITECTURES)}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite={nonfinite!r} is unknown; allowed: {list(NONFINITE_POLICIES)}")
+        self.save_hyperparameters()
+        self.config = HydraConfig(**model)
+        self.net = ARCHITECTURES[architecture](self.config)
+        self._compiled_forward = None
+        self.depth_accuracy = nn.ModuleDict(
+            {stage: nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in DEPTH_BUCKETS) for stage in ("val", "test")}
+        )
+        self._skipped_in_a_row = 0
+        self._step_started: Optional[float] = None
+
+    # -- forward / loss --------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.hparams.compile and self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.net)
+
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        net = self._compiled_forward or self.net
+        return net(input_ids, **kwargs)
+
+    def auxiliary_losses(self, out: dict) -> Dict[str, torch.Tensor]:
+        """Extra loss terms, already weighted. The MTP loss is one; the compressive memory adds its own."""
+        losses = {}
+        if out.get("mtp_aux_loss") is not None:
+            losses["mtp"] = out["mtp_aux_loss"]
+        return losses
+
+    def _shared_step(self, batch: dict, stage: str):
+        use_mtp = self.config.mtp_depth > 0 and stage == "train"
+        out = self(batch["input_ids"], compute_mtp=use_mtp, labels=batch["labels"] if use_mtp else None)
+        logits = out["logits"]
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        aux = self.auxiliary_losses(out)
+        loss = ce + sum(aux.values()) if aux else ce
+        batch_size = batch["input_ids"].shape[0]
+        self.log(f"{stage}/loss", ce, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train")
+        self.log(f"{stage}/ppl", torch.exp(ce.detach().clamp(max=50)), batch_size=batch_size, sync_dist=stage != "train")
+        for name, value in aux.items():
+            self.log(f"{stage}/{name}_loss", value, batch_size=batch_size, sync_dist=stage != "train")
+        if "query_positions" in batch:
+            self._log_answer_accuracy(logits, batch, stage)
+        return loss, ce
+
+    def _log_answer_accuracy(self, logits: torch.Tensor, batch: dict, stage: str) -> None:
+        positions = batch["query_positions"]  # (B, Q)
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        correct = (logits[rows, positions].argmax(-1) == batch["labels"][rows, positions]).float()
+        n = correct.numel()
+        self.log(f"{stage}/acc", correct.mean(), prog_bar=True, batch_size=n, sync_dist=stage != "train")
+        if stage == "train" or "depths" not in batch:
+            return
+        # MeanMetric per bucket (weights = membership): every rank logs every bucket, so DDP never waits
+        # on a key one rank skipped; an empty bucket reads NaN ("no queries there"), never 0.
+        for (lo, hi), metric in zip(DEPTH_BUCKETS, self.depth_accuracy[stage]):
+            in_bucket = ((batch["depths"] >= lo) & (batch["depths"] < hi)).float()
+            metric.update(correct, in_bucket)
+            self.log(f"{stage}/acc_depth_{int(lo * 100)}_{int(min(hi, 1.0) * 100)}", metric, on_step=False, on_epoch=True)
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        self._step_started = time.perf_counter()
+
+    def training_step(self, batch: dict, batch_idx: int):
+        loss, ce = self._shared_step(batch, "train")
+        if not torch.isfinite(loss):
+            return self._non_finite(f"loss is {loss.item()}")
+        self._skipped_in_a_row = 0
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self._step_started is not None:
+            elapsed = time.perf_counter() - self._step_started
+            tokens = batch["input_ids"].numel() * self.trainer.world_size
+            self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True, batch_size=1)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.log("train/grad_norm", norm, batch_size=1)
+        if not torch.isfinite(norm):
+            # Dropping the gradients makes both optimizers skip every parameter: the weights stay finite.
+            for p in self.parameters():
+                p.grad = None
+            self._non_finite(f"gradient norm is {norm.item()}")
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int):
+        self._shared_step(batch, "test")
+
+    def _non_finite(self, what: str):
+        self._skipped_in_a_row += 1
+        self.log("train/skipped_steps", float(self._skipped_in_a_row), batch_size=1)
+        message = (f"non-finite training step at global step {self.global_step}: {what}. "
+                   "Lower optimizer.lr, raise optimizer.warmup_steps or check the data.")
+        if self.hparams.nonfinite == "stop" or self._skipped_in_a_row > self.hparams.max_consecutive_skips:
+            raise FloatingPointError(message + f" (policy nonfinite={self.hparams.nonfinite!r}, "
+                                     f"{self._skipped_in_a_row} in a row)")
+        return None  # Lightning skips backward and the optimizer step for this batch
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = [n for n, p in self.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # raising here aborts the save, so the last good checkpoint is never overwritten
+            raise FloatingPointError(f"refusing to save a checkpoint with non-finite weights in {bad[:5]}")
+
+    def configure_optimizers(self):
+        opt = dict(self.hparams.optimizer)
+        optimizer = build_optimizer(
+            self.net, opt["name"], lr=opt["lr"], weight_decay=opt["weight_decay"], betas=opt.get("betas", (0.9, 0.95)),
+            eps=opt.get("eps", 1e-8), fused=opt.get("fused"),
+        )
+        total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
+        if total is None or not math.isfinite(total):
+            raise ValueError("set trainer.max_steps (or max_epochs with a sized dataset) so the lr schedule has an end")
+        factor = warmup_cosine(opt.get("warmup_steps", 0) or 1, int(total), opt.get("min_lr_ratio", 0.1))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,117 @@
+"""The training job behind ``train.py``: compose -> validate -> instantiate -> fit -> test.
+
+``train(cfg)`` returns ``(metrics, objects)``; ``train.py`` hands the metric named by
+``optimized_metric`` to Hydra sweepers. Every artifact goes under ``paths.output_dir`` (the Hydra run
+dir); side effects (run_info.json, config printing) happen on rank 0 only.
+"""
+
+import logging
+import os
+from typing import Any, Dict, List, Optional, Tuple
+
+import lightning as L
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as hydra_instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from hydralm.config import HydraConfig
+from hydralm.training.checkpoint_io import AtomicCheckpointIO
+from hydralm.training.lit_module import HydraLMModule
+from hydralm.training.run_info import write_run_info
+
+log = logging.getLogger(__name__)
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate, but a bad value surfaces as its own error (one message naming the field),
+    not wrapped in Hydra's InstantiationException."""
+    try:
+        return hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, (ValueError, FileNotFoundError)):
+            raise err.__cause__ from None
+        raise
+
+
+def build_module(cfg: DictConfig) -> HydraLMModule:
+    return HydraLMModule(
+        model=OmegaConf.to_container(cfg.model, resolve=True),
+        optimizer=OmegaConf.to_container(cfg.optimizer, resolve=True),
+        architecture=cfg.get("architecture", "hydra"),
+        compile=cfg.get("compile", False),
+        nonfinite=cfg.get("nonfinite", "skip"),
+    )
+
+
+def instantiate_group(group: Optional[DictConfig]) -> List[Any]:
+    """Instantiate every entry of a config group that has a _target_ (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(entry) for entry in group.values() if isinstance(entry, DictConfig) and "_target_" in entry]
+
+
+def validate(cfg: DictConfig, datamodule: Any) -> HydraConfig:
+    """Fail before training with one message per problem (the model config validates itself)."""
+    model_cfg = HydraConfig(**OmegaConf.to_container(cfg.model, resolve=True))
+    data_vocab = getattr(datamodule, "vocab_size", None)
+    if data_vocab is not None and data_vocab > model_cfg.vocab_size:
+        raise ValueError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the data's vocabulary ({data_vocab} tokens); "
+            f"set model.vocab_size={data_vocab} or more"
+        )
+    ckpt = cfg.get("ckpt_path")
+    if ckpt not in (None, "last", "hpc", "registry") and not os.path.isfile(str(ckpt)):
+        raise FileNotFoundError(f"ckpt_path={ckpt!r} does not exist (use a .ckpt file path or 'last')")
+    return model_cfg
+
+
+@rank_zero_only
+def _record_run(cfg: DictConfig) -> None:
+    write_run_info(cfg.paths.output_dir, cfg.paths.root_dir)
+    if cfg.get("print_config", True):
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def train(cfg: DictConfig) -> Tuple[Dict[str, float], Dict[str, Any]]:
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    validate(cfg, datamodule)
+    module = build_module(cfg)
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if not loggers:  # LearningRateMonitor refuses to run without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()])
+    _record_run(cfg)
+
+    objects = {"cfg": cfg, "datamodule": datamodule, "model": module, "trainer": trainer}
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        _save_final_state(trainer)
+    train_metrics = dict(trainer.callback_metrics)
+    if cfg.get("test", False):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+    metrics = {k: float(v) for k, v in {**train_metrics, **trainer.callback_metrics}.items()}
+    return metrics, objects
+
+
+def _save_final_state(trainer: L.Trainer) -> None:
+    """last.ckpt always ends as the final state (periodic saves may stop short of the last step)."""
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor is None and callback.filename == "last" and callback.dirpath:
+            trainer.save_checkpoint(os.path.join(callback.dirpath, "last.ckpt"), weights_only=False)
+
+
+def optimized_metric(metrics: Dict[str, float], name: Optional[str]) -> Optional[float]:
+    """The value a Hydra sweeper optimises (None, with a warning, if it was never logged)."""
+    if not name:
+        return None
+    if name not in metrics:
+        log.warning("optimized_metric=%r was not logged (is validation off?); logged: %s", name, sorted(metrics))
+        return None
+    return metrics[name]

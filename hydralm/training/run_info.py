@@ -1,0 +1,36 @@
+"""What a run directory records about how it was made: git commit, versions, command line."""
+
+import json
+import os
+import subprocess
+import sys
+from typing import Optional
+
+
+def git_sha(cwd: Optional[str] = None) -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def write_run_info(output_dir: str, source_dir: str) -> dict:
+    import lightning
+    import torch
+
+    info = {
+        "git_sha": git_sha(source_dir),
+        "command": " ".join(sys.argv),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "run_info.json"), "w") as f:
+        json.dump(info, f, indent=2)
+    return info

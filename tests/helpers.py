@@ -1,0 +1,51 @@
+"""Shared test helpers: compose the real Hydra configs into a temporary run directory."""
+
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import List
+
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig as HydraRuntime
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+# Small, fast settings for CPU tests: a 2-layer model on 128-token retrieval_qa.
+FAST = [
+    "model.d_model=32", "model.n_layers=3", "model.n_heads=2", "model.swa_window=16",
+    "model.retrieval_chunk_size=8", "model.retrieval_top_k=2", "model.dn_chunk_size=16",
+    "data.task_kwargs.seq_len=128", "data.task_kwargs.num_facts=4", "data.task_kwargs.num_queries=2",
+    "data.batch_size=4", "data.num_val_samples=8", "data.num_test_samples=8",
+    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false", "print_config=false",
+]
+
+
+@contextmanager
+def composed(tmp_path: Path, overrides: List[str], config_name: str = "train"):
+    """The config `python train.py <overrides>` would run, with every output under tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(config_name=config_name, return_hydra_config=True, overrides=overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path)
+            cfg.paths.log_dir = str(tmp_path)
+            cfg.paths.root_dir = str(ROOT)
+            cfg.hydra.runtime.output_dir = str(tmp_path)
+        HydraRuntime.instance().set_config(cfg)
+        try:
+            yield cfg
+        finally:
+            GlobalHydra.instance().clear()
+
+
+def run_script(args: List[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python <args>` from the project root the way a user does; outputs land in cwd's logs/."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PROJECT_ROOT": str(cwd)}
+    return subprocess.run([sys.executable, *args], cwd=str(ROOT), env=env, capture_output=True, text=True,
+                          timeout=timeout)
