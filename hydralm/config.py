@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 LAYER_TYPES = ("deltanet", "swa", "retrieval", "attention")
-MEMORY_FIELDS = ("exact_window", "compress_every", "pool_size")
+MEMORY_FIELDS = ("exact_window", "compress_every", "pool_size")  # required keys of HydraConfig.memory
+MEMORY_OPTIONAL = {"loss_weight": 1.0}  # weight of the compressor's attention-reconstruction loss
 
 
 @dataclass
@@ -38,7 +39,7 @@ class HydraConfig:
     retrieval_chunk_size: int = 64  # tokens per retrieval chunk (the unit that is summarised and retrieved)
     mtp_depth: int = 0  # multi-token-prediction modules (0 = no MTP head)
     mtp_loss_weight: float = 0.1  # weight of the MTP auxiliary loss
-    memory: Optional[dict] = None  # compressive memory for streaming: {exact_window, compress_every, pool_size}
+    memory: Optional[dict] = None  # compressive memory: {exact_window, compress_every, pool_size[, loss_weight]}
     layer_types: Optional[list] = None  # explicit per-layer mixer list; None -> computed from swa/retrieval_every
     tie_embeddings: bool = True  # LM head shares the embedding matrix
     rms_eps: float = 1e-5  # epsilon of every RMSNorm
@@ -86,6 +87,7 @@ class HydraConfig:
             self._auto_layer_types = True
         else:
             self.layer_types = _check_layer_types(self.layer_types, self.n_layers)
+        _check_memory_fits(self)
         rotary = [t for t in self.layer_types if t in ("swa", "attention")]
         if rotary and self.resolved_head_dim % 2:
             _fail("head_dim", self.resolved_head_dim, f"an even head size: {rotary[0]} layers use rotary embeddings")
@@ -207,18 +209,36 @@ def _check_bool(cfg: HydraConfig, name: str) -> None:
 def _check_memory(memory: Any) -> Optional[dict]:
     if memory is None:
         return None
+    allowed = list(MEMORY_FIELDS) + list(MEMORY_OPTIONAL)
     if not hasattr(memory, "keys"):
-        _fail("memory", memory, f"None or a dict with keys {list(MEMORY_FIELDS)}")
+        _fail("memory", memory, f"None or a dict with keys {allowed}")
     memory = {str(k): memory[k] for k in memory.keys()}
     missing = [k for k in MEMORY_FIELDS if k not in memory]
-    extra = [k for k in memory if k not in MEMORY_FIELDS]
+    extra = [k for k in memory if k not in allowed]
     if missing or extra:
-        _fail("memory", memory, f"a dict with exactly the keys {list(MEMORY_FIELDS)}")
+        _fail("memory", memory, f"a dict with the keys {list(MEMORY_FIELDS)} (optional: {list(MEMORY_OPTIONAL)})")
     for key in MEMORY_FIELDS:
         value = memory[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             _fail(f"memory.{key}", value, "an integer >= 1")
+    weight = memory.setdefault("loss_weight", MEMORY_OPTIONAL["loss_weight"])
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
+        _fail("memory.loss_weight", weight, "a number >= 0")
     return memory
+
+
+def _check_memory_fits(cfg: "HydraConfig") -> None:
+    """Retrieval layers compress whole chunks: the memory sizes must line up with retrieval_chunk_size."""
+    if cfg.memory is None or "retrieval" not in cfg.layer_types:
+        return
+    C, m = cfg.retrieval_chunk_size, cfg.memory
+    if m["exact_window"] % C or m["exact_window"] < C:
+        _fail("memory.exact_window", m["exact_window"], f"a multiple of retrieval_chunk_size={C}")
+    if C % m["compress_every"]:
+        _fail("memory.compress_every", m["compress_every"], f"a divisor of retrieval_chunk_size={C}")
+    if m["pool_size"] < C // m["compress_every"]:
+        _fail("memory.pool_size", m["pool_size"],
+              f">= retrieval_chunk_size / compress_every = {C // m['compress_every']} (one compressed chunk)")
 
 
 def _check_layer_types(layer_types: Any, n_layers: int) -> list:

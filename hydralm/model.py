@@ -57,10 +57,6 @@ class HydraLM(nn.Module):
         super().__init__()
         if not isinstance(cfg, HydraConfig):
             raise TypeError(f"HydraLM expects a HydraConfig, got {type(cfg).__name__}")
-        if cfg.memory is not None:
-            raise NotImplementedError(
-                "HydraConfig.memory (compressive memory) is not implemented yet; set memory=None"
-            )
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
@@ -106,6 +102,7 @@ class HydraLM(nn.Module):
     ) -> dict:
         """input_ids (B, N). Returns {"logits" (B, N, V), "state" (per-layer list, if return_state),
         "mtp_logits" (list of (B, N - k, V), if compute_mtp), "mtp_aux_loss" (scaled, if compute_mtp),
+        "memory_aux_loss" (the compressive memory's weighted reconstruction loss, training forwards only),
         "hidden" (B, N, d) last hidden state before the final norm, if return_hidden}.
 
         ``labels`` (B, N), aligned with the logits (-100 = no loss), gives the MTP loss its targets; by
@@ -121,7 +118,7 @@ class HydraLM(nn.Module):
             x, layer_state = block(x, None if state is None else state[i])
             new_state.append(layer_state)
         out = {"logits": self.lm_head(self.norm(x)), "state": new_state if return_state else None,
-               "mtp_logits": None, "mtp_aux_loss": None}
+               "mtp_logits": None, "mtp_aux_loss": None, "memory_aux_loss": self._memory_loss()}
         if return_hidden:
             out["hidden"] = x
         if compute_mtp:
@@ -154,6 +151,18 @@ class HydraLM(nn.Module):
             x, layer_state = block.step(x, layer_state)
             new_state.append(layer_state)
         return self.lm_head(self.norm(x)), new_state, x
+
+    def _memory_loss(self) -> Optional[torch.Tensor]:
+        """The compressors' attention-reconstruction loss from this training forward (weighted), or None."""
+        if self.cfg.memory is None or not self.training:
+            return None
+        losses = []
+        for block in self.blocks:
+            loss = getattr(block.mixer, "memory_loss", None)
+            if loss is not None:
+                losses.append(loss)
+                block.mixer.memory_loss = None
+        return self.cfg.memory["loss_weight"] * torch.stack(losses).mean() if losses else None
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)

@@ -3,18 +3,25 @@
 No positional encoding (NoPE): a chunk summary is the mean of its keys, and rotating keys by position would
 make means of distant chunks incomparable; position information comes from the DeltaNet and SWA layers.
 
-Decode state (one dict; chunk ids are global):
-  bank_k, bank_v  (B, H_kv, capacity, C, D)  keys / values of the n_chunks completed chunks
-  summaries       (B, H_kv, capacity, D)     mean key of each completed chunk (fp32)
-  n_chunks        completed chunks; capacity >= n_chunks, grows by doubling
+Decode state (one dict):
+  bank_k, bank_v  (B, H_kv, capacity, C, D)  keys / values of the n_chunks newest completed chunks
+  summaries       (B, H_kv, capacity, D)     mean key of each of them (fp32)
+  n_chunks        completed chunks in the bank; capacity >= n_chunks grows by doubling
   buf_k, buf_v    (B, H_kv, C, D)            the chunk in progress (pos % C tokens filled)
   pos             tokens seen
-Appends write into spare bank capacity in place; an older state object only reads its own first
+With ``HydraConfig.memory`` (a CompressiveMemory per layer) the bank keeps only the chunks of the last
+``exact_window`` tokens; older chunks are compressed to C / compress_every slots each and move to
+  pool_k, pool_v  (B, H_kv, P, C / compress_every, D), pool_summaries (B, H_kv, P, D), n_pool
+(P = pool_size * compress_every / C chunks); when the pool is full the oldest compressed chunks are
+evicted and counted in ``evicted``. Compressed chunks keep their exact routing summary, so tokens still
+route to them and read their compressed slots; evicted chunks are gone. State bytes are then constant.
+
+Bank appends write into spare capacity in place; an older state object only reads its own first
 n_chunks, so keeping an old state and continuing from it later (rollback) is exact. Two continuations
-from one state that are both still in use need an independent copy of the state.
+from one state that are both still in use need an independent copy (hydralm.state.clone_state).
 """
 
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +31,7 @@ from hydralm.config import HydraConfig
 from hydralm.kernels.chunk_retrieval import gather_chunks, route_tokens, sparse_chunk_attention, union_of_selections
 from hydralm.kernels.local_attention import repeat_kv
 from hydralm.modules.attention import AttentionProjections
+from hydralm.modules.compressive_memory import CompressiveMemory
 
 # Largest gathered key block (elements) the parallel path materialises at once; bounds prefill memory.
 GATHER_BUDGET = 1 << 24
@@ -34,18 +42,38 @@ class RetrievalAttention(nn.Module):
         super().__init__()
         self.proj = AttentionProjections(cfg)
         self.chunk_size, self.top_k = cfg.retrieval_chunk_size, cfg.retrieval_top_k
+        self.memory = None
+        self.memory_loss: Optional[torch.Tensor] = None  # set by a training forward when memory is on
+        if cfg.memory is not None:
+            m = cfg.memory
+            self.memory = CompressiveMemory(self.proj.n_kv_heads, self.proj.head_dim, m["exact_window"],
+                                            m["compress_every"], m["pool_size"])
+            self.exact_chunks = m["exact_window"] // self.chunk_size
+            self.slots_per_compressed = self.chunk_size // m["compress_every"]
+            self.pool_chunks = m["pool_size"] // self.slots_per_compressed
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
         B, h_kv, D, C = batch_size, self.proj.n_kv_heads, self.proj.head_dim, self.chunk_size
-        return {
-            "bank_k": torch.zeros(B, h_kv, 0, C, D, device=device, dtype=dtype),
-            "bank_v": torch.zeros(B, h_kv, 0, C, D, device=device, dtype=dtype),
-            "summaries": torch.zeros(B, h_kv, 0, D, device=device, dtype=torch.promote_types(dtype, torch.float32)),
+        summary_dtype = torch.promote_types(dtype, torch.float32)
+        capacity = self.exact_chunks + 1 if self.memory is not None else 0
+        state = {
+            "bank_k": torch.zeros(B, h_kv, capacity, C, D, device=device, dtype=dtype),
+            "bank_v": torch.zeros(B, h_kv, capacity, C, D, device=device, dtype=dtype),
+            "summaries": torch.zeros(B, h_kv, capacity, D, device=device, dtype=summary_dtype),
             "n_chunks": 0,
             "buf_k": torch.zeros(B, h_kv, C, D, device=device, dtype=dtype),
             "buf_v": torch.zeros(B, h_kv, C, D, device=device, dtype=dtype),
             "pos": 0,
         }
+        if self.memory is not None:
+            P, Cr = self.pool_chunks, self.slots_per_compressed
+            state.update(
+                pool_k=torch.zeros(B, h_kv, P, Cr, D, device=device, dtype=dtype),
+                pool_v=torch.zeros(B, h_kv, P, Cr, D, device=device, dtype=dtype),
+                pool_summaries=torch.zeros(B, h_kv, P, D, device=device, dtype=summary_dtype),
+                n_pool=0, compressed=0, evicted=0,
+            )
+        return state
 
     def forward(self, x: torch.Tensor, state: Optional[dict] = None):
         q, k, v = self.proj.split(x)
@@ -59,7 +87,7 @@ class RetrievalAttention(nn.Module):
         if N == 0:
             return q.new_zeros(B, H, 0, D), st
         C, groups, device = self.chunk_size, self.proj.kv_groups, q.device
-        n0, filled = st["n_chunks"], st["pos"] % C
+        n0, filled, n_pool = st["n_chunks"], st["pos"] % C, st.get("n_pool", 0)
         # Lay the new tokens on the chunk grid that starts at chunk n0: the `filled` buffered tokens of
         # the chunk in progress come first (their queries are placeholders whose outputs are dropped).
         k = torch.cat([st["buf_k"][:, :, :filled].to(k.dtype), k], dim=2)
@@ -72,7 +100,11 @@ class RetrievalAttention(nn.Module):
         kc = F.pad(k, (0, 0, 0, pad)).unflatten(2, (M, C))  # (B, H_kv, M, C, D)
         vc = F.pad(v, (0, 0, 0, pad)).unflatten(2, (M, C))
         summaries_new = _summarise(kc[:, :, :n_full])
+        # Retrievable chunks, oldest first: compressed pool, exact bank, completed local chunks.
         summary_parts = [st["summaries"][:, :, :n0], summaries_new]
+        if n_pool:
+            summary_parts.insert(0, st["pool_summaries"][:, :, :n_pool])
+        exact_sources = [(st["bank_k"][:, :, :n0], st["bank_v"][:, :, :n0], n_pool), (kc, vc, n_pool + n0)]
 
         # Local context of local chunk m: [chunk m-1 | chunk m], the first taken from the bank.
         if n0 > 0:
@@ -83,65 +115,82 @@ class RetrievalAttention(nn.Module):
             prev_v = F.pad(vc[:, :, : M - 1], (0, 0, 0, 0, 1, 0))
         local_k = repeat_kv(torch.cat([prev_k, kc], dim=3), groups)  # (B, H, M, 2C, D)
         local_v = repeat_kv(torch.cat([prev_v, vc], dim=3), groups)
-        chunk_ids = n0 + torch.arange(M, device=device)
+        chunk_ids = n0 + torch.arange(M, device=device)  # index in the exact stream (bank + local)
         causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
         prev_ok = (chunk_ids >= 1)[:, None, None].expand(M, C, C)
         local_mask = torch.cat([prev_ok, causal.expand(M, C, C)], dim=-1)  # (M, C, 2C)
 
-        n_total = n0 + n_full
+        n_total = n_pool + n0 + n_full
         per_chunk = max(1, B * H * min(C * self.top_k, max(n_total, 1)) * C * D)
         block = max(1, GATHER_BUDGET // per_chunk)
         outputs = []
         for a in range(0, M, block):
             b = min(M, a + block)
             q_blk = qc[:, :, a:b]
-            n_eligible = (chunk_ids[a:b] - 1).clamp(min=0)[:, None]  # token of chunk i may pick j < i - 1
+            # a token of local chunk m may pick any retrievable chunk older than its previous chunk
+            n_eligible = (n_pool + chunk_ids[a:b] - 1).clamp(min=0)[:, None]
             selected, valid = route_tokens(q_blk, summary_parts, n_eligible, self.top_k)  # (B, H, m, C, k)
             union, union_valid, reads = union_of_selections(selected, valid, max(n_total, 1))
-            union_k, union_v = gather_chunks(kc, union, offset=n0), gather_chunks(vc, union, offset=n0)
-            if n0 > 0:
-                in_bank = (union < n0)[..., None, None]
-                union_k = torch.where(in_bank, gather_chunks(st["bank_k"][:, :, :n0], union).to(kc.dtype), union_k)
-                union_v = torch.where(in_bank, gather_chunks(st["bank_v"][:, :, :n0], union).to(vc.dtype), union_v)
-            outputs.append(sparse_chunk_attention(q_blk, union_k, union_v, reads,
-                                                  local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b]))
+            exact_k, exact_v = _gather_exact(union, exact_sources)
+            extra_k, extra_v, extra_mask = local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b]
+            if n_pool:
+                pool_k, pool_v, pool_reads = self._gather_pool(union, reads, st, n_pool, groups)
+                extra_k = torch.cat([pool_k, extra_k], dim=-2)
+                extra_v = torch.cat([pool_v, extra_v], dim=-2)
+                extra_mask = torch.cat([pool_reads, extra_mask.expand(*pool_reads.shape[:-1], -1)], dim=-1)
+                reads = reads & (union >= n_pool)[..., None, :]
+            outputs.append(sparse_chunk_attention(q_blk, exact_k, exact_v, reads, extra_k, extra_v, extra_mask))
         y = torch.cat(outputs, dim=2).flatten(2, 3)[:, :, filled:length]
+
+        if self.memory is not None and self.training and torch.is_grad_enabled():
+            self.memory_loss = self._memory_loss(qc, kc, vc, n_full)
 
         # New state: completed chunks join the bank; the remainder becomes the chunk in progress.
         remainder = length - n_full * C
-        new = {
-            "bank_k": _append(st["bank_k"], n0, kc[:, :, :n_full]),
-            "bank_v": _append(st["bank_v"], n0, vc[:, :, :n_full]),
-            "summaries": _append(st["summaries"], n0, summaries_new),
-            "n_chunks": n0 + n_full,
-            "buf_k": kc[:, :, n_full] if remainder else torch.zeros_like(st["buf_k"]),
-            "buf_v": vc[:, :, n_full] if remainder else torch.zeros_like(st["buf_v"]),
-            "pos": st["pos"] + N,
-        }
-        return y, new
+        new = dict(
+            st,
+            bank_k=_append(st["bank_k"], n0, kc[:, :, :n_full]),
+            bank_v=_append(st["bank_v"], n0, vc[:, :, :n_full]),
+            summaries=_append(st["summaries"], n0, summaries_new),
+            n_chunks=n0 + n_full,
+            buf_k=kc[:, :, n_full] if remainder else torch.zeros_like(st["buf_k"]),
+            buf_v=vc[:, :, n_full] if remainder else torch.zeros_like(st["buf_v"]),
+            pos=st["pos"] + N,
+        )
+        return y, self._enforce_memory(new)
 
     def step(self, x_t: torch.Tensor, st: dict):
-        """x_t (B, d_model) -> (B, d_model); O(n_chunks * D) routing + O(k * C * D) attention per token."""
+        """x_t (B, d_model) -> (B, d_model); O(retrievable chunks * D) routing + O(k * C * D) attention."""
         C, groups = self.chunk_size, self.proj.kv_groups
-        n, filled = st["n_chunks"], st["pos"] % C
+        n, filled, n_pool = st["n_chunks"], st["pos"] % C, st.get("n_pool", 0)
         q, k, v = self.proj.split(x_t[:, None])  # (B, H, 1, D), (B, H_kv, 1, D)
         slot = torch.tensor([filled], device=x_t.device)
         buf_k = st["buf_k"].index_copy(2, slot, k.to(st["buf_k"].dtype))
         buf_v = st["buf_v"].index_copy(2, slot, v.to(st["buf_v"].dtype))
         bank_k, bank_v = st["bank_k"][:, :, :n], st["bank_v"][:, :, :n]
-        eligible = torch.tensor(max(n - 1, 0), device=x_t.device)  # chunks before the previous one
-        selected, valid = route_tokens(q, [st["summaries"][:, :, :n]], eligible, self.top_k)  # (B, H, 1, k)
+        parts = [st["summaries"][:, :, :n]]
+        if n_pool:
+            parts.insert(0, st["pool_summaries"][:, :, :n_pool])
+        eligible = torch.tensor(max(n_pool + n - 1, 0), device=x_t.device)  # all but the previous chunk
+        selected, valid = route_tokens(q, parts, eligible, self.top_k)  # (B, H, 1, k)
         if n > 0:
-            selected_k, selected_v = gather_chunks(bank_k, selected), gather_chunks(bank_v, selected)
+            exact_k, exact_v = _gather_exact(selected[:, :, 0], [(bank_k, bank_v, n_pool)])
             prev_k, prev_v = bank_k[:, :, n - 1], bank_v[:, :, n - 1]
         else:  # nothing completed yet: placeholders, all masked
-            selected_k = selected_v = buf_k.new_zeros(*selected.shape, C, buf_k.shape[-1])
+            exact_k = exact_v = buf_k.new_zeros(*selected[:, :, 0].shape, C, buf_k.shape[-1])
             prev_k, prev_v = torch.zeros_like(buf_k), torch.zeros_like(buf_v)
         local_k = repeat_kv(torch.cat([prev_k, buf_k], dim=2), groups)  # (B, H, 2C, D)
         local_v = repeat_kv(torch.cat([prev_v, buf_v], dim=2), groups)
         slots = torch.arange(C, device=x_t.device)
         local_mask = torch.cat([torch.full((C,), n > 0, device=x_t.device), slots <= filled])[None]
-        y = sparse_chunk_attention(q, selected_k[:, :, 0], selected_v[:, :, 0], valid, local_k, local_v, local_mask)
+        local_mask = local_mask.expand(*q.shape[:2], 1, 2 * C)
+        reads = valid
+        if n_pool:
+            pool_k, pool_v, pool_reads = self._gather_pool(selected[:, :, 0], valid, st, n_pool, groups)
+            local_k, local_v = torch.cat([pool_k, local_k], dim=-2), torch.cat([pool_v, local_v], dim=-2)
+            local_mask = torch.cat([pool_reads, local_mask], dim=-1)
+            reads = valid & (selected >= n_pool)
+        y = sparse_chunk_attention(q, exact_k, exact_v, reads, local_k, local_v, local_mask)
         new = dict(st, buf_k=buf_k, buf_v=buf_v, pos=st["pos"] + 1)
         if filled == C - 1:  # the chunk just completed: it joins the bank
             new.update(
@@ -152,12 +201,82 @@ class RetrievalAttention(nn.Module):
                 buf_k=torch.zeros_like(buf_k),
                 buf_v=torch.zeros_like(buf_v),
             )
+            new = self._enforce_memory(new)
         return self.proj.merge(y)[:, 0], new
+
+    # -- compressive memory ----------------------------------------------------------------------
+    def _gather_pool(self, union: torch.Tensor, reads: torch.Tensor, st: dict, n_pool: int, groups: int):
+        """Compressed slots of the selected pool chunks, flattened, and which queries may read them."""
+        Cr = self.slots_per_compressed
+        pool_k = gather_chunks(st["pool_k"][:, :, :n_pool], union).flatten(-3, -2)  # (..., u * Cr, D)
+        pool_v = gather_chunks(st["pool_v"][:, :, :n_pool], union).flatten(-3, -2)
+        pool_reads = (reads & (union < n_pool)[..., None, :]).repeat_interleave(Cr, dim=-1)
+        return pool_k, pool_v, pool_reads
+
+    def _enforce_memory(self, st: dict) -> dict:
+        """Keep exact_window tokens exact; compress older chunks into the pool; evict past pool_size."""
+        if self.memory is None:
+            return st
+        n, E = st["n_chunks"], self.exact_chunks
+        overflow = max(0, n - E)
+        with torch.no_grad():
+            old_k, old_v = st["bank_k"][:, :, :overflow], st["bank_v"][:, :, :overflow]
+            B, h_kv, _, C, D = old_k.shape
+            ck, cv = self.memory.compress(old_k.reshape(B, h_kv, overflow * C, D), old_v.reshape(B, h_kv, overflow * C, D))
+            ck = ck.reshape(B, h_kv, overflow, self.slots_per_compressed, D)
+            cv = cv.reshape(B, h_kv, overflow, self.slots_per_compressed, D)
+            pool = {name: torch.cat([st[name][:, :, : st["n_pool"]], new.to(st[name].dtype)], dim=2)
+                    for name, new in (("pool_k", ck), ("pool_v", cv),
+                                      ("pool_summaries", st["summaries"][:, :, :overflow]))}
+            n_pool = st["n_pool"] + overflow
+            evict = max(0, n_pool - self.pool_chunks)
+            new = dict(st, n_pool=n_pool - evict, compressed=st["compressed"] + overflow, evicted=st["evicted"] + evict,
+                       n_chunks=n - overflow)
+            for name, value in pool.items():  # fixed capacity: state bytes do not grow with the stream
+                new[name] = _fit(value[:, :, evict:], self.pool_chunks)
+            for name in ("bank_k", "bank_v", "summaries"):
+                new[name] = _fit(st[name][:, :, overflow:n], E + 1)
+        return new
+
+    def _memory_loss(self, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_full: int) -> torch.Tensor:
+        """Attention reconstruction of each completed chunk as read by the queries of the chunk after it."""
+        if n_full < 2:
+            return qc.new_zeros(())
+        B, H, _, C, D = qc.shape
+        h_kv = kc.shape[1]
+        q = qc[:, :, 1:n_full].transpose(1, 2).reshape(-1, H, C, D)  # chunks as batch
+        k = kc[:, :, : n_full - 1].transpose(1, 2).reshape(-1, h_kv, C, D)
+        v = vc[:, :, : n_full - 1].transpose(1, 2).reshape(-1, h_kv, C, D)
+        return self.memory.reconstruction_loss(q, k, v)
+
+
+def _gather_exact(union: torch.Tensor, sources: List[Tuple[torch.Tensor, torch.Tensor, int]]):
+    """Exact chunks for global ids: each source holds ids offset .. offset + n - 1; ids elsewhere are filled
+    from another source or masked by the caller."""
+    out_k = out_v = None
+    for chunks_k, chunks_v, offset in sources:
+        n = chunks_k.shape[2]
+        if n == 0:
+            continue
+        k, v = gather_chunks(chunks_k, union, offset), gather_chunks(chunks_v, union, offset)
+        if out_k is None:
+            out_k, out_v = k, v
+        else:
+            here = ((union >= offset) & (union < offset + n))[..., None, None]
+            out_k, out_v = torch.where(here, k.to(out_k.dtype), out_k), torch.where(here, v.to(out_v.dtype), out_v)
+    return out_k, out_v
 
 
 def _summarise(chunks: torch.Tensor) -> torch.Tensor:
     """Chunk summaries: the mean key, in fp32 at least. (B, H_kv, n, C, D) -> (B, H_kv, n, D)."""
     return chunks.to(torch.promote_types(chunks.dtype, torch.float32)).mean(-2)
+
+
+def _fit(x: torch.Tensor, capacity: int) -> torch.Tensor:
+    """x (B, H, n, ...) copied into a zero tensor of `capacity` entries along axis 2 (n <= capacity)."""
+    out = x.new_zeros(*x.shape[:2], capacity, *x.shape[3:])
+    out[:, :, : x.shape[2]] = x
+    return out
 
 
 def _append(bank: torch.Tensor, n: int, new: torch.Tensor) -> torch.Tensor:

@@ -66,6 +66,8 @@ class HydraLMModule(L.LightningModule):
         losses = {}
         if out.get("mtp_aux_loss") is not None:
             losses["mtp"] = out["mtp_aux_loss"]
+        if out.get("memory_aux_loss") is not None:
+            losses["memory"] = out["memory_aux_loss"]
         return losses
 
     def _shared_step(self, batch: dict, stage: str):
