@@ -74,14 +74,14 @@ def _record_run(cfg: DictConfig) -> None:
         print(OmegaConf.to_yaml(cfg, resolve=True))
 
 
-def train(cfg: DictConfig) -> Tuple[Dict[str, float], Dict[str, Any]]:
+def train(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Tuple[Dict[str, float], Dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     validate(cfg, datamodule)
     module = build_module(cfg)
     loggers = instantiate_group(cfg.get("logger"))
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,

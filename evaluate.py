@@ -1,0 +1,15 @@
+"""Evaluate HydraLM: `python evaluate.py eval=<task> ckpt_path=...` or `python evaluate.py eval=claims`."""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from hydralm.eval.runner import evaluate
+
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""The claim suite at the smoke budget: correctness claims pass, every claim reports a measured value,
+and the generated RESULTS.md lists them all."""
+
+import json
+
+from hydralm.eval.claims import CLAIMS, run_claims
+from hydralm.eval.report import write_reports
+
+
+def test_smoke_claim_suite_measures_every_claim_and_c1_to_c3_pass(tmp_path):
+    results = run_claims("smoke", str(tmp_path / "runs"))
+    by_id = {r.id: r for r in results}
+    assert list(by_id) == list(CLAIMS)
+    for claim_id in ("C1", "C2", "C3"):
+        assert by_id[claim_id].passed is True, by_id[claim_id]
+    for r in results:
+        assert r.values, f"{r.id} has no measured value"
+        assert r.statement and r.threshold and r.budget == "smoke"
+    write_reports(results, str(tmp_path), "python evaluate.py eval=claims eval.budget=smoke", "test")
+    table = (tmp_path / "RESULTS.md").read_text()
+    assert all(f"| {claim_id} |" in table for claim_id in CLAIMS)
+    assert json.loads((tmp_path / "results.json").read_text())["claims"][0]["id"] == "C1"
