@@ -1,0 +1,208 @@
+"""Autoregressive generation: one parallel prefill, then one ``model.step`` per new token.
+
+Memory does not grow with the number of generated tokens beyond the model's own decode state (DeltaNet
+and SWA states are constant; a retrieval bank grows by one chunk every C tokens) and the output token ids:
+nothing re-reads the prefix. See docs/inference.md.
+"""
+
+import contextlib
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from hydralm.sampling import check_sampling, sample_next
+from hydralm.state import select_rows
+
+# Prompt tokens fed to one parallel forward during prefill; bounds prefill activations and the
+# (tokens, vocab) logits tensor the forward returns.
+PREFILL_CHUNK_SIZE = 8192
+
+PromptLike = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
+
+
+@contextlib.contextmanager
+def inference_mode(*models):
+    """eval() and no_grad() for the block; every model's training flag is restored afterwards."""
+    models = [m for m in models if m is not None]
+    flags = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in zip(models, flags):
+            m.train(flag)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def prefill(model, input_ids: torch.Tensor, state=None, chunk_size: Optional[int] = PREFILL_CHUNK_SIZE):
+    """Feed input_ids (B, N >= 1) through the parallel forward, `chunk_size` tokens per call, carrying the
+    state. Returns (logits (B, V) and hidden (B, d) at the last token, new state)."""
+    if input_ids.shape[1] == 0:
+        raise ValueError("prefill needs at least one token")
+    step = input_ids.shape[1] if chunk_size is None else chunk_size
+    for piece in input_ids.split(step, dim=1):
+        out = model(piece, state=state, return_state=True, return_hidden=True)
+        state = out["state"]
+        # clone: keep the last row only, not the whole (B, piece, V) logits tensor
+        logits, hidden = out["logits"][:, -1].clone(), out["hidden"][:, -1].clone()
+    return logits, hidden, state
+
+
+def decode(
+    model,
+    state,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[int] = None,
+    pad_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    drop_finished: bool = True,
+    feed_last: bool = False,
+) -> Tuple[torch.Tensor, list, torch.Tensor]:
+    """The decode loop from a prefilled state whose next-token logits (B, V) are given.
+
+    Returns (new tokens (B, T), state, logits (B, V)). T = max_new_tokens, or fewer when every row has
+    emitted eos_token_id; a row that finished is filled with pad_token_id (default: eos) from then on.
+    drop_finished: finished rows leave the batch (less work; the returned state is then meaningless).
+    feed_last: also step the last token, so the returned state and logits continue after all T tokens
+    (finished rows are fed their pad tokens, keeping every row of the state at the same position).
+    """
+    B, device = logits.shape[0], logits.device
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    out = torch.full((B, max_new_tokens), 0 if pad is None else pad, dtype=torch.long, device=device)
+    active = torch.arange(B, device=device)  # rows still in the batch
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    T = 0
+    for t in range(max_new_tokens):
+        token = sample_next(logits, temperature, top_k, top_p, generator)
+        if eos_token_id is not None:
+            token = torch.where(finished[active], torch.full_like(token, pad), token)
+            finished[active] |= token == eos_token_id
+        out[active, t] = token
+        T = t + 1
+        all_done = eos_token_id is not None and bool(finished.all())
+        if (t == max_new_tokens - 1 or all_done) and not feed_last:
+            break
+        if drop_finished and eos_token_id is not None and bool(finished[active].any()):
+            keep = (~finished[active]).nonzero()[:, 0]
+            active, token, state = active[keep], token[keep], select_rows(state, keep)
+        logits, state = model.step(token, state)
+        if all_done:
+            break
+    return out[:, :T], state, logits
+
+
+def check_integer(ids: torch.Tensor) -> None:
+    """Token ids must be integers: a float tensor would be truncated silently by the cast to int64."""
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
+
+
+def _as_rows(prompt_ids: PromptLike, prompt_lengths, device) -> Tuple[List[torch.Tensor], bool, bool]:
+    """Prompt rows as 1-D int64 tensors on device, plus (was the input 1-D, is the batch ragged)."""
+    if torch.is_tensor(prompt_ids):
+        check_integer(prompt_ids)
+        if prompt_ids.dim() == 1:
+            if prompt_lengths is not None:
+                raise ValueError("prompt_lengths needs a 2-D (batch, max_len) prompt_ids tensor")
+            return [prompt_ids.to(device=device, dtype=torch.long)], True, False
+        if prompt_ids.dim() != 2:
+            raise ValueError(f"prompt_ids must be 1-D or (batch, seq_len), got shape {tuple(prompt_ids.shape)}")
+        ids = prompt_ids.to(device=device, dtype=torch.long)
+        if prompt_lengths is None:
+            return list(ids), False, False
+        lengths = [int(n) for n in torch.as_tensor(prompt_lengths).tolist()]
+        if len(lengths) != ids.shape[0] or any(not 1 <= n <= ids.shape[1] for n in lengths):
+            raise ValueError(f"prompt_lengths must give one length in [1, {ids.shape[1]}] per row, got {lengths}")
+        return [row[:n] for row, n in zip(ids, lengths)], False, True
+    if prompt_lengths is not None:
+        raise ValueError("prompt_lengths is only for a padded (batch, max_len) tensor; a list is already ragged")
+    for r in prompt_ids:
+        if torch.is_tensor(r):
+            check_integer(r)
+    rows = [torch.as_tensor(r, dtype=torch.long, device=device).reshape(-1) for r in prompt_ids]
+    if not rows:
+        raise ValueError("prompt_ids is empty")
+    return rows, False, True
+
+
+def generate(
+    model,
+    prompt_ids: PromptLike,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    eos_token_id: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    prompt_lengths=None,
+    pad_token_id: Optional[int] = None,
+    prefill_chunk_size: Optional[int] = PREFILL_CHUNK_SIZE,
+) -> Union[torch.Tensor, List[torch.Tensor]]:
+    """Sample up to max_new_tokens after each prompt.
+
+    prompt_ids: (B, L) tensor -> (B, L + T) tensor; T = max_new_tokens, or less when every row has
+    emitted eos_token_id (finished rows are padded with pad_token_id, default eos). A 1-D prompt gives a
+    1-D result. Ragged prompts, either a list of 1-D sequences or a right-padded (B, L_max) tensor with
+    prompt_lengths, give a list of 1-D tensors: row i is its prompt followed by its new tokens, which
+    end at its first eos (inclusive) or after max_new_tokens.
+
+    temperature <= 0 is greedy; top_k / top_p filter the distribution (hydralm.sampling). A
+    torch.Generator makes sampling reproducible. The model runs in eval mode under no_grad; its
+    training flag is restored afterwards.
+    """
+    check_sampling(temperature, top_k, top_p)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    device = model_device(model)
+    rows, one_d, ragged = _as_rows(prompt_ids, prompt_lengths, device)
+    if any(r.numel() == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token (the model has no empty-context state)")
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id, generator=generator)
+    with inference_mode(model):
+        # Rows share one stream position in a state, so only prompts of equal length decode together:
+        # each length group is prefilled and decoded as one batch (exactly what one-by-one would compute).
+        groups = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r.numel(), []).append(i)
+        new_tokens: List[Optional[torch.Tensor]] = [None] * len(rows)
+        for length, members in groups.items():
+            prompts = torch.stack([rows[i] for i in members])
+            if max_new_tokens == 0:
+                tokens = prompts.new_zeros(len(members), 0)
+            else:
+                logits, _, state = prefill(model, prompts, chunk_size=prefill_chunk_size)
+                tokens, _, _ = decode(model, state, logits, max_new_tokens, **sampling)
+            for j, i in enumerate(members):
+                new_tokens[i] = tokens[j]
+    if ragged:
+        return [torch.cat([r, _trim_after_eos(t, eos_token_id)]) for r, t in zip(rows, new_tokens)]
+    T = max(t.numel() for t in new_tokens)
+    pad = eos_token_id if pad_token_id is None else pad_token_id
+    out = torch.cat([torch.stack(rows), _pad_to(torch.stack([_pad_to(t, T, pad) for t in new_tokens]), T, pad)], 1)
+    return out[0] if one_d else out
+
+
+def _trim_after_eos(tokens: torch.Tensor, eos_token_id: Optional[int]) -> torch.Tensor:
+    if eos_token_id is None:
+        return tokens
+    hits = (tokens == eos_token_id).nonzero()
+    return tokens if hits.numel() == 0 else tokens[: int(hits[0, 0]) + 1]
+
+
+def _pad_to(tokens: torch.Tensor, length: int, pad: Optional[int]) -> torch.Tensor:
+    missing = length - tokens.shape[-1]
+    if missing <= 0:
+        return tokens
+    filler = torch.full((*tokens.shape[:-1], missing), 0 if pad is None else pad, dtype=tokens.dtype,
+                        device=tokens.device)
+    return torch.cat([tokens, filler], dim=-1)

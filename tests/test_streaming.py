@@ -1,0 +1,141 @@
+"""StreamingEngine: chunked reading = one parallel forward, honest stats, generation from the stream."""
+
+import pytest
+import torch
+
+from hydralm import HydraConfig, HydraLM
+from hydralm.generation import generate
+from hydralm.state import clone_state, state_bytes, states_equal
+from hydralm.streaming import StreamingEngine
+
+BASE = dict(vocab_size=64, d_model=32, n_heads=2, swa_window=8, retrieval_chunk_size=4, retrieval_top_k=2,
+            dn_chunk_size=8, mtp_depth=2, initializer_range=0.2)
+LAYER_SETS = {
+    "deltanet": ["deltanet", "deltanet"],
+    "swa": ["swa", "swa"],
+    "retrieval": ["retrieval", "retrieval"],
+    "attention": ["attention", "attention"],
+    "mixed": ["deltanet", "retrieval", "swa"],
+}
+
+
+def tiny(layers="mixed", seed=0):
+    torch.manual_seed(seed)
+    types = LAYER_SETS[layers]
+    return HydraLM(HydraConfig(**{**BASE, "n_layers": len(types), "layer_types": types})).eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("layers", list(LAYER_SETS))
+def test_chunked_stream_equals_one_parallel_forward(layers):
+    model = tiny(layers)
+    tokens = torch.randint(0, 64, (2, 50))
+    engine = StreamingEngine(model, chunk_size=7)
+    stats = engine.process(tokens)
+    with torch.no_grad():
+        full = model(tokens, return_state=True)
+    torch.testing.assert_close(engine.last_logits, full["logits"][:, -1], rtol=0, atol=1e-4)
+    for a, b in zip(clone_state(engine.state), clone_state(full["state"])):
+        for key in a:
+            if torch.is_tensor(a[key]):
+                torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4)
+            else:
+                assert a[key] == b[key]
+    assert stats.tokens_processed == 50 and stats.total_tokens == 50 and stats.chunks == 8  # ceil(50 / 7)
+    assert stats.peak_state_bytes >= state_bytes(engine.state) > 0
+    assert stats.elapsed_seconds > 0 and stats.tokens_per_second == pytest.approx(50 / stats.elapsed_seconds)
+    assert set(stats.to_dict()) >= {"tokens_processed", "peak_state_bytes", "elapsed_seconds",
+                                    "tokens_per_second", "chunks"}
+
+
+def test_how_the_input_is_cut_does_not_matter():
+    """stream() regroups tokens into chunk_size pieces: ragged input chunks, an iterable of ints and one
+    tensor give bit-identical states; the state persists across calls."""
+    model = tiny()
+    tokens = torch.randint(0, 64, (1, 41))
+    whole = StreamingEngine(model, chunk_size=8)
+    whole.process(tokens)
+    ragged = StreamingEngine(model, chunk_size=8)
+    cuts = [0, 3, 4, 17, 18, 30, 41]
+    stats = ragged.stream(tokens[:, a:b] for a, b in zip(cuts, cuts[1:]))
+    assert stats.chunks == 6  # 41 tokens in pieces of 8
+    lazy = StreamingEngine(model, chunk_size=8)
+    lazy.process(iter(tokens[0, :20].tolist()))
+    second = lazy.process(tokens[0, 20:].tolist())
+    assert second.total_tokens == 41 and second.tokens_processed == 21
+    assert states_equal(whole.state, ragged.state) and torch.equal(whole.last_logits, ragged.last_logits)
+    # two calls (20 + 21 tokens) cut the stream elsewhere: equal up to chunked-prefill rounding
+    torch.testing.assert_close(whole.last_logits, lazy.last_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("layers", list(LAYER_SETS))
+def test_extend_and_generate_equals_generate_on_the_concatenation(layers):
+    model = tiny(layers)
+    document, question = torch.randint(0, 64, (2, 37)), torch.randint(0, 64, (2, 5))
+    engine = StreamingEngine(model, chunk_size=16)
+    engine.process(document)
+    new = engine.extend_and_generate(question, 12, temperature=0)
+    expected = generate(model, torch.cat([document, question], 1), 12, temperature=0)
+    assert torch.equal(new, expected[:, 42:])
+    # the generated tokens joined the stream: the next answer continues after them
+    more = engine.extend_and_generate(question[:, :2], 6, temperature=0)
+    expected = generate(model, torch.cat([document, question, new, question[:, :2]], 1), 6, temperature=0)
+    assert torch.equal(more, expected[:, -6:]) and engine.total_tokens == 37 + 5 + 12 + 2 + 6
+
+
+def test_sampled_generation_matches_generate_with_the_same_seed():
+    model = tiny()
+    document = torch.randint(0, 64, (1, 30))
+    engine = StreamingEngine(model, chunk_size=64)
+    new = engine.extend_and_generate(document, 15, temperature=0.9, top_k=20,
+                                     generator=torch.Generator().manual_seed(5))
+    expected = generate(model, document, 15, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(new, expected[:, 30:])
+
+
+def test_fork_and_keep_generated_false_leave_the_stream_alone():
+    model = tiny()
+    engine = StreamingEngine(model, chunk_size=16)
+    engine.process(torch.randint(0, 64, (1, 25)))
+    branch = engine.fork()
+    a = branch.extend_and_generate(torch.tensor([3, 4]), 8, temperature=0)
+    b = engine.extend_and_generate(torch.tensor([3, 4]), 8, temperature=0, keep_generated=False)
+    assert torch.equal(a, b) and engine.total_tokens == 27 and branch.total_tokens == 35
+    snapshot = clone_state(engine.state)
+    again = engine.extend_and_generate(None, 8, temperature=0, keep_generated=False)
+    assert torch.equal(again, b) and states_equal(snapshot, engine.state)  # the answers left no trace
+
+
+def test_state_bytes_stay_constant_without_retrieval_and_grow_with_it():
+    constant = StreamingEngine(HydraLM(HydraConfig(**{**BASE, "n_layers": 2, "layer_types": ["deltanet", "swa"]})),
+                               chunk_size=32)
+    sizes = [constant.process(torch.randint(0, 64, (1, 64))).peak_state_bytes for _ in range(3)]
+    assert sizes[0] == sizes[1] == sizes[2]
+    growing = StreamingEngine(tiny("retrieval"), chunk_size=32)
+    sizes = [growing.process(torch.randint(0, 64, (1, 64))).peak_state_bytes for _ in range(3)]
+    assert sizes[0] < sizes[1] < sizes[2]  # the retrieval bank keeps every chunk
+
+
+def test_engine_errors_and_reset():
+    model = tiny()
+    engine = StreamingEngine(model, chunk_size=4)
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.extend_and_generate(None, 3)
+    engine.process(torch.randint(0, 64, (2, 6)))
+    with pytest.raises(ValueError, match="batch size 2"):
+        engine.process(torch.randint(0, 64, (3, 6)))
+    engine.reset()
+    assert engine.state is None and engine.total_tokens == 0
+    engine.process(torch.randint(0, 64, (3, 6)))
+    with pytest.raises(ValueError, match="chunk_size"):
+        StreamingEngine(model, chunk_size=0)
+    model.train()
+    engine.process(torch.randint(0, 64, (3, 2)))
+    assert model.training
