@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
+from hydralm.kernels.backend import deltanet_backend
 from hydralm.kernels.delta_rule import delta_rule_chunkwise, delta_rule_step
 from hydralm.modules.rmsnorm import GatedRMSNorm, RMSNorm
 from hydralm.modules.short_conv import ShortConv
@@ -69,11 +70,19 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x: torch.Tensor, state: Optional[dict] = None):
         qkv, conv_cache = self.conv(self.qkv(x), None if state is None else state["conv"])
-        q, k, v = (t.transpose(1, 2) for t in self._split_heads(qkv))  # (B, H, N, D)
-        g, beta = (t.transpose(1, 2) for t in self._gates(x))  # (B, H, N)
-        o, S = delta_rule_chunkwise(q, k, v, g, beta, initial_state=None if state is None else state["S"],
-                                    chunk_size=self.chunk_size)
-        return self._output(o.transpose(1, 2).to(x.dtype), x), {"S": S, "conv": conv_cache}
+        q, k, v = self._split_heads(qkv)  # (B, N, H, D)
+        g, beta = self._gates(x)  # (B, N, H)
+        initial = None if state is None else state["S"]
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if deltanet_backend(x.is_cuda, needs_grad) == "fla":
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+            o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial, output_final_state=True)
+        else:
+            o, S = delta_rule_chunkwise(*(t.transpose(1, 2) for t in (q, k, v, g, beta)), initial_state=initial,
+                                        chunk_size=self.chunk_size)
+            o = o.transpose(1, 2)
+        return self._output(o.to(x.dtype), x), {"S": S, "conv": conv_cache}
 
     def step(self, x_t: torch.Tensor, state: dict):
         """x_t (B, d_model) -> (B, d_model); O(1) in the sequence length."""

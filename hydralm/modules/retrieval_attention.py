@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
+from hydralm.kernels.backend import attention_backend
 from hydralm.kernels.chunk_retrieval import gather_chunks, route_tokens, sparse_chunk_attention, union_of_selections
 from hydralm.kernels.local_attention import repeat_kv
 from hydralm.modules.attention import AttentionProjections
@@ -124,7 +125,12 @@ class RetrievalAttention(nn.Module):
         per_chunk = max(1, B * H * min(C * self.top_k, max(n_total, 1)) * C * D)
         block = max(1, GATHER_BUDGET // per_chunk)
         outputs = []
-        for a in range(0, M, block):
+        if state is None and attention_backend(q.is_cuda) == "flex":
+            from hydralm.kernels.flex import flex_retrieval_supported, retrieval_flex
+
+            if flex_retrieval_supported(N, C):
+                outputs, block = [retrieval_flex(q, k, v, C, self.top_k).unflatten(2, (M, C))], M
+        for a in range(0 if not outputs else M, M, block):
             b = min(M, a + block)
             q_blk = qc[:, :, a:b]
             # a token of local chunk m may pick any retrievable chunk older than its previous chunk

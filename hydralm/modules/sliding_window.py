@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
+from hydralm.kernels.backend import attention_backend
 from hydralm.kernels.local_attention import repeat_kv, sliding_window_attention
 from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.rotary import Rotary
@@ -39,7 +40,12 @@ class SlidingWindowAttention(nn.Module):
             v = torch.cat([_ring_to_sequence(state["v"], pos0).to(v.dtype), v], dim=2)
         cached = k.shape[2] - N
         groups = self.proj.kv_groups
-        y = sliding_window_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), self.window, q_offset=cached)
+        if cached == 0 and attention_backend(x.is_cuda) == "flex":
+            from hydralm.kernels.flex import sliding_window_flex
+
+            y = sliding_window_flex(q, k, v, self.window)
+        else:
+            y = sliding_window_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), self.window, q_offset=cached)
         end = pos0 + N
         new_state = {"k": _sequence_to_ring(k, end, self.window), "v": _sequence_to_ring(v, end, self.window),
                      "pos": end}

@@ -1,0 +1,69 @@
+"""Which implementation each mixer uses, chosen per call from two environment switches.
+
+HYDRALM_ATTENTION = auto | torch | flex
+    flex: torch's flex_attention for the parallel (training / fresh prefill) path of SWA and retrieval
+    layers; auto = flex on CUDA, torch (SDPA / gather) elsewhere. flex has no CPU backward in torch
+    2.13, so CPU always uses torch unless asked otherwise for a forward-only check.
+HYDRALM_DELTANET = auto | torch | fla
+    fla: flash-linear-attention's chunk_gated_delta_rule. fla 0.6 refuses the backward on Hopper with
+    triton < 3.7.1 (fla#640), so auto uses fla only on CUDA, only where it is safe: for forwards that need
+    no gradient, or any forward when triton >= 3.7.1. Everything else runs the PyTorch chunkwise kernel.
+
+`auto` never picks a path that is wrong on the machine it runs on: flex and fla are compared with the
+reference kernels on the GPU by `python -m hydralm.bench.gpu_check`.
+"""
+
+import functools
+import os
+
+ATTENTION_CHOICES = ("auto", "torch", "flex")
+DELTANET_CHOICES = ("auto", "torch", "fla")
+
+
+def _choice(variable: str, choices: tuple) -> str:
+    value = os.environ.get(variable, "auto").lower()
+    if value not in choices:
+        raise ValueError(f"{variable}={value!r} is invalid: expected one of {list(choices)}")
+    return value
+
+
+def attention_backend(is_cuda: bool) -> str:
+    """'flex' or 'torch' for the parallel attention paths."""
+    choice = _choice("HYDRALM_ATTENTION", ATTENTION_CHOICES)
+    if choice == "auto":
+        return "flex" if is_cuda else "torch"
+    return choice
+
+
+@functools.lru_cache(maxsize=1)
+def fla_available() -> bool:
+    try:
+        import fla.ops.gated_delta_rule  # noqa: F401
+    except Exception:  # not installed, or its triton does not import
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def fla_backward_safe() -> bool:
+    """fla#640: the GDN backward is refused / wrong on Hopper with triton < 3.7.1."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    version = tuple(int(part) for part in triton.__version__.split(".")[:3] if part.isdigit())
+    return version >= (3, 7, 1)
+
+
+def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
+    """'fla' or 'torch' for the chunkwise delta rule."""
+    choice = _choice("HYDRALM_DELTANET", DELTANET_CHOICES)
+    if choice == "torch":
+        return "torch"
+    usable = is_cuda and fla_available() and (not needs_grad or fla_backward_safe())
+    if choice == "fla" and not usable:
+        raise RuntimeError(
+            "HYDRALM_DELTANET=fla but fla cannot run this call safely (needs CUDA, flash-linear-attention, and "
+            "triton >= 3.7.1 for gradients: fla#640); unset it to use the PyTorch kernel"
+        )
+    return "fla" if usable else "torch"

@@ -1,0 +1,55 @@
+"""Backend switches and the flex_attention paths (forward on CPU; fwd+bwd on GPU: hydralm.bench.gpu_check)."""
+
+import pytest
+import torch
+
+from hydralm import HydraConfig, HydraLM
+from hydralm.kernels import backend
+from hydralm.kernels.chunk_retrieval import retrieval_attention_reference
+from hydralm.kernels.flex import retrieval_flex, sliding_window_flex
+from hydralm.kernels.local_attention import repeat_kv, sliding_window_attention
+
+
+def test_flex_sliding_window_matches_the_blocked_sdpa_path():
+    q, k, v = torch.randn(2, 4, 256, 16), torch.randn(2, 2, 256, 16), torch.randn(2, 2, 256, 16)
+    with torch.no_grad():
+        expected = sliding_window_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), window=48)
+        torch.testing.assert_close(sliding_window_flex(q, k, v, window=48), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk,top_k", [(32, 2), (64, 3), (128, 1)])
+def test_flex_retrieval_matches_the_dense_mask_reference(chunk, top_k):
+    q, k, v = (torch.randn(1, 2, 512, 16) for _ in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(retrieval_flex(q, k, v, chunk, top_k),
+                                   retrieval_attention_reference(q, k, v, chunk, top_k), atol=2e-5, rtol=1e-4)
+
+
+def test_model_forward_is_the_same_with_flex_and_torch_attention(monkeypatch):
+    cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
+                      layer_types=["deltanet", "retrieval", "swa"], swa_window=40, retrieval_chunk_size=32,
+                      retrieval_top_k=2, initializer_range=0.2)
+    model = HydraLM(cfg).eval()
+    ids = torch.randint(0, 64, (2, 256))
+    with torch.no_grad():
+        monkeypatch.setenv("HYDRALM_ATTENTION", "torch")
+        reference = model(ids)["logits"]
+        monkeypatch.setenv("HYDRALM_ATTENTION", "flex")
+        torch.testing.assert_close(model(ids)["logits"], reference, atol=1e-4, rtol=1e-4)
+
+
+def test_backend_switches_validate_and_auto_never_picks_unsafe_paths(monkeypatch):
+    monkeypatch.setenv("HYDRALM_ATTENTION", "fast")
+    with pytest.raises(ValueError, match="HYDRALM_ATTENTION='fast'"):
+        backend.attention_backend(False)
+    monkeypatch.delenv("HYDRALM_ATTENTION")
+    assert backend.attention_backend(False) == "torch" and backend.attention_backend(True) == "flex"
+    monkeypatch.setenv("HYDRALM_DELTANET", "auto")
+    assert backend.deltanet_backend(is_cuda=False, needs_grad=False) == "torch"
+    monkeypatch.setattr(backend, "fla_available", lambda: True)
+    monkeypatch.setattr(backend, "fla_backward_safe", lambda: False)  # Hopper + triton < 3.7.1 (fla#640)
+    assert backend.deltanet_backend(is_cuda=True, needs_grad=True) == "torch"
+    assert backend.deltanet_backend(is_cuda=True, needs_grad=False) == "fla"
+    monkeypatch.setenv("HYDRALM_DELTANET", "fla")
+    with pytest.raises(RuntimeError, match="fla#640"):
+        backend.deltanet_backend(is_cuda=True, needs_grad=True)
