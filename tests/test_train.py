@@ -181,3 +181,25 @@ def test_multirun_and_optuna_sweep(tmp_path):
                         cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Best parameters" in result.stdout + result.stderr or glob.glob(str(tmp_path / "logs/**/optimization_results.yaml"), recursive=True)
+
+
+def test_ddp_sim_ranks_train_on_distinct_rows_and_resume(tmp_path):
+    """2 gloo processes: no row is seen by both ranks at a step; resuming a 2-process run from its step-2
+    checkpoint ends with the same weights as the uninterrupted run."""
+    from hydralm.training.callbacks import duplicates_across_ranks
+
+    base = [o for o in FAST if not o.startswith(("trainer.max_steps", "data.batch_size"))] + [
+        "trainer=ddp_sim", "data.batch_size=2", "trainer.max_steps=4", "trainer.val_check_interval=1000",
+        "trainer.limit_val_batches=0", "test=false", "optimized_metric=null", "~logger",
+        "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1",
+        "+callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.filename='step{step}'",
+    ]
+    with composed(tmp_path / "full", base + ["debug=ddp_ids", "trainer.max_steps=4", "trainer.val_check_interval=1000"]) as cfg:
+        _, full = train(cfg)
+    ids_dir = tmp_path / "full" / "sample_ids"
+    assert sorted(os.listdir(ids_dir)) == ["sample_ids_rank0.jsonl", "sample_ids_rank1.jsonl"]
+    assert duplicates_across_ranks(str(ids_dir)) == {}
+    with composed(tmp_path / "resumed", base + [f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step2.ckpt'}"]) as cfg:
+        _, resumed = train(cfg)
+    for (name, a), b in zip(full["model"].named_parameters(), resumed["model"].parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{name} differs after a ddp_sim resume")

@@ -123,9 +123,12 @@ def delta_rule_chunkwise(
         state = torch.zeros(B, H, dk, dv, dtype=dtype, device=v.device)
     state = state.to(dtype)
     outputs = []
-    for c in range(n):
-        delta = U[:, :, c] - W[:, :, c] @ state
-        outputs.append(q_decayed[:, :, c] @ state + intra[:, :, c] @ delta)
-        state = chunk_decay[:, :, c] * state + k_to_end[:, :, c].transpose(-1, -2) @ delta
+    # unbind once: indexing [:, :, c] inside the loop would make every chunk's backward write a full-size
+    # zero gradient (quadratic in the number of chunks); unbind's backward stacks the pieces once.
+    chunks = zip(*(t.unbind(2) for t in (U, W, q_decayed, intra, k_to_end, chunk_decay)))
+    for U_c, W_c, q_c, intra_c, k_c, decay_c in chunks:
+        delta = U_c - W_c @ state
+        outputs.append(q_c @ state + intra_c @ delta)
+        state = decay_c * state + k_c.transpose(-1, -2) @ delta
     o = torch.stack(outputs, dim=2).reshape(B, H, n * C, dv)[:, :, :T]
     return o.to(out_dtype), state
