@@ -167,7 +167,7 @@ class HydraConfig:
 # `160m` is the product's default 20-layer HydraLM (10 DeltaNet / 5 SWA / 5 retrieval).
 PRESETS: dict = {
     "tiny": dict(
-        vocab_size=128, d_model=128, n_layers=6, n_heads=4, swa_every=3, retrieval_every=2,
+        vocab_size=64, d_model=128, n_layers=6, n_heads=4, swa_every=3, retrieval_every=2,
         swa_window=128, retrieval_top_k=4, retrieval_chunk_size=32, dn_chunk_size=32,
     ),
     "small": dict(

@@ -49,3 +49,25 @@ def run_script(args: List[str], cwd: Path, timeout: int = 600) -> subprocess.Com
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PROJECT_ROOT": str(cwd)}
     return subprocess.run([sys.executable, *args], cwd=str(ROOT), env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+# Tiny models for the inference tests; init std 0.2 makes logits O(1) so greedy paths are non-trivial.
+TINY_BASE = dict(vocab_size=64, d_model=32, n_heads=2, swa_window=8, retrieval_chunk_size=4, retrieval_top_k=2,
+                 dn_chunk_size=8, mtp_depth=2, initializer_range=0.2)
+LAYER_SETS = {
+    "deltanet": ["deltanet", "deltanet"],
+    "swa": ["swa", "swa"],
+    "retrieval": ["retrieval", "retrieval"],
+    "attention": ["attention", "attention"],
+    "mixed": ["deltanet", "retrieval", "swa"],
+}
+
+
+def tiny(layers="mixed", seed=0, **overrides):
+    import torch
+
+    from hydralm import HydraConfig, HydraLM
+
+    torch.manual_seed(seed)
+    types = LAYER_SETS[layers]
+    return HydraLM(HydraConfig(**{**TINY_BASE, "n_layers": len(types), "layer_types": types, **overrides})).eval()

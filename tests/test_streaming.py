@@ -3,34 +3,13 @@
 import pytest
 import torch
 
+from helpers import LAYER_SETS, TINY_BASE as BASE, tiny  # noqa: F401
 from hydralm import HydraConfig, HydraLM
 from hydralm.generation import generate
 from hydralm.state import clone_state, state_bytes, states_equal
 from hydralm.streaming import StreamingEngine
 
-BASE = dict(vocab_size=64, d_model=32, n_heads=2, swa_window=8, retrieval_chunk_size=4, retrieval_top_k=2,
-            dn_chunk_size=8, mtp_depth=2, initializer_range=0.2)
-LAYER_SETS = {
-    "deltanet": ["deltanet", "deltanet"],
-    "swa": ["swa", "swa"],
-    "retrieval": ["retrieval", "retrieval"],
-    "attention": ["attention", "attention"],
-    "mixed": ["deltanet", "retrieval", "swa"],
-}
-
-
-def tiny(layers="mixed", seed=0):
-    torch.manual_seed(seed)
-    types = LAYER_SETS[layers]
-    return HydraLM(HydraConfig(**{**BASE, "n_layers": len(types), "layer_types": types})).eval()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("layers", list(LAYER_SETS))
