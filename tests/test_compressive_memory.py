@@ -108,3 +108,14 @@ def test_memory_config_accepts_a_dict_and_checks_fit_with_chunks():
         CFG.replace(memory={**MEMORY, "compress_every": 3})
     with pytest.raises(ValueError, match="memory.pool_size"):
         CFG.replace(memory={**MEMORY, "pool_size": 1})
+
+
+def test_state_holds_no_views_of_a_prefill_chunks_activations():
+    """A state tensor that is a view of a large prefill tensor would keep it alive (and make state_bytes
+    depend on the last chunk's size): every state tensor owns exactly its own storage, memory on or off."""
+    for cfg in (CFG, CFG.replace(memory=None)):
+        state = HydraLM(cfg).eval()(torch.randint(0, 64, (1, 203)), return_state=True)["state"]
+        for layer in state:
+            for key, value in layer.items():
+                if torch.is_tensor(value) and key not in ("bank_k", "bank_v", "summaries"):
+                    assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), key

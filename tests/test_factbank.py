@@ -172,7 +172,7 @@ def test_logit_bias_pushes_the_tokens_of_retrieved_facts():
 
 def test_logit_bias_steers_a_greedy_decode_loop_to_the_stored_fact():
     torch.manual_seed(0)
-    model = HydraLM(HydraConfig.from_preset("tiny", d_model=64, n_layers=3, n_heads=2)).eval()
+    model = HydraLM(HydraConfig.from_preset("tiny", vocab_size=512, d_model=64, n_layers=3, n_heads=2)).eval()
     vocab = model.cfg.vocab_size
     answer = 123
     bank = FactBank(model.cfg.d_model, capacity=4)

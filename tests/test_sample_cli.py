@@ -26,7 +26,7 @@ from hydralm.sample import (
 def trained_ckpt(tmp_path_factory) -> Path:
     """last.ckpt of a real 2-step train.py run on synthetic retrieval_qa (vocab 512)."""
     tmp = tmp_path_factory.mktemp("run")
-    with composed(tmp, FAST + ["trainer.max_steps=2", "test=false", "logger=csv"]) as cfg:
+    with composed(tmp, FAST + ["model.vocab_size=512", "trainer.max_steps=2", "test=false", "logger=csv"]) as cfg:
         from hydralm.training.pipeline import train
 
         train(cfg)

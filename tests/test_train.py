@@ -131,7 +131,7 @@ def test_ddp_sim_two_processes_match_one_process_at_the_same_global_batch(tmp_pa
         ("model.retrieval_top_k=0", "retrieval_top_k=0"),
         ("model.d_model=-8", "d_model=-8"),
         ("data.task_kwargs.vocab=600", "model.vocab_size=64"),
-        ("data.task_kwargs.seq_len=20", "seq_len=20"),
+        ("data.task_kwargs.seq_len=10", "seq_len=10"),
         ("ckpt_path=/nonexistent/x.ckpt", "ckpt_path"),
     ],
 )

@@ -4,31 +4,19 @@
 
 A small HydraLM with compressive memory on (the C4/C5 model of the claim suite) reads a random-token
 stream chunk by chunk through StreamingEngine; at each checkpoint length it reports the state's allocated
-bytes and the median per-token time of `model.step` (greedy, batch 1). Random weights: speed and memory
+bytes and the median per-token time of `model.step` (greedy, batch 1), measured at the end by stepping every mark's state
+in turn so that machine load affects all lengths alike. Random weights: speed and memory
 do not depend on training. Prints a table; `--json` writes the numbers.
 """
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
 from hydralm import HydraConfig, HydraLM, StreamingEngine, clone_state, state_bytes
-from hydralm.eval.claims import STREAM_MODEL
-
-
-def decode_speed(model, state, steps: int = 64) -> float:
-    """Median seconds per token of greedy `model.step` from a copy of `state`."""
-    state, token, times = clone_state(state), torch.zeros(1, dtype=torch.long), []
-    with torch.no_grad():
-        for _ in range(steps + 4):
-            started = time.perf_counter()
-            logits, state = model.step(token, state)
-            times.append(time.perf_counter() - started)
-            token = logits.argmax(-1)
-    return statistics.median(times[4:])
+from hydralm.eval.claims import STREAM_MODEL, decode_latencies
 
 
 def main() -> None:
@@ -42,17 +30,19 @@ def main() -> None:
     model = HydraLM(cfg).eval()
     engine = StreamingEngine(model, chunk_size=args.chunk)
     marks = [m for m in (4096, 65536, args.tokens) if m <= args.tokens]
-    rows, done, started = [], 0, time.perf_counter()
+    rows, states, done, started = [], [], 0, time.perf_counter()
     gen = torch.Generator().manual_seed(0)
     for mark in marks:
         while done < mark:
             piece = min(mark - done, 1 << 16)
             engine.process(torch.randint(0, cfg.vocab_size, (1, piece), generator=gen))
             done += piece
-        seconds = decode_speed(model, engine.state)
-        rows.append({"context": mark, "state_bytes": state_bytes(engine.state), "decode_ms": 1e3 * seconds,
-                     "decode_tok_s": 1 / seconds, "stream_seconds": time.perf_counter() - started})
+        rows.append({"context": mark, "state_bytes": state_bytes(engine.state), "stream_seconds": time.perf_counter() - started})
+        states.append(clone_state(engine.state))
         print(rows[-1], flush=True)
+    # decode speed from every mark's state, stepped in turn, so machine load hits all lengths alike
+    for row, seconds in zip(rows, decode_latencies(model, states, steps=64)):
+        row.update(decode_ms=1e3 * seconds, decode_tok_s=1 / seconds)
     print(f"\nmodel: {cfg.summary()}, {model.num_parameters() / 1e6:.2f}M params, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print("| context | state bytes | decode ms/token | decode tok/s | stream time so far (s) |\n|---|---|---|---|---|")

@@ -69,10 +69,10 @@ BUDGETS = {
         "c1": dict(d_model=32, n_heads=4, seq_len=45, n_layers_mixed=20),
         "stream": dict(short=4096, long=32768, chunk=2048, decode_steps=32),
         "c6": dict(model="tiny", model_overrides=TINY, data="retrieval_qa",
-                   data_overrides=dict(seq_len=128, num_facts=4, num_queries=4), batch_size=8, steps=60),
-        "c7": dict(model="tiny", model_overrides=TINY, seq_len=128, pairs=8, batch_size=16, steps=80, eval_samples=64),
+                   data_overrides=dict(seq_len=128, num_facts=4, num_queries=4), batch_size=8, steps=40),
+        "c7": dict(model="tiny", model_overrides=TINY, seq_len=128, pairs=8, batch_size=16, steps=60, eval_samples=64),
         "c8": dict(seq_len=1024, eval_samples=32),
-        "c10": dict(model="tiny", model_overrides=TINY, seq_len=256, facts=4, queries=4, batch_size=16, steps=80,
+        "c10": dict(model="tiny", model_overrides=TINY, seq_len=256, facts=4, queries=4, batch_size=16, steps=60,
                     eval_samples=64, dense=True),
         "trainer": "cpu",
     },
@@ -170,7 +170,7 @@ STREAM_MODEL = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=4, layer_typ
 _stream_cache: Dict[str, dict] = {}
 
 
-def _decode_latencies(model, states: List, steps: int) -> List[float]:
+def decode_latencies(model, states: List, steps: int) -> List[float]:
     """Median seconds per `model.step` for each state, measured interleaved (one step of each in turn) so
     that load from other processes hits every state alike. The states are copied, not advanced."""
     states = [clone_state(s) for s in states]
@@ -204,7 +204,7 @@ def _stream_measurements(budget: str) -> dict:
         piece = min(remaining, 1 << 16)
         engine.process(torch.randint(0, 512, (1, piece), generator=gen))
         remaining -= piece
-    lat_short, lat_long = _decode_latencies(model, [short_state, engine.state], b["decode_steps"])
+    lat_short, lat_long = decode_latencies(model, [short_state, engine.state], b["decode_steps"])
     _stream_cache[budget] = {
         "short": {"state_bytes": short_bytes, "latency": lat_short},
         "long": {"state_bytes": state_bytes(engine.state), "latency": lat_long},

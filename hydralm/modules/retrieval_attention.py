@@ -159,8 +159,9 @@ class RetrievalAttention(nn.Module):
             bank_v=_append(st["bank_v"], n0, vc[:, :, :n_full]),
             summaries=_append(st["summaries"], n0, summaries_new),
             n_chunks=n0 + n_full,
-            buf_k=kc[:, :, n_full] if remainder else torch.zeros_like(st["buf_k"]),
-            buf_v=vc[:, :, n_full] if remainder else torch.zeros_like(st["buf_v"]),
+            # clones: views would keep this call's whole key/value tensors alive inside the state
+            buf_k=kc[:, :, n_full].clone() if remainder else torch.zeros_like(st["buf_k"]),
+            buf_v=vc[:, :, n_full].clone() if remainder else torch.zeros_like(st["buf_v"]),
             pos=st["pos"] + N,
         )
         return y, self._enforce_memory(new)
