@@ -10,7 +10,7 @@ from typing import List
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig as HydraRuntime
-from omegaconf import DictConfig, open_dict
+from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from helpers import LAYER_SETS, TINY_BASE as BASE, tiny  # noqa: F401
-from hydralm import HydraConfig, HydraLM
 from hydralm.generation import generate
 from hydralm.sampling import filtered_probs, sample_next
 from hydralm.state import clone_state, select_rows, stack_states, state_bytes, states_equal

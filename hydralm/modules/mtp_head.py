@@ -7,7 +7,7 @@ Transformer block in each module; here each module is a residual SwiGLU bottlene
 token-local: drafting from a decode state needs only the last hidden state, never a KV cache.
 """
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import torch
 import torch.nn.functional as F
