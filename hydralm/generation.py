@@ -46,10 +46,10 @@ def prefill(model, input_ids: torch.Tensor, state=None, chunk_size: Optional[int
         raise ValueError("prefill needs at least one token")
     step = input_ids.shape[1] if chunk_size is None else chunk_size
     for piece in input_ids.split(step, dim=1):
-        out = model(piece, state=state, return_state=True, return_hidden=True)
+        out = model(piece, state=state, return_state=True, return_hidden=True, logits_to_keep=1)
         state = out["state"]
-        # clone: keep the last row only, not the whole (B, piece, V) logits tensor
-        logits, hidden = out["logits"][:, -1].clone(), out["hidden"][:, -1].clone()
+        # clone: keep the last hidden row only, not the whole (B, piece, d) tensor
+        logits, hidden = out["logits"][:, -1], out["hidden"][:, -1].clone()
     return logits, hidden, state
 
 

@@ -99,6 +99,7 @@ class HydraLM(nn.Module):
         compute_mtp: bool = False,
         labels: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
+        logits_to_keep: Optional[int] = None,
     ) -> dict:
         """input_ids (B, N). Returns {"logits" (B, N, V), "state" (per-layer list, if return_state),
         "mtp_logits" (list of (B, N - k, V), if compute_mtp), "mtp_aux_loss" (scaled, if compute_mtp),
@@ -106,18 +107,22 @@ class HydraLM(nn.Module):
         "hidden" (B, N, d) last hidden state before the final norm, if return_hidden}.
 
         ``labels`` (B, N), aligned with the logits (-100 = no loss), gives the MTP loss its targets; by
-        default the MTP modules learn the input's own future tokens.
+        default the MTP modules learn the input's own future tokens. ``logits_to_keep=k`` computes logits for
+        the last k positions only (prefill and streaming need one row, not (B, N, V)).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, seq_len >= 1), got shape {tuple(input_ids.shape)}")
         self._check_ids(input_ids)
         self._check_state(state)
+        if logits_to_keep is not None and not 1 <= logits_to_keep <= input_ids.shape[1]:
+            raise ValueError(f"logits_to_keep={logits_to_keep!r} must be in [1, seq_len={input_ids.shape[1]}]")
         x = self.embed(input_ids)
         new_state = []
         for i, block in enumerate(self.blocks):
             x, layer_state = block(x, None if state is None else state[i])
             new_state.append(layer_state)
-        out = {"logits": self.lm_head(self.norm(x)), "state": new_state if return_state else None,
+        head_input = x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep:]
+        out = {"logits": self.lm_head(self.norm(head_input)), "state": new_state if return_state else None,
                "mtp_logits": None, "mtp_aux_loss": None, "memory_aux_loss": self._memory_loss()}
         if return_hidden:
             out["hidden"] = x

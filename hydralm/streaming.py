@@ -124,8 +124,8 @@ class StreamingEngine:
         return ids
 
     def _feed(self, ids: torch.Tensor, stats: StreamStats) -> None:
-        out = self.model(ids, state=self.state, return_state=True)
-        self.state, self.last_logits = out["state"], out["logits"][:, -1].clone()
+        out = self.model(ids, state=self.state, return_state=True, logits_to_keep=1)
+        self.state, self.last_logits = out["state"], out["logits"][:, -1]
         self.batch_size = ids.shape[0]
         self.total_tokens += ids.shape[1]
         stats.tokens_processed += ids.shape[1]

@@ -134,3 +134,13 @@ def test_forward_contract_keys_and_shapes():
     assert plain["state"] is None and plain["mtp_logits"] is None and plain["mtp_aux_loss"] is None
     with pytest.raises(ValueError, match="mtp_depth"):
         HydraLM(CONFIGS["deltanet"])(torch.zeros(1, 4, dtype=torch.long), compute_mtp=True)
+
+
+def test_logits_to_keep_gives_the_last_rows_of_the_full_logits():
+    model = HydraLM(CONFIGS["gqa-mtp"]).eval()
+    ids = torch.randint(0, 101, (2, 17))
+    with torch.no_grad():
+        full = model(ids)["logits"]
+        torch.testing.assert_close(model(ids, logits_to_keep=3)["logits"], full[:, -3:], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="logits_to_keep=0"):
+        model(ids, logits_to_keep=0)
