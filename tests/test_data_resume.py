@@ -109,29 +109,15 @@ def test_text_resume_map_style_and_streaming(tmp_path):
     docs = [{"text": f"document {i}: " + "lorem ipsum " * (i % 7 + 1)} for i in range(40)]
     corpus.write_text("\n".join(json.dumps(d) for d in docs))
 
+    def module(**kwargs):
+        return TextDataModule(str(corpus), seq_len=16, batch_size=3, val_fraction=0.1, test_fraction=0.0, seed=2,
+                              **kwargs)
+
     def map_style():
-        return TextDataModule(
-            str(corpus),
-            seq_len=16,
-            batch_size=3,
-            val_fraction=0.1,
-            test_fraction=0.0,
-            cache_dir=str(tmp_path / "hf"),
-            seed=2,
-        )
+        return module(cache_dir=str(tmp_path / "hf"))
 
     def streaming():
-        return TextDataModule(
-            str(corpus),
-            seq_len=16,
-            batch_size=3,
-            val_fraction=0.1,
-            test_fraction=0.0,
-            streaming=True,
-            shuffle=True,
-            shuffle_buffer=8,
-            seed=2,
-        )
+        return module(streaming=True, shuffle=True, shuffle_buffer=8)
 
     assert_resume_is_exact(map_style, tmp_path / "map", total=9, stops=[4])
     assert_resume_is_exact(streaming, tmp_path / "stream", total=9, stops=[4])
