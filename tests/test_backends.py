@@ -48,8 +48,16 @@ def test_backend_switches_validate_and_auto_never_picks_unsafe_paths(monkeypatch
     assert backend.deltanet_backend(is_cuda=False, needs_grad=False) == "torch"
     monkeypatch.setattr(backend, "fla_available", lambda: True)
     monkeypatch.setattr(backend, "fla_backward_safe", lambda: False)  # Hopper + triton < 3.7.1 (fla#640)
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
     assert backend.deltanet_backend(is_cuda=True, needs_grad=True) == "torch"
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    assert backend.deltanet_backend(is_cuda=True, needs_grad=True) == "triton"  # our kernels, not fla's backward
     assert backend.deltanet_backend(is_cuda=True, needs_grad=False) == "fla"
+    assert backend.deltanet_backend(is_cuda=False, needs_grad=True) == "torch"  # auto never interprets on CPU
     monkeypatch.setenv("HYDRALM_DELTANET", "fla")
     with pytest.raises(RuntimeError, match="fla#640"):
         backend.deltanet_backend(is_cuda=True, needs_grad=True)
+    monkeypatch.setenv("HYDRALM_DELTANET", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="HYDRALM_DELTANET=triton needs"):
+        backend.deltanet_backend(is_cuda=False, needs_grad=True)

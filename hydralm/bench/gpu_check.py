@@ -35,7 +35,7 @@ def _grads(fn, inputs, weight):
 
 
 def check_delta_rule(device: str) -> None:
-    for (B, H, T, D, C) in [(2, 4, 300, 64, 64), (1, 2, 1024, 128, 64)]:
+    for (B, H, T, D, C) in [(2, 4, 300, 64, 64), (1, 2, 1024, 128, 64), (2, 3, 700, 100, 32)]:
         q = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
         k = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
         v, g = torch.randn(B, H, T, D, device=device), -torch.rand(B, H, T, device=device) * 0.5
@@ -45,12 +45,20 @@ def check_delta_rule(device: str) -> None:
         ref, ref_g = _grads(lambda *a: delta_rule_recurrent(*a)[0], ref_in, w) if T <= 300 else (None, None)
         if ref is None:  # long: the fp64 chunkwise form is the reference (equal to recurrent on CPU tests)
             ref, ref_g = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C)[0], ref_in, w)
-        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        # (backend, input dtype, fp32 matmul precision, tol): "highest" = IEEE fp32 dots, "high" = TF32
+        for backend, dtype, precision, tol in (("torch", torch.float32, "highest", 1e-4),
+                                               ("torch", torch.bfloat16, "highest", 3e-2),
+                                               ("triton", torch.float32, "highest", 1e-4),
+                                               ("triton", torch.float32, "high", 3e-3),
+                                               ("triton", torch.bfloat16, "high", 3e-2)):
+            torch.set_float32_matmul_precision(precision)
             inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]] + [t.detach().float().requires_grad_() for t in ref_in[3:]]
-            out, grads = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C)[0], inp, w.float())
-            _record(f"delta_rule chunkwise {dtype} T={T} D={D} out", _rel(out, ref), tol)
+            out, grads = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C, backend=backend)[0], inp, w.float())
+            label = f"delta_rule {backend} {dtype} {precision} T={T} D={D}"
+            _record(f"{label} out", _rel(out, ref), tol)
             for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
-                _record(f"delta_rule chunkwise {dtype} T={T} D={D} d{name}", _rel(ga, gb), tol * 3)
+                _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
+        torch.set_float32_matmul_precision("highest")
 
 
 def check_fla(device: str) -> None:

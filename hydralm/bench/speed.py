@@ -1,13 +1,16 @@
 """GPU speed benchmarks; each prints a table. Run next to the peers (../shared/tools/peer_bench.py) in the
 same call so ratios compare like with like:
 
-    python -m hydralm.bench.speed [layers] [models] [decode]
+    python -m hydralm.bench.speed [layers] [models] [decode] [claim_models]
 
-layers  bf16 fwd+bwd: our GDN kernel (PyTorch chunkwise) at B8 T4096 H16 K128; SWA (flex) and retrieval
+layers  (env BENCH_GDN=torch,triton and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16 fwd+bwd: our GDN kernel (PyTorch loop and Triton pass over chunks; BENCH_COMPILE=1 adds a
+        torch.compile'd Triton variant) at B8 T4096 H16 K128; SWA (flex) and retrieval
         (flex, token-routed, C=128, k=8) at 4k/16k/64k with 64k tokens per batch, H16 D128.
-models  training step of HydraLM-160m (20-layer schedule) and of the DenseTransformer with the same fields,
+models  training step of HydraLM-160m (20-layer schedule; BENCH_MODELS picks among HydraLM-160m,
+        "HydraLM-160m compiled-GDN", Dense-160m) and of the DenseTransformer with the same fields,
         bf16 autocast, fused AdamW, 64k tokens per step, at 4k/16k/64k context.
 decode  batch-1 decode latency of HydraLM-160m (compressive memory on) after 4k and 64k tokens of context.
+claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
 Results also go to $OUT/speed.json when OUT is set.
 """
 
@@ -46,24 +49,24 @@ def layers() -> None:
     g = F.logsigmoid(torch.randn(B, H, T, device="cuda") + 4).requires_grad_()
     beta = torch.rand(B, H, T, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
-    def gdn():
-        o, _ = delta_rule_chunkwise(q, k, v, g, beta, chunk_size=64)
-        o.float().sum().backward()
+    torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as in training
+    variants = [(b, False) for b in os.environ.get("BENCH_GDN", "torch,triton").split(",")]
+    if os.environ.get("BENCH_COMPILE"):  # torch.compile around the chunkwise prep/output (the loop is a kernel)
+        variants.append(("triton", True))
+    for backend, compiled in variants:
+        fn = torch.compile(delta_rule_chunkwise) if compiled else delta_rule_chunkwise
 
-    rows.append({"layer": "GDN torch chunkwise (eager)", "shape": f"B{B} T{T} H{H} K{K}", "ms": bench(gdn, 20)})
-    print(rows[-1], flush=True)
-    if os.environ.get("BENCH_COMPILE"):  # torch.compile of the chunk loop: ~70 s+ of compile per shape
-        compiled = torch.compile(delta_rule_chunkwise)
-
-        def gdn_compiled():
-            o, _ = compiled(q, k, v, g, beta, chunk_size=64)
+        def gdn():
+            o, _ = fn(q, k, v, g, beta, chunk_size=64, backend=backend)
             o.float().sum().backward()
 
-        rows.append({"layer": "GDN torch chunkwise (compiled)", "shape": f"B{B} T{T} H{H} K{K}", "ms": bench(gdn_compiled, 20)})
+        name = f"GDN {backend} chunkwise ({'compiled' if compiled else 'eager'})"
+        rows.append({"layer": name, "shape": f"B{B} T{T} H{H} K{K}", "ms": bench(gdn, 20)})
         print(rows[-1], flush=True)
     del q, k, v, g, beta
+    rows += _state_pass_rows()
     Hh, D, C, TOPK, W = 16, 128, 128, 8, 512
-    for T in (4096, 16384, 65536):
+    for T in [int(t) for t in os.environ.get("BENCH_ATTENTION_CONTEXTS", "4096,16384,65536").split(",") if t]:
         B = max(1, 65536 // T)
         q, k, v = (torch.randn(B, Hh, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         coherent_q = (q.detach().unflatten(2, (T // 128, 128)).mean(3, keepdim=True) + 0.1 * q.detach().unflatten(2, (T // 128, 128)))
@@ -82,16 +85,47 @@ def layers() -> None:
         print(row, flush=True)
         del q, k, v, coherent_q
     RESULTS["layers"] = rows
-    _print_table("layers, bf16 fwd+bwd (ms)", rows, ["layer", "shape", "ms", "swa_flex_ms", "retrieval_random_q_ms",
+    _print_table("layers, bf16 fwd+bwd (ms)", rows, ["layer", "shape", "ms", "fwd_ms", "swa_flex_ms", "retrieval_random_q_ms",
                                                   "retrieval_coherent_q_ms", "retrieval/swa (coherent)"])
+
+
+def _state_pass_rows() -> list:
+    """The pass over chunks alone (PyTorch loop vs Triton kernels), fwd and fwd+bwd, at the GDN shapes of the
+    layer row above (K128) and of the 160m preset at 64k tokens/step (K64)."""
+    from hydralm.kernels.delta_rule_triton import state_pass_torch, state_pass_triton
+
+    rows = []
+    for B, H, n, C, K in ((8, 16, 64, 64, 128), (16, 12, 64, 64, 64)):
+        U = torch.randn(B, H, n, C, K, device="cuda", requires_grad=True)
+        W, Kd = (0.05 * torch.randn(B, H, n, C, K, device="cuda") for _ in range(2))
+        W.requires_grad_(), Kd.requires_grad_()
+        a = torch.rand(B, H, n, device="cuda", requires_grad=True)
+        for name, fn in (("torch loop", state_pass_torch), ("triton", state_pass_triton)):
+            s0 = torch.zeros(B, H, K, K, device="cuda")
+            with torch.no_grad():
+                fwd = bench(lambda fn=fn, s0=s0: fn(U, W, Kd, a, s0), 20)
+
+            def fwd_bwd(fn=fn, s0=s0):
+                h, d, sn = fn(U, W, Kd, a, s0)
+                (h.sum() + d.sum() + sn.sum()).backward()
+
+            rows.append({"layer": f"state pass {name}", "shape": f"B{B} H{H} n{n} C{C} K{K}", "fwd_ms": fwd,
+                         "ms": bench(fwd_bwd, 20)})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def models() -> None:
     from hydralm import DenseTransformer, HydraConfig, HydraLM
 
     cfg = HydraConfig.from_preset("160m")
+    torch.set_float32_matmul_precision("high")
     rows = []
-    for name, cls in (("HydraLM-160m", HydraLM), ("Dense-160m", DenseTransformer)):
+    variants = {"HydraLM-160m": (HydraLM, "0"), "HydraLM-160m compiled-GDN": (HydraLM, "1"),
+                "Dense-160m": (DenseTransformer, "0")}
+    for name in os.environ.get("BENCH_MODELS", "HydraLM-160m,Dense-160m").split(","):
+        cls, compile_gdn = variants[name]
+        os.environ["HYDRALM_DELTANET_COMPILE"] = compile_gdn
         model = cls(cfg).cuda()
         params = model.num_parameters()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
@@ -118,6 +152,35 @@ def models() -> None:
         torch.cuda.empty_cache()
     RESULTS["models"] = rows
     _print_table("training step, bf16 autocast, 64k tokens/step", rows, ["model", "params_M", "T", "B", "ms", "ktok_s"])
+
+
+def claim_models() -> None:
+    """Training-step time of the models the `full` claim budget trains (C7, C10): sizes its step counts."""
+    from hydralm import HydraConfig, HydraLM
+    from hydralm.eval.claims import BUDGETS
+
+    torch.set_float32_matmul_precision("high")
+    rows = []
+    for claim in ("c7", "c10"):
+        b = BUDGETS["full"][claim]
+        cfg = HydraConfig.from_preset(b["model"], **b["model_overrides"])
+        model = HydraLM(cfg).cuda()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        ids = torch.randint(0, cfg.vocab_size, (b["batch_size"], b["seq_len"]), device="cuda")
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = F.cross_entropy(model(ids)["logits"].float().flatten(0, 1), ids.flatten())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        ms = bench(step, 10)
+        rows.append({"claim": claim, "params_M": model.num_parameters() / 1e6, "B": b["batch_size"], "T": b["seq_len"],
+                     "ms": ms, "ktok_s": b["batch_size"] * b["seq_len"] / ms})
+        print(rows[-1], flush=True)
+    RESULTS["claim_models"] = rows
+    _print_table("full-budget claim models, training step", rows, ["claim", "params_M", "B", "T", "ms", "ktok_s"])
 
 
 @torch.no_grad()
@@ -151,7 +214,7 @@ def main(argv: list) -> int:
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
     for name in sections:
         try:
-            {"layers": layers, "models": models, "decode": decode}[name]()
+            {"layers": layers, "models": models, "decode": decode, "claim_models": claim_models}[name]()
         except Exception as err:  # a failed section is reported, the others still run
             import traceback
 

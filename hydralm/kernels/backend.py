@@ -4,10 +4,17 @@ HYDRALM_ATTENTION = auto | torch | flex
     flex: torch's flex_attention for the parallel (training / fresh prefill) path of SWA and retrieval
     layers; auto = flex on CUDA, torch (SDPA / gather) elsewhere. flex has no CPU backward in torch
     2.13, so CPU always uses torch unless asked otherwise for a forward-only check.
-HYDRALM_DELTANET = auto | torch | fla
+HYDRALM_DELTANET = auto | torch | triton | fla
+    torch: the PyTorch chunkwise kernel (a Python loop over chunks). triton: the same chunkwise algorithm with
+    the pass over chunks in our Triton kernels (kernels/delta_rule_triton.py), forward and backward.
     fla: flash-linear-attention's chunk_gated_delta_rule. fla 0.6 refuses the backward on Hopper with
     triton < 3.7.1 (fla#640), so auto uses fla only on CUDA, only where it is safe: for forwards that need
-    no gradient, or any forward when triton >= 3.7.1. Everything else runs the PyTorch chunkwise kernel.
+    no gradient, or any forward when triton >= 3.7.1. Other CUDA calls use triton; CPU uses torch.
+
+HYDRALM_DELTANET_COMPILE = 0 | 1
+    1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
+    shape; fuses the elementwise prep around the Triton pass). Off by default until measured in a model
+    (docs/benchmarks.md).
 
 `auto` never picks a path that is wrong on the machine it runs on: flex and fla are compared with the
 reference kernels on the GPU by `python -m hydralm.bench.gpu_check`.
@@ -16,8 +23,10 @@ reference kernels on the GPU by `python -m hydralm.bench.gpu_check`.
 import functools
 import os
 
+from hydralm.kernels.delta_rule_triton import triton_available
+
 ATTENTION_CHOICES = ("auto", "torch", "flex")
-DELTANET_CHOICES = ("auto", "torch", "fla")
+DELTANET_CHOICES = ("auto", "torch", "triton", "fla")
 
 
 def _choice(variable: str, choices: tuple) -> str:
@@ -56,14 +65,30 @@ def fla_backward_safe() -> bool:
 
 
 def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
-    """'fla' or 'torch' for the chunkwise delta rule."""
+    """'fla', 'triton' or 'torch' for the chunkwise delta rule."""
     choice = _choice("HYDRALM_DELTANET", DELTANET_CHOICES)
     if choice == "torch":
         return "torch"
-    usable = is_cuda and fla_available() and (not needs_grad or fla_backward_safe())
-    if choice == "fla" and not usable:
+    fla_usable = is_cuda and fla_available() and (not needs_grad or fla_backward_safe())
+    # Off CUDA, Triton kernels run only in its CPU interpreter (TRITON_INTERPRET=1, used by the tests).
+    triton_usable = triton_available() and (is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    if choice == "fla" and not fla_usable:
         raise RuntimeError(
             "HYDRALM_DELTANET=fla but fla cannot run this call safely (needs CUDA, flash-linear-attention, and "
             "triton >= 3.7.1 for gradients: fla#640); unset it to use the PyTorch kernel"
         )
-    return "fla" if usable else "torch"
+    if choice == "triton" and not triton_usable:
+        raise RuntimeError(
+            "HYDRALM_DELTANET=triton needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on "
+            "CPU); unset it to use the PyTorch kernel"
+        )
+    if choice == "triton" or (choice == "auto" and not fla_usable and triton_usable and is_cuda):
+        return "triton"
+    return "fla" if fla_usable else "torch"
+
+
+def deltanet_compile() -> bool:
+    value = os.environ.get("HYDRALM_DELTANET_COMPILE", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"HYDRALM_DELTANET_COMPILE={value!r} is invalid: expected '0' or '1'")
+    return value == "1"

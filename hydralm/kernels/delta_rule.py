@@ -12,9 +12,12 @@ Layout: q, k (B, H, T, d_k); v (B, H, T, d_v); g, beta (B, H, T); g is the log-d
 The state is kept in fp32 (fp64 if the inputs are fp64) whatever the input dtype.
 """
 
+import functools
 from typing import Optional, Tuple
 
 import torch
+
+from hydralm.kernels.delta_rule_triton import state_pass_torch, state_pass_triton
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -76,6 +79,7 @@ def delta_rule_chunkwise(
     initial_state: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
     chunk_size: int = 64,
+    backend: str = "torch",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise (WY) form; equal to ``delta_rule_recurrent`` up to float rounding.
 
@@ -86,6 +90,8 @@ def delta_rule_chunkwise(
     triangular solve per chunk, done for all chunks at once. Then per chunk, in order:
         O   = (Gamma q) S_0 + (q k^T * D) delta            (D[t, i] = Gamma_t / Gamma_i, i <= t)
         S_C = Gamma_C S_0 + (k * Gamma_C / Gamma)^T delta
+    The pass over chunks is ``state_pass_torch`` (a PyTorch loop) or, with backend="triton", the Triton
+    kernels of kernels/delta_rule_triton.py; the outputs of all chunks are then computed at once.
     Padding tokens (to a multiple of C) use g = 0, beta = 0, k = 0: they leave the state untouched.
     """
     B, H, T, dk = k.shape
@@ -116,19 +122,22 @@ def delta_rule_chunkwise(
     q_decayed = q * (scale * gamma.exp())[..., None]
     intra = (q @ k.transpose(-1, -2)) * decay * scale
     k_to_end = k * (gamma[..., -1:] - gamma).exp()[..., None]
-    chunk_decay = gamma[..., -1].exp()[..., None, None]  # (B, H, n, 1, 1)
+    chunk_decay = gamma[..., -1].exp()  # (B, H, n)
 
-    state = initial_state
-    if state is None:
-        state = torch.zeros(B, H, dk, dv, dtype=dtype, device=v.device)
-    state = state.to(dtype)
-    outputs = []
-    # unbind once: indexing [:, :, c] inside the loop would make every chunk's backward write a full-size
-    # zero gradient (quadratic in the number of chunks); unbind's backward stacks the pieces once.
-    chunks = zip(*(t.unbind(2) for t in (U, W, q_decayed, intra, k_to_end, chunk_decay)))
-    for U_c, W_c, q_c, intra_c, k_c, decay_c in chunks:
-        delta = U_c - W_c @ state
-        outputs.append(q_c @ state + intra_c @ delta)
-        state = decay_c * state + k_c.transpose(-1, -2) @ delta
-    o = torch.stack(outputs, dim=2).reshape(B, H, n * C, dv)[:, :, :T]
+    if initial_state is not None:
+        initial_state = initial_state.to(dtype)
+    if backend == "triton":
+        states, delta, state = state_pass_triton(U, W, k_to_end, chunk_decay, initial_state)
+    else:
+        if initial_state is None:
+            initial_state = torch.zeros(B, H, dk, dv, dtype=dtype, device=v.device)
+        states, delta, state = state_pass_torch(U, W, k_to_end, chunk_decay, initial_state)
+    # With every chunk's entering state known, the outputs of all chunks are two batched matmuls.
+    o = (q_decayed @ states + intra @ delta).reshape(B, H, n * C, dv)[:, :, :T]
     return o.to(out_dtype), state
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_delta_rule_chunkwise():
+    """delta_rule_chunkwise under torch.compile (HYDRALM_DELTANET_COMPILE=1): one compile per shape."""
+    return torch.compile(delta_rule_chunkwise, dynamic=False)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
-from hydralm.kernels.backend import deltanet_backend
-from hydralm.kernels.delta_rule import delta_rule_chunkwise, delta_rule_step
+from hydralm.kernels.backend import deltanet_backend, deltanet_compile
+from hydralm.kernels.delta_rule import compiled_delta_rule_chunkwise, delta_rule_chunkwise, delta_rule_step
 from hydralm.modules.rmsnorm import GatedRMSNorm, RMSNorm
 from hydralm.modules.short_conv import ShortConv
 
@@ -74,13 +74,16 @@ class GatedDeltaNet(nn.Module):
         g, beta = self._gates(x)  # (B, N, H)
         initial = None if state is None else state["S"]
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if deltanet_backend(x.is_cuda, needs_grad) == "fla":
+        backend = deltanet_backend(x.is_cuda, needs_grad)
+        if backend == "fla":
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
             o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial, output_final_state=True)
         else:
-            o, S = delta_rule_chunkwise(*(t.transpose(1, 2) for t in (q, k, v, g, beta)), initial_state=initial,
-                                        chunk_size=self.chunk_size)
+            compiled = backend == "triton" and needs_grad and deltanet_compile()
+            kernel = compiled_delta_rule_chunkwise() if compiled else delta_rule_chunkwise
+            o, S = kernel(*(t.transpose(1, 2) for t in (q, k, v, g, beta)), initial_state=initial,
+                          chunk_size=self.chunk_size, backend=backend)
             o = o.transpose(1, 2)
         return self._output(o.to(x.dtype), x), {"S": S, "conv": conv_cache}
 

@@ -10,6 +10,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
+import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -77,6 +78,8 @@ def _record_run(cfg: DictConfig) -> None:
 def train(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Tuple[Dict[str, float], Dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():  # CPU runs keep torch's default (IEEE fp32)
+        torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
     datamodule = instantiate(cfg.data)
     validate(cfg, datamodule)
     module = build_module(cfg)

@@ -1,0 +1,83 @@
+"""The Triton pass over chunks (kernels/delta_rule_triton.py) against the PyTorch loop and the recurrence.
+
+Off GPU these run in Triton's CPU interpreter (TRITON_INTERPRET=1, set in conftest.py), which executes the
+kernels' own code with IEEE fp32 dots. On a GPU the same checks, plus TF32/bf16 ones, are
+`python -m hydralm.bench.gpu_check`.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hydralm import HydraConfig, HydraLM
+from hydralm.kernels.delta_rule import delta_rule_chunkwise, delta_rule_recurrent
+from hydralm.kernels.delta_rule_triton import state_pass_torch, state_pass_triton, triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="the `triton` package is a dev dependency")
+
+
+def _inputs(B, H, T, dk, dv):
+    q, k = (F.normalize(torch.randn(B, H, T, dk, dtype=torch.float64), dim=-1) for _ in range(2))
+    v = torch.randn(B, H, T, dv, dtype=torch.float64)
+    g = -torch.rand(B, H, T, dtype=torch.float64) * 0.7
+    beta = torch.rand(B, H, T, dtype=torch.float64)
+    s0 = torch.randn(B, H, dk, dv, dtype=torch.float64)
+    return [q, k, v, g, beta, s0]
+
+
+def _outputs_and_grads(fn, inputs, with_state):
+    """Output, final state and the gradients of a fixed random projection of both."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    o, s = fn(*inputs[:5], initial_state=inputs[5] if with_state else None)
+    gen = torch.Generator().manual_seed(7)
+    loss = (o * torch.randn(o.shape, generator=gen, dtype=torch.float64).to(o.dtype)).sum()
+    loss = loss + (s * torch.randn(s.shape, generator=gen, dtype=torch.float64).to(s.dtype)).sum()
+    loss.backward()
+    n_grads = 6 if with_state else 5
+    return [o.double(), s.double()] + [t.grad.double() for t in inputs[:n_grads]]
+
+
+# Shapes include non-power-of-two chunk / head sizes (masked tiles) and T not a multiple of the chunk.
+@pytest.mark.parametrize("B,H,T,dk,dv,chunk,with_state", [
+    (2, 3, 70, 20, 12, 16, True), (1, 2, 64, 32, 40, 12, False), (1, 1, 5, 8, 8, 64, True),
+])
+def test_triton_chunkwise_matches_the_recurrence_in_outputs_and_all_gradients(B, H, T, dk, dv, chunk, with_state):
+    inputs = _inputs(B, H, T, dk, dv)
+    expected = _outputs_and_grads(delta_rule_recurrent, inputs, with_state)  # fp64, token by token
+    fp32 = [t.float() for t in inputs]
+    got = _outputs_and_grads(
+        lambda *a, **kw: delta_rule_chunkwise(*a, **kw, chunk_size=chunk, backend="triton"), fp32, with_state)
+    for name, g, e in zip(["o", "state", "dq", "dk", "dv", "dg", "dbeta", "ds0"], got, expected):
+        torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_triton_state_pass_equals_the_pytorch_loop_with_partial_gradients():
+    """Gradients arriving only through some outputs (None for the others) are handled like autograd does."""
+    B, H, n, C, K, V = 2, 2, 5, 16, 24, 16
+    U, W, Kd = torch.randn(B, H, n, C, V), torch.randn(B, H, n, C, K) * 0.1, torch.randn(B, H, n, C, K) * 0.1
+    a, S0 = torch.rand(B, H, n), torch.randn(B, H, K, V)
+    results = []
+    for fn in (state_pass_torch, state_pass_triton):
+        leaves = [t.clone().requires_grad_() for t in (U, W, Kd, a, S0)]
+        states, delta, final = fn(*leaves)
+        (states.sum() + 2 * delta.pow(2).sum()).backward()  # the final state gets no gradient
+        results.append([states, delta, final] + [t.grad for t in leaves])
+    for got, expected in zip(*reversed(results)):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_model_trains_the_same_with_the_triton_and_torch_deltanet(monkeypatch):
+    cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, layer_types=["deltanet", "deltanet"],
+                      dn_chunk_size=16, initializer_range=0.2)
+    model = HydraLM(cfg)
+    ids = torch.randint(0, 64, (2, 40))
+    grads = {}
+    for choice in ("torch", "triton"):
+        monkeypatch.setenv("HYDRALM_DELTANET", choice)
+        model.zero_grad()
+        loss = F.cross_entropy(model(ids)["logits"][:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        grads[choice] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(grads["triton"][0], grads["torch"][0], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(grads["triton"][1], grads["torch"][1]):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
