@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from hydralm.kernels.delta_rule import delta_rule_chunkwise, delta_rule_recurrent
+from hydralm.kernels.delta_rule import compiled_delta_rule_chunkwise, delta_rule_chunkwise, delta_rule_recurrent
 from hydralm.kernels.flex import retrieval_flex, sliding_window_flex
 from hydralm.kernels.local_attention import repeat_kv, sliding_window_attention
 
@@ -46,14 +46,17 @@ def check_delta_rule(device: str) -> None:
         if ref is None:  # long: the fp64 chunkwise form is the reference (equal to recurrent on CPU tests)
             ref, ref_g = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C)[0], ref_in, w)
         # (backend, input dtype, fp32 matmul precision, tol): "highest" = IEEE fp32 dots, "high" = TF32
-        for backend, dtype, precision, tol in (("torch", torch.float32, "highest", 1e-4),
-                                               ("torch", torch.bfloat16, "highest", 3e-2),
-                                               ("triton", torch.float32, "highest", 1e-4),
-                                               ("triton", torch.float32, "high", 3e-3),
-                                               ("triton", torch.bfloat16, "high", 3e-2)):
+        variants = [("torch", torch.float32, "highest", 1e-4), ("torch", torch.bfloat16, "highest", 3e-2),
+                    ("triton", torch.float32, "highest", 1e-4), ("triton", torch.float32, "high", 3e-3),
+                    ("triton", torch.bfloat16, "high", 3e-2)]
+        if T == 1024:  # HYDRALM_DELTANET_COMPILE=1's path, on one shape (each shape compiles anew)
+            variants.append(("triton+compile", torch.bfloat16, "high", 3e-2))
+        for backend, dtype, precision, tol in variants:
             torch.set_float32_matmul_precision(precision)
             inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]] + [t.detach().float().requires_grad_() for t in ref_in[3:]]
-            out, grads = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C, backend=backend)[0], inp, w.float())
+            kernel = compiled_delta_rule_chunkwise() if backend.endswith("+compile") else delta_rule_chunkwise
+            out, grads = _grads(lambda *a, kernel=kernel, backend=backend: kernel(
+                *a, chunk_size=C, backend=backend.split("+")[0])[0], inp, w.float())
             label = f"delta_rule {backend} {dtype} {precision} T={T} D={D}"
             _record(f"{label} out", _rel(out, ref), tol)
             for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
