@@ -342,7 +342,9 @@ CLAIMS: Dict[str, Callable] = {
 TRAINED = {"C6", "C7", "C8", "C10"}
 
 
-def run_claims(budget: str, workdir: str, only: Optional[List[str]] = None) -> List[ClaimResult]:
+def run_claims(budget: str, workdir: str, only: Optional[List[str]] = None,
+               on_result: Optional[Callable[[List[ClaimResult]], None]] = None) -> List[ClaimResult]:
+    """Runs the claims in order; ``on_result(results_so_far)`` after each one (a long run keeps what it measured)."""
     if budget not in BUDGETS:
         raise ValueError(f"eval.budget={budget!r} is unknown; allowed: {sorted(BUDGETS)}")
     unknown = sorted(set(only or []) - set(CLAIMS))
@@ -359,4 +361,6 @@ def run_claims(budget: str, workdir: str, only: Optional[List[str]] = None) -> L
             result = fn(budget, workdir) if claim_id in TRAINED else fn(budget)
         result.seconds = time.perf_counter() - started
         results.append(result)
+        if on_result is not None:
+            on_result(results)
     return results

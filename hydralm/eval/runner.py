@@ -54,9 +54,11 @@ def _claims(cfg: DictConfig, out_dir: str) -> Dict:
     from hydralm.training.run_info import git_sha
 
     only = list(cfg.eval.only) if cfg.eval.only else None
-    results = run_claims(cfg.eval.budget, os.path.join(out_dir, "claim_runs"), only)
     command = "python " + " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
-    payload = write_reports(results, out_dir, command, git_sha(cfg.paths.root_dir))
+    sha = git_sha(cfg.paths.root_dir)
+    results = run_claims(cfg.eval.budget, os.path.join(out_dir, "claim_runs"), only,
+                         on_result=lambda so_far: write_reports(so_far, out_dir, command, sha))
+    payload = write_reports(results, out_dir, command, sha)
     if cfg.eval.publish:
         for fname in ("RESULTS.md", "results.json"):
             shutil.copy(os.path.join(out_dir, fname), os.path.join(cfg.paths.root_dir, fname))

@@ -8,13 +8,15 @@ from typing import Optional
 
 
 def git_sha(cwd: Optional[str] = None) -> str:
+    """HEAD (+ "-dirty"); in a copied tree without .git (a remote GPU machine), $HYDRALM_GIT_SHA or "unknown"."""
+    fallback = os.environ.get("HYDRALM_GIT_SHA", "unknown")
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
     if sha.returncode != 0:
-        return "unknown"
+        return fallback
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
