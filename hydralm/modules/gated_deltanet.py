@@ -78,7 +78,9 @@ class GatedDeltaNet(nn.Module):
         if backend == "fla":
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-            o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial, output_final_state=True)
+            # fla wants beta in q's dtype (its kernels dot v * beta with bf16 tiles under autocast)
+            o, S = chunk_gated_delta_rule(q, k, v, g, beta.to(q.dtype), initial_state=initial,
+                                          output_final_state=True)
         else:
             compiled = backend == "triton" and needs_grad and deltanet_compile()
             kernel = compiled_delta_rule_chunkwise() if compiled else delta_rule_chunkwise
