@@ -85,10 +85,10 @@ BUDGETS = {
         # The task sizes are the claims'; the model (d256, 6 layers, ~5-7M parameters), the steps and a
         # wall-clock cap (Lightning's max_time, HH:MM:SS) fit what one GPU session can spend per model.
         "c7": dict(model="tiny", model_overrides=FULL_MODEL | dict(vocab_size=8192), seq_len=8192, pairs=256,
-                   batch_size=8, steps=1000, max_time="00:00:01:45", eval_samples=64),
+                   batch_size=8, steps=1000, max_time="00:00:01:20", eval_samples=64),
         "c8": dict(seq_len=1 << 18, eval_samples=16),
         "c10": dict(model="tiny", model_overrides=FULL_MODEL | dict(vocab_size=512), seq_len=16384, facts=32,
-                    queries=8, batch_size=4, steps=600, max_time="00:00:01:30", eval_samples=32, dense=False),
+                    queries=8, batch_size=4, steps=600, max_time="00:00:01:10", eval_samples=32, dense=False),
         "trainer": "gpu",
     },
 }

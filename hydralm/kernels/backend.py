@@ -7,9 +7,9 @@ HYDRALM_ATTENTION = auto | torch | flex
 HYDRALM_DELTANET = auto | torch | triton | fla
     torch: the PyTorch chunkwise kernel (a Python loop over chunks). triton: the same chunkwise algorithm with
     the pass over chunks in our Triton kernels (kernels/delta_rule_triton.py), forward and backward.
-    fla: flash-linear-attention's chunk_gated_delta_rule. fla 0.6 refuses the backward on Hopper with
-    triton < 3.7.1 (fla#640), so auto uses fla only on CUDA, only where it is safe: for forwards that need
-    no gradient, or any forward when triton >= 3.7.1. Other CUDA calls use triton; CPU uses torch.
+    fla: flash-linear-attention's chunk_gated_delta_rule, only when asked for. fla 0.6 refuses the backward
+    on Hopper with triton < 3.7.1 (fla#640), and its forward failed under bf16 autocast in a training run's
+    validation on the GPU machine, so auto never picks it: auto = triton on CUDA, torch on CPU.
 
 HYDRALM_DELTANET_COMPILE = 0 | 1
     1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
@@ -82,9 +82,13 @@ def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
             "HYDRALM_DELTANET=triton needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on "
             "CPU); unset it to use the PyTorch kernel"
         )
-    if choice == "triton" or (choice == "auto" and not fla_usable and triton_usable and is_cuda):
+    if choice == "fla":
+        return "fla"
+    # auto: our Triton kernels on CUDA. fla's forward is not picked by auto: under bf16 autocast its
+    # recompute_w_u kernel failed on the GPU machine (fp32 A against bf16 v, 2026-11-28).
+    if choice == "triton" or (triton_usable and is_cuda):
         return "triton"
-    return "fla" if fla_usable else "torch"
+    return "torch"
 
 
 def deltanet_compile() -> bool:
