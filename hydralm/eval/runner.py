@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import sys
 from typing import Dict
 
@@ -50,7 +49,7 @@ def evaluate(cfg: DictConfig) -> Dict:
 
 def _claims(cfg: DictConfig, out_dir: str) -> Dict:
     from hydralm.eval.claims import run_claims
-    from hydralm.eval.report import write_reports
+    from hydralm.eval.report import publish, write_reports
     from hydralm.training.run_info import git_sha
 
     only = list(cfg.eval.only) if cfg.eval.only else None
@@ -60,8 +59,7 @@ def _claims(cfg: DictConfig, out_dir: str) -> Dict:
                          on_result=lambda so_far: write_reports(so_far, out_dir, command, sha))
     payload = write_reports(results, out_dir, command, sha)
     if cfg.eval.publish:
-        for fname in ("RESULTS.md", "results.json"):
-            shutil.copy(os.path.join(out_dir, fname), os.path.join(cfg.paths.root_dir, fname))
+        publish(payload, cfg.paths.root_dir)
     for r in results:
         print(f"{r.id:4s} {str(r.passed):5s} {r.values}")
     return payload

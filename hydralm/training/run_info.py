@@ -8,8 +8,11 @@ from typing import Optional
 
 
 def git_sha(cwd: Optional[str] = None) -> str:
-    """HEAD (+ "-dirty"); in a copied tree without .git (a remote GPU machine), $HYDRALM_GIT_SHA or "unknown"."""
-    fallback = os.environ.get("HYDRALM_GIT_SHA", "unknown")
+    """HEAD (+ "-dirty"), or $HYDRALM_GIT_SHA when set: a copied tree on a remote GPU machine can carry a stale
+    .git (seen 2026-11-28: a run of c4ef886 recorded the previous session's HEAD), so the sender names the commit."""
+    if os.environ.get("HYDRALM_GIT_SHA"):
+        return os.environ["HYDRALM_GIT_SHA"]
+    fallback = "unknown"
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
