@@ -78,7 +78,10 @@ class HydraLMModule(L.LightningModule):
         aux = self.auxiliary_losses(out)
         loss = ce + sum(aux.values()) if aux else ce
         batch_size = batch["input_ids"].shape[0]
-        self.log(f"{stage}/loss", ce, prog_bar=True, batch_size=batch_size, sync_dist=stage != "train")
+        # train/loss is the global batch's loss under DDP/FSDP (one scalar all-reduce per step), so runs on
+        # different numbers of GPUs compare step by step; the other train metrics stay rank-local.
+        self.log(f"{stage}/loss", ce, prog_bar=True, batch_size=batch_size,
+                 sync_dist=stage != "train" or self.trainer.world_size > 1)
         self.log(f"{stage}/ppl", torch.exp(ce.detach().clamp(max=50)), batch_size=batch_size, sync_dist=stage != "train")
         for name, value in aux.items():
             self.log(f"{stage}/{name}_loss", value, batch_size=batch_size, sync_dist=stage != "train")
@@ -117,6 +120,8 @@ class HydraLMModule(L.LightningModule):
             elapsed = time.perf_counter() - self._step_started
             tokens = batch["input_ids"].numel() * self.trainer.world_size
             self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), prog_bar=True, batch_size=1)
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            self.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, batch_size=1)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         grads = [p.grad for p in self.parameters() if p.grad is not None]

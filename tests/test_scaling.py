@@ -1,0 +1,17 @@
+"""`python -m hydralm.bench.scaling --cpu`: the multi-GPU comparison script, run on CPU with ddp_sim."""
+
+import json
+
+from hydralm.bench import scaling
+
+
+def test_scaling_script_compares_one_process_with_ddp_and_a_resumed_ddp_run(tmp_path):
+    assert scaling.main(["--cpu", "--steps", "4", "--global-batch", "4", "--out", str(tmp_path), "--",
+                         "model=tiny", "data.task_kwargs.seq_len=64"]) == 0
+    rows = {row["run"]: row for row in json.loads((tmp_path / "scaling.json").read_text())["rows"]}
+    assert set(rows) == {"single", "ddp", "resumed"}
+    # same global batch: 2 gloo processes follow the 1-process run step by step (fp32, reduction order only)
+    assert rows["ddp"]["steps_compared"] == 4 and rows["ddp"]["max_abs_loss_diff"] < 1e-5
+    # the run resumed from the step-2 checkpoint retraces the uninterrupted ddp run
+    assert rows["resumed"]["steps_compared"] == 2 and rows["resumed"]["max_abs_loss_diff"] < 1e-6
+    assert all(row["tokens_per_sec"] > 0 for row in rows.values())
