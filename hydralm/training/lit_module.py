@@ -81,7 +81,7 @@ class HydraLMModule(L.LightningModule):
         # train/loss is the global batch's loss under DDP/FSDP (one scalar all-reduce per step), so runs on
         # different numbers of GPUs compare step by step; the other train metrics stay rank-local.
         self.log(f"{stage}/loss", ce, prog_bar=True, batch_size=batch_size,
-                 sync_dist=stage != "train" or self.trainer.world_size > 1)
+                 sync_dist=stage != "train" or (self._trainer is not None and self.trainer.world_size > 1))
         self.log(f"{stage}/ppl", torch.exp(ce.detach().clamp(max=50)), batch_size=batch_size, sync_dist=stage != "train")
         for name, value in aux.items():
             self.log(f"{stage}/{name}_loss", value, batch_size=batch_size, sync_dist=stage != "train")
