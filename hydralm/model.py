@@ -146,7 +146,9 @@ class HydraLM(nn.Module):
             if input_ids_t.shape[1] != 1:
                 raise ValueError(f"step takes one token per row, got shape {tuple(input_ids_t.shape)}")
             input_ids_t = input_ids_t[:, 0]
-        self._check_ids(input_ids_t)
+        # On a GPU the id range is checked by forward (the prompt), not per decoded token: reading min/max back
+        # would synchronise host and device every step. CPU steps check it.
+        self._check_ids(input_ids_t, check_range=not input_ids_t.is_cuda)
         if state is None:
             state = self.init_state(input_ids_t.shape[0], input_ids_t.device)
         self._check_state(state)
@@ -173,10 +175,10 @@ class HydraLM(nn.Module):
         return self.lm_head(h)
 
     # -- input checks ----------------------------------------------------------------------------
-    def _check_ids(self, ids: torch.Tensor) -> None:
+    def _check_ids(self, ids: torch.Tensor, check_range: bool = True) -> None:
         if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
             raise ValueError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+        if check_range and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
             raise ValueError(
                 f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}); got values in "
                 f"[{int(ids.min())}, {int(ids.max())}]"

@@ -6,9 +6,10 @@ drawn. DDP sharding and the resumable position come from ``ResumableDataModule``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from hydralm.data.mqar import MQAR
@@ -31,6 +32,44 @@ def build_task(task: SyntheticTask | str, task_kwargs: Mapping[str, Any] | None 
     return TASKS[task](**dict(task_kwargs or {}))
 
 
+class CurriculumDataset(SyntheticDataset):
+    """The train split of a curriculum: the sample at global position ``i`` comes from the phase ``i`` falls in.
+
+    ``phases`` is ``[(end, task), ...]`` with increasing ``end`` (first position past the phase); positions
+    past the last phase use ``task``. A phase ends on a step boundary (``end = until_step * global batch``),
+    so a batch never mixes lengths, and a resumed run regenerates the same phase for the same position.
+    """
+
+    def __init__(self, phases: list[tuple[int, SyntheticTask]], task: SyntheticTask, split: str, num_samples: int,
+                 seed: int = 0) -> None:
+        super().__init__(task, split, num_samples, seed)
+        self.phases = phases
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        for end, task in self.phases:
+            if index < end and 0 <= index < self.num_samples:
+                return task.sample(int(index), self.split, self.seed)
+        return super().__getitem__(index)
+
+
+def build_curriculum(task: SyntheticTask | str, task_kwargs: Mapping[str, Any] | None,
+                     curriculum: Sequence[Mapping[str, Any]] | None) -> list[tuple[int, SyntheticTask]]:
+    """``[(until_step, task), ...]`` from ``[{until_step: 200, seq_len: 1024, ...}, ...]`` (task_kwargs overrides)."""
+    if not curriculum:
+        return []
+    if isinstance(task, SyntheticTask):
+        raise ValueError("curriculum needs the task given by name (its phases override task_kwargs)")
+    phases, previous = [], 0
+    for i, phase in enumerate(curriculum):
+        phase = dict(phase)
+        until = phase.pop("until_step", None)
+        if isinstance(until, bool) or not isinstance(until, int) or until <= previous:
+            raise ValueError(f"curriculum[{i}].until_step={until!r} must be an int > {previous} (phases in order)")
+        phases.append((until, build_task(task, {**dict(task_kwargs or {}), **phase})))
+        previous = until
+    return phases
+
+
 class SyntheticDataModule(ResumableDataModule):
     """Train/val/test loaders over one synthetic task.
 
@@ -42,6 +81,11 @@ class SyntheticDataModule(ResumableDataModule):
         shuffle: permute train indices per epoch. Off by default: samples are already i.i.d. by
             index, and an ordered stream needs no O(N) permutation for a huge ``num_train_samples``.
         seed: selects the samples (and the shuffle order); same seed, same data.
+        curriculum: optional training phases before the configured task, e.g.
+            ``[{until_step: 200, seq_len: 1024, num_kv_pairs: 32}, {until_step: 400, seq_len: 4096}]``:
+            steps < 200 train on the first overrides of ``task_kwargs``, steps 200-399 on the second, later
+            steps (and val/test, always) on ``task_kwargs`` itself. Phases follow the global sample position,
+            so they need ``shuffle=false``; a resumed run continues in the right phase.
     """
 
     def __init__(
@@ -56,6 +100,7 @@ class SyntheticDataModule(ResumableDataModule):
         num_workers: int = 0,
         seed: int = 0,
         pin_memory: bool = False,
+        curriculum: Sequence[Mapping[str, Any]] | None = None,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, pin_memory=pin_memory)
         for name, value in (
@@ -65,6 +110,9 @@ class SyntheticDataModule(ResumableDataModule):
         ):
             check_positive_int(type(self).__name__, name, value)
         self.task = build_task(task, task_kwargs)
+        self.curriculum = build_curriculum(task, task_kwargs, curriculum)
+        if self.curriculum and shuffle:
+            raise ValueError("curriculum phases follow the sample position: set shuffle=false (data.shuffle=false)")
         self.num_train_samples, self.num_val_samples = num_train_samples, num_val_samples
         self.num_test_samples, self.shuffle = num_test_samples, shuffle
 
@@ -81,7 +129,9 @@ class SyntheticDataModule(ResumableDataModule):
         return self.task.seq_len
 
     def data_fingerprint(self) -> str:
-        return f"{self.task!r} seed={self.seed} num_train_samples={self.num_train_samples} shuffle={self.shuffle}"
+        phases = "".join(f" until_step={end}: {task!r}" for end, task in self.curriculum)
+        return (f"{self.task!r} seed={self.seed} num_train_samples={self.num_train_samples} shuffle={self.shuffle}"
+                + (f" curriculum:{phases}" if phases else ""))
 
     def dataset(self, split: str) -> SyntheticDataset:
         sizes = {"train": self.num_train_samples, "val": self.num_val_samples, "test": self.num_test_samples}
@@ -89,6 +139,11 @@ class SyntheticDataModule(ResumableDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
+        if self.curriculum:
+            _, world = self.rank_and_world()
+            global_batch = self.batch_size * world
+            phases = [(until * global_batch, task) for until, task in self.curriculum]
+            dataset = CurriculumDataset(phases, self.task, "train", self.num_train_samples, self.seed)
         return self.make_loader(dataset, self.train_sampler(len(dataset), self.shuffle), train=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -84,11 +84,17 @@ BUDGETS = {
                    data_overrides=dict(seq_len=512, num_facts=8, num_queries=4), batch_size=16, steps=300),
         # The task sizes are the claims'; the model (d256, 6 layers, ~5-7M parameters), the steps and a
         # wall-clock cap (Lightning's max_time, HH:MM:SS) fit what one GPU session can spend per model.
+        # A length curriculum first: at short lengths every chunk is inside the retrieval layer's reach, so the
+        # routing learns to match queries to keys before it has to find one chunk among hundreds.
         "c7": dict(model="tiny", model_overrides=FULL_MODEL | dict(vocab_size=8192), seq_len=8192, pairs=256,
-                   batch_size=8, steps=1000, max_time="00:00:01:20", eval_samples=64),
+                   batch_size=8, steps=1000, max_time="00:00:01:20", eval_samples=64,
+                   curriculum=[dict(until_step=250, seq_len=1024, num_kv_pairs=32),
+                               dict(until_step=500, seq_len=4096, num_kv_pairs=128)]),
         "c8": dict(seq_len=1 << 18, eval_samples=16),
         "c10": dict(model="tiny", model_overrides=FULL_MODEL | dict(vocab_size=512), seq_len=16384, facts=32,
-                    queries=8, batch_size=4, steps=600, max_time="00:00:01:10", eval_samples=32, dense=False),
+                    queries=8, batch_size=4, steps=600, max_time="00:00:01:10", eval_samples=32, dense=False,
+                    curriculum=[dict(until_step=150, seq_len=2048, num_facts=8),
+                                dict(until_step=300, seq_len=8192, num_facts=16)]),
         "trainer": "gpu",
     },
 }
@@ -239,6 +245,9 @@ def claim_c5(budget: str) -> ClaimResult:
 # -- trained claims ----------------------------------------------------------------------------------
 def _model_overrides(entry: dict) -> List[str]:
     overrides = [f"model={entry['model']}"] + [f"model.{k}={v}" for k, v in entry["model_overrides"].items()]
+    if entry.get("curriculum"):
+        phases = ",".join("{" + ",".join(f"{k}:{v}" for k, v in phase.items()) + "}" for phase in entry["curriculum"])
+        overrides.append(f"data.curriculum=[{phases}]")
     return overrides + ([f"++trainer.max_time={entry['max_time']}"] if entry.get("max_time") else [])
 
 

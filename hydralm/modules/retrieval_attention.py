@@ -171,14 +171,16 @@ class RetrievalAttention(nn.Module):
         C, groups = self.chunk_size, self.proj.kv_groups
         n, filled, n_pool = st["n_chunks"], st["pos"] % C, st.get("n_pool", 0)
         q, k, v = self.proj.split(x_t[:, None])  # (B, H, 1, D), (B, H_kv, 1, D)
-        slot = torch.tensor([filled], device=x_t.device)
-        buf_k = st["buf_k"].index_copy(2, slot, k.to(st["buf_k"].dtype))
-        buf_v = st["buf_v"].index_copy(2, slot, v.to(st["buf_v"].dtype))
+        # a copy, not in place (callers may roll back to the old state); Python-int indices and scalars keep
+        # the step free of host-device synchronisation on a GPU
+        buf_k, buf_v = st["buf_k"].clone(), st["buf_v"].clone()
+        buf_k[:, :, filled] = k[:, :, 0].to(buf_k.dtype)
+        buf_v[:, :, filled] = v[:, :, 0].to(buf_v.dtype)
         bank_k, bank_v = st["bank_k"][:, :, :n], st["bank_v"][:, :, :n]
         parts = [st["summaries"][:, :, :n]]
         if n_pool:
             parts.insert(0, st["pool_summaries"][:, :, :n_pool])
-        eligible = torch.tensor(max(n_pool + n - 1, 0), device=x_t.device)  # all but the previous chunk
+        eligible = torch.full((), max(n_pool + n - 1, 0), device=x_t.device)  # all but the previous chunk
         selected, valid = route_tokens(q, parts, eligible, self.top_k)  # (B, H, 1, k)
         if n > 0:
             exact_k, exact_v = _gather_exact(selected[:, :, 0], [(bank_k, bank_v, n_pool)])

@@ -55,12 +55,13 @@ class SlidingWindowAttention(nn.Module):
         """x_t (B, d_model) -> (B, d_model); O(window) work, O(window) memory."""
         pos = state["pos"]
         q, k, v = self.proj.split(x_t[:, None])
-        position = torch.tensor([pos], device=x_t.device)
+        # Python ints only: a tensor made from host data on a GPU would synchronise host and device per token.
+        position = torch.arange(pos, pos + 1, device=x_t.device)
         q, k = self.rotary(q, position), self.rotary(k, position)
-        slot = torch.tensor([pos % self.window], device=x_t.device)
-        # index_copy (not index_copy_) keeps the old state intact: callers may roll back to it.
-        ring_k = state["k"].index_copy(2, slot, k.to(state["k"].dtype))
-        ring_v = state["v"].index_copy(2, slot, v.to(state["v"].dtype))
+        # write into a copy (not in place): the old state stays intact, callers may roll back to it.
+        ring_k, ring_v = state["k"].clone(), state["v"].clone()
+        ring_k[:, :, pos % self.window] = k[:, :, 0].to(ring_k.dtype)
+        ring_v[:, :, pos % self.window] = v[:, :, 0].to(ring_v.dtype)
         valid = min(pos + 1, self.window)  # before the first wrap only slots 0..pos are filled
         groups = self.proj.kv_groups
         y = F.scaled_dot_product_attention(
