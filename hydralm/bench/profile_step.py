@@ -5,9 +5,9 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 from hydralm import HydraConfig, HydraLM
+from hydralm.bench.speed import training_step
 
 
 def main(preset: str = "160m", T: int = 4096, B: int = 16) -> None:
@@ -16,12 +16,7 @@ def main(preset: str = "160m", T: int = 4096, B: int = 16) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
 
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(ids)["logits"].float().flatten(0, 1), ids.flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = training_step(model, ids, opt)
 
     for i in range(3):
         torch.cuda.synchronize()

@@ -30,6 +30,19 @@ def bench(fn, rep: int = 50) -> float:
     return do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
 
+def training_step(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optimizer):
+    """One bf16-autocast training step (forward, CE loss against `ids` as a throughput proxy, backward, AdamW)."""
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(ids)["logits"].float().flatten(0, 1), ids.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _print_table(title: str, rows: list, cols: list) -> None:
     print(f"\n## {title}\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
     for row in rows:
@@ -132,14 +145,7 @@ def models() -> None:
         for T in [int(t) for t in os.environ.get("BENCH_CONTEXTS", "4096,16384,65536").split(",")]:
             B = max(1, 65536 // T)
             ids = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-
-            def step():
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    logits = model(ids)["logits"]
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), ids.flatten())
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            step = training_step(model, ids, opt)
 
             try:
                 ms = bench(step, 10)
@@ -167,15 +173,7 @@ def claim_models() -> None:
         model = HydraLM(cfg).cuda()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(0, cfg.vocab_size, (b["batch_size"], b["seq_len"]), device="cuda")
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(ids)["logits"].float().flatten(0, 1), ids.flatten())
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        ms = bench(step, 10)
+        ms = bench(training_step(model, ids, opt), 10)
         rows.append({"claim": claim, "params_M": model.num_parameters() / 1e6, "B": b["batch_size"], "T": b["seq_len"],
                      "ms": ms, "ktok_s": b["batch_size"] * b["seq_len"] / ms})
         print(rows[-1], flush=True)
