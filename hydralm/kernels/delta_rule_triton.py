@@ -52,7 +52,7 @@ def state_pass_torch(U, W, Kd, a, S0) -> Tuple[torch.Tensor, torch.Tensor, torch
 
 
 def _configs() -> list:
-    """Tile width BV, warps and pipeline depth, tuned once per (C, K, V) on the GPU at hand (the best choice
+    """Tile width BV and pipeline depth (4 warps), tuned once per (C, K, V) on the GPU at hand (the best choice
     differs between d_k = 64 and 128). The CPU interpreter gets one config: it only checks the arithmetic."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BV": 32}, num_warps=4, num_stages=1)]
