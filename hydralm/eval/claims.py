@@ -243,7 +243,8 @@ def claim_c5(budget: str) -> ClaimResult:
 
 
 # -- trained claims ----------------------------------------------------------------------------------
-def _model_overrides(entry: dict) -> List[str]:
+def _run_overrides(entry: dict) -> List[str]:
+    """train.py overrides of a budget entry: model, its fields, the data curriculum, the wall-clock cap."""
     overrides = [f"model={entry['model']}"] + [f"model.{k}={v}" for k, v in entry["model_overrides"].items()]
     if entry.get("curriculum"):
         phases = ",".join("{" + ",".join(f"{k}:{v}" for k, v in phase.items()) + "}" for phase in entry["curriculum"])
@@ -253,7 +254,7 @@ def _model_overrides(entry: dict) -> List[str]:
 
 def claim_c6(budget: str, workdir: str) -> ClaimResult:
     b, trainer = BUDGETS[budget]["c6"], BUDGETS[budget]["trainer"]
-    common = _model_overrides(b) + [f"data={b['data']}", f"data.batch_size={b['batch_size']}",
+    common = _run_overrides(b) + [f"data={b['data']}", f"data.batch_size={b['batch_size']}",
                                     f"trainer.max_steps={b['steps']}", f"trainer.val_check_interval={max(1, b['steps'] // 10)}",
                                     f"trainer={trainer}"] + [f"data.task_kwargs.{k}={v}" for k, v in b["data_overrides"].items()]
     curves = {}
@@ -276,7 +277,7 @@ def claim_c6(budget: str, workdir: str) -> ClaimResult:
 
 def claim_c7(budget: str, workdir: str) -> ClaimResult:
     b, trainer = BUDGETS[budget]["c7"], BUDGETS[budget]["trainer"]
-    run = train_model(_model_overrides(b) + [
+    run = train_model(_run_overrides(b) + [
         "data=mqar", f"data.task_kwargs.seq_len={b['seq_len']}", f"data.task_kwargs.num_kv_pairs={b['pairs']}",
         f"data.batch_size={b['batch_size']}", f"trainer.max_steps={b['steps']}", f"trainer={trainer}",
         f"trainer.val_check_interval={max(1, b['steps'] // 4)}", "trainer.limit_val_batches=4"], f"{workdir}/c7")
@@ -296,7 +297,7 @@ def _c10_models(budget: str, workdir: str) -> dict:
     if budget in _c10_cache:
         return _c10_cache[budget]
     b, trainer = BUDGETS[budget]["c10"], BUDGETS[budget]["trainer"]
-    common = _model_overrides(b) + [
+    common = _run_overrides(b) + [
         "data=retrieval_qa", f"data.task_kwargs.seq_len={b['seq_len']}", f"data.task_kwargs.num_facts={b['facts']}",
         f"data.task_kwargs.num_queries={b['queries']}", f"data.batch_size={b['batch_size']}",
         f"trainer.max_steps={b['steps']}", f"trainer={trainer}", f"trainer.val_check_interval={max(1, b['steps'] // 4)}",

@@ -126,12 +126,8 @@ def delta_rule_chunkwise(
 
     if initial_state is not None:
         initial_state = initial_state.to(dtype)
-    if backend == "triton":
-        states, delta, state = state_pass_triton(U, W, k_to_end, chunk_decay, initial_state)
-    else:
-        if initial_state is None:
-            initial_state = torch.zeros(B, H, dk, dv, dtype=dtype, device=v.device)
-        states, delta, state = state_pass_torch(U, W, k_to_end, chunk_decay, initial_state)
+    state_pass = state_pass_triton if backend == "triton" else state_pass_torch
+    states, delta, state = state_pass(U, W, k_to_end, chunk_decay, initial_state)
     # With every chunk's entering state known, the outputs of all chunks are two batched matmuls.
     o = (q_decayed @ states + intra @ delta).reshape(B, H, n * C, dv)[:, :, :T]
     return o.to(out_dtype), state

@@ -35,11 +35,13 @@ def triton_available() -> bool:
     return triton is not None
 
 
-def state_pass_torch(U, W, Kd, a, S0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference. U (B, H, n, C, d_v); W, Kd (B, H, n, C, d_k); a (B, H, n); S0 (B, H, d_k, d_v).
+def state_pass_torch(U, W, Kd, a, S0: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference. U (B, H, n, C, d_v); W, Kd (B, H, n, C, d_k); a (B, H, n); S0 (B, H, d_k, d_v) or None (zeros).
 
     Returns H (B, H, n, d_k, d_v) the state entering each chunk, delta (B, H, n, C, d_v), the final state.
     """
+    if S0 is None:
+        S0 = U.new_zeros(*W.shape[:2], W.shape[-1], U.shape[-1])
     states, deltas, state = [], [], S0
     # unbind once: indexing [:, :, c] inside the loop would make every chunk's backward write a full-size
     # zero gradient (quadratic in the number of chunks); unbind's backward stacks the pieces once.

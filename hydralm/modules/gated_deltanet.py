@@ -78,7 +78,7 @@ class GatedDeltaNet(nn.Module):
         if backend == "fla":
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule
 
-            # fla wants beta in q's dtype (its kernels dot v * beta with bf16 tiles under autocast)
+            # beta in q's dtype, as fla's own layers pass it (this alone did not fix its bf16-autocast failure)
             o, S = chunk_gated_delta_rule(q, k, v, g, beta.to(q.dtype), initial_state=initial,
                                           output_final_state=True)
         else:

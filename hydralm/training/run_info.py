@@ -12,14 +12,13 @@ def git_sha(cwd: Optional[str] = None) -> str:
     .git (seen 2026-11-28: a run of c4ef886 recorded the previous session's HEAD), so the sender names the commit."""
     if os.environ.get("HYDRALM_GIT_SHA"):
         return os.environ["HYDRALM_GIT_SHA"]
-    fallback = "unknown"
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return "unknown"
     if sha.returncode != 0:
-        return fallback
+        return "unknown"
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
