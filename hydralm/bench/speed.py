@@ -9,7 +9,8 @@ layers  (env BENCH_GDN=torch,triton and BENCH_ATTENTION_CONTEXTS=4096,16384,6553
 models  training step of HydraLM-160m (20-layer schedule; BENCH_MODELS picks among HydraLM-160m,
         "HydraLM-160m compiled-GDN", Dense-160m) and of the DenseTransformer with the same fields,
         bf16 autocast, fused AdamW, 64k tokens per step, at 4k/16k/64k context.
-decode  batch-1 decode latency of HydraLM-160m (compressive memory on) after 4k and 64k tokens of context.
+decode  batch-1 decode latency of HydraLM-160m (compressive memory on) after 4k, 64k and 1M tokens of context
+        (BENCH_DECODE_CONTEXTS); the context is streamed in 8192-token chunks.
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
 Results also go to $OUT/speed.json when OUT is set.
 """
@@ -190,7 +191,8 @@ def decode() -> None:
     rows = []
     engine = StreamingEngine(model, chunk_size=8192)
     done = 0
-    for context in (4096, 65536):
+    contexts = [int(c) for c in os.environ.get("BENCH_DECODE_CONTEXTS", "4096,65536,1048576").split(",")]
+    for context in contexts:
         engine.process(torch.randint(0, cfg.vocab_size, (1, context - done), device="cuda"))
         done = context
         state, token = engine.state, torch.zeros(1, dtype=torch.long, device="cuda")
@@ -203,8 +205,10 @@ def decode() -> None:
         torch.cuda.synchronize()
         ms = (time.perf_counter() - started) / n * 1e3
         rows.append({"context": context, "ms_per_token": ms, "tok_s": 1e3 / ms})
+    for row in rows:
+        row["latency_vs_first"] = row["ms_per_token"] / rows[0]["ms_per_token"]
     RESULTS["decode"] = rows
-    _print_table("batch-1 decode, HydraLM-160m bf16, memory on", rows, ["context", "ms_per_token", "tok_s"])
+    _print_table("batch-1 decode, HydraLM-160m bf16, memory on", rows, ["context", "ms_per_token", "tok_s", "latency_vs_first"])
 
 
 def main(argv: list) -> int:
