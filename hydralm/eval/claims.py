@@ -65,6 +65,7 @@ def _result(claim_id: str, budget: str, passed, values: dict, settings: dict, no
 TINY = dict(d_model=32, n_layers=3, n_heads=2, swa_window=32, retrieval_chunk_size=16, retrieval_top_k=2,
             dn_chunk_size=16, swa_every=3, retrieval_every=2)
 FULL_MODEL = dict(d_model=256, n_heads=4)
+EVAL_BATCH = 8  # samples per forward when scoring a trained model (one parallel forward each at 8k / 16k)
 BUDGETS = {
     "smoke": {
         "c1": dict(d_model=32, n_heads=4, seq_len=45, n_layers_mixed=20),
@@ -284,7 +285,7 @@ def claim_c7(budget: str, workdir: str) -> ClaimResult:
     from hydralm.data import MQAR
 
     task = MQAR(seq_len=b["seq_len"], num_kv_pairs=b["pairs"], vocab=run["model"].cfg.vocab_size)
-    accuracy = task_accuracy(run["model"], task, b["eval_samples"])["accuracy"]
+    accuracy = task_accuracy(run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH, chunk_size=b["seq_len"])["accuracy"]
     scaled = (b["seq_len"], b["pairs"]) != (8192, 256)
     return _result("C7", budget, accuracy >= 0.95, {"accuracy": accuracy, "train_seconds": run["seconds"], "train_steps": run["steps"]}, b,
                    f"smoke: {b['pairs']} pairs in {b['seq_len']} tokens stand in" if scaled else "")
@@ -311,7 +312,8 @@ def _c10_models(budget: str, workdir: str) -> dict:
     from hydralm.data import RetrievalQA
 
     task = RetrievalQA(seq_len=b["seq_len"], num_facts=b["facts"], num_queries=b["queries"], vocab=cfg.vocab_size)
-    results = {name: {**task_accuracy(run["model"], task, b["eval_samples"]), "train_seconds": run["seconds"],
+    results = {name: {**task_accuracy(run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH,
+                                      chunk_size=b["seq_len"]), "train_seconds": run["seconds"],
                       "train_steps": run["steps"]}
                for name, run in runs.items()}
     _c10_cache[budget] = {"runs": runs, "results": results}
@@ -339,7 +341,7 @@ def claim_c8(budget: str, workdir: str) -> ClaimResult:
     from hydralm.data import Needle
 
     task = Needle(seq_len=b["seq_len"], depth=0.5, vocab=model.cfg.vocab_size)
-    accuracy = task_accuracy(model, task, b["eval_samples"], chunk_size=8192)["accuracy"]
+    accuracy = task_accuracy(model, task, b["eval_samples"], batch_size=EVAL_BATCH, chunk_size=8192)["accuracy"]
     return _result("C8", budget, accuracy >= 0.90,
                        {"accuracy": accuracy}, {**b, "model": "the C10 retrieval model"},
                        note="" if b["seq_len"] == 1 << 18 else f"smoke: {b['seq_len']} tokens stand in for 256k")

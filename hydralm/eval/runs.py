@@ -54,5 +54,7 @@ def train_model(overrides: List[str], output_dir: str, record_val_curve: bool = 
     seconds = time.perf_counter() - started
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
         json.dump({"metrics": metrics, "seconds": seconds, "val_curve": timer.curve}, f, indent=2)
-    return {"model": objects["model"].net.eval(), "metrics": metrics, "seconds": seconds, "val_curve": timer.curve,
+    # Lightning's teardown moves the model to the CPU after fit; evaluate it where it trained.
+    net = objects["model"].net.to(objects["trainer"].strategy.root_device).eval()
+    return {"model": net, "metrics": metrics, "seconds": seconds, "val_curve": timer.curve,
             "steps": int(objects["trainer"].global_step)}

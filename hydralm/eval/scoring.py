@@ -14,14 +14,16 @@ def predictions_at(model, input_ids: torch.Tensor, positions: torch.Tensor, chun
     """argmax of the logits at `positions` (B, Q) of `input_ids` (B, N).
 
     The input is fed in chunks of `chunk_size` with carried state (exactly the parallel forward, C1), so a
-    256k-token needle costs one chunk of logits at a time.
+    256k-token needle costs one chunk of logits at a time; an input of one chunk takes the parallel path.
     """
     B, N = input_ids.shape
     out = torch.full(positions.shape, -1, dtype=torch.long, device=input_ids.device)
     state = None
     for start in range(0, N, chunk_size):
         end = min(N, start + chunk_size)
-        result = model(input_ids[:, start:end], state=state, return_state=True)
+        # bf16 autocast on a GPU, as training's bf16-mixed; fp32 on the CPU
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=input_ids.is_cuda):
+            result = model(input_ids[:, start:end], state=state, return_state=end < N)
         state = result["state"]
         inside = (positions >= start) & (positions < end)
         if inside.any():

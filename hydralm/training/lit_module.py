@@ -15,6 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics.aggregation import MeanMetric
 
 from hydralm.baselines.dense_transformer import DenseTransformer
@@ -45,6 +46,8 @@ class HydraLMModule(L.LightningModule):
         self.save_hyperparameters()
         self.config = HydraConfig(**model)
         self.net = ARCHITECTURES[architecture](self.config)
+        # FSDP hands the optimizer flat shards; weight-decay groups come from these original ranks instead.
+        self._param_ndims = {name: p.ndim for name, p in self.net.named_parameters()}
         self._compiled_forward = None
         self.depth_accuracy = nn.ModuleDict(
             {stage: nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in DEPTH_BUCKETS) for stage in ("val", "test")}
@@ -123,17 +126,37 @@ class HydraLMModule(L.LightningModule):
         if torch.cuda.is_available() and self.device.type == "cuda":
             self.log("train/peak_mem_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, batch_size=1)
 
+    def _fsdp_root(self) -> Optional[FullyShardedDataParallel]:
+        root = self.trainer.strategy.model if self._trainer is not None else None
+        return root if isinstance(root, FullyShardedDataParallel) else None
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads:
+        grads = [p.grad for p in self.parameters() if p.grad is not None and p.grad.numel()]
+        sharded = self._fsdp_root() is not None
+        if not grads and not sharded:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=self.device)
+        if sharded:  # each rank holds a shard of the gradients: every rank must see the same global norm
+            torch.distributed.all_reduce(squares)
+        norm = squares.sqrt()
         self.log("train/grad_norm", norm, batch_size=1)
         if not torch.isfinite(norm):
             # Dropping the gradients makes both optimizers skip every parameter: the weights stay finite.
             for p in self.parameters():
                 p.grad = None
             self._non_finite(f"gradient norm is {norm.item()}")
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        root = self._fsdp_root()
+        if root is None or not gradient_clip_val:
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        # Lightning refuses norm clipping under FSDP: clipping each shard by its own norm would be wrong.
+        # FSDP's root module computes the norm over all shards.
+        if gradient_clip_algorithm not in (None, "norm"):
+            raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported with "
+                             "trainer=fsdp; use 'norm'")
+        root.clip_grad_norm_(gradient_clip_val)
+        return None
 
     def validation_step(self, batch: dict, batch_idx: int):
         self._shared_step(batch, "val")
@@ -161,6 +184,7 @@ class HydraLMModule(L.LightningModule):
         optimizer = build_optimizer(
             self.net, opt["name"], lr=opt["lr"], weight_decay=opt["weight_decay"], betas=opt.get("betas", (0.9, 0.95)),
             eps=opt.get("eps", 1e-8), fused=opt.get("fused"),
+            sharded_ndims=self._param_ndims if self._fsdp_root() is not None else None,
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches
         if total is None or not math.isfinite(total):

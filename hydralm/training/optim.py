@@ -5,6 +5,8 @@
 * ``muon``: ``torch.optim.Muon`` on the 2-D hidden matrices (every nn.Linear inside the blocks and the MTP
   head), AdamW on the rest (embedding / tied head, norms, conv kernels, decay parameters). Lightning's
   automatic optimisation drives one optimizer, so both live in ``MuonAdamW``.
+* Under FSDP the parameters the optimizer sees are flat shards, so groups are decided from the shapes the
+  model had when it was built (``ndims``), by name; Muon needs whole matrices and is refused there.
 * Schedule: linear warmup to ``lr`` then cosine to ``min_lr_ratio * lr`` at the last step.
 """
 
@@ -15,11 +17,24 @@ import torch
 from torch import nn
 
 OPTIMIZERS = ("adamw", "muon")
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 
 
-def adamw_groups(params: Dict[str, nn.Parameter], weight_decay: float) -> List[dict]:
-    decay = [p for p in params.values() if p.ndim >= 2]
-    no_decay = [p for p in params.values() if p.ndim < 2]
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as the bare model has it (FSDP and activation-checkpointing wrappers removed)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def adamw_groups(params: Dict[str, nn.Parameter], weight_decay: float,
+                 ndims: Optional[Dict[str, int]] = None) -> List[dict]:
+    """Decay on matrices, none on vectors; `ndims` gives the original ranks when params are flat shards."""
+    def is_matrix(name: str, p: nn.Parameter) -> bool:
+        return (ndims[unwrapped_name(name)] if ndims is not None else p.ndim) >= 2
+
+    decay = [p for n, p in params.items() if is_matrix(n, p)]
+    no_decay = [p for n, p in params.items() if not is_matrix(n, p)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -77,12 +92,18 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas=(0.9, 0.95),
-                    eps: float = 1e-8, fused: Optional[bool] = None) -> torch.optim.Optimizer:
+                    eps: float = 1e-8, fused: Optional[bool] = None, sharded_ndims: Optional[Dict[str, int]] = None
+                    ) -> torch.optim.Optimizer:
+    """`sharded_ndims` (FSDP): {bare parameter name: ndim} recorded before the model was sharded."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r} is unknown; allowed: {list(OPTIMIZERS)}")
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if name == "adamw":
-        return torch.optim.AdamW(adamw_groups(params, weight_decay), lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+        groups = adamw_groups(params, weight_decay, sharded_ndims)
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
+    if sharded_ndims is not None:
+        raise ValueError("optimizer.name=muon needs whole weight matrices, which FSDP shards; "
+                         "use optimizer=adamw with trainer=fsdp, or trainer=ddp with Muon")
     muon_names = set(muon_parameter_names(model)) & set(params)
     muon = [params[n] for n in sorted(muon_names)]
     rest = {n: p for n, p in params.items() if n not in muon_names}
