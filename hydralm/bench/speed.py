@@ -10,7 +10,7 @@ models  training step of HydraLM-160m (20-layer schedule; BENCH_MODELS picks amo
         "HydraLM-160m compiled-GDN", Dense-160m) and of the DenseTransformer with the same fields,
         bf16 autocast, fused AdamW, 64k tokens per step, at 4k/16k/64k context.
 decode  batch-1 decode latency of HydraLM-160m (compressive memory on) after 4k, 64k and 1M tokens of context
-        (BENCH_DECODE_CONTEXTS); the context is streamed in 8192-token chunks.
+        (BENCH_DECODE_CONTEXTS); the context is streamed in 8192-token chunks (prefill tokens/s printed too).
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
 Results also go to $OUT/speed.json when OUT is set.
 """
@@ -193,7 +193,11 @@ def decode() -> None:
     done = 0
     contexts = [int(c) for c in os.environ.get("BENCH_DECODE_CONTEXTS", "4096,65536,1048576").split(",")]
     for context in contexts:
+        torch.cuda.synchronize()
+        started = time.perf_counter()
         engine.process(torch.randint(0, cfg.vocab_size, (1, context - done), device="cuda"))
+        torch.cuda.synchronize()
+        prefill_tok_s = (context - done) / (time.perf_counter() - started)
         done = context
         state, token = engine.state, torch.zeros(1, dtype=torch.long, device="cuda")
         for _ in range(5):
@@ -204,11 +208,12 @@ def decode() -> None:
             logits, state = model.step(token, state)
         torch.cuda.synchronize()
         ms = (time.perf_counter() - started) / n * 1e3
-        rows.append({"context": context, "ms_per_token": ms, "tok_s": 1e3 / ms})
-    for row in rows:
-        row["latency_vs_first"] = row["ms_per_token"] / rows[0]["ms_per_token"]
-    RESULTS["decode"] = rows
-    _print_table("batch-1 decode, HydraLM-160m bf16, memory on", rows, ["context", "ms_per_token", "tok_s", "latency_vs_first"])
+        rows.append({"context": context, "ms_per_token": ms, "tok_s": 1e3 / ms, "prefill_tok_s": prefill_tok_s,
+                     "latency_vs_first": ms / rows[0]["ms_per_token"] if rows else 1.0})
+        print(rows[-1], flush=True)  # a long context may outlast the call: keep what was measured
+        RESULTS["decode"] = rows
+    _print_table("batch-1 decode, HydraLM-160m bf16, memory on", rows,
+                 ["context", "ms_per_token", "tok_s", "latency_vs_first", "prefill_tok_s"])
 
 
 def main(argv: list) -> int:
