@@ -119,3 +119,23 @@ def test_state_holds_no_views_of_a_prefill_chunks_activations():
             for key, value in layer.items():
                 if torch.is_tensor(value) and key not in ("bank_k", "bank_v", "summaries"):
                     assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), key
+
+
+def test_chunk_sized_prefill_matches_step_decoding_with_compressed_chunks():
+    """Prefilling C tokens at a time compresses at the same moments as decoding token by token, so both
+    read the same pool and exact chunks: the logits agree once chunks are compressed and evicted too."""
+    model = HydraLM(CFG).eval()
+    ids = torch.randint(0, 64, (2, 136))
+    C = CFG.retrieval_chunk_size
+    with torch.no_grad():
+        state, chunked = None, []
+        for a in range(0, ids.shape[1], C):
+            out = model(ids[:, a:a + C], state=state, return_state=True)
+            state = out["state"]
+            chunked.append(out["logits"])
+        assert state[1]["n_pool"] > 0 and state[1]["evicted"] > 0
+        state, steps = None, []
+        for t in range(ids.shape[1]):
+            logits, state = model.step(ids[:, t], state)
+            steps.append(logits)
+    assert (torch.cat(chunked, 1) - torch.stack(steps, 1)).abs().max() < 1e-4
