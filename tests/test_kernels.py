@@ -8,6 +8,7 @@ from hydralm.kernels.chunk_retrieval import retrieval_attention_reference
 from hydralm.kernels.delta_rule import delta_rule_chunkwise, delta_rule_recurrent, delta_rule_step
 from hydralm.kernels.local_attention import causal_attention, sliding_window_attention
 from hydralm.config import HydraConfig
+from hydralm.model import HydraLM
 from hydralm.modules.retrieval_attention import RetrievalAttention
 
 
@@ -108,3 +109,31 @@ def test_retrieval_attention_never_builds_a_sequence_by_sequence_matrix(monkeypa
                       retrieval_chunk_size=C, retrieval_top_k=k)
     RetrievalAttention(cfg).attend(*(torch.randn(1, 2, N, 8) for _ in range(3)))
     assert seen and max(seen) <= (k * C + 2) * C < N // 4
+
+
+def test_stateful_retrieval_prefill_is_exact_whether_the_bank_is_copied_or_gathered_in_place(monkeypatch):
+    """A long call copies the bank next to its new chunks once; a short call against a long bank gathers
+    from both in place. Both must give the parallel forward's logits."""
+    import hydralm.modules.retrieval_attention as ra
+
+    sources_seen = set()
+    real = ra._gather_exact
+
+    def spy(union, sources):
+        sources_seen.add(len(sources))
+        return real(union, sources)
+
+    monkeypatch.setattr(ra, "_gather_exact", spy)
+    cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, layer_types=["retrieval"],
+                      retrieval_chunk_size=4, retrieval_top_k=2, initializer_range=0.2)
+    model = HydraLM(cfg).double().eval()
+    ids = torch.randint(0, 64, (2, 300))
+    with torch.no_grad():
+        parallel = model(ids)["logits"]
+        state, pieces = None, []
+        for a, b in [(0, 20), (20, 250), (250, 253), (253, 300)]:
+            out = model(ids[:, a:b], state=state, return_state=True)
+            state = out["state"]
+            pieces.append(out["logits"])
+    assert sources_seen == {1, 2}
+    torch.testing.assert_close(torch.cat(pieces, 1), parallel, rtol=0, atol=1e-10)

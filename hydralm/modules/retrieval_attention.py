@@ -124,6 +124,13 @@ class RetrievalAttention(nn.Module):
         n_total = n_pool + n0 + n_full
         per_chunk = max(1, B * H * min(C * self.top_k, max(n_total, 1)) * C * D)
         block = max(1, GATHER_BUDGET // per_chunk)
+        # Gathering from bank and new chunks separately reads both and merges with torch.where per block;
+        # one copy of the bank next to the new chunks is cheaper once the blocks gather more chunks than the
+        # bank holds (a long prefill), never for small calls against a long bank.
+        gathered = -(-M // block) * min(C * self.top_k, max(n_total, 1))
+        if 0 < n0 <= gathered:
+            exact_sources = [(torch.cat([st["bank_k"][:, :, :n0].to(kc.dtype), kc], dim=2),
+                              torch.cat([st["bank_v"][:, :, :n0].to(vc.dtype), vc], dim=2), n_pool)]
         outputs = []
         if state is None and attention_backend(q.is_cuda) == "flex":
             from hydralm.kernels.flex import flex_retrieval_supported, retrieval_flex
