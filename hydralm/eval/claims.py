@@ -285,7 +285,8 @@ def claim_c7(budget: str, workdir: str) -> ClaimResult:
     from hydralm.data import MQAR
 
     task = MQAR(seq_len=b["seq_len"], num_kv_pairs=b["pairs"], vocab=run["model"].cfg.vocab_size)
-    accuracy = task_accuracy(run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH, chunk_size=b["seq_len"])["accuracy"]
+    accuracy = task_accuracy(run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH,
+                             chunk_size=b["seq_len"])["accuracy"]
     scaled = (b["seq_len"], b["pairs"]) != (8192, 256)
     return _result("C7", budget, accuracy >= 0.95, {"accuracy": accuracy, "train_seconds": run["seconds"], "train_steps": run["steps"]}, b,
                    f"smoke: {b['pairs']} pairs in {b['seq_len']} tokens stand in" if scaled else "")

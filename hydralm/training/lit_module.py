@@ -135,7 +135,9 @@ class HydraLMModule(L.LightningModule):
         sharded = self._fsdp_root() is not None
         if not grads and not sharded:
             return
-        squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros((), device=self.device)
+        squares = torch.zeros((), device=self.device)
+        if grads:
+            squares = torch.stack([g.float().pow(2).sum() for g in grads]).sum()
         if sharded:  # each rank holds a shard of the gradients: every rank must see the same global norm
             torch.distributed.all_reduce(squares)
         norm = squares.sqrt()
@@ -148,15 +150,12 @@ class HydraLMModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         root = self._fsdp_root()
-        if root is None or not gradient_clip_val:
-            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        # Lightning refuses norm clipping under FSDP: clipping each shard by its own norm would be wrong.
-        # FSDP's root module computes the norm over all shards.
-        if gradient_clip_algorithm not in (None, "norm"):
-            raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r} is not supported with "
-                             "trainer=fsdp; use 'norm'")
-        root.clip_grad_norm_(gradient_clip_val)
-        return None
+        if root is not None and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            # Lightning refuses norm clipping under FSDP (clipping each shard by its own norm would be wrong);
+            # FSDP's root module computes the norm over all shards. Clipping by value is per element: Lightning's.
+            root.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: dict, batch_idx: int):
         self._shared_step(batch, "val")
