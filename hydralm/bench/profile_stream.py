@@ -12,13 +12,12 @@ import time
 import torch
 
 from hydralm import HydraConfig, HydraLM, StreamingEngine
-
-MEMORY = {"exact_window": 4096, "compress_every": 8, "pool_size": 4096}
+from hydralm.bench.speed import DECODE_MEMORY
 
 
 def main(preset: str = "160m", context: int = 65536, chunk: int = 8192) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = HydraConfig.from_preset(preset, memory=MEMORY)
+    cfg = HydraConfig.from_preset(preset, memory=DECODE_MEMORY)
     model = HydraLM(cfg).to(device).eval()
     if device == "cuda":
         model = model.bfloat16()
@@ -35,10 +34,9 @@ def main(preset: str = "160m", context: int = 65536, chunk: int = 8192) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
-        with torch.profiler.profile(activities=activities, with_stack=False, record_shapes=False) as prof:
-            for i, block in enumerate(model.blocks):
-                block.register_forward_pre_hook(_enter(f"layer{i:02d}.{block.layer_type}"))
-                block.register_forward_hook(_leave)
+        for i, block in enumerate(model.blocks):  # one profiler range per layer, named by its type
+            block.forward = _in_range(f"layer{i:02d}.{block.layer_type}", block.forward)
+        with torch.profiler.profile(activities=activities) as prof:
             engine.process(ids[:, context - chunk:])
             sync()
     table = prof.key_averages()
@@ -55,19 +53,11 @@ def main(preset: str = "160m", context: int = 65536, chunk: int = 8192) -> None:
         print(f"| {kind} | {cpu / 1e3:.1f} | {gpu / 1e3:.1f} |", flush=True)
 
 
-_open = []
-
-
-def _enter(name):
-    def hook(module, args):
-        scope = torch.profiler.record_function(name)
-        scope.__enter__()
-        _open.append(scope)
-    return hook
-
-
-def _leave(module, args, output):
-    _open.pop().__exit__(None, None, None)
+def _in_range(name, forward):
+    def wrapped(*args, **kwargs):
+        with torch.profiler.record_function(name):
+            return forward(*args, **kwargs)
+    return wrapped
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 RESULTS: dict = {}
+DECODE_MEMORY = {"exact_window": 4096, "compress_every": 8, "pool_size": 4096}  # the streaming model's memory
 
 
 def bench(fn, rep: int = 50) -> float:
@@ -186,7 +187,7 @@ def claim_models() -> None:
 def decode() -> None:
     from hydralm import HydraConfig, HydraLM, StreamingEngine
 
-    cfg = HydraConfig.from_preset("160m", memory={"exact_window": 4096, "compress_every": 8, "pool_size": 4096})
+    cfg = HydraConfig.from_preset("160m", memory=DECODE_MEMORY)
     model = HydraLM(cfg).cuda().bfloat16().eval()
     rows = []
     engine = StreamingEngine(model, chunk_size=8192)

@@ -63,16 +63,24 @@ def _configs() -> list:
 
 if triton is not None:
 
+    @triton.jit
+    def _tile(i_v, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+              BV: tl.constexpr):
+        """Row/column ranges of this program's (d_k, BV) state tile, its flat offsets, and the masks of the
+        state tile and of a chunk's (C, d_k) / (C, BV) tiles (padding past C, K, V reads 0)."""
+        rc, rk, rv = tl.arange(0, BC), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+        kv = rk[:, None] * V + rv[None, :]
+        m_kv = (rk < K)[:, None] & (rv < V)[None, :]
+        m_ck, m_cv = (rc < C)[:, None] & (rk < K)[None, :], (rc < C)[:, None] & (rv < V)[None, :]
+        return rc, rk, rv, kv, m_kv, m_ck, m_cv
+
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
     def _state_pass_fwd_kernel(u_ptr, w_ptr, kd_ptr, a_ptr, s0_ptr, h_ptr, delta_ptr, sn_ptr, n_chunks,
                                C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr,
                                BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PRECISION: tl.constexpr):
         i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        rc, rk, rv = tl.arange(0, BC), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
-        m_kv = (rk < K)[:, None] & (rv < V)[None, :]
-        m_ck, m_cv = (rc < C)[:, None] & (rk < K)[None, :], (rc < C)[:, None] & (rv < V)[None, :]
-        kv = rk[:, None] * V + rv[None, :]
+        rc, rk, rv, kv, m_kv, m_ck, m_cv = _tile(i_v, C, K, V, BC, BK, BV)
         if HAS_S0:
             S = tl.load(s0_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0)
         else:
@@ -80,8 +88,7 @@ if triton is not None:
         for c in range(n_chunks):
             chunk = i_bh * n_chunks + c
             tl.store(h_ptr + chunk * K * V + kv, S, mask=m_kv)
-            ck = chunk * C * K + rc[:, None] * K + rk[None, :]
-            cv = chunk * C * V + rc[:, None] * V + rv[None, :]
+            ck, cv = chunk * C * K + rc[:, None] * K + rk[None, :], chunk * C * V + rc[:, None] * V + rv[None, :]
             w = tl.load(w_ptr + ck, mask=m_ck, other=0.0)
             delta = tl.load(u_ptr + cv, mask=m_cv, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
             tl.store(delta_ptr + cv, delta, mask=m_cv)
@@ -97,10 +104,7 @@ if triton is not None:
                                PRECISION: tl.constexpr):
         """Reverse pass: dS is the gradient of the state leaving chunk c; stores it and d(delta_c)."""
         i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        rc, rk, rv = tl.arange(0, BC), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
-        m_kv = (rk < K)[:, None] & (rv < V)[None, :]
-        m_ck, m_cv = (rc < C)[:, None] & (rk < K)[None, :], (rc < C)[:, None] & (rv < V)[None, :]
-        kv = rk[:, None] * V + rv[None, :]
+        rc, rk, rv, kv, m_kv, m_ck, m_cv = _tile(i_v, C, K, V, BC, BK, BV)
         if HAS_GSN:
             dS = tl.load(gsn_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0)
         else:
@@ -108,8 +112,7 @@ if triton is not None:
         for step in range(n_chunks):
             chunk = i_bh * n_chunks + (n_chunks - 1 - step)
             tl.store(dsnext_ptr + chunk * K * V + kv, dS, mask=m_kv)
-            ck = chunk * C * K + rc[:, None] * K + rk[None, :]
-            cv = chunk * C * V + rc[:, None] * V + rv[None, :]
+            ck, cv = chunk * C * K + rc[:, None] * K + rk[None, :], chunk * C * V + rc[:, None] * V + rv[None, :]
             kd = tl.load(kd_ptr + ck, mask=m_ck, other=0.0)
             ddelta = tl.load(gdelta_ptr + cv, mask=m_cv, other=0.0) + tl.dot(kd, dS, input_precision=PRECISION)
             tl.store(ddelta_ptr + cv, ddelta, mask=m_cv)
