@@ -6,8 +6,12 @@ from hydralm.bench import scaling
 
 
 def test_scaling_script_compares_one_process_with_ddp_and_a_resumed_ddp_run(tmp_path):
-    assert scaling.main(["--cpu", "--steps", "4", "--global-batch", "4", "--out", str(tmp_path), "--",
-                         "model=tiny", "data.task_kwargs.seq_len=64"]) == 0
+    common = ["--cpu", "--steps", "4", "--global-batch", "4", "--out", str(tmp_path)]
+    overrides = ["--", "model=tiny", "data.task_kwargs.seq_len=64"]
+    # made in two calls, as on a leased GPU: the second reads the first's run instead of repeating it
+    assert scaling.main([*common, "--runs", "ddp,resumed", *overrides]) == 0
+    assert not (tmp_path / "scaling.json").exists()  # no table without the single-process run
+    assert scaling.main([*common, "--runs", "single", *overrides]) == 0
     rows = {row["run"]: row for row in json.loads((tmp_path / "scaling.json").read_text())["rows"]}
     assert set(rows) == {"single", "ddp", "resumed"}
     # same global batch: 2 gloo processes follow the 1-process run step by step (fp32, reduction order only)

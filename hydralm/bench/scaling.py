@@ -12,6 +12,8 @@ Runs (each `python train.py <overrides> hydra.run.dir=<out>/<name>`, per-step CS
 and prints one table: per-step train-loss agreement with `single` (train/loss is the global batch's loss
 under DDP/FSDP), median tokens/s after warm-up, speed-up and scaling efficiency, peak GPU memory.
 NVLink multicast stays off in every process (NCCL_NVLS_ENABLE=0 and friends), as shared machines require.
+`--runs single` / `--runs ddp,fsdp,resumed` run a subset into the same `--out`; runs already there are read,
+not repeated, so the table can be assembled from several calls (each call's time is bounded on leased GPUs).
 """
 
 import argparse
@@ -51,6 +53,8 @@ def summarize(runs: Dict[str, Dict[str, Dict[int, float]]], devices: int) -> Lis
     base_speed = tokens_per_sec(runs["single"])
     rows = []
     for name, metrics in runs.items():
+        if name == "resumed" and "ddp" not in runs:
+            continue
         reference = runs["ddp"]["train/loss"] if name == "resumed" else base_loss
         loss = metrics.get("train/loss", {})
         common = sorted(set(loss) & set(reference))
@@ -62,7 +66,10 @@ def summarize(runs: Dict[str, Dict[str, Dict[int, float]]], devices: int) -> Lis
             "run": name, "devices": n, "steps_compared": len(common),
             "vs": "ddp" if name == "resumed" else "single",
             "max_abs_loss_diff": max(diffs) if diffs else None,
+            "median_abs_loss_diff": statistics.median(diffs) if diffs else None,
             "final_loss": loss[max(loss)] if loss else None,
+            # per-step losses of a few dozen answer tokens are noisy: the mean over the last tenth compares runs
+            "last_tenth_mean_loss": statistics.mean(loss[s] for s in sorted(loss)[-max(1, len(loss) // 10):]) if loss else None,
             "tokens_per_sec": speed,
             "speedup": speed / base_speed if speed and base_speed and name != "resumed" else None,
             "efficiency": speed / base_speed / n if speed and base_speed and name != "resumed" else None,
@@ -91,6 +98,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--no-fsdp", action="store_true")
     parser.add_argument("--out", default=None, help="output folder (default logs/scaling/<time>)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
+    parser.add_argument("--runs", default="single,ddp,fsdp,resumed",
+                        help="comma-separated runs to make now; the others are read from --out if they are there")
     parser.add_argument("overrides", nargs="*", help="train.py overrides shared by every run (after --)")
     args = parser.parse_args(argv)
     devices = 2 if args.cpu else args.devices
@@ -114,16 +123,25 @@ def main(argv: List[str]) -> int:
         parallel["fsdp"] = ["trainer=fsdp", f"trainer.devices={devices}"]
     plan = {"single": single, **{k: v + [f"data.batch_size={per_device}"] for k, v in parallel.items()}}
     plan["resumed"] = plan["ddp"] + [f"ckpt_path={out / 'ddp' / 'checkpoints' / f'step{half}.ckpt'}"]
+    wanted = [name for name in args.runs.split(",") if name]
+    unknown = sorted(set(wanted) - set(plan))
+    if unknown:
+        parser.error(f"--runs: unknown run(s) {unknown}; this setup has {list(plan)}")
     runs, wall = {}, {}
     for name, overrides in plan.items():
-        print(f"[scaling] {name}: train.py {' '.join(overrides)}", flush=True)
-        wall[name] = _train(common + overrides, out / name, out / f"{name}.log", args.timeout)
-        runs[name] = read_metrics(out / name)
+        if name in wanted:
+            print(f"[scaling] {name}: train.py {' '.join(overrides)}", flush=True)
+            wall[name] = _train(common + overrides, out / name, out / f"{name}.log", args.timeout)
+        if (out / name / "csv" / "metrics.csv").exists():
+            runs[name] = read_metrics(out / name)
+    if "single" not in runs:
+        print(f"[scaling] made {sorted(runs)}; the table needs the `single` run in {out} (--runs single)")
+        return 0
     rows = summarize(runs, devices)
     for row in rows:
-        row["wall_s"] = wall[row["run"]]
-    cols = ["run", "devices", "vs", "steps_compared", "max_abs_loss_diff", "final_loss", "tokens_per_sec", "speedup",
-            "efficiency", "peak_mem_gib", "wall_s"]
+        row["wall_s"] = wall.get(row["run"])
+    cols = ["run", "devices", "vs", "steps_compared", "max_abs_loss_diff", "median_abs_loss_diff", "final_loss",
+            "last_tenth_mean_loss", "tokens_per_sec", "speedup", "efficiency", "peak_mem_gib", "wall_s"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in rows:
         print("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")

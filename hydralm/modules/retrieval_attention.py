@@ -35,7 +35,9 @@ from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.compressive_memory import CompressiveMemory
 
 # Largest gathered key block (elements) the parallel path materialises at once; bounds prefill memory.
-GATHER_BUDGET = 1 << 24
+# Each block also costs one host sync and ~60 kernel launches: on a GPU, whose memory is large and whose
+# launches dominate small blocks, blocks are 16x larger.
+GATHER_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
 class RetrievalAttention(nn.Module):
@@ -123,7 +125,7 @@ class RetrievalAttention(nn.Module):
 
         n_total = n_pool + n0 + n_full
         per_chunk = max(1, B * H * min(C * self.top_k, max(n_total, 1)) * C * D)
-        block = max(1, GATHER_BUDGET // per_chunk)
+        block = max(1, GATHER_BUDGET.get(device.type, GATHER_BUDGET["cpu"]) // per_chunk)
         # Gathering from bank and new chunks separately reads both and merges with torch.where per block;
         # one copy of the bank next to the new chunks is cheaper once the blocks gather more chunks than the
         # bank holds (a long prefill), never for small calls against a long bank.

@@ -1,10 +1,11 @@
 """MTP self-draft speculative decoding vs plain decoding, on a trained checkpoint:
 
-    python -m hydralm.bench.spec_cpu --ckpt <last.ckpt or folder> --text <file> [--prompts 8] [--new 128] [--k 2]
+    python -m hydralm.bench.speculative --ckpt <last.ckpt or folder> --text <file> [--prompts 8] [--new 128] [--k 2] [--device cuda]
 
 Prompts are byte-level-tokenised slices of the text file (the model must be trained on byte-level text with
 mtp_depth >= k). For each prompt: greedy `generate` and greedy `speculative_generate(draft=None)`; prints
-whether the tokens are identical, acceptance rate, tokens per round and the wall-clock speedup.
+whether the tokens are identical, acceptance rate, tokens per round and the wall-clock speedup. The first
+prompt is run once untimed (warm-up: CUDA context, kernel caches).
 """
 
 import argparse
@@ -13,6 +14,7 @@ import time
 import torch
 
 from hydralm import generate, load_model, speculative_generate
+from hydralm.generation import model_device
 from hydralm.data import byte_level_tokenizer
 
 
@@ -24,25 +26,37 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--k", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    model = load_model(args.ckpt).eval()
+    model = load_model(args.ckpt).to(args.device).eval()
+    sync = torch.cuda.synchronize if model_device(model).type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        sync()
+        started = time.perf_counter()
+        out = fn()
+        sync()
+        return out, time.perf_counter() - started
+
     tokenizer = byte_level_tokenizer()
     ids = tokenizer.encode(open(args.text, encoding="utf-8").read()).ids
     step = max(1, (len(ids) - args.prompt_len) // args.prompts)
     totals = {"plain": 0.0, "spec": 0.0, "same": 0, "accepted": 0, "proposed": 0, "rounds": 0, "tokens": 0}
-    for i in range(args.prompts):
-        prompt = torch.tensor(ids[i * step: i * step + args.prompt_len])[None]
-        started = time.perf_counter()
-        plain = generate(model, prompt, args.new, temperature=0)
-        totals["plain"] += time.perf_counter() - started
-        started = time.perf_counter()
-        spec, stats = speculative_generate(model, None, prompt, args.new, k=args.k, temperature=0)
-        totals["spec"] += time.perf_counter() - started
+    prompts = [torch.tensor(ids[i * step: i * step + args.prompt_len], device=args.device)[None]
+               for i in range(args.prompts)]
+    generate(model, prompts[0], args.new, temperature=0)  # warm-up
+    speculative_generate(model, None, prompts[0], args.new, k=args.k, temperature=0)
+    for prompt in prompts:
+        plain, seconds = timed(lambda: generate(model, prompt, args.new, temperature=0))
+        totals["plain"] += seconds
+        (spec, stats), seconds = timed(lambda: speculative_generate(model, None, prompt, args.new, k=args.k, temperature=0))
+        totals["spec"] += seconds
         totals["same"] += int(torch.equal(plain, spec))
         for key in ("accepted", "proposed", "rounds"):
             totals[key] += getattr(stats, key)
         totals["tokens"] += stats.new_tokens
-    print(f"model: {model.cfg.summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
+    print(f"model: {model.cfg.summary()}; torch {torch.__version__}, {where}")
     print("| prompts | new tokens | identical to greedy generate | acceptance | tokens/round | generate s | self-draft s | speedup |")
     print("|---|---|---|---|---|---|---|---|")
     print(f"| {args.prompts} | {args.new} | {totals['same']}/{args.prompts} | {totals['accepted'] / max(1, totals['proposed']):.3f} | "
