@@ -5,8 +5,8 @@ import torch
 
 from hydralm import HydraConfig, HydraLM
 from hydralm.kernels import backend
-from hydralm.kernels.chunk_retrieval import retrieval_attention_reference
-from hydralm.kernels.flex import retrieval_flex, sliding_window_flex
+from hydralm.kernels.chunk_retrieval import retrieval_attention_reference, retrieval_mask_reference
+from hydralm.kernels.flex import retrieval_block_mask, retrieval_flex, sliding_window_flex
 from hydralm.kernels.local_attention import repeat_kv, sliding_window_attention
 
 
@@ -23,6 +23,31 @@ def test_flex_retrieval_matches_the_dense_mask_reference(chunk, top_k):
     with torch.no_grad():
         torch.testing.assert_close(retrieval_flex(q, k, v, chunk, top_k),
                                    retrieval_attention_reference(q, k, v, chunk, top_k), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [64, 128])
+def test_flex_retrieval_full_blocks_are_exactly_the_tiles_every_query_reads_in_full(chunk):
+    # the 128 queries of each tile share one direction, so they select the same chunks: the kernel skips
+    # mask_mod on full tiles (the CPU flex forward does not, so the block mask itself is checked here)
+    torch.manual_seed(0)
+    k = torch.randn(1, 2, 1024, 16)
+    q = (4 * torch.randn(1, 2, 8, 1, 16) + 0.1 * torch.randn(1, 2, 8, 128, 16)).flatten(2, 3)
+    block_mask = retrieval_block_mask(q, k, chunk, 2)
+    allowed = retrieval_mask_reference(q, k, chunk, 2).unflatten(3, (8, 128)).unflatten(2, (8, 128))
+    read_in_full, read_at_all = allowed.all(-1).all(-2), allowed.any(-1).any(-2)  # (B, H, q tile, kv tile)
+
+    def tiles(num_blocks, indices):
+        dense = torch.zeros(1, 2, 8, 8, dtype=torch.bool)
+        for h in range(2):
+            for t in range(8):
+                dense[0, h, t, indices[0, h, t, : num_blocks[0, h, t]].long()] = True
+        return dense
+
+    full = tiles(block_mask.full_kv_num_blocks, block_mask.full_kv_indices)
+    partial = tiles(block_mask.kv_num_blocks, block_mask.kv_indices)
+    assert torch.equal(full, read_in_full) and not (full & partial).any()
+    assert torch.equal(full | partial, read_at_all)
+    assert int(full.sum()) > (2 * 7 if chunk == 128 else 0)  # selected tiles are full too, not just local ones
 
 
 def test_model_forward_is_the_same_with_flex_and_torch_attention(monkeypatch):

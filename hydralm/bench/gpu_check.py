@@ -96,15 +96,18 @@ def check_flex(device: str) -> None:
             _record(f"flex SWA {dtype} N={N} W={W} out", _rel(out, ref), tol)
             for name, ga, gb in zip("qkv", grads, ref_g):
                 _record(f"flex SWA {dtype} N={N} W={W} d{name}", _rel(ga, gb), tol * 2)
-    for N, C, K in ((1024, 64, 4),):
+    for N, C, K, coherent in ((1024, 64, 4, False), (1024, 128, 2, True)):
         q, k, v = (torch.randn(1, 4, N, 64, device=device) for _ in range(3))
+        if coherent:  # a tile's queries share a direction: they route alike, so most visited tiles are full blocks
+            q = (torch.randn(1, 4, N // 128, 1, 64, device=device) + 0.1 * q.unflatten(2, (N // 128, 128))).flatten(2, 3)
         w = torch.randn(1, 4, N, 64, device=device)
         ref, ref_g = _grads(lambda a, b, c: _reference_on_device(a, b, c, C, K), [t.clone().requires_grad_() for t in (q, k, v)], w)
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
             out, grads = _grads(lambda a, b, c: retrieval_flex(a, b, c, C, K), [t.to(dtype).requires_grad_() for t in (q, k, v)], w)
-            _record(f"flex retrieval {dtype} N={N} C={C} k={K} out", _rel(out, ref), tol)
-            for name, ga, gb in zip("qkv", grads, ref_g):
-                _record(f"flex retrieval {dtype} N={N} C={C} k={K} d{name}", _rel(ga, gb), tol * 2)
+            name = f"flex retrieval {dtype} N={N} C={C} k={K}{' coherent q' if coherent else ''}"
+            _record(f"{name} out", _rel(out, ref), tol)
+            for grad_name, ga, gb in zip("qkv", grads, ref_g):
+                _record(f"{name} d{grad_name}", _rel(ga, gb), tol * 2)
 
 
 def _reference_on_device(q, k, v, C, K):

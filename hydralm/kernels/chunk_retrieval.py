@@ -119,23 +119,29 @@ def sparse_chunk_attention(
     return out.reshape(*lead, Q, -1)
 
 
-def retrieval_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, top_k: int
-) -> torch.Tensor:
-    """Readable reference from scratch: q, k, v (B, H, N, D), same heads. Dense N x N mask; small N only."""
+def retrieval_mask_reference(q: torch.Tensor, k: torch.Tensor, chunk_size: int, top_k: int) -> torch.Tensor:
+    """Readable reference of who reads whom: q, k (B, H, N, D), same heads -> allowed (B, H, N, N) bool.
+    Plain loops; small N only."""
     B, H, N, D = q.shape
     C = chunk_size
-    out = torch.empty_like(v)
+    allowed = torch.zeros(B, H, N, N, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
-            allowed = torch.zeros(N, N, dtype=torch.bool)
             summaries = [k[b, h, j * C : (j + 1) * C].float().mean(0) for j in range(N // C)]
             for t in range(N):
                 i = t // C
                 scores = {j: float(q[b, h, t].float() @ summaries[j]) for j in range(max(0, i - 1))}
                 for j in sorted(scores, key=lambda j: -scores[j])[:top_k]:
-                    allowed[t, j * C : (j + 1) * C] = True
-                allowed[t, max(0, (i - 1) * C) : t + 1] = True  # chunk i-1 and chunk i up to t
-            scores = (q[b, h] @ k[b, h].transpose(0, 1)) * D**-0.5
-            out[b, h] = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v[b, h]
-    return out
+                    allowed[b, h, t, j * C : (j + 1) * C] = True
+                allowed[b, h, t, max(0, (i - 1) * C) : t + 1] = True  # chunk i-1 and chunk i up to t
+    return allowed
+
+
+def retrieval_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, top_k: int
+) -> torch.Tensor:
+    """Readable reference from scratch: q, k, v (B, H, N, D), same heads. Dense N x N mask; small N only."""
+    D = q.shape[-1]
+    allowed = retrieval_mask_reference(q, k, chunk_size, top_k)
+    scores = (q @ k.transpose(-1, -2)) * D**-0.5
+    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v

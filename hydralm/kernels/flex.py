@@ -3,7 +3,8 @@ too, which the tests use to check the masks against the reference paths).
 
 Block masks are built on the device from tensors (no host syncs): SWA's is cached per (length, window,
 device); retrieval's comes from the routing of each call: a 128-query tile visits the union of the chunks
-its tokens selected plus its local chunks, and the mask_mod keeps every token on its own selection.
+its tokens selected plus its local chunks, and the mask_mod keeps every token on its own selection; kv tiles
+that every query of the tile reads in full are passed as full blocks, which skip the mask_mod.
 """
 
 import functools
@@ -56,6 +57,13 @@ def retrieval_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size
     """Token-routed chunk-sparse attention from scratch (no state), same semantics as
     kernels/chunk_retrieval.py: token t of chunk i sees chunk i-1, chunk i up to t, and its top_k chunks
     among 0 .. i-2 by q_t . mean(keys of the chunk)."""
+    return _flex(q, k, v, retrieval_block_mask(q, k, chunk_size, top_k, route_block))
+
+
+def retrieval_block_mask(q: torch.Tensor, k: torch.Tensor, chunk_size: int, top_k: int,
+                         route_block: Optional[int] = 8192) -> BlockMask:
+    """The routing of `retrieval_flex` as a BlockMask: partial tiles carry the per-token mask_mod, full tiles
+    (read in full by every query of the tile) skip it."""
     B, H, N, D = q.shape
     C = chunk_size
     n_chunks = N // C
@@ -79,8 +87,15 @@ def retrieval_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size
     cols = torch.arange(n_tiles + 1, device=q.device)
     member |= ((cols[None, :] >= first_local[:, None]) & (cols[None, :] <= tiles[:, None]))[None, None]
     member = member[..., :n_tiles]
-    kv_num_blocks = member.sum(-1, dtype=torch.int32)
-    kv_indices = torch.argsort(member.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+    full = _full_tiles(selected, token_chunk, n_chunks, n_tiles)
+    partial = member & ~full
+
+    def as_blocks(tiles):
+        return (tiles.sum(-1, dtype=torch.int32),
+                torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32))
+
+    kv_num_blocks, kv_indices = as_blocks(partial)
+    full_num_blocks, full_indices = as_blocks(full)
 
     def mask_mod(b, h, q_idx, kv_idx):
         q_chunk, kv_chunk = q_idx // C, kv_idx // C
@@ -89,6 +104,21 @@ def retrieval_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size
             keep = keep | (selected[b, h, q_idx, slot] == kv_chunk)
         return keep
 
-    block_mask = BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, BLOCK_SIZE=TILE, mask_mod=mask_mod,
-                                          seq_lengths=(N, N))
-    return _flex(q, k, v, block_mask)
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_num_blocks, full_indices, BLOCK_SIZE=TILE,
+                                    mask_mod=mask_mod, seq_lengths=(N, N))
+
+
+def _full_tiles(selected: torch.Tensor, token_chunk: torch.Tensor, n_chunks: int, n_tiles: int) -> torch.Tensor:
+    """(B, H, query tile, kv tile): every query of the tile reads every key of the kv tile, so the kernel
+    can skip mask_mod there (when a tile's tokens route alike, most visited tiles are such full tiles).
+    A chunk is read in full by a query that selected it or whose previous chunk it is (never both: routing
+    stops two chunks back), so a kv tile is full when each of its chunks has TILE such readers."""
+    B, H, N, top_k = selected.shape
+    ids = torch.where(selected >= 0, selected, n_chunks).reshape(B, H, n_tiles, TILE * top_k).long()
+    readers = torch.zeros(B, H, n_tiles, n_chunks + 1, dtype=torch.int32, device=selected.device)
+    readers.scatter_add_(-1, ids, torch.ones_like(ids, dtype=torch.int32))
+    previous = torch.where(token_chunk > 0, token_chunk - 1, n_chunks).reshape(n_tiles, TILE)
+    local = torch.zeros(n_tiles, n_chunks + 1, dtype=torch.int32, device=selected.device)
+    local.scatter_add_(-1, previous, torch.ones_like(previous, dtype=torch.int32))
+    full_chunks = (readers + local)[..., :n_chunks] == TILE
+    return full_chunks.unflatten(-1, (n_tiles, n_chunks // n_tiles)).all(-1)
