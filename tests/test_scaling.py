@@ -11,9 +11,10 @@ def test_scaling_script_compares_one_process_with_ddp_and_a_resumed_ddp_run(tmp_
     # made in two calls, as on a leased GPU: the second reads the first's run instead of repeating it
     assert scaling.main([*common, "--runs", "ddp,resumed", *overrides]) == 0
     assert not (tmp_path / "scaling.json").exists()  # no table without the single-process run
-    assert scaling.main([*common, "--runs", "single", *overrides]) == 0
+    assert scaling.main([*common, *overrides]) == 0  # by default, only the runs not yet in --out: single
     rows = {row["run"]: row for row in json.loads((tmp_path / "scaling.json").read_text())["rows"]}
     assert set(rows) == {"single", "ddp", "resumed"}
+    assert rows["single"]["wall_s"] > 0 and rows["ddp"]["wall_s"] is None  # ddp was read, not run again
     # same global batch: 2 gloo processes follow the 1-process run step by step (fp32, reduction order only)
     assert rows["ddp"]["steps_compared"] == 4 and rows["ddp"]["max_abs_loss_diff"] < 1e-5
     # the run resumed from the step-2 checkpoint retraces the uninterrupted ddp run

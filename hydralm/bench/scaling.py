@@ -12,8 +12,9 @@ Runs (each `python train.py <overrides> hydra.run.dir=<out>/<name>`, per-step CS
 and prints one table: per-step train-loss agreement with `single` (train/loss is the global batch's loss
 under DDP/FSDP), median tokens/s after warm-up, speed-up and scaling efficiency, peak GPU memory.
 NVLink multicast stays off in every process (NCCL_NVLS_ENABLE=0 and friends), as shared machines require.
-`--runs single` / `--runs ddp,fsdp,resumed` run a subset into the same `--out`; runs already there are read,
-not repeated, so the table can be assembled from several calls (each call's time is bounded on leased GPUs).
+`--runs single` / `--runs ddp,fsdp,resumed` run a subset into the same `--out`; by default the runs not yet in
+`--out` are made and the others are read, so the table can be assembled from several calls (each call's time
+is bounded on leased GPUs).
 """
 
 import argparse
@@ -98,8 +99,8 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--no-fsdp", action="store_true")
     parser.add_argument("--out", default=None, help="output folder (default logs/scaling/<time>)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
-    parser.add_argument("--runs", default="single,ddp,fsdp,resumed",
-                        help="comma-separated runs to make now; the others are read from --out if they are there")
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated runs to make now (default: those not yet in --out); others are read from --out")
     parser.add_argument("overrides", nargs="*", help="train.py overrides shared by every run (after --)")
     args = parser.parse_args(argv)
     devices = 2 if args.cpu else args.devices
@@ -123,7 +124,8 @@ def main(argv: List[str]) -> int:
         parallel["fsdp"] = ["trainer=fsdp", f"trainer.devices={devices}"]
     plan = {"single": single, **{k: v + [f"data.batch_size={per_device}"] for k, v in parallel.items()}}
     plan["resumed"] = plan["ddp"] + [f"ckpt_path={out / 'ddp' / 'checkpoints' / f'step{half}.ckpt'}"]
-    wanted = [name for name in args.runs.split(",") if name]
+    done = {name for name in plan if (out / name / "csv" / "metrics.csv").exists()}
+    wanted = [name for name in plan if name not in done] if args.runs is None else [n for n in args.runs.split(",") if n]
     unknown = sorted(set(wanted) - set(plan))
     if unknown:
         parser.error(f"--runs: unknown run(s) {unknown}; this setup has {list(plan)}")
