@@ -1,0 +1,99 @@
+"""Profile batch-1 decoding: `python -m hydralm.bench.profile_decode [preset] [context] [d_model]`.
+
+Decoding is bound by host time per PyTorch call (docs/benchmarks.md), so this counts calls rather than
+FLOPs. After `context` random tokens (compressive memory on, as `speed decode` runs it) it prints
+  * ms per `model.step` (median of 5 windows of 20 steps),
+  * aten calls per token, and per layer call of each mixer / MLP / RMSNorm,
+  * a stateful forward over 1, 2 and 3 tokens against one step: what a speculative-decoding verification
+    round costs in steps.
+`d_model` narrows the preset (same layer schedule) so that the matmuls do not hide the host time on a CPU.
+"""
+
+import collections
+import statistics
+import sys
+import time
+
+import torch
+
+from hydralm import HydraConfig, HydraLM, StreamingEngine
+from hydralm.bench.speed import DECODE_MEMORY
+
+
+def main(preset: str = "160m", context: int = 8192, d_model: int = 96) -> None:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    overrides = {} if d_model <= 0 else {"d_model": d_model}
+    cfg = HydraConfig.from_preset(preset, memory=DECODE_MEMORY, **overrides)
+    model = HydraLM(cfg).to(device).eval()
+    engine = StreamingEngine(model, chunk_size=min(context, 4096))
+    token = torch.zeros(1, dtype=torch.long, device=device)
+
+    def ms_per_call(fn, calls: int = 20) -> float:
+        windows = []
+        for _ in range(5):
+            sync()
+            started = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sync()
+            windows.append((time.perf_counter() - started) / calls * 1e3)
+        return statistics.median(windows)
+
+    with torch.no_grad():
+        engine.process(torch.randint(0, cfg.vocab_size, (1, context), device=device))
+        state = engine.state
+        for _ in range(20):  # warm-up
+            model.step(token, state)
+        step_ms = ms_per_call(lambda: model.step(token, state))
+        print(f"{cfg.summary()} on {device}, after {context} tokens: {step_ms:.2f} ms per step", flush=True)
+        for n in (1, 2, 3):
+            ids = torch.zeros(1, n, dtype=torch.long, device=device)
+            ms = ms_per_call(lambda: model(ids, state=state, return_state=True, return_hidden=True), 5)
+            print(f"stateful forward over {n} token(s): {ms:.2f} ms = {ms / step_ms:.2f} steps", flush=True)
+        ranges = _label_layers(model)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(8):
+                model.step(token, state)
+    events = prof.events()
+    total = sum(1 for e in events if e.name.startswith("aten::"))
+    print(f"aten calls per token: {total / 8:.0f} (views included)")
+    calls, aten = collections.Counter(), collections.Counter()
+    for event in events:
+        if event.name in ranges:
+            calls[event.name] += 1
+            aten[event.name] += _aten_below(event)
+    print("| part | calls per token | aten calls per call |\n|---|---|---|")
+    for name in sorted(calls, key=lambda n: -aten[n] / calls[n]):
+        print(f"| {name} | {calls[name] / 8:.0f} | {aten[name] / calls[name]:.0f} |", flush=True)
+
+
+def _label_layers(model) -> set:
+    """Wrap each mixer's step and each block's MLP / norms in a profiler range named by what it is."""
+    names = set()
+    for block in model.blocks:
+        for name, module, method in ((f"{block.layer_type} mixer step", block.mixer, "step"), ("mlp", block.mlp, "forward"),
+                                     ("rmsnorm", block.mixer_norm, "forward"), ("rmsnorm", block.mlp_norm, "forward")):
+            setattr(module, method, _in_range(name, getattr(module, method)))
+            names.add(name)
+    return names
+
+
+def _in_range(name, fn):
+    def wrapped(*args, **kwargs):
+        with torch.profiler.record_function(name):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def _aten_below(event) -> int:
+    stack, count = list(event.cpu_children), 0
+    while stack:
+        child = stack.pop()
+        count += child.name.startswith("aten::")
+        stack.extend(child.cpu_children)
+    return count
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "160m", *(int(a) for a in sys.argv[2:4]))
