@@ -9,7 +9,7 @@ One round, with the target state covering every emitted token except the last on
      emits a token from normalize(max(0, p_{i-1} - q_i)); when all k are accepted it emits a bonus token
      from p_k. Every emitted token is then distributed exactly as under plain sampling from the target;
   4. the new state: the verify forward's state if all drafts were accepted, otherwise a second forward
-     over [pending, accepted drafts] from the kept pre-round state. States are values (a forward never
+     (one step when no draft was accepted) over [pending, accepted drafts] from the kept pre-round state. States are values (a forward never
      changes what an older state holds), so keeping the pre-round state is a free, exact checkpoint:
      no trace of a rejected token can remain in any layer (DeltaNet S, conv caches, SWA ring, retrieval
      bank). See docs/inference.md.
@@ -111,13 +111,18 @@ def verify_drafts(
 
     The parallel forward over [pending, drafts] scores all k drafts and the bonus position at once. On a
     rejection its state has consumed rejected tokens, so the state is rebuilt by a forward over
-    [pending, accepted drafts] from `state`, which that first forward left intact.
+    [pending, accepted drafts] from `state`, which that first forward left intact; when no draft was
+    accepted that is one `step` over pending (the same state, claim C1, at a third of a short forward's host
+    time: docs/benchmarks.md).
     """
     ids = torch.cat([pending, drafts])[None]
     out = target(ids, state=state, return_state=True, return_hidden=True)
     n, next_token = accept_drafts(drafts, draft_probs, out["logits"][0], temperature, top_k, top_p, generator)
     if n == drafts.numel():
         return RoundResult(n, next_token, out["state"], out["hidden"][:, -1], False)
+    if n == 0:  # only `pending` is kept: one decode step rebuilds the state, with far fewer calls than a forward
+        _, kept_state, hidden = target.step_hidden(pending, state)
+        return RoundResult(0, next_token, kept_state, hidden, True)
     kept = target(ids[:, : n + 1], state=state, return_state=True, return_hidden=True)
     return RoundResult(n, next_token, kept["state"], kept["hidden"][:, -1], True)
 

@@ -126,6 +126,23 @@ def test_rejected_round_leaves_exactly_the_accepted_prefix(layers):
         torch.testing.assert_close(la, lb, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("layers", list(LAYER_SETS))
+def test_round_that_rejects_the_first_draft_keeps_the_state_of_one_step_over_pending(layers):
+    target = tiny(layers)
+    ids = torch.randint(0, 64, (1, 13))
+    with torch.no_grad():
+        out = target(ids, return_state=True)
+        state, pending = out["state"], out["logits"][:, -1].argmax(-1)
+        snapshot = clone_state(state)
+        logits, _ = target.step(pending, clone_state(state))
+        drafts = (logits.argmax(-1) + 1) % 64  # never the greedy token: rejected at once
+        result = verify_drafts(target, state, pending, torch.cat([drafts, drafts]), None, temperature=0)
+        assert result.n_accepted == 0 and result.rebuilt and int(result.next_token) == int(logits.argmax(-1))
+        assert states_equal(state, snapshot)  # neither the verify forward nor the step wrote into it
+        _, stepped, hidden = target.step_hidden(pending, clone_state(snapshot))
+        assert states_equal(result.state, stepped) and torch.equal(result.hidden, hidden)
+
+
 # -- distribution ----------------------------------------------------------------------------------
 def test_accept_drafts_preserves_the_target_distribution():
     """The decision rule alone: whatever q is, the first emitted token ~ p_0 and, after an accepted
