@@ -1,8 +1,9 @@
-"""Profile batch-1 decoding: `python -m hydralm.bench.profile_decode [preset] [context] [d_model]`.
+"""Profile batch-1 decoding: `python -m hydralm.bench.profile_decode [preset] [context] [d_model] [compile]`.
 
 Decoding is bound by host time per PyTorch call (docs/benchmarks.md), so this counts calls rather than
 FLOPs. After `context` random tokens (compressive memory on, as `speed decode` runs it) it prints
-  * ms per `model.step` (median of 5 windows of 20 steps),
+  * ms per `model.step` (median of 5 windows of 20 steps), and per `StaticDecoder.step` (fixed shapes;
+    with `compile`, also torch.compile'd: a CUDA graph on a GPU),
   * aten calls per token, and per layer call of each mixer / MLP / RMSNorm,
   * a stateful forward over 1, 2 and 3 tokens against one step: what a speculative-decoding verification
     round costs in steps.
@@ -18,9 +19,10 @@ import torch
 
 from hydralm import HydraConfig, HydraLM, StreamingEngine
 from hydralm.bench.speed import DECODE_MEMORY
+from hydralm.static_decode import StaticDecoder
 
 
-def main(preset: str = "160m", context: int = 8192, d_model: int = 96) -> None:
+def main(preset: str = "160m", context: int = 8192, d_model: int = 96, compile_static: bool = False) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     overrides = {} if d_model <= 0 else {"d_model": d_model}
@@ -47,6 +49,16 @@ def main(preset: str = "160m", context: int = 8192, d_model: int = 96) -> None:
             model.step(token, state)
         step_ms = ms_per_call(lambda: model.step(token, state))
         print(f"{cfg.summary()} on {device}, after {context} tokens: {step_ms:.2f} ms per step", flush=True)
+        for compiled in (False, True) if compile_static else (False,):
+            decoder = StaticDecoder(model, state, compile=compiled,
+                                    compile_mode="reduce-overhead" if compiled and device == "cuda" else None)
+            started = time.perf_counter()
+            for _ in range(20):  # warm-up (and compilation)
+                decoder.step(token)
+            warm_s = time.perf_counter() - started
+            ms = ms_per_call(lambda: decoder.step(token))
+            print(f"StaticDecoder{' compiled' if compiled else ''}: {ms:.2f} ms per step = {step_ms / ms:.2f}x faster "
+                  f"(warm-up {warm_s:.0f} s)", flush=True)
         for n in (1, 2, 3):
             ids = torch.zeros(1, n, dtype=torch.long, device=device)
             ms = ms_per_call(lambda: model(ids, state=state, return_state=True, return_hidden=True), 5)
@@ -96,4 +108,4 @@ def _aten_below(event) -> int:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "160m", *(int(a) for a in sys.argv[2:4]))
+    main(sys.argv[1] if len(sys.argv) > 1 else "160m", *(int(a) for a in sys.argv[2:4]), "compile" in sys.argv[4:])

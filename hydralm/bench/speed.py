@@ -11,6 +11,7 @@ models  training step of HydraLM-160m (20-layer schedule; BENCH_MODELS picks amo
         bf16 autocast, fused AdamW, 64k tokens per step, at 4k/16k/64k context.
 decode  batch-1 decode latency of HydraLM-160m (compressive memory on) after 4k, 64k and 1M tokens of context
         (BENCH_DECODE_CONTEXTS); the context is streamed in 8192-token chunks (prefill tokens/s printed too).
+        BENCH_DECODE_STATIC=1 adds the StaticDecoder step captured as a CUDA graph (static_graph_ms).
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
 Results also go to $OUT/speed.json when OUT is set.
 """
@@ -190,12 +191,13 @@ def claim_models() -> None:
 @torch.no_grad()
 def decode() -> None:
     from hydralm import HydraConfig, HydraLM, StreamingEngine
+    from hydralm.static_decode import StaticDecoder
 
     cfg = HydraConfig.from_preset("160m", memory=DECODE_MEMORY)
     model = HydraLM(cfg).cuda().bfloat16().eval()
     rows = []
     engine = StreamingEngine(model, chunk_size=8192)
-    done = 0
+    done, static = 0, None
     contexts = [int(c) for c in os.environ.get("BENCH_DECODE_CONTEXTS", "4096,65536,1048576").split(",")]
     for context in contexts:
         torch.cuda.synchronize()
@@ -204,25 +206,45 @@ def decode() -> None:
         torch.cuda.synchronize()
         prefill_tok_s = (context - done) / (time.perf_counter() - started)
         done = context
-        state, token = engine.state, torch.zeros(1, dtype=torch.long, device="cuda")
-        for _ in range(20):  # warm-up: the step is host-bound, and its first calls pay for allocations and caches
-            logits, state = model.step(token, state)
-        windows = []  # ms/token of 5 windows of 20 steps: the median, with the spread, since host load varies
-        for _ in range(5):
-            torch.cuda.synchronize()
-            started = time.perf_counter()
-            for _ in range(20):
-                logits, state = model.step(token, state)
-            torch.cuda.synchronize()
-            windows.append((time.perf_counter() - started) / 20 * 1e3)
+        token, current = torch.zeros(1, dtype=torch.long, device="cuda"), [engine.state]
+
+        def step():
+            current[0] = model.step(token, current[0])[1]
+
+        windows = _decode_windows(step)
+        if os.environ.get("BENCH_DECODE_STATIC"):  # the fixed-shape step as a CUDA graph, from the same state
+            if static is None:
+                static = StaticDecoder(model, engine.state, compile=True, compile_mode="reduce-overhead")
+            else:
+                static.load(engine.state)  # same shapes: the captured graph is reused
+            static_windows = _decode_windows(lambda: static.step(token))
         ms = sorted(windows)[2]
         rows.append({"context": context, "ms_per_token": ms, "min_ms": min(windows), "max_ms": max(windows),
                      "tok_s": 1e3 / ms, "prefill_tok_s": prefill_tok_s,
                      "latency_vs_first": ms / rows[0]["ms_per_token"] if rows else 1.0})
+        if os.environ.get("BENCH_DECODE_STATIC"):
+            rows[-1]["static_graph_ms"] = sorted(static_windows)[2]
         print(rows[-1], flush=True)  # a long context may outlast the call: keep what was measured
         RESULTS["decode"] = rows
     _print_table("batch-1 decode, HydraLM-160m bf16, memory on", rows,
-                 ["context", "ms_per_token", "min_ms", "max_ms", "tok_s", "latency_vs_first", "prefill_tok_s"])
+                 ["context", "ms_per_token", "min_ms", "max_ms", "tok_s", "latency_vs_first", "prefill_tok_s",
+                  "static_graph_ms"])
+
+
+def _decode_windows(step, warmup: int = 20) -> list:
+    """ms/token of 5 windows of 20 steps after `warmup` steps: the step is host-bound and host load varies,
+    so callers report the median with the spread."""
+    for _ in range(warmup):
+        step()
+    windows = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(20):
+            step()
+        torch.cuda.synchronize()
+        windows.append((time.perf_counter() - started) / 20 * 1e3)
+    return windows
 
 
 def main(argv: list) -> int:

@@ -211,16 +211,22 @@ class RetrievalAttention(nn.Module):
         y = sparse_chunk_attention(q, exact_k, exact_v, reads, local_k, local_v, local_mask)
         new = dict(st, buf_k=buf_k, buf_v=buf_v, pos=st["pos"] + 1)
         if filled == C - 1:  # the chunk just completed: it joins the bank
-            new.update(
-                bank_k=_append(st["bank_k"], n, buf_k[:, :, None]),
-                bank_v=_append(st["bank_v"], n, buf_v[:, :, None]),
-                summaries=_append(st["summaries"], n, _summarise(buf_k[:, :, None])),
-                n_chunks=n + 1,
-                buf_k=torch.zeros_like(buf_k),
-                buf_v=torch.zeros_like(buf_v),
-            )
-            new = self._enforce_memory(new)
+            new = self.complete_chunk(new)
         return self.proj.merge(y)[:, 0], new
+
+    def complete_chunk(self, st: dict) -> dict:
+        """The state once its full buffer joins the bank as a completed chunk (memory enforced)."""
+        n, buf_k, buf_v = st["n_chunks"], st["buf_k"], st["buf_v"]
+        new = dict(
+            st,
+            bank_k=_append(st["bank_k"], n, buf_k[:, :, None]),
+            bank_v=_append(st["bank_v"], n, buf_v[:, :, None]),
+            summaries=_append(st["summaries"], n, _summarise(buf_k[:, :, None])),
+            n_chunks=n + 1,
+            buf_k=torch.zeros_like(buf_k),
+            buf_v=torch.zeros_like(buf_v),
+        )
+        return self._enforce_memory(new)
 
     # -- compressive memory ----------------------------------------------------------------------
     def _gather_pool(self, union: torch.Tensor, reads: torch.Tensor, st: dict, n_pool: int, groups: int):
