@@ -2,7 +2,8 @@
 
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
-trusting `auto` (hydralm/kernels/backend.py). Sections: `python -m hydralm.bench.gpu_check [delta_rule] [fla] [flex]`.
+trusting `auto` (hydralm/kernels/backend.py). Sections:
+`python -m hydralm.bench.gpu_check [delta_rule] [fla] [flex] [static_decode]`.
 """
 
 import json
@@ -124,15 +125,40 @@ def _reference_on_device(q, k, v, C, K):
         os.environ.pop("HYDRALM_ATTENTION")
 
 
+@torch.no_grad()
+def check_static_decode(device: str) -> None:
+    """StaticDecoder eager and as a CUDA graph (compile_mode="reduce-overhead") vs model.step, fp32, 150 steps
+    through chunk completion, compression, eviction and the SWA ring's wrap."""
+    from hydralm import HydraConfig, HydraLM, StaticDecoder
+    from hydralm.state import clone_state
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = HydraConfig(vocab_size=256, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2,
+                      layer_types=["deltanet", "swa", "retrieval"], swa_window=32, retrieval_chunk_size=16,
+                      retrieval_top_k=2, memory=dict(exact_window=32, compress_every=4, pool_size=16))
+    model = HydraLM(cfg).to(device).eval()
+    out = model(torch.randint(0, 256, (2, 40), device=device), return_state=True)
+    for name, kwargs in (("eager", {}), ("CUDA graph", dict(compile=True, compile_mode="reduce-overhead"))):
+        decoder, state = StaticDecoder(model, out["state"], **kwargs), clone_state(out["state"])
+        token, worst, scale = out["logits"][:, -1].argmax(-1), 0.0, 0.0
+        for _ in range(150):
+            expected, state = model.step(token, state)
+            got = decoder.step(token)
+            worst, scale = max(worst, float((got - expected).abs().max())), max(scale, float(expected.abs().max()))
+            token = expected.argmax(-1)
+        _record(f"StaticDecoder {name} logits vs model.step (max abs / max |logit|)", worst / scale, 1e-4)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
     torch.manual_seed(0)
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
-    names = sys.argv[1:] or ["delta_rule", "fla", "flex"]
+    names = sys.argv[1:] or ["delta_rule", "fla", "flex", "static_decode"]
+    checks = {"delta_rule": check_delta_rule, "fla": check_fla, "flex": check_flex, "static_decode": check_static_decode}
     for name in names:
-        {"delta_rule": check_delta_rule, "fla": check_fla, "flex": check_flex}[name]("cuda")
+        checks[name]("cuda")
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "gpu_check.json"), "w") as f:
