@@ -52,6 +52,7 @@ class StaticDecoder:
         device = model.embed.weight.device
         self.pos_t = torch.tensor(self.pos, device=device)
         self.buffers = [_as_buffers(block.layer_type, s, device) for block, s in zip(model.blocks, state)]
+        self.batch_size = next(t.shape[0] for b in self.buffers for t in b.values() if torch.is_tensor(t))
         self.step_fn = self._step
         if compile:
             # fixed addresses: a CUDA graph (mode="reduce-overhead") then reads and writes the buffers in place
@@ -81,7 +82,11 @@ class StaticDecoder:
 
     @torch.no_grad()
     def step(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """One token per row: token_ids (B,) -> next-token logits (B, vocab)."""
+        """One token per row: token_ids (B,) -> next-token logits (B, vocab). Under a CUDA graph the logits
+        live in the graph's output buffer, which the next step overwrites: clone them to keep them."""
+        if tuple(token_ids.shape) != (self.batch_size,):
+            raise ValueError(f"token_ids must have shape ({self.batch_size},), one token per row of the state; "
+                             f"got {tuple(token_ids.shape)}")
         logits = self.step_fn(token_ids)
         for block, buffers in zip(self.model.blocks, self.buffers):
             chunk = getattr(block.mixer, "chunk_size", None)

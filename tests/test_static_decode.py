@@ -70,6 +70,13 @@ def test_compiled_static_decoding_gives_step_logits():
     assert worst < 1e-4  # fused reductions in the compiled graph; the C1 bound
 
 
+def test_static_decoding_refuses_tokens_for_another_batch_size():
+    model = small()
+    decoder = StaticDecoder(model, model.init_state(2))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        decoder.step(torch.zeros(3, dtype=torch.long))
+
+
 def test_static_decoding_refuses_layers_whose_state_grows():
     with pytest.raises(ValueError, match="HydraConfig.memory"):
         StaticDecoder(small(memory=None), small(memory=None).init_state(1))
