@@ -48,10 +48,13 @@ class StaticDecoder:
         if len(state) != len(model.blocks):
             raise ValueError(f"state must have one entry per layer ({len(model.blocks)}), got {len(state)}")
         self.model = model
-        self.pos = next((int(s["pos"]) for s in state if "pos" in s), 0)
+        self.pos = _position(state)
         device = model.embed.weight.device
         self.pos_t = torch.tensor(self.pos, device=device)
         self.buffers = [_as_buffers(block.layer_type, s, device) for block, s in zip(model.blocks, state)]
+        # the layers whose chunks complete between steps, with their buffers
+        self._retrieval = [(block.mixer, buffers) for block, buffers in zip(model.blocks, self.buffers)
+                           if block.layer_type == "retrieval"]
         self.batch_size = next(t.shape[0] for b in self.buffers for t in b.values() if torch.is_tensor(t))
         self.step_fn = self._step
         if compile:
@@ -77,7 +80,7 @@ class StaticDecoder:
                     buffers[key].copy_(value)
             if "counts" in new:
                 buffers["counts"].update(new["counts"])
-        self.pos = next((int(s["pos"]) for s in state if "pos" in s), 0)
+        self.pos = _position(state)
         self.pos_t.fill_(self.pos)
 
     @torch.no_grad()
@@ -88,10 +91,9 @@ class StaticDecoder:
             raise ValueError(f"token_ids must have shape ({self.batch_size},), one token per row of the state; "
                              f"got {tuple(token_ids.shape)}")
         logits = self.step_fn(token_ids)
-        for block, buffers in zip(self.model.blocks, self.buffers):
-            chunk = getattr(block.mixer, "chunk_size", None)
-            if block.layer_type == "retrieval" and self.pos % chunk == chunk - 1:
-                _complete_chunk(block.mixer, buffers)
+        for mixer, buffers in self._retrieval:
+            if self.pos % mixer.chunk_size == mixer.chunk_size - 1:
+                _complete_chunk(mixer, buffers)
         self.pos += 1
         self.pos_t.add_(1)  # on the device: no host-to-device copy, no sync
         return logits
@@ -103,6 +105,11 @@ class StaticDecoder:
             x = x + _STEPS[block.layer_type](block.mixer, block.mixer_norm(x), buffers, self.pos_t)
             x = x + block.mlp(block.mlp_norm(x))
         return m.lm_head(m.norm(x))
+
+
+def _position(state: List[dict]) -> int:
+    """Tokens the state has seen (SWA and retrieval layers count them; a DeltaNet-only state needs no count)."""
+    return next((int(s["pos"]) for s in state if "pos" in s), 0)
 
 
 def _as_buffers(layer_type: str, st: dict, device) -> dict:

@@ -18,7 +18,8 @@ import time
 import torch
 
 from hydralm import HydraConfig, HydraLM, StreamingEngine
-from hydralm.bench.speed import DECODE_MEMORY
+from hydralm.bench.profile_stream import in_profiler_range
+from hydralm.bench.speed import DECODE_MEMORY, timed_windows
 from hydralm.static_decode import StaticDecoder
 
 
@@ -32,15 +33,7 @@ def main(preset: str = "160m", context: int = 8192, d_model: int = 96, compile_s
     token = torch.zeros(1, dtype=torch.long, device=device)
 
     def ms_per_call(fn, calls: int = 20) -> float:
-        windows = []
-        for _ in range(5):
-            sync()
-            started = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            sync()
-            windows.append((time.perf_counter() - started) / calls * 1e3)
-        return statistics.median(windows)
+        return statistics.median(timed_windows(fn, calls, sync=sync))
 
     with torch.no_grad():
         engine.process(torch.randint(0, cfg.vocab_size, (1, context), device=device))
@@ -86,16 +79,9 @@ def _label_layers(model) -> set:
     for block in model.blocks:
         for name, module, method in ((f"{block.layer_type} mixer step", block.mixer, "step"), ("mlp", block.mlp, "forward"),
                                      ("rmsnorm", block.mixer_norm, "forward"), ("rmsnorm", block.mlp_norm, "forward")):
-            setattr(module, method, _in_range(name, getattr(module, method)))
+            setattr(module, method, in_profiler_range(name, getattr(module, method)))
             names.add(name)
     return names
-
-
-def _in_range(name, fn):
-    def wrapped(*args, **kwargs):
-        with torch.profiler.record_function(name):
-            return fn(*args, **kwargs)
-    return wrapped
 
 
 def _aten_below(event) -> int:

@@ -35,7 +35,7 @@ def main(preset: str = "160m", context: int = 65536, chunk: int = 8192) -> None:
         if device == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         for i, block in enumerate(model.blocks):  # one profiler range per layer, named by its type
-            block.forward = _in_range(f"layer{i:02d}.{block.layer_type}", block.forward)
+            block.forward = in_profiler_range(f"layer{i:02d}.{block.layer_type}", block.forward)
         with torch.profiler.profile(activities=activities) as prof:
             engine.process(ids[:, context - chunk:])
             sync()
@@ -53,7 +53,8 @@ def main(preset: str = "160m", context: int = 65536, chunk: int = 8192) -> None:
         print(f"| {kind} | {cpu / 1e3:.1f} | {gpu / 1e3:.1f} |", flush=True)
 
 
-def _in_range(name, forward):
+def in_profiler_range(name, forward):
+    """`forward` wrapped in a torch.profiler range called `name` (profile_decode uses it too)."""
     def wrapped(*args, **kwargs):
         with torch.profiler.record_function(name):
             return forward(*args, **kwargs)

@@ -124,8 +124,10 @@ def main(argv: List[str]) -> int:
         parallel["fsdp"] = ["trainer=fsdp", f"trainer.devices={devices}"]
     plan = {"single": single, **{k: v + [f"data.batch_size={per_device}"] for k, v in parallel.items()}}
     plan["resumed"] = plan["ddp"] + [f"ckpt_path={out / 'ddp' / 'checkpoints' / f'step{half}.ckpt'}"]
-    done = {name for name in plan if (out / name / "csv" / "metrics.csv").exists()}
-    wanted = [name for name in plan if name not in done] if args.runs is None else [n for n in args.runs.split(",") if n]
+    def made(name: str) -> bool:
+        return (out / name / "csv" / "metrics.csv").exists()
+
+    wanted = [name for name in plan if not made(name)] if args.runs is None else [n for n in args.runs.split(",") if n]
     unknown = sorted(set(wanted) - set(plan))
     if unknown:
         parser.error(f"--runs: unknown run(s) {unknown}; this setup has {list(plan)}")
@@ -134,7 +136,7 @@ def main(argv: List[str]) -> int:
         if name in wanted:
             print(f"[scaling] {name}: train.py {' '.join(overrides)}", flush=True)
             wall[name] = _train(common + overrides, out / name, out / f"{name}.log", args.timeout)
-        if (out / name / "csv" / "metrics.csv").exists():
+        if made(name):
             runs[name] = read_metrics(out / name)
     if "single" not in runs:
         print(f"[scaling] made {sorted(runs)}; the table needs the `single` run in {out} (--runs single)")

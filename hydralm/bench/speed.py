@@ -211,19 +211,17 @@ def decode() -> None:
         def step():
             current[0] = model.step(token, current[0])[1]
 
-        windows = _decode_windows(step)
+        windows = timed_windows(step, warmup=20)
+        ms = sorted(windows)[2]
+        rows.append({"context": context, "ms_per_token": ms, "min_ms": min(windows), "max_ms": max(windows),
+                     "tok_s": 1e3 / ms, "prefill_tok_s": prefill_tok_s,
+                     "latency_vs_first": ms / rows[0]["ms_per_token"] if rows else 1.0})
         if os.environ.get("BENCH_DECODE_STATIC"):  # the fixed-shape step as a CUDA graph, from the same state
             if static is None:
                 static = StaticDecoder(model, engine.state, compile=True, compile_mode="reduce-overhead")
             else:
                 static.load(engine.state)  # same shapes: the captured graph is reused
-            static_windows = _decode_windows(lambda: static.step(token))
-        ms = sorted(windows)[2]
-        rows.append({"context": context, "ms_per_token": ms, "min_ms": min(windows), "max_ms": max(windows),
-                     "tok_s": 1e3 / ms, "prefill_tok_s": prefill_tok_s,
-                     "latency_vs_first": ms / rows[0]["ms_per_token"] if rows else 1.0})
-        if os.environ.get("BENCH_DECODE_STATIC"):
-            rows[-1]["static_graph_ms"] = sorted(static_windows)[2]
+            rows[-1]["static_graph_ms"] = sorted(timed_windows(lambda: static.step(token), warmup=20))[2]
         print(rows[-1], flush=True)  # a long context may outlast the call: keep what was measured
         RESULTS["decode"] = rows
     _print_table("batch-1 decode, HydraLM-160m bf16, memory on", rows,
@@ -231,19 +229,19 @@ def decode() -> None:
                   "static_graph_ms"])
 
 
-def _decode_windows(step, warmup: int = 20) -> list:
-    """ms/token of 5 windows of 20 steps after `warmup` steps: the step is host-bound and host load varies,
-    so callers report the median with the spread."""
+def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
+    """ms per call of `fn` in 5 windows of `calls` calls, after `warmup` untimed calls. Decoding is host-bound
+    and host load varies, so callers report the median with the spread rather than one mean."""
     for _ in range(warmup):
-        step()
+        fn()
     windows = []
     for _ in range(5):
-        torch.cuda.synchronize()
+        sync()
         started = time.perf_counter()
-        for _ in range(20):
-            step()
-        torch.cuda.synchronize()
-        windows.append((time.perf_counter() - started) / 20 * 1e3)
+        for _ in range(calls):
+            fn()
+        sync()
+        windows.append((time.perf_counter() - started) / calls * 1e3)
     return windows
 
 
