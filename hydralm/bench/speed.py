@@ -257,6 +257,7 @@ def main(argv: list) -> int:
             traceback.print_exc()
             RESULTS[f"{name}_error"] = repr(err)[:300]
         if os.environ.get("OUT"):
+            os.makedirs(os.environ["OUT"], exist_ok=True)
             with open(os.path.join(os.environ["OUT"], "speed.json"), "w") as f:
                 json.dump(RESULTS, f, indent=1, default=str)
     return 0
