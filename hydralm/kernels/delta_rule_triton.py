@@ -131,44 +131,53 @@ def _blocks(C: int, K: int) -> Tuple[int, int]:
     return max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(K))
 
 
+def state_pass_forward(U, W, Kd, a, S0):
+    """The forward kernel: (H, delta, final state), all fp32. U, W, Kd, a contiguous fp32; S0 fp32 or None."""
+    B, H, n, C, K = W.shape
+    V = U.shape[-1]
+    h = U.new_empty(B, H, n, K, V)
+    delta = torch.empty_like(U)
+    sn = U.new_empty(B, H, K, V)
+    BC, BK = _blocks(C, K)
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
+    _state_pass_fwd_kernel[grid](U, W, Kd, a, S0 if S0 is not None else sn, h, delta, sn, n, C=C, K=K, V=V,
+                                 BC=BC, BK=BK, HAS_S0=S0 is not None, PRECISION=_precision())
+    return h, delta, sn
+
+
+def state_pass_backward(W, Kd, a, h, delta, gh, gdelta, gsn):
+    """Gradients (dU, dW, dKd, da, dS0) from those of H, delta (fp32 or None) and the final state (or None)."""
+    B, H, n, C, K = W.shape
+    V = delta.shape[-1]
+    gh = torch.zeros_like(h) if gh is None else gh.float().contiguous()
+    gdelta = torch.zeros_like(delta) if gdelta is None else gdelta.float().contiguous()
+    gsn = None if gsn is None else gsn.float().contiguous()
+    dsnext, ddelta = torch.empty_like(h), torch.empty_like(delta)
+    ds0 = h.new_empty(B, H, K, V)
+    BC, BK = _blocks(C, K)
+    grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
+    _state_pass_bwd_kernel[grid](W, Kd, a, gh, gdelta, gsn if gsn is not None else ds0, dsnext, ddelta,
+                                 ds0, n, C=C, K=K, V=V, BC=BC, BK=BK, HAS_GSN=gsn is not None,
+                                 PRECISION=_precision())
+    # The parts that need no order: one batched matmul each.
+    dW = -(ddelta @ h.transpose(-1, -2))
+    dKd = delta @ dsnext.transpose(-1, -2)
+    da = (h * dsnext).sum((-1, -2))
+    return ddelta, dW, dKd, da, ds0
+
+
 class _StatePass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, U, W, Kd, a, S0):
-        B, H, n, C, K = W.shape
-        V = U.shape[-1]
         U, W, Kd, a = (t.float().contiguous() for t in (U, W, Kd, a))
-        S0c = None if S0 is None else S0.float().contiguous()
-        h = U.new_empty(B, H, n, K, V)
-        delta = torch.empty_like(U)
-        sn = U.new_empty(B, H, K, V)
-        BC, BK = _blocks(C, K)
-        grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
-        _state_pass_fwd_kernel[grid](U, W, Kd, a, S0c if S0c is not None else sn, h, delta, sn, n, C=C, K=K, V=V,
-                                     BC=BC, BK=BK, HAS_S0=S0c is not None, PRECISION=_precision())
+        h, delta, sn = state_pass_forward(U, W, Kd, a, None if S0 is None else S0.float().contiguous())
         ctx.save_for_backward(W, Kd, a, h, delta)
         ctx.has_s0 = S0 is not None
         return h, delta, sn
 
     @staticmethod
     def backward(ctx, gh, gdelta, gsn):
-        W, Kd, a, h, delta = ctx.saved_tensors
-        B, H, n, C, K = W.shape
-        V = delta.shape[-1]
-        gh = torch.zeros_like(h) if gh is None else gh.float().contiguous()
-        gdelta = torch.zeros_like(delta) if gdelta is None else gdelta.float().contiguous()
-        gsn_c = None if gsn is None else gsn.float().contiguous()
-        dsnext, ddelta = torch.empty_like(h), torch.empty_like(delta)
-        ds0 = h.new_empty(B, H, K, V)
-        BC, BK = _blocks(C, K)
-        grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
-        _state_pass_bwd_kernel[grid](W, Kd, a, gh, gdelta, gsn_c if gsn_c is not None else ds0, dsnext, ddelta,
-                                     ds0, n, C=C, K=K, V=V, BC=BC, BK=BK, HAS_GSN=gsn_c is not None,
-                                     PRECISION=_precision())
-        # The parts that need no order: one batched matmul each.
-        dU = ddelta
-        dW = -(ddelta @ h.transpose(-1, -2))
-        dKd = delta @ dsnext.transpose(-1, -2)
-        da = (h * dsnext).sum((-1, -2))
+        dU, dW, dKd, da, ds0 = state_pass_backward(*ctx.saved_tensors, gh, gdelta, gsn)
         return dU, dW, dKd, da, (ds0 if ctx.has_s0 else None)
 
 
