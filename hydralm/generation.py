@@ -1,4 +1,5 @@
-"""Autoregressive generation: one parallel prefill, then one ``model.step`` per new token.
+"""Autoregressive generation: one parallel prefill, then one decode step per new token: ``model.step``, or a
+``StaticDecoder`` (eager, or compiled / CUDA-graph-captured), chosen by ``generate(decoder=...)``.
 
 Memory does not grow with the number of generated tokens beyond the model's own decode state (DeltaNet
 and SWA states are constant; a retrieval bank grows by one chunk every C tokens) and the output token ids:
@@ -12,10 +13,16 @@ import torch
 
 from hydralm.sampling import check_sampling, sample_next
 from hydralm.state import select_rows
+from hydralm.static_decode import StaticDecoder, unsupported
 
 # Prompt tokens fed to one parallel forward during prefill; bounds prefill activations and the
 # (tokens, vocab) logits tensor the forward returns.
 PREFILL_CHUNK_SIZE = 8192
+
+# decoder="auto" compiles a CUDA graph only for at least this many new tokens: the compile and capture cost
+# seconds once per model and batch size, a graph step saves ~30 ms per token over model.step (docs/inference.md).
+GRAPH_MIN_NEW_TOKENS = 64
+DECODERS = ("auto", "step", "static", "graph")
 
 PromptLike = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
 
@@ -66,7 +73,8 @@ def decode(
     generator: Optional[torch.Generator] = None,
     drop_finished: bool = True,
     feed_last: bool = False,
-) -> Tuple[torch.Tensor, list, torch.Tensor]:
+    decoder: Optional[StaticDecoder] = None,
+) -> Tuple[torch.Tensor, Optional[list], torch.Tensor]:
     """The decode loop from a prefilled state whose next-token logits (B, V) are given.
 
     Returns (new tokens (B, T), state, logits (B, V)). T = max_new_tokens, or fewer when every row has
@@ -74,12 +82,15 @@ def decode(
     drop_finished: finished rows leave the batch (less work; the returned state is then meaningless).
     feed_last: also step the last token, so the returned state and logits continue after all T tokens
     (finished rows are fed their pad tokens, keeping every row of the state at the same position).
+    decoder: a StaticDecoder loaded with `state` steps instead of model.step. Its batch is fixed, so rows
+    never leave it (finished ones are fed eos); the state lives in the decoder and None is returned for it.
     """
     B, device = logits.shape[0], logits.device
     pad = eos_token_id if pad_token_id is None else pad_token_id
     out = torch.full((B, max_new_tokens), 0 if pad is None else pad, dtype=torch.long, device=device)
     active = torch.arange(B, device=device)  # rows still in the batch
     finished = torch.zeros(B, dtype=torch.bool, device=device)
+    drop_finished = drop_finished and decoder is None  # a static decoder's batch size is fixed
     T = 0
     for t in range(max_new_tokens):
         token = sample_next(logits, temperature, top_k, top_p, generator)
@@ -94,9 +105,15 @@ def decode(
         if drop_finished and eos_token_id is not None and bool(finished[active].any()):
             keep = (~finished[active]).nonzero()[:, 0]
             active, token, state = active[keep], token[keep], select_rows(state, keep)
-        logits, state = model.step(token, state)
+        if decoder is None:
+            logits, state = model.step(token, state)
+        else:  # logits may be the CUDA graph's output buffer: sampled above, before this step overwrites it
+            # finished rows are fed eos, an id the model emitted (pad_token_id may be any int, e.g. -1)
+            logits = decoder.step(token if eos_token_id is None else token.masked_fill(finished, eos_token_id))
         if all_done:
             break
+    if decoder is not None:
+        return out[:, :T], None, logits.clone()  # a copy the decoder's next step cannot overwrite
     return out[:, :T], state, logits
 
 
@@ -146,6 +163,7 @@ def generate(
     prompt_lengths=None,
     pad_token_id: Optional[int] = None,
     prefill_chunk_size: Optional[int] = PREFILL_CHUNK_SIZE,
+    decoder: str = "auto",
 ) -> Union[torch.Tensor, List[torch.Tensor]]:
     """Sample up to max_new_tokens after each prompt.
 
@@ -158,11 +176,18 @@ def generate(
     temperature <= 0 is greedy; top_k / top_p filter the distribution (hydralm.sampling). A
     torch.Generator makes sampling reproducible. The model runs in eval mode under no_grad; its
     training flag is restored afterwards.
+
+    decoder: what runs each new token after the prefill. "step": model.step. "static": a StaticDecoder
+    (fixed-shape buffers; finished rows stay in the batch, fed eos). "graph": the StaticDecoder compiled,
+    as a CUDA graph on a GPU (compile_mode="reduce-overhead"). "auto": "graph" on a GPU for a model the
+    StaticDecoder supports and max_new_tokens >= GRAPH_MIN_NEW_TOKENS, else "step". Static decoders are
+    cached on the model (one per batch size and kind), so later calls reuse the compiled graph.
     """
     check_sampling(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     device = model_device(model)
+    decoder = _pick_decoder(model, decoder, max_new_tokens, device)
     rows, one_d, ragged = _as_rows(prompt_ids, prompt_lengths, device)
     if any(r.numel() == 0 for r in rows):
         raise ValueError("every prompt needs at least one token (the model has no empty-context state)")
@@ -181,7 +206,10 @@ def generate(
                 tokens = prompts.new_zeros(len(members), 0)
             else:
                 logits, _, state = prefill(model, prompts, chunk_size=prefill_chunk_size)
-                tokens, _, _ = decode(model, state, logits, max_new_tokens, **sampling)
+                static = None
+                if decoder != "step" and max_new_tokens > 1:  # one new token needs no step, nor a compile
+                    static = _static_decoder(model, state, decoder, len(members))
+                tokens, _, _ = decode(model, state, logits, max_new_tokens, **sampling, decoder=static)
             for j, i in enumerate(members):
                 new_tokens[i] = tokens[j]
     if ragged:
@@ -190,6 +218,45 @@ def generate(
     pad = eos_token_id if pad_token_id is None else pad_token_id
     out = torch.cat([torch.stack(rows), _pad_to(torch.stack([_pad_to(t, T, pad) for t in new_tokens]), T, pad)], 1)
     return out[0] if one_d else out
+
+
+def _pick_decoder(model, decoder: str, max_new_tokens: int, device: torch.device) -> str:
+    """generate's `decoder` argument resolved to "step", "static" or "graph"."""
+    if not isinstance(decoder, str) or decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    reason = unsupported(model)
+    if decoder == "auto":
+        graph_pays = device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS
+        return "graph" if graph_pays and reason is None else "step"
+    if decoder != "step" and reason is not None:
+        raise ValueError(f"decoder={decoder!r}: {reason}")
+    return decoder
+
+
+class _DecoderCache(dict):
+    """(batch size, kind, device, dtype) -> StaticDecoder, kept on the model as a plain attribute (not in
+    state_dict). A copied or pickled model starts empty: a compiled step stays bound to its own buffers."""
+
+    def __deepcopy__(self, memo):
+        return _DecoderCache()
+
+    def __reduce__(self):
+        return _DecoderCache, ()
+
+
+def _static_decoder(model, state: list, kind: str, batch_size: int) -> StaticDecoder:
+    """The model's cached StaticDecoder for this batch size and kind, holding `state`; built on first use."""
+    cache = getattr(model, "_static_decoders", None)
+    if cache is None:
+        cache = model._static_decoders = _DecoderCache()
+    weight = model.embed.weight
+    key = (batch_size, kind, weight.device, weight.dtype)
+    if key in cache:
+        cache[key].load(state)  # copies into the captured buffers: the compiled step is reused
+    else:
+        mode = "reduce-overhead" if kind == "graph" and weight.is_cuda else None  # reduce-overhead: a CUDA graph
+        cache[key] = StaticDecoder(model, state, compile=kind == "graph", compile_mode=mode)
+    return cache[key]
 
 
 def _trim_after_eos(tokens: torch.Tensor, eos_token_id: Optional[int]) -> torch.Tensor:

@@ -141,6 +141,7 @@ def generate_ids(model, prompt_ids: List[int], cfg: DictConfig, eos_token_id: Op
         out = generate(
             model, prompt, max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
             top_k=cfg.top_k or None, top_p=cfg.top_p, eos_token_id=eos_token_id, generator=generator,
+            decoder=cfg.decoder,
         )
     return out[0, len(prompt_ids):].tolist()
 

@@ -38,13 +38,9 @@ class StaticDecoder:
     The decoder owns copies of the state's tensors; `state` itself is left as it was."""
 
     def __init__(self, model, state: List[dict], compile: bool = False, compile_mode: Optional[str] = None):
-        unsupported = sorted({t for t in model.cfg.layer_types if t not in _STEPS})
-        if unsupported:
-            raise ValueError(f"StaticDecoder supports deltanet, swa and retrieval layers; this model has {unsupported} "
-                             "(their caches grow with the stream)")
-        if "retrieval" in model.cfg.layer_types and model.cfg.memory is None:
-            raise ValueError("StaticDecoder needs HydraConfig.memory for retrieval layers: without the compressive "
-                             "memory their banks grow with the stream and have no fixed shape")
+        reason = unsupported(model)
+        if reason is not None:
+            raise ValueError(reason)
         if len(state) != len(model.blocks):
             raise ValueError(f"state must have one entry per layer ({len(model.blocks)}), got {len(state)}")
         self.model = model
@@ -105,6 +101,18 @@ class StaticDecoder:
             x = x + _STEPS[block.layer_type](block.mixer, block.mixer_norm(x), buffers, self.pos_t)
             x = x + block.mlp(block.mlp_norm(x))
         return m.lm_head(m.norm(x))
+
+
+def unsupported(model) -> Optional[str]:
+    """Why StaticDecoder cannot decode `model`, or None when it can."""
+    others = sorted({t for t in model.cfg.layer_types if t not in _STEPS})
+    if others:
+        return (f"StaticDecoder supports deltanet, swa and retrieval layers; this model has {others} "
+                "(their caches grow with the stream)")
+    if "retrieval" in model.cfg.layer_types and model.cfg.memory is None:
+        return ("StaticDecoder needs HydraConfig.memory for retrieval layers: without the compressive memory their "
+                "banks grow with the stream and have no fixed shape")
+    return None
 
 
 def _position(state: List[dict]) -> int:

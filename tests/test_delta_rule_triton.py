@@ -1,4 +1,6 @@
-"""The Triton pass over chunks (kernels/delta_rule_triton.py) against the PyTorch loop and the recurrence.
+"""The Triton kernels against the PyTorch loop and the recurrence: the pass over chunks
+(kernels/delta_rule_triton.py, backend "triton") and the fully fused layer (kernels/delta_rule_fused.py,
+backend "fused").
 
 Off GPU these run in Triton's CPU interpreter (TRITON_INTERPRET=1, set in conftest.py), which executes the
 kernels' own code with IEEE fp32 dots. On a GPU the same checks, plus TF32/bf16 ones, are
@@ -38,15 +40,17 @@ def _outputs_and_grads(fn, inputs, with_state):
 
 
 # Shapes include non-power-of-two chunk / head sizes (masked tiles) and T not a multiple of the chunk.
+@pytest.mark.parametrize("backend", ["triton", "fused"])
 @pytest.mark.parametrize("B,H,T,dk,dv,chunk,with_state", [
     (2, 3, 70, 20, 12, 16, True), (1, 2, 64, 32, 40, 12, False), (1, 1, 5, 8, 8, 64, True),
 ])
-def test_triton_chunkwise_matches_the_recurrence_in_outputs_and_all_gradients(B, H, T, dk, dv, chunk, with_state):
+def test_triton_chunkwise_matches_the_recurrence_in_outputs_and_all_gradients(B, H, T, dk, dv, chunk, with_state,
+                                                                             backend):
     inputs = _inputs(B, H, T, dk, dv)
     expected = _outputs_and_grads(delta_rule_recurrent, inputs, with_state)  # fp64, token by token
     fp32 = [t.float() for t in inputs]
     got = _outputs_and_grads(
-        lambda *a, **kw: delta_rule_chunkwise(*a, **kw, chunk_size=chunk, backend="triton"), fp32, with_state)
+        lambda *a, **kw: delta_rule_chunkwise(*a, **kw, chunk_size=chunk, backend=backend), fp32, with_state)
     for name, g, e in zip(["o", "state", "dq", "dk", "dv", "dg", "dbeta", "ds0"], got, expected):
         torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")
 
@@ -72,18 +76,39 @@ def test_triton_state_pass_equals_the_pytorch_loop_with_partial_gradients(tile, 
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-def test_model_trains_the_same_with_the_triton_and_torch_deltanet(monkeypatch):
+def test_fused_reads_strided_bf16_inputs_like_the_layer_passes_them():
+    """The layer hands q, k, v over as (B, T, H, D) views transposed to (B, H, T, D), in bf16 under autocast:
+    the fused kernels read them in place and give what the PyTorch kernel gives on the same bf16 values."""
+    B, T, H, D = 2, 50, 3, 16
+    base = torch.randn(B, T, 3, H, D).bfloat16()
+    base[:, :, :2] = F.normalize(base[:, :, :2].float(), dim=-1).bfloat16()
+    g, beta = -torch.rand(B, H, T) * 0.5, torch.rand(B, H, T)
+    do = torch.randn(B, H, T, D)
+    results = []
+    for backend in ("fused", "torch"):
+        qkv = base.clone().requires_grad_()
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # strided views, as in the layer
+        gates = [t.clone().requires_grad_() for t in (g, beta)]
+        o, state = delta_rule_chunkwise(q, k, v, *gates, chunk_size=16, backend=backend)
+        (o.float() * do).sum().backward()
+        results.append([o.float(), state] + [qkv.grad.float()] + [t.grad for t in gates])
+    for name, got, expected in zip(["o", "state", "dqkv", "dg", "dbeta"], *results):
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["triton", "fused"])
+def test_model_trains_the_same_with_the_triton_and_torch_deltanet(monkeypatch, backend):
     cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, layer_types=["deltanet", "deltanet"],
                       dn_chunk_size=16, initializer_range=0.2)
     model = HydraLM(cfg)
     ids = torch.randint(0, 64, (2, 40))
     grads = {}
-    for choice in ("torch", "triton"):
+    for choice in ("torch", backend):
         monkeypatch.setenv("HYDRALM_DELTANET", choice)
         model.zero_grad()
         loss = F.cross_entropy(model(ids)["logits"][:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         grads[choice] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
-    torch.testing.assert_close(grads["triton"][0], grads["torch"][0], atol=1e-5, rtol=1e-5)
-    for got, expected in zip(grads["triton"][1], grads["torch"][1]):
+    torch.testing.assert_close(grads[backend][0], grads["torch"][0], atol=1e-5, rtol=1e-5)
+    for got, expected in zip(grads[backend][1], grads["torch"][1]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -49,7 +49,8 @@ def check_delta_rule(device: str) -> None:
         # (backend, input dtype, fp32 matmul precision, tol): "highest" = IEEE fp32 dots, "high" = TF32
         variants = [("torch", torch.float32, "highest", 1e-4), ("torch", torch.bfloat16, "highest", 3e-2),
                     ("triton", torch.float32, "highest", 1e-4), ("triton", torch.float32, "high", 3e-3),
-                    ("triton", torch.bfloat16, "high", 3e-2)]
+                    ("triton", torch.bfloat16, "high", 3e-2), ("fused", torch.float32, "highest", 1e-4),
+                    ("fused", torch.float32, "high", 3e-3), ("fused", torch.bfloat16, "high", 3e-2)]
         if T == 1024:  # HYDRALM_DELTANET_COMPILE=1's path, on one shape (each shape compiles anew)
             variants.append(("triton+compile", torch.bfloat16, "high", 3e-2))
         for backend, dtype, precision, tol in variants:

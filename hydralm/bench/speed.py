@@ -3,11 +3,12 @@ same call so ratios compare like with like:
 
     python -m hydralm.bench.speed [layers] [models] [decode] [claim_models]
 
-layers  (env BENCH_GDN=torch,triton and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16 fwd+bwd: our GDN kernel (PyTorch loop and Triton pass over chunks; BENCH_COMPILE=1 adds a
-        torch.compile'd Triton variant) at B8 T4096 H16 K128; SWA (flex) and retrieval
+layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16
+        fwd+bwd: our GDN kernel (PyTorch loop, Triton pass over chunks, fully fused Triton; BENCH_COMPILE=1
+        adds a torch.compile'd Triton variant) at B8 T4096 H16 K128; SWA (flex) and retrieval
         (flex, token-routed, C=128, k=8) at 4k/16k/64k with 64k tokens per batch, H16 D128.
 models  training step of HydraLM-160m (20-layer schedule; BENCH_MODELS picks among HydraLM-160m,
-        "HydraLM-160m compiled-GDN", Dense-160m) and of the DenseTransformer with the same fields,
+        "HydraLM-160m triton-GDN", "HydraLM-160m compiled-GDN", Dense-160m) and of the DenseTransformer with the same fields,
         bf16 autocast, fused AdamW, 64k tokens per step, at 4k/16k/64k context.
 decode  batch-1 decode latency of HydraLM-160m (compressive memory on) after 4k, 64k and 1M tokens of context
         (BENCH_DECODE_CONTEXTS); the context is streamed in 8192-token chunks (prefill tokens/s printed too).
@@ -59,28 +60,27 @@ def layers() -> None:
     from hydralm.kernels.flex import retrieval_flex, sliding_window_flex
 
     rows = []
-    B, T, H, K = 8, 4096, 16, 128
-    q = F.normalize(torch.randn(B, H, T, K, device="cuda"), dim=-1).bfloat16().requires_grad_()
-    k = F.normalize(torch.randn(B, H, T, K, device="cuda"), dim=-1).bfloat16().requires_grad_()
-    v = torch.randn(B, H, T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    g = F.logsigmoid(torch.randn(B, H, T, device="cuda") + 4).requires_grad_()
-    beta = torch.rand(B, H, T, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-
     torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as in training
-    variants = [(b, False) for b in os.environ.get("BENCH_GDN", "torch,triton").split(",")]
+    variants = [(b, False) for b in os.environ.get("BENCH_GDN", "torch,triton,fused").split(",") if b]
     if os.environ.get("BENCH_COMPILE"):  # torch.compile around the chunkwise prep/output (the loop is a kernel)
         variants.append(("triton", True))
-    for backend, compiled in variants:
-        fn = torch.compile(delta_rule_chunkwise) if compiled else delta_rule_chunkwise
+    for B, T, H, K in [(8, 4096, 16, 128), (16, 2048, 12, 64)]:  # the peer script's two GDN shapes
+        q = F.normalize(torch.randn(B, H, T, K, device="cuda"), dim=-1).bfloat16().requires_grad_()
+        k = F.normalize(torch.randn(B, H, T, K, device="cuda"), dim=-1).bfloat16().requires_grad_()
+        v = torch.randn(B, H, T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = F.logsigmoid(torch.randn(B, H, T, device="cuda") + 4).requires_grad_()
+        beta = torch.rand(B, H, T, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for backend, compiled in variants:
+            fn = torch.compile(delta_rule_chunkwise) if compiled else delta_rule_chunkwise
 
-        def gdn():
-            o, _ = fn(q, k, v, g, beta, chunk_size=64, backend=backend)
-            o.float().sum().backward()
+            def gdn():
+                o, _ = fn(q, k, v, g, beta, chunk_size=64, backend=backend)
+                o.float().sum().backward()
 
-        name = f"GDN {backend} chunkwise ({'compiled' if compiled else 'eager'})"
-        rows.append({"layer": name, "shape": f"B{B} T{T} H{H} K{K}", "ms": bench(gdn, 20)})
-        print(rows[-1], flush=True)
-    del q, k, v, g, beta
+            name = f"GDN {backend} chunkwise ({'compiled' if compiled else 'eager'})"
+            rows.append({"layer": name, "shape": f"B{B} T{T} H{H} K{K}", "ms": bench(gdn, 20)})
+            print(rows[-1], flush=True)
+        del q, k, v, g, beta
     rows += _state_pass_rows()
     Hh, D, C, TOPK, W = 16, 128, 128, 8, 512
     for T in [int(t) for t in os.environ.get("BENCH_ATTENTION_CONTEXTS", "4096,16384,65536").split(",") if t]:
@@ -142,11 +142,12 @@ def models() -> None:
     cfg = HydraConfig.from_preset("160m")
     torch.set_float32_matmul_precision("high")
     rows = []
-    variants = {"HydraLM-160m": (HydraLM, "0"), "HydraLM-160m compiled-GDN": (HydraLM, "1"),
-                "Dense-160m": (DenseTransformer, "0")}
+    # the GDN kernel each HydraLM variant runs (kernels/backend.py); the default is auto = fused on CUDA
+    variants = {"HydraLM-160m": (HydraLM, "auto", "0"), "HydraLM-160m triton-GDN": (HydraLM, "triton", "0"),
+                "HydraLM-160m compiled-GDN": (HydraLM, "triton", "1"), "Dense-160m": (DenseTransformer, "auto", "0")}
     for name in os.environ.get("BENCH_MODELS", "HydraLM-160m,Dense-160m").split(","):
-        cls, compile_gdn = variants[name]
-        os.environ["HYDRALM_DELTANET_COMPILE"] = compile_gdn
+        cls, gdn, compile_gdn = variants[name]
+        os.environ.update(HYDRALM_DELTANET=gdn, HYDRALM_DELTANET_COMPILE=compile_gdn)
         model = cls(cfg).cuda()
         params = model.num_parameters()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

@@ -4,12 +4,13 @@ HYDRALM_ATTENTION = auto | torch | flex
     flex: torch's flex_attention for the parallel (training / fresh prefill) path of SWA and retrieval
     layers; auto = flex on CUDA, torch (SDPA / gather) elsewhere. flex has no CPU backward in torch
     2.13, so CPU always uses torch unless asked otherwise for a forward-only check.
-HYDRALM_DELTANET = auto | torch | triton | fla
+HYDRALM_DELTANET = auto | torch | triton | fused | fla
     torch: the PyTorch chunkwise kernel (a Python loop over chunks). triton: the same chunkwise algorithm with
     the pass over chunks in our Triton kernels (kernels/delta_rule_triton.py), forward and backward.
-    fla: flash-linear-attention's chunk_gated_delta_rule, only when asked for. fla 0.6 refuses the backward
-    on Hopper with triton < 3.7.1 (fla#640), and its forward failed under bf16 autocast in a training run's
-    validation on the GPU machine, so auto never picks it: auto = triton on CUDA, torch on CPU.
+    fused: the whole chunkwise algorithm in our Triton kernels (kernels/delta_rule_fused.py), forward and
+    backward. fla: flash-linear-attention's chunk_gated_delta_rule, only when asked for. fla 0.6 refuses the
+    backward on Hopper with triton < 3.7.1 (fla#640), and its forward failed under bf16 autocast in a training
+    run's validation on the GPU machine, so auto never picks it: auto = fused on CUDA, torch on CPU.
 
 HYDRALM_DELTANET_COMPILE = 0 | 1
     1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
@@ -26,7 +27,7 @@ import os
 from hydralm.kernels.delta_rule_triton import triton_available
 
 ATTENTION_CHOICES = ("auto", "torch", "flex")
-DELTANET_CHOICES = ("auto", "torch", "triton", "fla")
+DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
 
 
 def _choice(variable: str, choices: tuple) -> str:
@@ -65,7 +66,7 @@ def fla_backward_safe() -> bool:
 
 
 def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
-    """'fla', 'triton' or 'torch' for the chunkwise delta rule."""
+    """'fla', 'fused', 'triton' or 'torch' for the chunkwise delta rule."""
     choice = _choice("HYDRALM_DELTANET", DELTANET_CHOICES)
     if choice == "torch":
         return "torch"
@@ -77,18 +78,16 @@ def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
             "HYDRALM_DELTANET=fla but fla cannot run this call safely (needs CUDA, flash-linear-attention, and "
             "triton >= 3.7.1 for gradients: fla#640); unset it to use the PyTorch kernel"
         )
-    if choice == "triton" and not triton_usable:
+    if choice in ("triton", "fused") and not triton_usable:
         raise RuntimeError(
-            "HYDRALM_DELTANET=triton needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on "
+            f"HYDRALM_DELTANET={choice} needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on "
             "CPU); unset it to use the PyTorch kernel"
         )
-    if choice == "fla":
-        return "fla"
-    # auto: our Triton kernels on CUDA. fla's forward is not picked by auto: under bf16 autocast its
+    if choice in ("fla", "triton", "fused"):
+        return choice
+    # auto: our fused Triton kernels on CUDA. fla's forward is not picked by auto: under bf16 autocast its
     # recompute_w_u kernel failed on the GPU machine (fp32 A against bf16 v, 2026-11-28).
-    if choice == "triton" or (triton_usable and is_cuda):
-        return "triton"
-    return "torch"
+    return "fused" if triton_usable and is_cuda else "torch"
 
 
 def deltanet_compile() -> bool:

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from hydralm.kernels.delta_rule_fused import delta_rule_fused
 from hydralm.kernels.delta_rule_triton import state_pass_torch, state_pass_triton
 
 
@@ -92,8 +93,11 @@ def delta_rule_chunkwise(
         S_C = Gamma_C S_0 + (k * Gamma_C / Gamma)^T delta
     The pass over chunks is ``state_pass_torch`` (a PyTorch loop) or, with backend="triton", the Triton
     kernels of kernels/delta_rule_triton.py; the outputs of all chunks are then computed at once.
+    backend="fused" runs all of it, forward and backward, in the Triton kernels of kernels/delta_rule_fused.py.
     Padding tokens (to a multiple of C) use g = 0, beta = 0, k = 0: they leave the state untouched.
     """
+    if backend == "fused":
+        return delta_rule_fused(q, k, v, g, beta, initial_state, scale, chunk_size)
     B, H, T, dk = k.shape
     dv = v.shape[-1]
     dtype, out_dtype = _compute_dtype(v), v.dtype
