@@ -40,12 +40,18 @@ def _outputs_and_grads(fn, inputs, with_state):
 
 
 # Shapes include non-power-of-two chunk / head sizes (masked tiles) and T not a multiple of the chunk.
-@pytest.mark.parametrize("backend", ["triton", "fused"])
+@pytest.mark.parametrize("backend", ["triton", "fused", "fused 16-wide blocks"])
 @pytest.mark.parametrize("B,H,T,dk,dv,chunk,with_state", [
     (2, 3, 70, 20, 12, 16, True), (1, 2, 64, 32, 40, 12, False), (1, 1, 5, 8, 8, 64, True),
 ])
 def test_triton_chunkwise_matches_the_recurrence_in_outputs_and_all_gradients(B, H, T, dk, dv, chunk, with_state,
-                                                                             backend):
+                                                                             backend, monkeypatch):
+    if backend == "fused 16-wide blocks":  # the fused kernels' loops over d_k / d_v blocks take several steps
+        from hydralm.kernels import delta_rule_fused
+
+        monkeypatch.setattr(delta_rule_fused, "BLOCK_V", 16)
+        monkeypatch.setattr(delta_rule_fused, "BLOCK_K", 16)
+        backend = "fused"
     inputs = _inputs(B, H, T, dk, dv)
     expected = _outputs_and_grads(delta_rule_recurrent, inputs, with_state)  # fp64, token by token
     fp32 = [t.float() for t in inputs]

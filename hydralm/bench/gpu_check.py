@@ -3,7 +3,8 @@
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m hydralm.bench.gpu_check [delta_rule] [fla] [flex] [static_decode]`.
+`python -m hydralm.bench.gpu_check [delta_rule] [fla] [flex] [static_decode]`
+(GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends).
 """
 
 import json
@@ -53,7 +54,10 @@ def check_delta_rule(device: str) -> None:
                     ("fused", torch.float32, "high", 3e-3), ("fused", torch.bfloat16, "high", 3e-2)]
         if T == 1024:  # HYDRALM_DELTANET_COMPILE=1's path, on one shape (each shape compiles anew)
             variants.append(("triton+compile", torch.bfloat16, "high", 3e-2))
+        only = os.environ.get("GPU_CHECK_DELTANET")  # e.g. "fused": check one backend's rows only
         for backend, dtype, precision, tol in variants:
+            if only and backend not in only.split(","):
+                continue
             torch.set_float32_matmul_precision(precision)
             inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]] + [t.detach().float().requires_grad_() for t in ref_in[3:]]
             kernel = compiled_delta_rule_chunkwise() if backend.endswith("+compile") else delta_rule_chunkwise

@@ -33,6 +33,11 @@ from hydralm.kernels.delta_rule_triton import (
 if triton is not None:
     import triton.language as tl
 
+# Columns of v / the state handled per step of the kernels' loops over d_v: with whole 128-wide tiles the
+# backward kernels needed 263 KiB of shared memory on an H200 (limit 227 KiB).
+BLOCK_V = 64
+BLOCK_K = 64  # the same for d_k in the prep backward, which holds the most tiles
+
 
 def _configs() -> list:
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -82,7 +87,6 @@ if triton is not None:
         rc, t, m_row = _rows(c, T, C, BC)
         rk, rv = tl.arange(0, BK), tl.arange(0, BV)
         k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
-        v = _load_rows(v_ptr, b * s_vb + h * s_vh, t, s_vt, m_row, rv, V)
         gamma, beta = _gates(g_ptr, beta_ptr, bh, t, m_row, T)
         kb = k * beta[:, None]
         A = tl.dot(kb, tl.trans(k), input_precision=PRECISION) * _decay(gamma, rc, True)
@@ -91,15 +95,18 @@ if triton is not None:
         for i in range(1, C):
             a_i = tl.sum(tl.where(rc[:, None] == i, A, 0.0), 0)  # A[i, :] indexed by j
             X = tl.where(rc[:, None] == i, X - tl.sum(a_i[:, None] * X, 0)[None, :], X)
-        U = tl.dot(X, v * beta[:, None], input_precision=PRECISION)
+        chunk = bh * n_chunks + c
+        for v0 in range(0, V, BV):  # U = X (beta v), one BV-wide column block at a time (shared memory)
+            cols = v0 + rv
+            v = _load_rows(v_ptr, b * s_vb + h * s_vh, t, s_vt, m_row, cols, V)
+            tl.store(u_ptr + chunk * C * V + rc[:, None] * V + cols[None, :],
+                     tl.dot(X, v * beta[:, None], input_precision=PRECISION),
+                     mask=(rc < C)[:, None] & (cols < V)[None, :])
         W = tl.dot(X, kb * tl.exp(gamma)[:, None], input_precision=PRECISION)
         gamma_last = tl.sum(tl.where(rc == C - 1, gamma, 0.0), 0)
         Kd = k * tl.exp(gamma_last - gamma)[:, None]
-        chunk = bh * n_chunks + c
         ck = chunk * C * K + rc[:, None] * K + rk[None, :]
         m_ck = (rc < C)[:, None] & (rk < K)[None, :]
-        cv = chunk * C * V + rc[:, None] * V + rv[None, :]
-        tl.store(u_ptr + cv, U, mask=(rc < C)[:, None] & (rv < V)[None, :])
         tl.store(w_ptr + ck, W, mask=m_ck)
         tl.store(kd_ptr + ck, Kd, mask=m_ck)
         tl.store(a_ptr + chunk, tl.exp(gamma_last))
@@ -121,15 +128,17 @@ if triton is not None:
         k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
         gamma = tl.cumsum(tl.load(g_ptr + bh * T + t, mask=m_row, other=0.0).to(tl.float32), 0)
         chunk = bh * n_chunks + c
-        S = tl.load(h_ptr + chunk * K * V + rk[:, None] * V + rv[None, :],
-                    mask=(rk < K)[:, None] & (rv < V)[None, :], other=0.0)
-        m_cv = (rc < C)[:, None] & (rv < V)[None, :]
-        delta = tl.load(delta_ptr + chunk * C * V + rc[:, None] * V + rv[None, :], mask=m_cv, other=0.0)
         P = tl.dot(q, tl.trans(k), input_precision=PRECISION) * _decay(gamma, rc, False) * scale
-        o = tl.dot(q * (scale * tl.exp(gamma))[:, None], S, input_precision=PRECISION)
-        o += tl.dot(P, delta, input_precision=PRECISION)
-        tl.store(o_ptr + bh * T * V + t[:, None].to(tl.int64) * V + rv[None, :], o,
-                 mask=m_row[:, None] & (rv < V)[None, :])
+        qd = q * (scale * tl.exp(gamma))[:, None]
+        for v0 in range(0, V, BV):
+            cols = v0 + rv
+            S = tl.load(h_ptr + chunk * K * V + rk[:, None] * V + cols[None, :],
+                        mask=(rk < K)[:, None] & (cols < V)[None, :], other=0.0)
+            delta = tl.load(delta_ptr + chunk * C * V + rc[:, None] * V + cols[None, :],
+                            mask=(rc < C)[:, None] & (cols < V)[None, :], other=0.0)
+            o = tl.dot(qd, S, input_precision=PRECISION) + tl.dot(P, delta, input_precision=PRECISION)
+            tl.store(o_ptr + bh * T * V + t[:, None].to(tl.int64) * V + cols[None, :], o,
+                     mask=m_row[:, None] & (cols < V)[None, :])
 
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
@@ -145,22 +154,26 @@ if triton is not None:
         rk, rv = tl.arange(0, BK), tl.arange(0, BV)
         q = _load_rows(q_ptr, b * s_qb + h * s_qh, t, s_qt, m_row, rk, K)
         k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
-        do = _load_rows(do_ptr, b * s_ob + h * s_oh, t, s_ot, m_row, rv, V)
         gamma = tl.cumsum(tl.load(g_ptr + bh * T + t, mask=m_row, other=0.0).to(tl.float32), 0)
         chunk = bh * n_chunks + c
-        kv = chunk * K * V + rk[:, None] * V + rv[None, :]
-        m_kv = (rk < K)[:, None] & (rv < V)[None, :]
-        cv = chunk * C * V + rc[:, None] * V + rv[None, :]
-        m_cv = (rc < C)[:, None] & (rv < V)[None, :]
-        S = tl.load(h_ptr + kv, mask=m_kv, other=0.0)
-        delta = tl.load(delta_ptr + cv, mask=m_cv, other=0.0)
         qd = q * (scale * tl.exp(gamma))[:, None]
         D = _decay(gamma, rc, False) * scale
         P = tl.dot(q, tl.trans(k), input_precision=PRECISION) * D
-        tl.store(gh_ptr + kv, tl.dot(tl.trans(qd), do, input_precision=PRECISION), mask=m_kv)
-        tl.store(gdelta_ptr + cv, tl.dot(tl.trans(P), do, input_precision=PRECISION), mask=m_cv)
-        dqd = tl.dot(do, tl.trans(S), input_precision=PRECISION)
-        dP = tl.dot(do, tl.trans(delta), input_precision=PRECISION)
+        dqd = tl.zeros([BC, BK], dtype=tl.float32)
+        dP = tl.zeros([BC, BC], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            cols = v0 + rv
+            do = _load_rows(do_ptr, b * s_ob + h * s_oh, t, s_ot, m_row, cols, V)
+            kv = chunk * K * V + rk[:, None] * V + cols[None, :]
+            m_kv = (rk < K)[:, None] & (cols < V)[None, :]
+            cv = chunk * C * V + rc[:, None] * V + cols[None, :]
+            m_cv = (rc < C)[:, None] & (cols < V)[None, :]
+            tl.store(gh_ptr + kv, tl.dot(tl.trans(qd), do, input_precision=PRECISION), mask=m_kv)
+            tl.store(gdelta_ptr + cv, tl.dot(tl.trans(P), do, input_precision=PRECISION), mask=m_cv)
+            S = tl.load(h_ptr + kv, mask=m_kv, other=0.0)
+            dqd += tl.dot(do, tl.trans(S), input_precision=PRECISION)
+            delta = tl.load(delta_ptr + cv, mask=m_cv, other=0.0)
+            dP += tl.dot(do, tl.trans(delta), input_precision=PRECISION)
         dS = dP * D  # gradient of the raw scores q k^T
         dq = dqd * (scale * tl.exp(gamma))[:, None] + tl.dot(dS, k, input_precision=PRECISION)
         dk = tl.dot(tl.trans(dS), q, input_precision=PRECISION)
@@ -175,54 +188,73 @@ if triton is not None:
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
     def _prep_bwd_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, x_ptr, du_ptr, dw_ptr, dkd_ptr, da_ptr, a_ptr,
-                         dk_out_ptr, dgamma_out_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr, s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, T, H, n_chunks,
+                         dk_out_ptr, dgamma_out_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
+                         s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, T, H, n_chunks,
                          C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                          BV: tl.constexpr, PRECISION: tl.constexpr):
         """The prep kernel's adjoint: adds its shares of dk and d(gamma) to the output kernel's (dk_out,
-        dgamma_out; separate buffers, as the autotuner reruns kernels) and writes dk, dv, dg, dbeta."""
+        dgamma_out; separate buffers, as the autotuner reruns kernels) and writes dk, dv, dg, dbeta.
+        d_k is walked in BK-wide blocks twice (the (C, d_k) tiles of a whole head overflow shared memory):
+        first for the sums over d_k (the scores (beta k) k^T and dX), then for the per-column gradients."""
         c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
         rc, t, m_row = _rows(c, T, C, BC)
         rk, rv = tl.arange(0, BK), tl.arange(0, BV)
-        k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
-        v = _load_rows(v_ptr, b * s_vb + h * s_vh, t, s_vt, m_row, rv, V)
         gamma, beta = _gates(g_ptr, beta_ptr, bh, t, m_row, T)
+        Gamma = tl.exp(gamma)
         chunk = bh * n_chunks + c
-        ck = chunk * C * K + rc[:, None] * K + rk[None, :]
-        m_ck = (rc < C)[:, None] & (rk < K)[None, :]
-        m_cv = (rc < C)[:, None] & (rv < V)[None, :]
         X = tl.load(x_ptr + chunk * C * C + rc[:, None] * C + rc[None, :],
                     mask=(rc < C)[:, None] & (rc < C)[None, :], other=0.0)
-        dU = tl.load(du_ptr + chunk * C * V + rc[:, None] * V + rv[None, :], mask=m_cv, other=0.0)
-        dW = tl.load(dw_ptr + ck, mask=m_ck, other=0.0)
-        dKd = tl.load(dkd_ptr + ck, mask=m_ck, other=0.0)
-        da_a = tl.load(da_ptr + chunk) * tl.load(a_ptr + chunk)  # d(gamma_C) from a = Gamma_C
 
-        kb = k * beta[:, None]
-        Bv = v * beta[:, None]
-        Bk = kb * tl.exp(gamma)[:, None]
-        dBv = tl.dot(tl.trans(X), dU, input_precision=PRECISION)  # U = X Bv
-        dBk = tl.dot(tl.trans(X), dW, input_precision=PRECISION)  # W = X Bk
-        dX = tl.dot(dU, tl.trans(Bv), input_precision=PRECISION) + tl.dot(dW, tl.trans(Bk), input_precision=PRECISION)
+        scores = tl.zeros([BC, BC], dtype=tl.float32)  # (beta k) k^T
+        dX = tl.zeros([BC, BC], dtype=tl.float32)  # U = X Bv, W = X Bk: dX = dU Bv^T + dW Bk^T
+        for k0 in range(0, K, BK):
+            cols = k0 + rk
+            m_ck = (rc < C)[:, None] & (cols < K)[None, :]
+            k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, cols, K)
+            kb = k * beta[:, None]
+            dW = tl.load(dw_ptr + chunk * C * K + rc[:, None] * K + cols[None, :], mask=m_ck, other=0.0)
+            scores += tl.dot(kb, tl.trans(k), input_precision=PRECISION)
+            dX += tl.dot(dW, tl.trans(kb * Gamma[:, None]), input_precision=PRECISION)
+        dbeta = tl.zeros([BC], dtype=tl.float32)
+        for v0 in range(0, V, BV):
+            cols = v0 + rv
+            m_cv = (rc < C)[:, None] & (cols < V)[None, :]
+            v = _load_rows(v_ptr, b * s_vb + h * s_vh, t, s_vt, m_row, cols, V)
+            dU = tl.load(du_ptr + chunk * C * V + rc[:, None] * V + cols[None, :], mask=m_cv, other=0.0)
+            dBv = tl.dot(tl.trans(X), dU, input_precision=PRECISION)
+            tl.store(dv_ptr + bh * T * V + t[:, None].to(tl.int64) * V + cols[None, :], dBv * beta[:, None],
+                     mask=m_row[:, None] & (cols < V)[None, :])
+            dbeta += tl.sum(dBv * v, 1)
+            dX += tl.dot(dU, tl.trans(v * beta[:, None]), input_precision=PRECISION)
+
         dA = -tl.dot(tl.dot(tl.trans(X), dX, input_precision=PRECISION), tl.trans(X), input_precision=PRECISION)
-        D = _decay(gamma, rc, True)
         dA = tl.where(rc[:, None] > rc[None, :], dA, 0.0)
-        M = dA * D  # A = (kb k^T) * D
-        G = M * tl.dot(kb, tl.trans(k), input_precision=PRECISION)  # dA * A
-        dkb = dBk * tl.exp(gamma)[:, None] + tl.dot(M, k, input_precision=PRECISION)
+        M = dA * _decay(gamma, rc, True)  # A = scores * D
+        G = M * scores  # dA * A: d(log D[i, j]) = d(gamma_i) - d(gamma_j)
+        dgamma = tl.sum(G, 1) - tl.sum(G, 0)
         gamma_last = tl.sum(tl.where(rc == C - 1, gamma, 0.0), 0)
         to_end = tl.exp(gamma_last - gamma)
-        dk = dkb * beta[:, None] + tl.dot(tl.trans(M), kb, input_precision=PRECISION) + dKd * to_end[:, None]
-        e = tl.sum(dKd * k, 1) * to_end  # Kd = k Gamma_C / Gamma
-        dgamma = tl.sum(dBk * Bk, 1) + tl.sum(G, 1) - tl.sum(G, 0) - e
-        dgamma += tl.where(rc == C - 1, tl.sum(e, 0) + da_a, 0.0)
-        dbeta = tl.sum(dBv * v, 1) + tl.sum(dkb * k, 1)
-
-        tk = bh * T * K + t[:, None].to(tl.int64) * K + rk[None, :]
-        m_tk = m_row[:, None] & (rk < K)[None, :]
-        tl.store(dk_ptr + tk, tl.load(dk_out_ptr + tk, mask=m_tk, other=0.0) + dk, mask=m_tk)
-        tl.store(dv_ptr + bh * T * V + t[:, None].to(tl.int64) * V + rv[None, :], dBv * beta[:, None],
-                 mask=m_row[:, None] & (rv < V)[None, :])
+        kd_dot = tl.zeros([BC], dtype=tl.float32)  # sum over d_k of dKd * k
+        for k0 in range(0, K, BK):
+            cols = k0 + rk
+            m_ck = (rc < C)[:, None] & (cols < K)[None, :]
+            k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, cols, K)
+            kb = k * beta[:, None]
+            dW = tl.load(dw_ptr + chunk * C * K + rc[:, None] * K + cols[None, :], mask=m_ck, other=0.0)
+            dKd = tl.load(dkd_ptr + chunk * C * K + rc[:, None] * K + cols[None, :], mask=m_ck, other=0.0)
+            dBk = tl.dot(tl.trans(X), dW, input_precision=PRECISION)
+            dgamma += tl.sum(dBk * kb, 1) * Gamma  # Bk = kb Gamma
+            dkb = dBk * Gamma[:, None] + tl.dot(M, k, input_precision=PRECISION)
+            dbeta += tl.sum(dkb * k, 1)
+            kd_dot += tl.sum(dKd * k, 1)
+            dk = dkb * beta[:, None] + tl.dot(tl.trans(M), kb, input_precision=PRECISION) + dKd * to_end[:, None]
+            tk = bh * T * K + t[:, None].to(tl.int64) * K + cols[None, :]
+            m_tk = m_row[:, None] & (cols < K)[None, :]
+            tl.store(dk_ptr + tk, tl.load(dk_out_ptr + tk, mask=m_tk, other=0.0) + dk, mask=m_tk)
+        e = kd_dot * to_end  # Kd = k Gamma_C / Gamma
+        da_a = tl.load(da_ptr + chunk) * tl.load(a_ptr + chunk)  # a = Gamma_C
+        dgamma += tl.where(rc == C - 1, tl.sum(e, 0) + da_a, 0.0) - e
         dgamma += tl.load(dgamma_out_ptr + bh * T + t, mask=m_row, other=0.0)
         # gamma = cumsum(g): dg_t = sum_{s >= t} d(gamma_s)
         dg = tl.sum(dgamma, 0) - tl.cumsum(dgamma, 0) + dgamma
@@ -248,7 +280,7 @@ class _FusedChunkwise(torch.autograd.Function):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         g, beta = g.float().contiguous(), beta.float().contiguous()
         BC, BK = _blocks(C, K)
-        BV = max(16, triton.next_power_of_2(V))
+        BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
         consts = dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=_precision())
         f32 = dict(device=k.device, dtype=torch.float32)
         U, W, Kd = (torch.empty(B, H, n, C, d, **f32) for d in (V, K, K))
@@ -280,8 +312,8 @@ class _FusedChunkwise(torch.autograd.Function):
         dk, dv = torch.empty_like(dk_out), torch.empty(B, H, T, V, **f32)
         dg, dbeta = torch.empty_like(dgamma_out), torch.empty_like(dgamma_out)
         _prep_bwd_kernel[(n, B * H)](k, v, g, beta, X, dU.contiguous(), dW.contiguous(), dKd.contiguous(),
-                                     da.contiguous(), a, dk_out, dgamma_out, dk, dv, dg, dbeta, *_strides(k), *_strides(v), T, H, n,
-                                     **consts)
+                                     da.contiguous(), a, dk_out, dgamma_out, dk, dv, dg, dbeta, *_strides(k),
+                                     *_strides(v), T, H, n, **{**consts, "BK": min(BLOCK_K, consts["BK"])})
         dq, dk, dv = (grad.to(dtype) for grad, dtype in zip((dq, dk, dv), dtypes))
         return dq, dk, dv, dg, dbeta, (ds0 if has_s0 else None), None, None
 
