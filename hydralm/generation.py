@@ -19,9 +19,11 @@ from hydralm.static_decode import StaticDecoder, unsupported
 # (tokens, vocab) logits tensor the forward returns.
 PREFILL_CHUNK_SIZE = 8192
 
-# decoder="auto" compiles a CUDA graph only for at least this many new tokens: the compile and capture cost
-# seconds once per model and batch size, a graph step saves ~30 ms per token over model.step (docs/inference.md).
-GRAPH_MIN_NEW_TOKENS = 64
+# decoder="auto" compiles a CUDA graph for at least this many new tokens, or when the model already holds a
+# compiled graph decoder: the first generate with "graph" took 28 s on an H200 (compile and capture), and a
+# graph step saves ~28 ms per token over model.step (1.2 vs 27-33 ms), so one call breaks even near 1,000 tokens
+# (docs/inference.md).
+GRAPH_MIN_NEW_TOKENS = 1024
 DECODERS = ("auto", "step", "static", "graph")
 
 PromptLike = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]]
@@ -180,7 +182,8 @@ def generate(
     decoder: what runs each new token after the prefill. "step": model.step. "static": a StaticDecoder
     (fixed-shape buffers; finished rows stay in the batch, fed eos). "graph": the StaticDecoder compiled,
     as a CUDA graph on a GPU (compile_mode="reduce-overhead"). "auto": "graph" on a GPU for a model the
-    StaticDecoder supports and max_new_tokens >= GRAPH_MIN_NEW_TOKENS, else "step". Static decoders are
+    StaticDecoder supports when max_new_tokens >= GRAPH_MIN_NEW_TOKENS or the model already holds a compiled
+    graph decoder, else "step". Static decoders are
     cached on the model (one per batch size and kind), so later calls reuse the compiled graph.
     """
     check_sampling(temperature, top_k, top_p)
@@ -226,8 +229,9 @@ def _pick_decoder(model, decoder: str, max_new_tokens: int, device: torch.device
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     reason = unsupported(model)
     if decoder == "auto":
-        graph_pays = device.type == "cuda" and max_new_tokens >= GRAPH_MIN_NEW_TOKENS
-        return "graph" if graph_pays and reason is None else "step"
+        compiled = any(key[1] == "graph" for key in getattr(model, "_static_decoders", {}))
+        graph_pays = device.type == "cuda" and (compiled or max_new_tokens >= GRAPH_MIN_NEW_TOKENS)
+        return "graph" if graph_pays and reason is None and max_new_tokens > 1 else "step"
     if decoder != "step" and reason is not None:
         raise ValueError(f"decoder={decoder!r}: {reason}")
     return decoder

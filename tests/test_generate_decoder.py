@@ -73,8 +73,11 @@ def test_auto_picks_a_graph_only_on_cuda_for_supported_models_and_long_outputs()
     assert _pick_decoder(model, "auto", 10_000, torch.device("cpu")) == "step"
     assert _pick_decoder(small(layer_types=("swa", "attention")), "auto", 10_000, cuda) == "step"
     assert _pick_decoder(small(memory=None), "auto", 10_000, cuda) == "step"
-    generate(model, torch.randint(0, 64, (1, 4)), GRAPH_MIN_NEW_TOKENS)  # CPU: model.step, nothing cached
+    generate(model, torch.randint(0, 64, (1, 4)), 8)  # CPU: model.step, nothing cached
     assert not hasattr(model, "_static_decoders")
+    model._static_decoders = {(1, "graph", "cuda", torch.bfloat16): None}  # a compiled decoder exists: reuse pays
+    assert _pick_decoder(model, "auto", 2, cuda) == "graph"
+    assert _pick_decoder(model, "auto", 1, cuda) == "step"  # one new token needs no step
 
 
 def test_bad_decoder_values_and_unsupported_models_raise():

@@ -44,10 +44,11 @@ def main() -> None:
     totals = {"plain": 0.0, "spec": 0.0, "same": 0, "accepted": 0, "proposed": 0, "rounds": 0, "tokens": 0}
     prompts = [torch.tensor(ids[i * step: i * step + args.prompt_len], device=args.device)[None]
                for i in range(args.prompts)]
-    generate(model, prompts[0], args.new, temperature=0)  # warm-up
+    # the baseline is model.step, the loop speculative decoding also runs (decoder="graph" is docs/inference.md's)
+    generate(model, prompts[0], args.new, temperature=0, decoder="step")  # warm-up
     speculative_generate(model, None, prompts[0], args.new, k=args.k, temperature=0)
     for prompt in prompts:
-        plain, seconds = timed(lambda: generate(model, prompt, args.new, temperature=0))
+        plain, seconds = timed(lambda: generate(model, prompt, args.new, temperature=0, decoder="step"))
         totals["plain"] += seconds
         (spec, stats), seconds = timed(lambda: speculative_generate(model, None, prompt, args.new, k=args.k, temperature=0))
         totals["spec"] += seconds

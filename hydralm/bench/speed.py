@@ -8,8 +8,8 @@ layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,1638
         adds a torch.compile'd Triton variant) at B8 T4096 H16 K128; SWA (flex) and retrieval
         (flex, token-routed, C=128, k=8) at 4k/16k/64k with 64k tokens per batch, H16 D128.
 models  training step of HydraLM-160m (20-layer schedule; BENCH_MODELS picks among HydraLM-160m,
-        "HydraLM-160m triton-GDN", "HydraLM-160m compiled-GDN", Dense-160m) and of the DenseTransformer with the same fields,
-        bf16 autocast, fused AdamW, 64k tokens per step, at 4k/16k/64k context.
+        "HydraLM-160m fused-GDN", "HydraLM-160m triton-GDN", "HydraLM-160m compiled-GDN", Dense-160m) and of
+        the DenseTransformer with the same fields, bf16 autocast, fused AdamW, 64k tokens per step, at 4k/16k/64k context.
 decode  batch-1 decode latency of HydraLM-160m (compressive memory on) after 4k, 64k and 1M tokens of context
         (BENCH_DECODE_CONTEXTS); the context is streamed in 8192-token chunks (prefill tokens/s printed too).
         BENCH_DECODE_STATIC=1 adds the StaticDecoder step captured as a CUDA graph (static_graph_ms) and
@@ -143,8 +143,9 @@ def models() -> None:
     torch.set_float32_matmul_precision("high")
     rows = []
     # the GDN kernel each HydraLM variant runs (kernels/backend.py); the default is auto = fused on CUDA
-    variants = {"HydraLM-160m": (HydraLM, "auto", "0"), "HydraLM-160m triton-GDN": (HydraLM, "triton", "0"),
-                "HydraLM-160m compiled-GDN": (HydraLM, "triton", "1"), "Dense-160m": (DenseTransformer, "auto", "0")}
+    variants = {"HydraLM-160m": (HydraLM, "auto", "0"), "HydraLM-160m fused-GDN": (HydraLM, "fused", "0"),
+                "HydraLM-160m triton-GDN": (HydraLM, "triton", "0"), "HydraLM-160m compiled-GDN": (HydraLM, "triton", "1"),
+                "Dense-160m": (DenseTransformer, "auto", "0")}
     for name in os.environ.get("BENCH_MODELS", "HydraLM-160m,Dense-160m").split(","):
         cls, gdn, compile_gdn = variants[name]
         os.environ.update(HYDRALM_DELTANET=gdn, HYDRALM_DELTANET_COMPILE=compile_gdn)
