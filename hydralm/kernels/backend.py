@@ -11,7 +11,7 @@ HYDRALM_DELTANET = auto | torch | triton | fused | fla
     backward. fla: flash-linear-attention's chunk_gated_delta_rule, only when asked for. fla 0.6 refuses the
     backward on Hopper with triton < 3.7.1 (fla#640), and its forward failed under bf16 autocast in a training
     run's validation on the GPU machine, so auto never picks it: auto = triton on CUDA, torch on CPU.
-    fused is 2.4x faster than triton at d 128 and 5.7x at d 64 on an H200, but auto waits for its GPU
+    fused is 2.3x faster than triton at d 128 on an H200 (10.6 vs 24.9 ms), but auto waits for its GPU
     check at the current kernel revision (`GPU_CHECK_DELTANET=fused python -m hydralm.bench.gpu_check
     delta_rule`; docs/benchmarks.md): an earlier revision passed at d 64, the revision that loops over
     64-wide blocks (needed at d 128) was only checked in Triton's CPU interpreter.
