@@ -71,3 +71,20 @@ def tiny(layers="mixed", seed=0, **overrides):
     torch.manual_seed(seed)
     types = LAYER_SETS[layers]
     return HydraLM(HydraConfig(**{**TINY_BASE, "n_layers": len(types), "layer_types": types, **overrides})).eval()
+
+
+# A model the StaticDecoder runs: chunks of 8, 2 exact chunks and a pool of 4 compressed chunks, so a few
+# dozen decoded tokens complete chunks, compress and evict.
+STATIC_MEMORY = dict(exact_window=16, compress_every=4, pool_size=8)
+
+
+def static_model(memory=STATIC_MEMORY, layer_types=("deltanet", "swa", "retrieval")):
+    import torch
+
+    from hydralm import HydraConfig, HydraLM
+
+    torch.manual_seed(0)
+    cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=len(layer_types), n_heads=4, n_kv_heads=2,
+                      layer_types=list(layer_types), swa_window=16, retrieval_chunk_size=8, retrieval_top_k=2,
+                      initializer_range=0.2, memory=memory)
+    return HydraLM(cfg).eval()

@@ -8,23 +8,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from helpers import CONF
-from hydralm import HydraConfig, HydraLM
+from helpers import CONF, static_model as small
 from hydralm.generation import GRAPH_MIN_NEW_TOKENS, _pick_decoder, generate
 from hydralm.sample import generate_ids
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-# chunks of 8 with 2 exact chunks and a pool of 4: 40 new tokens after a 21-token prompt compress and evict
-MEMORY = dict(exact_window=16, compress_every=4, pool_size=8)
-
-
-def small(memory=MEMORY, layer_types=("deltanet", "swa", "retrieval")):
-    torch.manual_seed(0)
-    cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=len(layer_types), n_heads=4, n_kv_heads=2,
-                      layer_types=list(layer_types), swa_window=16, retrieval_chunk_size=8, retrieval_top_k=2,
-                      initializer_range=0.2, memory=memory)
-    return HydraLM(cfg).eval()
 
 
 def test_static_decoding_gives_the_step_tokens_with_eos_and_ragged_prompts():

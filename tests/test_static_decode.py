@@ -3,20 +3,9 @@
 import pytest
 import torch
 
-from hydralm import HydraConfig, HydraLM
+from helpers import static_model as small
 from hydralm.state import clone_state, states_equal
 from hydralm.static_decode import StaticDecoder
-
-# chunks of 8, 2 exact chunks, a pool of 4 compressed chunks: 120 steps complete 15 chunks, compress and evict
-MEMORY = dict(exact_window=16, compress_every=4, pool_size=8)
-
-
-def small(memory=MEMORY, layer_types=("deltanet", "swa", "retrieval")):
-    torch.manual_seed(0)
-    cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=len(layer_types), n_heads=4, n_kv_heads=2,
-                      layer_types=list(layer_types), swa_window=16, retrieval_chunk_size=8, retrieval_top_k=2,
-                      initializer_range=0.2, memory=memory)
-    return HydraLM(cfg).eval()
 
 
 def decode_both(model, decoder, state, token, steps):

@@ -48,17 +48,26 @@ def _configs() -> list:
 if triton is not None:
 
     @triton.jit
-    def _rows(c, T, C: tl.constexpr, BC: tl.constexpr):
-        """This chunk's row indices in the tile, their token positions, and which rows are real tokens."""
+    def _program(T, H, C: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        """This program's chunk c and (batch, head) bh = (b, h); the chunk's row indices in the tile, their token
+        positions t and which rows are real tokens; the column ranges of a d_k and a d_v block."""
+        c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         rc = tl.arange(0, BC)
         t = c * C + rc
-        return rc, t, (rc < C) & (t < T)
+        return c, bh, bh // H, bh % H, rc, t, (rc < C) & (t < T), tl.arange(0, BK), tl.arange(0, BV)
 
     @triton.jit
     def _load_rows(ptr, base, t, s_t, m_row, cols, n_cols):
         """A (BC, BD) tile of a strided (T, D) matrix (last dim contiguous) as fp32; padding reads 0."""
         mask = m_row[:, None] & (cols < n_cols)[None, :]
         return tl.load(ptr + base + t[:, None].to(tl.int64) * s_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _chunk_tile(ptr, chunk, rc, cols, C: tl.constexpr, N: tl.constexpr):
+        """A (rows, block) tile of a contiguous per-chunk (C, N) fp32 buffer (the state: (K, V)); rows past C,
+        columns past N read 0."""
+        return tl.load(ptr + chunk * C * N + rc[:, None] * N + cols[None, :],
+                       mask=(rc < C)[:, None] & (cols < N)[None, :], other=0.0)
 
     @triton.jit
     def _gates(g_ptr, beta_ptr, bh, t, m_row, T):
@@ -82,10 +91,7 @@ if triton is not None:
                          s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, T, H, n_chunks,
                          C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                          BV: tl.constexpr, PRECISION: tl.constexpr):
-        c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        rc, t, m_row = _rows(c, T, C, BC)
-        rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+        c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
         k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
         gamma, beta = _gates(g_ptr, beta_ptr, bh, t, m_row, T)
         kb = k * beta[:, None]
@@ -120,10 +126,7 @@ if triton is not None:
                            C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                            BV: tl.constexpr, PRECISION: tl.constexpr):
         """o (B, H, T, V) contiguous, fp32."""
-        c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        rc, t, m_row = _rows(c, T, C, BC)
-        rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+        c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
         q = _load_rows(q_ptr, b * s_qb + h * s_qh, t, s_qt, m_row, rk, K)
         k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
         gamma = tl.cumsum(tl.load(g_ptr + bh * T + t, mask=m_row, other=0.0).to(tl.float32), 0)
@@ -132,10 +135,7 @@ if triton is not None:
         qd = q * (scale * tl.exp(gamma))[:, None]
         for v0 in range(0, V, BV):
             cols = v0 + rv
-            S = tl.load(h_ptr + chunk * K * V + rk[:, None] * V + cols[None, :],
-                        mask=(rk < K)[:, None] & (cols < V)[None, :], other=0.0)
-            delta = tl.load(delta_ptr + chunk * C * V + rc[:, None] * V + cols[None, :],
-                            mask=(rc < C)[:, None] & (cols < V)[None, :], other=0.0)
+            S, delta = _chunk_tile(h_ptr, chunk, rk, cols, K, V), _chunk_tile(delta_ptr, chunk, rc, cols, C, V)
             o = tl.dot(qd, S, input_precision=PRECISION) + tl.dot(P, delta, input_precision=PRECISION)
             tl.store(o_ptr + bh * T * V + t[:, None].to(tl.int64) * V + cols[None, :], o,
                      mask=m_row[:, None] & (cols < V)[None, :])
@@ -148,10 +148,7 @@ if triton is not None:
                            BV: tl.constexpr, PRECISION: tl.constexpr):
         """The output kernel's adjoint: gradients of H_c and delta_c (for the pass), dq (final), and this
         kernel's shares of dk and d(gamma) (the prep adjoint adds its own)."""
-        c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        rc, t, m_row = _rows(c, T, C, BC)
-        rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+        c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
         q = _load_rows(q_ptr, b * s_qb + h * s_qh, t, s_qt, m_row, rk, K)
         k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
         gamma = tl.cumsum(tl.load(g_ptr + bh * T + t, mask=m_row, other=0.0).to(tl.float32), 0)
@@ -196,32 +193,26 @@ if triton is not None:
         dgamma_out; separate buffers, as the autotuner reruns kernels) and writes dk, dv, dg, dbeta.
         d_k is walked in BK-wide blocks twice (the (C, d_k) tiles of a whole head overflow shared memory):
         first for the sums over d_k (the scores (beta k) k^T and dX), then for the per-column gradients."""
-        c, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        b, h = bh // H, bh % H
-        rc, t, m_row = _rows(c, T, C, BC)
-        rk, rv = tl.arange(0, BK), tl.arange(0, BV)
+        c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
         gamma, beta = _gates(g_ptr, beta_ptr, bh, t, m_row, T)
         Gamma = tl.exp(gamma)
         chunk = bh * n_chunks + c
-        X = tl.load(x_ptr + chunk * C * C + rc[:, None] * C + rc[None, :],
-                    mask=(rc < C)[:, None] & (rc < C)[None, :], other=0.0)
+        X = _chunk_tile(x_ptr, chunk, rc, rc, C, C)
 
         scores = tl.zeros([BC, BC], dtype=tl.float32)  # (beta k) k^T
         dX = tl.zeros([BC, BC], dtype=tl.float32)  # U = X Bv, W = X Bk: dX = dU Bv^T + dW Bk^T
         for k0 in range(0, K, BK):
             cols = k0 + rk
-            m_ck = (rc < C)[:, None] & (cols < K)[None, :]
             k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, cols, K)
             kb = k * beta[:, None]
-            dW = tl.load(dw_ptr + chunk * C * K + rc[:, None] * K + cols[None, :], mask=m_ck, other=0.0)
+            dW = _chunk_tile(dw_ptr, chunk, rc, cols, C, K)
             scores += tl.dot(kb, tl.trans(k), input_precision=PRECISION)
             dX += tl.dot(dW, tl.trans(kb * Gamma[:, None]), input_precision=PRECISION)
         dbeta = tl.zeros([BC], dtype=tl.float32)
         for v0 in range(0, V, BV):
             cols = v0 + rv
-            m_cv = (rc < C)[:, None] & (cols < V)[None, :]
             v = _load_rows(v_ptr, b * s_vb + h * s_vh, t, s_vt, m_row, cols, V)
-            dU = tl.load(du_ptr + chunk * C * V + rc[:, None] * V + cols[None, :], mask=m_cv, other=0.0)
+            dU = _chunk_tile(du_ptr, chunk, rc, cols, C, V)
             dBv = tl.dot(tl.trans(X), dU, input_precision=PRECISION)
             tl.store(dv_ptr + bh * T * V + t[:, None].to(tl.int64) * V + cols[None, :], dBv * beta[:, None],
                      mask=m_row[:, None] & (cols < V)[None, :])
@@ -238,11 +229,9 @@ if triton is not None:
         kd_dot = tl.zeros([BC], dtype=tl.float32)  # sum over d_k of dKd * k
         for k0 in range(0, K, BK):
             cols = k0 + rk
-            m_ck = (rc < C)[:, None] & (cols < K)[None, :]
             k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, cols, K)
             kb = k * beta[:, None]
-            dW = tl.load(dw_ptr + chunk * C * K + rc[:, None] * K + cols[None, :], mask=m_ck, other=0.0)
-            dKd = tl.load(dkd_ptr + chunk * C * K + rc[:, None] * K + cols[None, :], mask=m_ck, other=0.0)
+            dW, dKd = _chunk_tile(dw_ptr, chunk, rc, cols, C, K), _chunk_tile(dkd_ptr, chunk, rc, cols, C, K)
             dBk = tl.dot(tl.trans(X), dW, input_precision=PRECISION)
             dgamma += tl.sum(dBk * kb, 1) * Gamma  # Bk = kb Gamma
             dkb = dBk * Gamma[:, None] + tl.dot(M, k, input_precision=PRECISION)
