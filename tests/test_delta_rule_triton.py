@@ -102,6 +102,20 @@ def test_fused_reads_strided_bf16_inputs_like_the_layer_passes_them():
         torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2, msg=lambda m: f"{name}: {m}")
 
 
+def test_fused_gradients_through_the_final_state_alone():
+    """A chunk's output unused (its gradient None, as in a prefill that keeps only the state): the fused
+    backward still gives the PyTorch kernel's gradients, and zeros for q."""
+    inputs = _inputs(1, 2, 40, 16, 16)
+    results = []
+    for backend in ("torch", "fused"):
+        leaves = [t.float().requires_grad_() for t in inputs]
+        _, state = delta_rule_chunkwise(*leaves[:5], initial_state=leaves[5], chunk_size=16, backend=backend)
+        state.pow(2).sum().backward()
+        results.append([torch.zeros_like(t) if t.grad is None else t.grad for t in leaves])
+    for name, got, expected in zip(["dq", "dk", "dv", "dg", "dbeta", "ds0"], results[1], results[0]):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("backend", ["triton", "fused"])
 def test_model_trains_the_same_with_the_triton_and_torch_deltanet(monkeypatch, backend):
     cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, layer_types=["deltanet", "deltanet"],
