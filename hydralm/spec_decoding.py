@@ -9,10 +9,10 @@ One round, with the target state covering every emitted token except the last on
      emits a token from normalize(max(0, p_{i-1} - q_i)); when all k are accepted it emits a bonus token
      from p_k. Every emitted token is then distributed exactly as under plain sampling from the target;
   4. the new state: the verify forward's state if all drafts were accepted, otherwise a second forward
-     (one step when no draft was accepted) over [pending, accepted drafts] from the kept pre-round state. States are values (a forward never
-     changes what an older state holds), so keeping the pre-round state is a free, exact checkpoint:
-     no trace of a rejected token can remain in any layer (DeltaNet S, conv caches, SWA ring, retrieval
-     bank). See docs/inference.md.
+     (one step when no draft was accepted) over [pending, accepted drafts] from the kept pre-round state.
+     States are values (a forward never changes what an older state holds), so keeping the pre-round state
+     is a free, exact checkpoint: no trace of a rejected token can remain in any layer (DeltaNet S, conv
+     caches, SWA ring, retrieval bank). See docs/inference.md.
 
 Greedy (temperature <= 0) accepts d_i iff it is the argmax of p_{i-1} and emits the argmax at the first
 mismatch, so it produces greedy ``generate``'s tokens. Batch size 1.

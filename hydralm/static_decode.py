@@ -66,16 +66,15 @@ class StaticDecoder:
         reusing the compiled step: its tensors are copied into the buffers."""
         if len(state) != len(self.buffers):
             raise ValueError(f"state must have one entry per layer ({len(self.buffers)}), got {len(state)}")
-        for i, (block, st, buffers) in enumerate(zip(self.model.blocks, state, self.buffers)):
-            new = _as_buffers(block.layer_type, st, self.pos_t.device)
-            for key, value in new.items():
+        for i, (st, buffers) in enumerate(zip(state, self.buffers)):
+            for key, value in st.items():
                 if torch.is_tensor(value):
                     if value.shape != buffers[key].shape:
                         raise ValueError(f"state[{i}][{key!r}] has shape {tuple(value.shape)}, the decoder's buffer "
                                          f"{tuple(buffers[key].shape)}: build a new StaticDecoder for it")
-                    buffers[key].copy_(value)
-            if "counts" in new:
-                buffers["counts"].update(new["counts"])
+                    buffers[key].copy_(value)  # straight into the buffer: no intermediate clone
+            if "counts" in buffers:
+                _set_counts(buffers, {key: int(st[key]) for key in buffers["counts"]})
         self.pos = _position(state)
         self.pos_t.fill_(self.pos)
 
@@ -128,6 +127,13 @@ def _as_buffers(layer_type: str, st: dict, device) -> dict:
         buffers["n_t"] = torch.tensor(st["n_chunks"], device=device)
         buffers["n_pool_t"] = torch.tensor(st["n_pool"], device=device)
     return buffers
+
+
+def _set_counts(b: dict, counts: dict) -> None:
+    """A retrieval layer's host counters and their device mirrors, together."""
+    b["counts"].update(counts)
+    b["n_t"].fill_(counts["n_chunks"])
+    b["n_pool_t"].fill_(counts["n_pool"])
 
 
 def _deltanet_step(mixer, x: torch.Tensor, b: dict, pos: torch.Tensor) -> torch.Tensor:
@@ -196,9 +202,7 @@ def _complete_chunk(mixer, b: dict) -> None:
     for key, value in tensors.items():
         if value is not new[key]:
             value.copy_(new[key])
-    counts.update({key: int(new[key]) for key in counts})
-    b["n_t"].fill_(counts["n_chunks"])
-    b["n_pool_t"].fill_(counts["n_pool"])
+    _set_counts(b, {key: int(new[key]) for key in counts})
 
 
 _STEPS = {"deltanet": _deltanet_step, "swa": _swa_step, "retrieval": _retrieval_step}

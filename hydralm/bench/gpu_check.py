@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from hydralm.bench.speed import coherent_queries
 from hydralm.kernels.delta_rule import compiled_delta_rule_chunkwise, delta_rule_chunkwise, delta_rule_recurrent
 from hydralm.kernels.flex import retrieval_flex, sliding_window_flex
 from hydralm.kernels.local_attention import repeat_kv, sliding_window_attention
@@ -104,8 +105,8 @@ def check_flex(device: str) -> None:
                 _record(f"flex SWA {dtype} N={N} W={W} d{name}", _rel(ga, gb), tol * 2)
     for N, C, K, coherent in ((1024, 64, 4, False), (1024, 128, 2, True)):
         q, k, v = (torch.randn(1, 4, N, 64, device=device) for _ in range(3))
-        if coherent:  # a tile's queries share a direction: they route alike, so most visited tiles are full blocks
-            q = (torch.randn(1, 4, N // 128, 1, 64, device=device) + 0.1 * q.unflatten(2, (N // 128, 128))).flatten(2, 3)
+        if coherent:  # a tile's queries route alike, so most visited tiles are full blocks
+            q = coherent_queries(q)
         w = torch.randn(1, 4, N, 64, device=device)
         ref, ref_g = _grads(lambda a, b, c: _reference_on_device(a, b, c, C, K), [t.clone().requires_grad_() for t in (q, k, v)], w)
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):

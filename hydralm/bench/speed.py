@@ -31,6 +31,15 @@ RESULTS: dict = {}
 DECODE_MEMORY = {"exact_window": 4096, "compress_every": 8, "pool_size": 4096}  # the streaming model's memory
 
 
+def coherent_queries(noise: torch.Tensor, tile: int = 128) -> torch.Tensor:
+    """Queries (B, H, N, D) whose `tile`-long runs share one random direction, plus 10 % of `noise`: as when a
+    tile's tokens ask about one thing, they route to nearly the same chunks. (The second session's version,
+    tile mean + noise, was noise-dominated.)"""
+    B, H, N, D = noise.shape
+    shared = torch.randn(B, H, N // tile, 1, D, device=noise.device, dtype=noise.dtype)
+    return (shared + 0.1 * noise.unflatten(2, (N // tile, tile))).flatten(2, 3)
+
+
 def bench(fn, rep: int = 50) -> float:
     return do_bench(fn, warmup=10, rep=rep, return_mode="median")
 
@@ -86,12 +95,8 @@ def layers() -> None:
     for T in [int(t) for t in os.environ.get("BENCH_ATTENTION_CONTEXTS", "4096,16384,65536").split(",") if t]:
         B = max(1, 65536 // T)
         q, k, v = (torch.randn(B, Hh, T, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        # coherent: a tile's 128 queries share one direction (+10 % noise), as when its tokens ask about one
-        # thing, so they pick nearly the same chunks (~14 tiles visited per query tile at 64k, vs ~235 for
-        # random queries). The second session's "coherent" queries (tile mean + noise) were noise-dominated.
-        shared = torch.randn(B, Hh, T // 128, 1, D, device="cuda")
-        coherent_q = (shared + 0.1 * q.detach().float().unflatten(2, (T // 128, 128))).flatten(2, 3)
-        coherent_q = coherent_q.bfloat16().requires_grad_()
+        # ~14 tiles visited per query tile at 64k with coherent queries, vs ~235 for random ones
+        coherent_q = coherent_queries(q.detach().float()).bfloat16().requires_grad_()
 
         def swa():
             sliding_window_flex(q, k, v, W).sum().backward()
@@ -142,7 +147,7 @@ def models() -> None:
     cfg = HydraConfig.from_preset("160m")
     torch.set_float32_matmul_precision("high")
     rows = []
-    # the GDN kernel each HydraLM variant runs (kernels/backend.py); the default is auto = fused on CUDA
+    # the GDN kernel each HydraLM variant runs (kernels/backend.py); "HydraLM-160m" runs auto (triton on CUDA)
     variants = {"HydraLM-160m": (HydraLM, "auto", "0"), "HydraLM-160m fused-GDN": (HydraLM, "fused", "0"),
                 "HydraLM-160m triton-GDN": (HydraLM, "triton", "0"), "HydraLM-160m compiled-GDN": (HydraLM, "triton", "1"),
                 "Dense-160m": (DenseTransformer, "auto", "0")}
