@@ -11,7 +11,8 @@ models  training step of HydraLM-160m (20-layer schedule; BENCH_MODELS picks amo
         "HydraLM-160m fused-GDN", "HydraLM-160m triton-GDN", "HydraLM-160m compiled-GDN", Dense-160m) and of
         the DenseTransformer with the same fields, bf16 autocast, fused AdamW, 64k tokens per step, at 4k/16k/64k context.
 decode  batch-1 decode latency of HydraLM-160m (compressive memory on) after 4k, 64k and 1M tokens of context
-        (BENCH_DECODE_CONTEXTS); the context is streamed in 8192-token chunks (prefill tokens/s printed too).
+        (BENCH_DECODE_CONTEXTS); the context is streamed in 8192-token chunks (prefill tokens/s, the decode
+        state's MiB and the peak GPU memory so far printed too).
         BENCH_DECODE_STATIC=1 adds the StaticDecoder step captured as a CUDA graph (static_graph_ms) and
         the seconds to build it or load a new state into it, compile and capture included (static_setup_s).
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
@@ -199,6 +200,7 @@ def claim_models() -> None:
 @torch.no_grad()
 def decode() -> None:
     from hydralm import HydraConfig, HydraLM, StreamingEngine
+    from hydralm.state import state_bytes
     from hydralm.static_decode import StaticDecoder
 
     cfg = HydraConfig.from_preset("160m", memory=DECODE_MEMORY)
@@ -222,7 +224,8 @@ def decode() -> None:
         windows = timed_windows(step, warmup=20)
         ms = sorted(windows)[2]
         rows.append({"context": context, "ms_per_token": ms, "min_ms": min(windows), "max_ms": max(windows),
-                     "tok_s": 1e3 / ms, "prefill_tok_s": prefill_tok_s,
+                     "tok_s": 1e3 / ms, "prefill_tok_s": prefill_tok_s, "state_MiB": state_bytes(engine.state) / 2**20,
+                     "peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
                      "latency_vs_first": ms / rows[0]["ms_per_token"] if rows else 1.0})
         if os.environ.get("BENCH_DECODE_STATIC"):  # the fixed-shape step as a CUDA graph, from the same state
             started = time.perf_counter()
@@ -238,7 +241,7 @@ def decode() -> None:
         RESULTS["decode"] = rows
     _print_table("batch-1 decode, HydraLM-160m bf16, memory on", rows,
                  ["context", "ms_per_token", "min_ms", "max_ms", "tok_s", "latency_vs_first", "prefill_tok_s",
-                  "static_graph_ms", "static_setup_s"])
+                  "state_MiB", "peak_GiB", "static_graph_ms", "static_setup_s"])
 
 
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
