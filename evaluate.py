@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from hydralm.eval.runner import evaluate
+    from hydralm.eval.evaluate_job import evaluate
 
     evaluate(cfg)
 

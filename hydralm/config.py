@@ -158,25 +158,11 @@ class HydraConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "HydraConfig":
+        from hydralm.presets import PRESETS
+
         if name not in PRESETS:
             raise ValueError(f"preset={name!r} is unknown; allowed: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
-
-
-# Named presets. `tiny` trains on a 2-core CPU in minutes and holds every layer type;
-# `160m` is the product's default 20-layer HydraLM (10 DeltaNet / 5 SWA / 5 retrieval).
-PRESETS: dict = {
-    "tiny": dict(
-        vocab_size=64, d_model=128, n_layers=6, n_heads=4, swa_every=3, retrieval_every=2,
-        swa_window=128, retrieval_top_k=4, retrieval_chunk_size=32, dn_chunk_size=32,
-    ),
-    "small": dict(
-        vocab_size=32000, d_model=512, n_layers=12, n_heads=8, swa_every=4, retrieval_every=3,
-    ),
-    "160m": dict(
-        vocab_size=32000, d_model=768, n_layers=20, n_heads=12, swa_every=4, retrieval_every=3,
-    ),
-}
 
 
 # -- validation helpers --------------------------------------------------------------------------
@@ -237,8 +223,11 @@ def _check_memory_fits(cfg: "HydraConfig") -> None:
     if C % m["compress_every"]:
         _fail("memory.compress_every", m["compress_every"], f"a divisor of retrieval_chunk_size={C}")
     if m["pool_size"] < C // m["compress_every"]:
-        _fail("memory.pool_size", m["pool_size"],
-              f">= retrieval_chunk_size / compress_every = {C // m['compress_every']} (one compressed chunk)")
+        _fail(
+            "memory.pool_size",
+            m["pool_size"],
+            f">= retrieval_chunk_size / compress_every = {C // m['compress_every']} (one compressed chunk)",
+        )
 
 
 def _check_layer_types(layer_types: Any, n_layers: int) -> list:

@@ -129,7 +129,7 @@ def load_from_lightning_checkpoint(ckpt_path: PathLike, map_location: Union[str,
     except ValueError as err:
         raise ValueError(f"{ckpt_path}: hyper_parameters['model'] is not a valid HydraConfig: {err}") from None
     # Only the network: metric states and a torch.compile wrapper (``_compiled_forward._orig_mod.*``) are not it.
-    net_state = {name[len("net."):]: tensor for name, tensor in state.items() if name.startswith("net.")}
+    net_state = {name[len("net.") :]: tensor for name, tensor in state.items() if name.startswith("net.")}
     model = ARCHITECTURES[architecture](cfg)
     floating = {t.dtype for t in net_state.values() if t.is_floating_point()}
     if len(floating) == 1:

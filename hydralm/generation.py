@@ -11,9 +11,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from hydralm.sampling import check_sampling, sample_next
 from hydralm.state import select_rows
 from hydralm.static_decode import StaticDecoder, unsupported
+from hydralm.token_sampling import check_sampling, sample_next
 
 # Prompt tokens fed to one parallel forward during prefill; bounds prefill activations and the
 # (tokens, vocab) logits tensor the forward returns.
@@ -175,7 +175,7 @@ def generate(
     prompt_lengths, give a list of 1-D tensors: row i is its prompt followed by its new tokens, which
     end at its first eos (inclusive) or after max_new_tokens.
 
-    temperature <= 0 is greedy; top_k / top_p filter the distribution (hydralm.sampling). A
+    temperature <= 0 is greedy; top_k / top_p filter the distribution (hydralm.token_sampling). A
     torch.Generator makes sampling reproducible. The model runs in eval mode under no_grad; its
     training flag is restored afterwards.
 
@@ -194,8 +194,14 @@ def generate(
     rows, one_d, ragged = _as_rows(prompt_ids, prompt_lengths, device)
     if any(r.numel() == 0 for r in rows):
         raise ValueError("every prompt needs at least one token (the model has no empty-context state)")
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=eos_token_id,
-                    pad_token_id=pad_token_id, generator=generator)
+    sampling = dict(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        generator=generator,
+    )
     with inference_mode(model):
         # Rows share one stream position in a state, so only prompts of equal length decode together:
         # each length group is prefilled and decoded as one batch (exactly what one-by-one would compute).
@@ -203,7 +209,7 @@ def generate(
         for i, r in enumerate(rows):
             groups.setdefault(r.numel(), []).append(i)
         new_tokens: List[Optional[torch.Tensor]] = [None] * len(rows)
-        for length, members in groups.items():
+        for members in groups.values():
             prompts = torch.stack([rows[i] for i in members])
             if max_new_tokens == 0:
                 tokens = prompts.new_zeros(len(members), 0)
@@ -274,6 +280,7 @@ def _pad_to(tokens: torch.Tensor, length: int, pad: Optional[int]) -> torch.Tens
     missing = length - tokens.shape[-1]
     if missing <= 0:
         return tokens
-    filler = torch.full((*tokens.shape[:-1], missing), 0 if pad is None else pad, dtype=tokens.dtype,
-                        device=tokens.device)
+    filler = torch.full(
+        (*tokens.shape[:-1], missing), 0 if pad is None else pad, dtype=tokens.dtype, device=tokens.device
+    )
     return torch.cat([tokens, filler], dim=-1)

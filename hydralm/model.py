@@ -121,9 +121,14 @@ class HydraLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x, layer_state = block(x, None if state is None else state[i])
             new_state.append(layer_state)
-        head_input = x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep:]
-        out = {"logits": self.lm_head(self.norm(head_input)), "state": new_state if return_state else None,
-               "mtp_logits": None, "mtp_aux_loss": None, "memory_aux_loss": self._memory_loss()}
+        head_input = x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :]
+        out = {
+            "logits": self.lm_head(self.norm(head_input)),
+            "state": new_state if return_state else None,
+            "mtp_logits": None,
+            "mtp_aux_loss": None,
+            "memory_aux_loss": self._memory_loss(),
+        }
         if return_hidden:
             out["hidden"] = x
         if compute_mtp:

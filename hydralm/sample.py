@@ -29,9 +29,7 @@ def parse_prompt_ids(value, vocab_size: int) -> List[int]:
         try:
             value = [int(part) for part in text.split(",") if part.strip()]
         except ValueError:
-            raise ValueError(
-                f"prompt_ids={value!r} is invalid: expected a list of token ids, e.g. [1,2,3]"
-            ) from None
+            raise ValueError(f"prompt_ids={value!r} is invalid: expected a list of token ids, e.g. [1,2,3]") from None
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
     if not isinstance(value, (list, tuple, ListConfig)):
@@ -63,8 +61,11 @@ def resolve_tokenizer_path(ckpt: str, tokenizer_path: Optional[str] = None) -> O
     try:
         path = OmegaConf.select(run_config, "data.tokenizer_path", default=None)
     except Exception as err:  # an interpolation that only resolves inside that run (e.g. ${hydra:...})
-        print(f"warning: could not resolve data.tokenizer_path of the training run ({err}); "
-              "using the byte-level tokenizer (pass tokenizer_path=... to choose)", file=sys.stderr)
+        print(
+            f"warning: could not resolve data.tokenizer_path of the training run ({err}); "
+            "using the byte-level tokenizer (pass tokenizer_path=... to choose)",
+            file=sys.stderr,
+        )
         return None
     return None if path is None else str(path)
 
@@ -113,16 +114,21 @@ def sample(cfg: DictConfig) -> str:
     info = None
     if cfg.prompt is not None:
         if trained_on_synthetic_ids(ckpt):
-            print("warning: this checkpoint was trained on synthetic token ids; a text prompt means little to "
-                  "it (use prompt_ids=[...])", file=sys.stderr)
+            print(
+                "warning: this checkpoint was trained on synthetic token ids; a text prompt means little to "
+                "it (use prompt_ids=[...])",
+                file=sys.stderr,
+            )
         info = select_tokenizer(ckpt, cfg.tokenizer_path, vocab_size)
         prompt_ids = encode_prompt(str(cfg.prompt), info, cfg.add_bos)
     else:
         prompt_ids = parse_prompt_ids(cfg.prompt_ids, vocab_size)
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else (info.eos_id if info is not None else None)
     new_ids = generate_ids(model, prompt_ids, cfg, eos if cfg.stop_at_eos else None)
-    print(f"# {len(new_ids)} new tokens after a {len(prompt_ids)}-token prompt from {ckpt}: {model.cfg.summary()}",
-          file=sys.stderr)
+    print(
+        f"# {len(new_ids)} new tokens after a {len(prompt_ids)}-token prompt from {ckpt}: {model.cfg.summary()}",
+        file=sys.stderr,
+    )
     if info is None:
         return json.dumps(prompt_ids + new_ids)
     return decode_ids(prompt_ids + new_ids, info)
@@ -139,11 +145,17 @@ def generate_ids(model, prompt_ids: List[int], cfg: DictConfig, eos_token_id: Op
     prompt = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     with torch.no_grad():
         out = generate(
-            model, prompt, max_new_tokens=int(cfg.max_new_tokens), temperature=float(cfg.temperature),
-            top_k=cfg.top_k or None, top_p=cfg.top_p, eos_token_id=eos_token_id, generator=generator,
+            model,
+            prompt,
+            max_new_tokens=int(cfg.max_new_tokens),
+            temperature=float(cfg.temperature),
+            top_k=cfg.top_k or None,
+            top_p=cfg.top_p,
+            eos_token_id=eos_token_id,
+            generator=generator,
             decoder=cfg.decoder,
         )
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 def _run_config(ckpt: str) -> Optional[DictConfig]:

@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 
 from hydralm.generation import PREFILL_CHUNK_SIZE, check_integer, inference_mode, model_device, prefill
-from hydralm.sampling import check_sampling, filtered_probs, sample_from_probs, sample_next
+from hydralm.token_sampling import check_sampling, filtered_probs, sample_from_probs, sample_next
 
 
 @dataclass
@@ -241,8 +241,10 @@ def speculative_generate(
             )
         k = min(k, depth)
     elif draft.cfg.vocab_size != target.cfg.vocab_size:
-        raise ValueError(f"draft vocab_size={draft.cfg.vocab_size} differs from the target's "
-                         f"{target.cfg.vocab_size}; speculative sampling compares their distributions token by token")
+        raise ValueError(
+            f"draft vocab_size={draft.cfg.vocab_size} differs from the target's "
+            f"{target.cfg.vocab_size}; speculative sampling compares their distributions token by token"
+        )
     device = model_device(target)
     if draft is not None and model_device(draft) != device:
         raise ValueError(f"draft is on {model_device(draft)} but the target is on {device}")

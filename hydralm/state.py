@@ -29,8 +29,10 @@ def clone_state(state: Optional[State]) -> Optional[State]:
     """
     if state is None:
         return None
-    return [{key: (_used(layer, key, value).clone() if torch.is_tensor(value) else value)
-             for key, value in layer.items()} for layer in state]
+    return [
+        {key: (_used(layer, key, value).clone() if torch.is_tensor(value) else value) for key, value in layer.items()}
+        for layer in state
+    ]
 
 
 def state_bytes(state: Optional[State]) -> int:
@@ -85,8 +87,16 @@ def stack_states(states: Iterable[State]) -> State:
                     f"stack_states: layer {i} {key!r} differs between states ({values}); rows of one "
                     f"state share one stream position, so only states of equal length can be stacked"
                 )
-        out.append({key: (torch.cat([_used(layer, key, layer[key]) for layer in layers], dim=0)
-                          if torch.is_tensor(value) else value) for key, value in layers[0].items()})
+        out.append(
+            {
+                key: (
+                    torch.cat([_used(layer, key, layer[key]) for layer in layers], dim=0)
+                    if torch.is_tensor(value)
+                    else value
+                )
+                for key, value in layers[0].items()
+            }
+        )
     return out
 
 

@@ -2,7 +2,7 @@
 
 `model.step` is exact and flexible (functional states, rollback, any layer mix) but its shapes follow
 Python-int counters (tokens seen, chunks in the bank, slots in the pool), so every step re-dispatches
-~6,500 PyTorch calls from Python (`python -m hydralm.bench.profile_decode`). Here the counters live in
+~6,500 PyTorch calls from Python (`python -m benchmarks.profile_decode`). Here the counters live in
 0-dim device tensors and every layer reads full-capacity buffers under masks:
 
   DeltaNet   S (B, H, D, D) and the short-conv cache: already fixed-shape, updated in place.
@@ -26,8 +26,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from hydralm.kernels.chunk_retrieval import gather_chunks, sparse_chunk_attention
-from hydralm.kernels.local_attention import repeat_kv
+from hydralm.kernels.attention.local import repeat_kv
+from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attention
 
 
 class StaticDecoder:
@@ -49,8 +49,11 @@ class StaticDecoder:
         self.pos_t = torch.tensor(self.pos, device=device)
         self.buffers = [_as_buffers(block.layer_type, s, device) for block, s in zip(model.blocks, state)]
         # the layers whose chunks complete between steps, with their buffers
-        self._retrieval = [(block.mixer, buffers) for block, buffers in zip(model.blocks, self.buffers)
-                           if block.layer_type == "retrieval"]
+        self._retrieval = [
+            (block.mixer, buffers)
+            for block, buffers in zip(model.blocks, self.buffers)
+            if block.layer_type == "retrieval"
+        ]
         self.batch_size = next(t.shape[0] for b in self.buffers for t in b.values() if torch.is_tensor(t))
         self.step_fn = self._step
         if compile:
@@ -70,8 +73,10 @@ class StaticDecoder:
             for key, value in st.items():
                 if torch.is_tensor(value):
                     if value.shape != buffers[key].shape:
-                        raise ValueError(f"state[{i}][{key!r}] has shape {tuple(value.shape)}, the decoder's buffer "
-                                         f"{tuple(buffers[key].shape)}: build a new StaticDecoder for it")
+                        raise ValueError(
+                            f"state[{i}][{key!r}] has shape {tuple(value.shape)}, the decoder's buffer "
+                            f"{tuple(buffers[key].shape)}: build a new StaticDecoder for it"
+                        )
                     buffers[key].copy_(value)  # straight into the buffer: no intermediate clone
             if "counts" in buffers:
                 _set_counts(buffers, {key: int(st[key]) for key in buffers["counts"]})
@@ -83,8 +88,10 @@ class StaticDecoder:
         """One token per row: token_ids (B,) -> next-token logits (B, vocab). Under a CUDA graph the logits
         live in the graph's output buffer, which the next step overwrites: clone them to keep them."""
         if tuple(token_ids.shape) != (self.batch_size,):
-            raise ValueError(f"token_ids must have shape ({self.batch_size},), one token per row of the state; "
-                             f"got {tuple(token_ids.shape)}")
+            raise ValueError(
+                f"token_ids must have shape ({self.batch_size},), one token per row of the state; "
+                f"got {tuple(token_ids.shape)}"
+            )
         logits = self.step_fn(token_ids)
         for mixer, buffers in self._retrieval:
             if self.pos % mixer.chunk_size == mixer.chunk_size - 1:
@@ -106,11 +113,15 @@ def unsupported(model) -> Optional[str]:
     """Why StaticDecoder cannot decode `model`, or None when it can."""
     others = sorted({t for t in model.cfg.layer_types if t not in _STEPS})
     if others:
-        return (f"StaticDecoder supports deltanet, swa and retrieval layers; this model has {others} "
-                "(their caches grow with the stream)")
+        return (
+            f"StaticDecoder supports deltanet, swa and retrieval layers; this model has {others} "
+            "(their caches grow with the stream)"
+        )
     if "retrieval" in model.cfg.layer_types and model.cfg.memory is None:
-        return ("StaticDecoder needs HydraConfig.memory for retrieval layers: without the compressive memory their "
-                "banks grow with the stream and have no fixed shape")
+        return (
+            "StaticDecoder needs HydraConfig.memory for retrieval layers: without the compressive memory their "
+            "banks grow with the stream and have no fixed shape"
+        )
     return None
 
 
@@ -153,8 +164,9 @@ def _swa_step(mixer, x: torch.Tensor, b: dict, pos: torch.Tensor) -> torch.Tenso
     ring_v.index_copy_(2, slot, v.to(ring_v.dtype))
     written = (torch.arange(window, device=x.device) <= pos).view(1, 1, 1, window)  # all once the ring wrapped
     groups = mixer.proj.kv_groups
-    y = F.scaled_dot_product_attention(q, repeat_kv(ring_k.to(q.dtype), groups), repeat_kv(ring_v.to(q.dtype), groups),
-                                       attn_mask=written)
+    y = F.scaled_dot_product_attention(
+        q, repeat_kv(ring_k.to(q.dtype), groups), repeat_kv(ring_v.to(q.dtype), groups), attn_mask=written
+    )
     return mixer.proj.merge(y)[:, 0]
 
 
@@ -169,8 +181,9 @@ def _retrieval_step(mixer, x: torch.Tensor, b: dict, pos: torch.Tensor) -> torch
     P, capacity = b["pool_summaries"].shape[2], b["summaries"].shape[2]
     # Routing over [pool | bank] at full capacity; ineligible slots masked (as route_tokens' n_eligible does).
     rows = q.float().reshape(B, H // groups, groups, 1, D)
-    scores = torch.cat([rows @ s.float().transpose(-1, -2)[:, :, None] for s in (b["pool_summaries"], b["summaries"])],
-                       dim=-1).reshape(B, H, 1, P + capacity)
+    scores = torch.cat(
+        [rows @ s.float().transpose(-1, -2)[:, :, None] for s in (b["pool_summaries"], b["summaries"])], dim=-1
+    ).reshape(B, H, 1, P + capacity)
     slots = torch.arange(P + capacity, device=x.device)
     eligible = torch.where(slots < P, slots < n_pool, slots - P < n - 1)
     top, selected = scores.masked_fill(~eligible, float("-inf")).topk(min(top_k, P + capacity), dim=-1)
@@ -189,8 +202,15 @@ def _retrieval_step(mixer, x: torch.Tensor, b: dict, pos: torch.Tensor) -> torch
     local_v = repeat_kv(torch.cat([prev_v, b["buf_v"]], dim=2), groups)
     in_chunk = torch.arange(C, device=x.device)
     local_mask = torch.cat([(n > 0).expand(C), in_chunk <= filled]).view(1, 1, 1, 2 * C).expand(B, H, 1, 2 * C)
-    y = sparse_chunk_attention(q, exact_k, exact_v, reads, torch.cat([pool_k, local_k], dim=-2),
-                               torch.cat([pool_v, local_v], dim=-2), torch.cat([pool_reads, local_mask], dim=-1))
+    y = sparse_chunk_attention(
+        q,
+        exact_k,
+        exact_v,
+        reads,
+        torch.cat([pool_k, local_k], dim=-2),
+        torch.cat([pool_v, local_v], dim=-2),
+        torch.cat([pool_reads, local_mask], dim=-1),
+    )
     return mixer.proj.merge(y)[:, 0]
 
 

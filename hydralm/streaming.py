@@ -17,8 +17,8 @@ from typing import Iterable, Optional, Union
 import torch
 
 from hydralm.generation import check_integer, decode, inference_mode, model_device
-from hydralm.sampling import check_sampling
 from hydralm.state import clone_state, state_bytes
+from hydralm.token_sampling import check_sampling
 
 TokenChunk = Union[torch.Tensor, Iterable[int]]
 
@@ -96,8 +96,9 @@ class StreamingEngine:
                 if chunk.shape[1] == 0:
                     continue
                 if carry is not None and carry.shape[0] != chunk.shape[0]:
-                    raise ValueError(f"chunks of one stream must share the batch size: got {chunk.shape[0]} "
-                                     f"after {carry.shape[0]}")
+                    raise ValueError(
+                        f"chunks of one stream must share the batch size: got {chunk.shape[0]} after {carry.shape[0]}"
+                    )
                 joined = chunk if carry is None else torch.cat([carry, chunk], dim=1)
                 start = 0
                 while joined.shape[1] - start >= self.chunk_size:
@@ -119,8 +120,10 @@ class StreamingEngine:
             raise ValueError(f"a chunk must be 1-D or (batch, n), got shape {tuple(ids.shape)}")
         batch = self.batch_size if self.batch_size is not None else ids.shape[0]
         if ids.shape[0] != batch:
-            raise ValueError(f"the engine's stream has batch size {batch}, got a chunk of shape {tuple(ids.shape)}; "
-                             f"call reset() to start a stream with another batch size")
+            raise ValueError(
+                f"the engine's stream has batch size {batch}, got a chunk of shape {tuple(ids.shape)}; "
+                f"call reset() to start a stream with another batch size"
+            )
         return ids
 
     def _feed(self, ids: torch.Tensor, stats: StreamStats) -> None:
@@ -163,8 +166,18 @@ class StreamingEngine:
             return self.last_logits.new_zeros(self.batch_size, 0, dtype=torch.long)
         with inference_mode(self.model):
             new, state, logits = decode(
-                self.model, self.state, self.last_logits, max_new_tokens, temperature, top_k, top_p,
-                eos_token_id, pad_token_id, generator, drop_finished=False, feed_last=keep_generated,
+                self.model,
+                self.state,
+                self.last_logits,
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                eos_token_id,
+                pad_token_id,
+                generator,
+                drop_finished=False,
+                feed_last=keep_generated,
             )
         if keep_generated:
             self.state, self.last_logits = state, logits

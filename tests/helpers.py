@@ -17,12 +17,24 @@ CONF = str(ROOT / "conf")
 
 # Small, fast settings for CPU tests: a 2-layer model on 128-token retrieval_qa.
 FAST = [
-    "model.d_model=32", "model.n_layers=3", "model.n_heads=2", "model.swa_window=16",
-    "model.retrieval_chunk_size=8", "model.retrieval_top_k=2", "model.dn_chunk_size=16",
-    "data.task_kwargs.seq_len=128", "data.task_kwargs.num_facts=4", "data.task_kwargs.num_queries=2",
-    "data.batch_size=4", "data.num_val_samples=8", "data.num_test_samples=8",
-    "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.log_every_n_steps=1",
-    "trainer.enable_model_summary=false", "print_config=false",
+    "model.d_model=32",
+    "model.n_layers=3",
+    "model.n_heads=2",
+    "model.swa_window=16",
+    "model.retrieval_chunk_size=8",
+    "model.retrieval_top_k=2",
+    "model.dn_chunk_size=16",
+    "data.task_kwargs.seq_len=128",
+    "data.task_kwargs.num_facts=4",
+    "data.task_kwargs.num_queries=2",
+    "data.batch_size=4",
+    "data.num_val_samples=8",
+    "data.num_test_samples=8",
+    "trainer.max_steps=4",
+    "trainer.val_check_interval=2",
+    "trainer.log_every_n_steps=1",
+    "trainer.enable_model_summary=false",
+    "print_config=false",
 ]
 
 
@@ -47,13 +59,23 @@ def composed(tmp_path: Path, overrides: List[str], config_name: str = "train"):
 def run_script(args: List[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python <args>` from the project root the way a user does; outputs land in cwd's logs/."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PROJECT_ROOT": str(cwd)}
-    return subprocess.run([sys.executable, *args], cwd=str(ROOT), env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 # Tiny models for the inference tests; init std 0.2 makes logits O(1) so greedy paths are non-trivial.
-TINY_BASE = dict(vocab_size=64, d_model=32, n_heads=2, swa_window=8, retrieval_chunk_size=4, retrieval_top_k=2,
-                 dn_chunk_size=8, mtp_depth=2, initializer_range=0.2)
+TINY_BASE = dict(
+    vocab_size=64,
+    d_model=32,
+    n_heads=2,
+    swa_window=8,
+    retrieval_chunk_size=4,
+    retrieval_top_k=2,
+    dn_chunk_size=8,
+    mtp_depth=2,
+    initializer_range=0.2,
+)
 LAYER_SETS = {
     "deltanet": ["deltanet", "deltanet"],
     "swa": ["swa", "swa"],
@@ -84,7 +106,17 @@ def static_model(memory=STATIC_MEMORY, layer_types=("deltanet", "swa", "retrieva
     from hydralm import HydraConfig, HydraLM
 
     torch.manual_seed(0)
-    cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=len(layer_types), n_heads=4, n_kv_heads=2,
-                      layer_types=list(layer_types), swa_window=16, retrieval_chunk_size=8, retrieval_top_k=2,
-                      initializer_range=0.2, memory=memory)
+    cfg = HydraConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=len(layer_types),
+        n_heads=4,
+        n_kv_heads=2,
+        layer_types=list(layer_types),
+        swa_window=16,
+        retrieval_chunk_size=8,
+        retrieval_top_k=2,
+        initializer_range=0.2,
+        memory=memory,
+    )
     return HydraLM(cfg).eval()

@@ -1,13 +1,14 @@
-"""Backend switches and the flex_attention paths (forward on CPU; fwd+bwd on GPU: hydralm.bench.gpu_check)."""
+"""Backend switches and the flex_attention paths (forward on CPU; fwd+bwd on GPU: benchmarks.gpu_check)."""
 
 import pytest
 import torch
 
 from hydralm import HydraConfig, HydraLM
 from hydralm.kernels import backend
-from hydralm.kernels.chunk_retrieval import retrieval_attention_reference, retrieval_mask_reference
-from hydralm.kernels.flex import retrieval_block_mask, retrieval_flex, sliding_window_flex
-from hydralm.kernels.local_attention import repeat_kv, sliding_window_attention
+from hydralm.kernels.attention.flex import sliding_window_flex
+from hydralm.kernels.attention.local import repeat_kv, sliding_window_attention
+from hydralm.kernels.retrieval.flex import retrieval_block_mask, retrieval_flex
+from hydralm.kernels.retrieval.reference import retrieval_attention_reference, retrieval_mask_reference
 
 
 def test_flex_sliding_window_matches_the_blocked_sdpa_path():
@@ -21,8 +22,12 @@ def test_flex_sliding_window_matches_the_blocked_sdpa_path():
 def test_flex_retrieval_matches_the_dense_mask_reference(chunk, top_k):
     q, k, v = (torch.randn(1, 2, 512, 16) for _ in range(3))
     with torch.no_grad():
-        torch.testing.assert_close(retrieval_flex(q, k, v, chunk, top_k),
-                                   retrieval_attention_reference(q, k, v, chunk, top_k), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            retrieval_flex(q, k, v, chunk, top_k),
+            retrieval_attention_reference(q, k, v, chunk, top_k),
+            atol=2e-5,
+            rtol=1e-4,
+        )
 
 
 @pytest.mark.parametrize("chunk", [64, 128])
@@ -51,9 +56,18 @@ def test_flex_retrieval_full_blocks_are_exactly_the_tiles_every_query_reads_in_f
 
 
 def test_model_forward_is_the_same_with_flex_and_torch_attention(monkeypatch):
-    cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
-                      layer_types=["deltanet", "retrieval", "swa"], swa_window=40, retrieval_chunk_size=32,
-                      retrieval_top_k=2, initializer_range=0.2)
+    cfg = HydraConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        layer_types=["deltanet", "retrieval", "swa"],
+        swa_window=40,
+        retrieval_chunk_size=32,
+        retrieval_top_k=2,
+        initializer_range=0.2,
+    )
     model = HydraLM(cfg).eval()
     ids = torch.randint(0, 64, (2, 256))
     with torch.no_grad():

@@ -8,9 +8,20 @@ from hydralm import HydraConfig, HydraLM
 from hydralm.modules.compressive_memory import CompressiveMemory
 
 MEMORY = {"exact_window": 32, "compress_every": 4, "pool_size": 16}  # 4 exact chunks; 16 slots = 8 pooled chunks
-CFG = HydraConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2,
-                  layer_types=["deltanet", "retrieval", "swa"], swa_window=8, retrieval_chunk_size=8,
-                  retrieval_top_k=2, dn_chunk_size=8, initializer_range=0.2, memory=MEMORY)
+CFG = HydraConfig(
+    vocab_size=64,
+    d_model=32,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=2,
+    layer_types=["deltanet", "retrieval", "swa"],
+    swa_window=8,
+    retrieval_chunk_size=8,
+    retrieval_top_k=2,
+    dn_chunk_size=8,
+    initializer_range=0.2,
+    memory=MEMORY,
+)
 
 
 def _tensor_bytes(state) -> int:
@@ -21,7 +32,7 @@ def _stream(model, ids, chunk):
     state = None
     with torch.no_grad():
         for a in range(0, ids.shape[1], chunk):
-            state = model(ids[:, a:a + chunk], state=state, return_state=True)["state"]
+            state = model(ids[:, a : a + chunk], state=state, return_state=True)["state"]
     return state
 
 
@@ -130,7 +141,7 @@ def test_chunk_sized_prefill_matches_step_decoding_with_compressed_chunks():
     with torch.no_grad():
         state, chunked = None, []
         for a in range(0, ids.shape[1], C):
-            out = model(ids[:, a:a + C], state=state, return_state=True)
+            out = model(ids[:, a : a + C], state=state, return_state=True)
             state = out["state"]
             chunked.append(out["logits"])
         assert state[1]["n_pool"] > 0 and state[1]["evicted"] > 0

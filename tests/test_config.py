@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from omegaconf import OmegaConf
 
 from hydralm import PRESETS, HydraConfig
 
@@ -28,15 +29,40 @@ def test_explicit_layer_types_override_the_rule():
 
 
 BAD_VALUES = [
-    ("vocab_size", 1), ("d_model", 0), ("n_layers", -2), ("n_heads", 0), ("n_heads", 5), ("head_dim", 0),
-    ("n_kv_heads", 5), ("mlp_mult", 0.0), ("mlp_multiple_of", 0), ("dn_short_conv_kernel", 0),
-    ("dn_use_gate", "yes"), ("dn_chunk_size", 0), ("dn_norm_qk", 1), ("swa_window", 0), ("swa_every", -1),
-    ("rope_base", 0.0), ("retrieval_every", -1), ("retrieval_top_k", 0), ("retrieval_chunk_size", 0),
-    ("mtp_depth", -1), ("mtp_loss_weight", -0.1), ("tie_embeddings", None), ("rms_eps", 0.0),
-    ("initializer_range", -1.0), ("layer_types", ["deltanet"] * 3), ("layer_types", ["mamba"] * 12),
-    ("layer_types", "deltanet"), ("memory", {"exact_window": 8}), ("memory", {"exact_window": 8,
-    "compress_every": 0, "pool_size": 4}), ("memory", 5), ("n_layers", 2.0), ("d_model", True),
-    ("mlp_mult", float("nan")), ("head_dim", 7),
+    ("vocab_size", 1),
+    ("d_model", 0),
+    ("n_layers", -2),
+    ("n_heads", 0),
+    ("n_heads", 5),
+    ("head_dim", 0),
+    ("n_kv_heads", 5),
+    ("mlp_mult", 0.0),
+    ("mlp_multiple_of", 0),
+    ("dn_short_conv_kernel", 0),
+    ("dn_use_gate", "yes"),
+    ("dn_chunk_size", 0),
+    ("dn_norm_qk", 1),
+    ("swa_window", 0),
+    ("swa_every", -1),
+    ("rope_base", 0.0),
+    ("retrieval_every", -1),
+    ("retrieval_top_k", 0),
+    ("retrieval_chunk_size", 0),
+    ("mtp_depth", -1),
+    ("mtp_loss_weight", -0.1),
+    ("tie_embeddings", None),
+    ("rms_eps", 0.0),
+    ("initializer_range", -1.0),
+    ("layer_types", ["deltanet"] * 3),
+    ("layer_types", ["mamba"] * 12),
+    ("layer_types", "deltanet"),
+    ("memory", {"exact_window": 8}),
+    ("memory", {"exact_window": 8, "compress_every": 0, "pool_size": 4}),
+    ("memory", 5),
+    ("n_layers", 2.0),
+    ("d_model", True),
+    ("mlp_mult", float("nan")),
+    ("head_dim", 7),
 ]
 
 
@@ -49,8 +75,13 @@ def test_each_invalid_field_raises_one_value_error_naming_it(field, value):
 
 
 def test_round_trip_through_json_preserves_config_and_computed_schedule():
-    cfg = HydraConfig(n_layers=8, retrieval_every=3, mtp_depth=2, n_kv_heads=4,
-                      memory={"exact_window": 64, "compress_every": 16, "pool_size": 32})
+    cfg = HydraConfig(
+        n_layers=8,
+        retrieval_every=3,
+        mtp_depth=2,
+        n_kv_heads=4,
+        memory={"exact_window": 64, "compress_every": 16, "pool_size": 32},
+    )
     data = json.loads(cfg.to_json())
     assert data["layer_types"] is None  # computed schedules stay computed
     again = HydraConfig.from_dict(data)
@@ -78,3 +109,18 @@ def test_presets_are_valid_and_unknown_preset_errors():
     assert (big.d_model, big.n_layers, big.n_heads) == (768, 20, 12)
     with pytest.raises(ValueError, match="preset='huge' is unknown"):
         HydraConfig.from_preset("huge")
+
+
+def test_model_yaml_files_are_the_presets(tmp_path):
+    """conf/model/*.yaml are generated from hydralm/presets.py: a preset or a default changed without
+    regenerating them (`python -m hydralm.presets conf/model`) fails here."""
+    import pathlib
+
+    from hydralm.presets import render_yaml
+
+    conf = pathlib.Path(__file__).resolve().parents[1] / "conf" / "model"
+    assert sorted(p.stem for p in conf.glob("*.yaml")) == sorted(PRESETS)
+    for name in PRESETS:
+        assert (conf / f"{name}.yaml").read_text() == render_yaml(name), f"conf/model/{name}.yaml is stale"
+        data = OmegaConf.to_container(OmegaConf.load(conf / f"{name}.yaml"))
+        assert HydraConfig(**data) == HydraConfig.from_preset(name)

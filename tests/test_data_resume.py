@@ -110,8 +110,9 @@ def test_text_resume_map_style_and_streaming(tmp_path):
     corpus.write_text("\n".join(json.dumps(d) for d in docs))
 
     def module(**kwargs):
-        return TextDataModule(str(corpus), seq_len=16, batch_size=3, val_fraction=0.1, test_fraction=0.0, seed=2,
-                              **kwargs)
+        return TextDataModule(
+            str(corpus), seq_len=16, batch_size=3, val_fraction=0.1, test_fraction=0.0, seed=2, **kwargs
+        )
 
     def map_style():
         return module(cache_dir=str(tmp_path / "hf"))

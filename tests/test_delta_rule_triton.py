@@ -1,10 +1,10 @@
 """The Triton kernels against the PyTorch loop and the recurrence: the pass over chunks
-(kernels/delta_rule_triton.py, backend "triton") and the fully fused layer (kernels/delta_rule_fused.py,
-backend "fused").
+(kernels/delta_rule/triton_state_pass.py, backend "triton") and the fully fused layer
+(kernels/delta_rule/triton_fused.py, backend "fused").
 
 Off GPU these run in Triton's CPU interpreter (TRITON_INTERPRET=1, set in conftest.py), which executes the
 kernels' own code with IEEE fp32 dots. On a GPU the same checks, plus TF32/bf16 ones, are
-`python -m hydralm.bench.gpu_check`.
+`python -m benchmarks.gpu_check`.
 """
 
 import pytest
@@ -13,7 +13,9 @@ import torch.nn.functional as F
 
 from hydralm import HydraConfig, HydraLM
 from hydralm.kernels.delta_rule import delta_rule_chunkwise, delta_rule_recurrent
-from hydralm.kernels.delta_rule_triton import state_pass_torch, state_pass_triton, triton_available
+from hydralm.kernels.delta_rule.chunk import state_pass_torch
+from hydralm.kernels.delta_rule.triton_state_pass import state_pass_triton
+from hydralm.kernels.triton_common import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="the `triton` package is a dev dependency")
 
@@ -41,13 +43,19 @@ def _outputs_and_grads(fn, inputs, with_state):
 
 # Shapes include non-power-of-two chunk / head sizes (masked tiles) and T not a multiple of the chunk.
 @pytest.mark.parametrize("backend", ["triton", "fused", "fused 16-wide blocks"])
-@pytest.mark.parametrize("B,H,T,dk,dv,chunk,with_state", [
-    (2, 3, 70, 20, 12, 16, True), (1, 2, 64, 32, 40, 12, False), (1, 1, 5, 8, 8, 64, True),
-])
-def test_triton_chunkwise_matches_the_recurrence_in_outputs_and_all_gradients(B, H, T, dk, dv, chunk, with_state,
-                                                                             backend, monkeypatch):
+@pytest.mark.parametrize(
+    "B,H,T,dk,dv,chunk,with_state",
+    [
+        (2, 3, 70, 20, 12, 16, True),
+        (1, 2, 64, 32, 40, 12, False),
+        (1, 1, 5, 8, 8, 64, True),
+    ],
+)
+def test_triton_chunkwise_matches_the_recurrence_in_outputs_and_all_gradients(
+    B, H, T, dk, dv, chunk, with_state, backend, monkeypatch
+):
     if backend == "fused 16-wide blocks":  # the fused kernels' loops over d_k / d_v blocks take several steps
-        from hydralm.kernels import delta_rule_fused
+        from hydralm.kernels.delta_rule import triton_fused as delta_rule_fused
 
         monkeypatch.setattr(delta_rule_fused, "BLOCK_V", 16)
         monkeypatch.setattr(delta_rule_fused, "BLOCK_K", 16)
@@ -56,7 +64,8 @@ def test_triton_chunkwise_matches_the_recurrence_in_outputs_and_all_gradients(B,
     expected = _outputs_and_grads(delta_rule_recurrent, inputs, with_state)  # fp64, token by token
     fp32 = [t.float() for t in inputs]
     got = _outputs_and_grads(
-        lambda *a, **kw: delta_rule_chunkwise(*a, **kw, chunk_size=chunk, backend=backend), fp32, with_state)
+        lambda *a, **kw: delta_rule_chunkwise(*a, **kw, chunk_size=chunk, backend=backend), fp32, with_state
+    )
     for name, g, e in zip(["o", "state", "dq", "dk", "dv", "dg", "dbeta", "ds0"], got, expected):
         torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")
 
@@ -65,7 +74,7 @@ def test_triton_chunkwise_matches_the_recurrence_in_outputs_and_all_gradients(B,
 def test_triton_state_pass_equals_the_pytorch_loop_with_partial_gradients(tile, monkeypatch):
     """Gradients arriving only through some outputs (None for the others) are handled like autograd does; every
     state-tile width the GPU autotuner may pick (V = 40 is not a multiple of any: masked columns)."""
-    from hydralm.kernels import delta_rule_triton as dt
+    from hydralm.kernels.delta_rule import triton_state_pass as dt
 
     for kernel in (dt._state_pass_fwd_kernel, dt._state_pass_bwd_kernel):
         monkeypatch.setattr(kernel, "configs", [dt.triton.Config({"BV": tile}, num_warps=4, num_stages=1)])
@@ -118,8 +127,15 @@ def test_fused_gradients_through_the_final_state_alone():
 
 @pytest.mark.parametrize("backend", ["triton", "fused"])
 def test_model_trains_the_same_with_the_triton_and_torch_deltanet(monkeypatch, backend):
-    cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=2, layer_types=["deltanet", "deltanet"],
-                      dn_chunk_size=16, initializer_range=0.2)
+    cfg = HydraConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        layer_types=["deltanet", "deltanet"],
+        dn_chunk_size=16,
+        initializer_range=0.2,
+    )
     model = HydraLM(cfg)
     ids = torch.randint(0, 64, (2, 40))
     grads = {}

@@ -7,16 +7,30 @@ import sys
 
 import pytest
 import torch
+from helpers import FAST, ROOT, composed
 from safetensors import safe_open
 
-from helpers import FAST, ROOT, composed
 from hydralm import DenseTransformer, HydraConfig, HydraLM
 from hydralm.export import (
-    export_checkpoint, load_from_lightning_checkpoint, load_model, load_pretrained, save_pretrained,
+    export_checkpoint,
+    load_from_lightning_checkpoint,
+    load_model,
+    load_pretrained,
+    save_pretrained,
 )
 
-SMALL = dict(vocab_size=64, d_model=32, n_layers=4, n_heads=2, swa_every=4, retrieval_every=3, swa_window=8,
-             retrieval_chunk_size=4, retrieval_top_k=2, dn_chunk_size=8)
+SMALL = dict(
+    vocab_size=64,
+    d_model=32,
+    n_layers=4,
+    n_heads=2,
+    swa_every=4,
+    retrieval_every=3,
+    swa_window=8,
+    retrieval_chunk_size=4,
+    retrieval_top_k=2,
+    dn_chunk_size=8,
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +89,7 @@ def test_lightning_checkpoint_loads_and_exports_exactly(trained_ckpt, tmp_path):
     checkpoint = torch.load(trained_ckpt, map_location="cpu", weights_only=True)
     model = load_from_lightning_checkpoint(trained_ckpt)
     assert model.cfg == HydraConfig(**checkpoint["hyper_parameters"]["model"]) and model.cfg.mtp_depth == 1
-    trained = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    trained = {k[len("net.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
     assert not torch.equal(model.embed.weight, HydraLM(model.cfg).embed.weight)  # the trained weights, not an init
 
@@ -87,8 +101,11 @@ def test_lightning_checkpoint_loads_and_exports_exactly(trained_ckpt, tmp_path):
 
 def test_dense_architecture_is_read_from_the_checkpoint(tmp_path):
     dense = DenseTransformer(HydraConfig(**SMALL))
-    fake = {"hyper_parameters": {"model": HydraConfig(**SMALL).to_dict(), "architecture": "dense"},
-            "state_dict": {f"net.{k}": v for k, v in dense.state_dict().items()}, "global_step": 3}
+    fake = {
+        "hyper_parameters": {"model": HydraConfig(**SMALL).to_dict(), "architecture": "dense"},
+        "state_dict": {f"net.{k}": v for k, v in dense.state_dict().items()},
+        "global_step": 3,
+    }
     torch.save(fake, tmp_path / "dense.ckpt")
     loaded = load_from_lightning_checkpoint(tmp_path / "dense.ckpt")
     assert type(loaded) is DenseTransformer
@@ -97,13 +114,23 @@ def test_dense_architecture_is_read_from_the_checkpoint(tmp_path):
 
 def test_export_command_line(trained_ckpt, tmp_path):
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "hydralm.export", "--ckpt", str(trained_ckpt), "--out", str(out)],
-                            cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "hydralm.export", "--ckpt", str(trained_ckpt), "--out", str(out)],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert "exported hydra model HydraConfig(" in result.stdout
     _assert_same_model(load_from_lightning_checkpoint(trained_ckpt), load_pretrained(out))
-    missing = subprocess.run([sys.executable, "-m", "hydralm.export", "--ckpt", str(tmp_path / "nope.ckpt"),
-                              "--out", str(out)], cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    missing = subprocess.run(
+        [sys.executable, "-m", "hydralm.export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(out)],
+        cwd=str(ROOT),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert missing.returncode == 2 and "nope.ckpt' does not exist" in missing.stderr
 
 

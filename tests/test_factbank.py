@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hydralm import HydraConfig, HydraLM
-from hydralm.memory import FactBank, measure_c3, measure_c9
-from hydralm.memory.claims import C3_THRESHOLD, C9_THRESHOLD
+from hydralm.eval.factbank_claims import C3_THRESHOLD, C9_THRESHOLD, measure_c3, measure_c9
+from hydralm.factbank import FactBank
 
 
 # -- claims ----------------------------------------------------------------------------------------
@@ -26,7 +26,7 @@ def test_rotation_keeps_exactly_the_newest_capacity_entries():
     keys, values = torch.randn(total, 8), torch.arange(total)
     bank = FactBank(8, capacity)
     for i in range(0, total, 3):  # uneven batches: some writes straddle the end of the ring
-        bank.write(keys[i:i + 3], values[i:i + 3])
+        bank.write(keys[i : i + 3], values[i : i + 3])
     assert len(bank) == capacity and bank.count == total
     got, scores = bank.query(keys, k=1)
     newest = range(total - capacity, total)
@@ -136,8 +136,10 @@ def test_state_bytes_counts_the_allocated_tensors():
         (lambda: FactBank(4, 0), "capacity=0"),
         (lambda: FactBank(4, 2.5), "capacity=2.5"),
         (lambda: FactBank(4, 4, dtype=torch.int64), "dtype"),
-        (lambda: FactBank(4, 4).write(torch.randn(2, 5), torch.randn(2, 1)),
-         r"keys must be a 2-D tensor \(n, dim=4\), got \(2, 5\)"),
+        (
+            lambda: FactBank(4, 4).write(torch.randn(2, 5), torch.randn(2, 1)),
+            r"keys must be a 2-D tensor \(n, dim=4\), got \(2, 5\)",
+        ),
         (lambda: FactBank(4, 4).write(torch.randn(4), torch.randn(1, 1)), r"keys must be a 2-D tensor .* got \(4,\)"),
         (lambda: FactBank(4, 4).write(torch.randn(2, 4), torch.randn(3, 1)), r"values must be a tensor \(n=2"),
         (lambda: FactBank(4, 4).write(torch.full((1, 4), math.nan), torch.randn(1, 1)), "keys contain NaN"),

@@ -1,5 +1,5 @@
 """FSDP pieces that can be checked without a GPU (Lightning and torch run FSDP on CUDA only; the 2-GPU run
-is `python -m hydralm.bench.scaling`, docs/distributed.md)."""
+is `python -m benchmarks.scaling`, docs/distributed.md)."""
 
 import os
 
@@ -45,8 +45,7 @@ class _Sharded(nn.Module):
 
 def test_weight_decay_groups_follow_the_shapes_before_sharding():
     model = _Sharded()
-    opt = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1,
-                          sharded_ndims={"proj.weight": 2, "proj.bias": 1})
+    opt = build_optimizer(model, "adamw", lr=1e-3, weight_decay=0.1, sharded_ndims={"proj.weight": 2, "proj.bias": 1})
     decay, no_decay = opt.param_groups
     assert [p.shape for p in decay["params"]] == [torch.Size([8])] and decay["weight_decay"] == 0.1
     assert [p.shape for p in no_decay["params"]] == [torch.Size([2])] and no_decay["weight_decay"] == 0.0

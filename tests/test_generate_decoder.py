@@ -5,10 +5,11 @@ import copy
 
 import pytest
 import torch
+from helpers import CONF
+from helpers import static_model as small
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from helpers import CONF, static_model as small
 from hydralm.generation import GRAPH_MIN_NEW_TOKENS, _pick_decoder, generate
 from hydralm.sample import generate_ids
 
@@ -30,9 +31,10 @@ def test_static_decoding_gives_the_step_tokens_with_eos_and_ragged_prompts():
         padded[i, : r.numel()] = r
     lengths = [r.numel() for r in rows]
     step = generate(model, rows, 40, temperature=0, eos_token_id=eos, decoder="step")
-    for static in (generate(model, rows, 40, temperature=0, eos_token_id=eos, decoder="static"),
-                   generate(model, padded, 40, temperature=0, eos_token_id=eos, prompt_lengths=lengths,
-                            decoder="static")):
+    for static in (
+        generate(model, rows, 40, temperature=0, eos_token_id=eos, decoder="static"),
+        generate(model, padded, 40, temperature=0, eos_token_id=eos, prompt_lengths=lengths, decoder="static"),
+    ):
         assert all(torch.equal(a, b) for a, b in zip(static, step))
     # sampling without eos: the same batch at every step, so the same random draws
     seeded = dict(temperature=1.0, generator=torch.Generator().manual_seed(3))
@@ -103,6 +105,8 @@ def test_compiled_decoder_gives_the_step_tokens_and_is_reused():
     assert torch.equal(generate(model, prompt, 40, temperature=0, decoder="graph"), step)
     decoder = next(iter(model._static_decoders.values()))
     other = torch.randint(0, 64, (2, 13))
-    assert torch.equal(generate(model, other, 30, temperature=0, decoder="graph"),
-                       generate(model, other, 30, temperature=0, decoder="step"))
+    assert torch.equal(
+        generate(model, other, 30, temperature=0, decoder="graph"),
+        generate(model, other, 30, temperature=0, decoder="step"),
+    )
     assert list(model._static_decoders.values()) == [decoder]

@@ -3,11 +3,11 @@ reproducible sampling; the sampling helpers and the state utilities it relies on
 
 import pytest
 import torch
+from helpers import LAYER_SETS, tiny  # noqa: F401
 
-from helpers import LAYER_SETS, TINY_BASE as BASE, tiny  # noqa: F401
 from hydralm.generation import generate
-from hydralm.sampling import filtered_probs, sample_next
 from hydralm.state import clone_state, select_rows, stack_states, state_bytes, states_equal
+from hydralm.token_sampling import filtered_probs, sample_next
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -34,8 +34,9 @@ def test_greedy_equals_argmax_over_full_forward(layers):
 def test_chunked_prefill_gives_the_same_tokens():
     model = tiny()
     prompt = torch.randint(0, 64, (2, 23))
-    assert torch.equal(generate(model, prompt, 10, temperature=0, prefill_chunk_size=5),
-                       generate(model, prompt, 10, temperature=0))
+    assert torch.equal(
+        generate(model, prompt, 10, temperature=0, prefill_chunk_size=5), generate(model, prompt, 10, temperature=0)
+    )
 
 
 def test_prefill_once_then_step(monkeypatch):
@@ -43,8 +44,9 @@ def test_prefill_once_then_step(monkeypatch):
     model = tiny()
     forward_lengths, steps = [], []
     real_forward, real_step = model.forward, model.step
-    monkeypatch.setattr(model, "forward",
-                        lambda ids, **kw: forward_lengths.append(ids.shape[1]) or real_forward(ids, **kw))
+    monkeypatch.setattr(
+        model, "forward", lambda ids, **kw: forward_lengths.append(ids.shape[1]) or real_forward(ids, **kw)
+    )
     monkeypatch.setattr(model, "step", lambda ids, st: steps.append(1) or real_step(ids, st))
     generate(model, torch.randint(0, 64, (3, 11)), 20, temperature=0)
     assert forward_lengths == [11] and len(steps) == 19  # the last token needs no step
@@ -116,8 +118,12 @@ def test_training_flag_is_restored_and_no_graph_is_built():
 def test_bad_arguments_raise_value_error():
     model = tiny()
     prompt = torch.randint(0, 64, (1, 4))
-    for kwargs, match in [(dict(temperature="hot"), "temperature"), (dict(top_k=0), "top_k"),
-                          (dict(top_p=1.5), "top_p"), (dict(max_new_tokens=-1), "max_new_tokens")]:
+    for kwargs, match in [
+        (dict(temperature="hot"), "temperature"),
+        (dict(top_k=0), "top_k"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+    ]:
         with pytest.raises(ValueError, match=match):
             generate(model, prompt, **{"max_new_tokens": 3, **kwargs})
     with pytest.raises(ValueError, match="at least one token"):
@@ -158,8 +164,9 @@ def test_state_utilities():
         state = model(ids, return_state=True)["state"]
         copy = clone_state(state)
         assert states_equal(state, copy)
+        stepped = state
         for _ in range(6):  # steps may write into spare bank capacity, never into what `state` holds
-            _, stepped = model.step(ids[:, 0], state if _ == 0 else stepped)
+            _, stepped = model.step(ids[:, 0], stepped)
         assert states_equal(state, copy) and not states_equal(state, stepped)
         rows = select_rows(state, [2, 0])
         assert states_equal(stack_states([select_rows(state, [2]), select_rows(state, [0])]), rows)
@@ -169,5 +176,6 @@ def test_state_utilities():
     # state_bytes counts allocated storage: bank capacity included, compacted clone never larger
     assert state_bytes(state) >= state_bytes(clone_state(state)) > 0
     empty = model.init_state(1)
-    assert state_bytes(empty) == sum(t.numel() * t.element_size() for layer in empty for t in layer.values()
-                                     if torch.is_tensor(t))
+    assert state_bytes(empty) == sum(
+        t.numel() * t.element_size() for layer in empty for t in layer.values() if torch.is_tensor(t)
+    )

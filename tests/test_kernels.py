@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hydralm.kernels.chunk_retrieval import retrieval_attention_reference
-from hydralm.kernels.delta_rule import delta_rule_chunkwise, delta_rule_recurrent, delta_rule_step
-from hydralm.kernels.local_attention import causal_attention, sliding_window_attention
 from hydralm.config import HydraConfig
+from hydralm.kernels.attention.local import causal_attention, sliding_window_attention
+from hydralm.kernels.delta_rule import delta_rule_chunkwise, delta_rule_recurrent, delta_rule_step
+from hydralm.kernels.retrieval.reference import retrieval_attention_reference
 from hydralm.model import HydraLM
 from hydralm.modules.retrieval_attention import RetrievalAttention
 
@@ -79,13 +79,22 @@ def test_sliding_window_attention_matches_dense_mask(N, offset, window):
 def test_causal_attention_with_cache_matches_dense_mask():
     q = torch.randn(1, 2, 7, 8, dtype=torch.float64)
     k, v = torch.randn(1, 2, 12, 8, dtype=torch.float64), torch.randn(1, 2, 12, 8, dtype=torch.float64)
-    torch.testing.assert_close(causal_attention(q, k, v, 5), _dense_window_reference(q, k, v, None, 5), atol=1e-12, rtol=0)
+    torch.testing.assert_close(
+        causal_attention(q, k, v, 5), _dense_window_reference(q, k, v, None, 5), atol=1e-12, rtol=0
+    )
 
 
 @pytest.mark.parametrize("N,chunk,top_k", [(9, 4, 1), (50, 4, 2), (61, 8, 3), (64, 4, 20)])
 def test_retrieval_attention_matches_dense_mask_reference(N, chunk, top_k):
-    cfg = HydraConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, layer_types=["retrieval"],
-                      retrieval_chunk_size=chunk, retrieval_top_k=top_k)
+    cfg = HydraConfig(
+        vocab_size=8,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        layer_types=["retrieval"],
+        retrieval_chunk_size=chunk,
+        retrieval_top_k=top_k,
+    )
     layer = RetrievalAttention(cfg).double()
     q, k, v = (torch.randn(2, 2, N, 8, dtype=torch.float64) for _ in range(3))
     out, _ = layer.attend(q, k, v)
@@ -105,8 +114,15 @@ def test_retrieval_attention_never_builds_a_sequence_by_sequence_matrix(monkeypa
 
     monkeypatch.setattr(ra, "sparse_chunk_attention", spy)
     N, C, k = 1024, 8, 2
-    cfg = HydraConfig(vocab_size=8, d_model=16, n_layers=1, n_heads=2, layer_types=["retrieval"],
-                      retrieval_chunk_size=C, retrieval_top_k=k)
+    cfg = HydraConfig(
+        vocab_size=8,
+        d_model=16,
+        n_layers=1,
+        n_heads=2,
+        layer_types=["retrieval"],
+        retrieval_chunk_size=C,
+        retrieval_top_k=k,
+    )
     RetrievalAttention(cfg).attend(*(torch.randn(1, 2, N, 8) for _ in range(3)))
     assert seen and max(seen) <= (k * C + 2) * C < N // 4
 
@@ -124,8 +140,16 @@ def test_stateful_retrieval_prefill_is_exact_whether_the_bank_is_copied_or_gathe
         return real(union, sources)
 
     monkeypatch.setattr(ra, "_gather_exact", spy)
-    cfg = HydraConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, layer_types=["retrieval"],
-                      retrieval_chunk_size=4, retrieval_top_k=2, initializer_range=0.2)
+    cfg = HydraConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        layer_types=["retrieval"],
+        retrieval_chunk_size=4,
+        retrieval_top_k=2,
+        initializer_range=0.2,
+    )
     model = HydraLM(cfg).double().eval()
     ids = torch.randint(0, 64, (2, 300))
     with torch.no_grad():

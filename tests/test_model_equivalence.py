@@ -11,16 +11,25 @@ import torch
 
 from hydralm import DenseTransformer, HydraConfig, HydraLM
 
-SMALL = dict(vocab_size=101, d_model=32, n_heads=4, dn_chunk_size=8, swa_window=6,
-             retrieval_chunk_size=4, retrieval_top_k=2, initializer_range=0.2)
+SMALL = dict(
+    vocab_size=101,
+    d_model=32,
+    n_heads=4,
+    dn_chunk_size=8,
+    swa_window=6,
+    retrieval_chunk_size=4,
+    retrieval_top_k=2,
+    initializer_range=0.2,
+)
 
 CONFIGS = {
     "deltanet": HydraConfig(**SMALL, n_layers=2, layer_types=["deltanet"] * 2),
     "swa": HydraConfig(**SMALL, n_layers=2, layer_types=["swa"] * 2),
     "retrieval": HydraConfig(**SMALL, n_layers=2, layer_types=["retrieval"] * 2),
     "mixed-20-layer": HydraConfig(**SMALL, n_layers=20, swa_every=4, retrieval_every=3),
-    "gqa-mtp": HydraConfig(**{**SMALL, "n_kv_heads": 2}, n_layers=3, layer_types=["deltanet", "retrieval", "swa"],
-                           mtp_depth=2),
+    "gqa-mtp": HydraConfig(
+        **{**SMALL, "n_kv_heads": 2}, n_layers=3, layer_types=["deltanet", "retrieval", "swa"], mtp_depth=2
+    ),
 }
 TOLERANCE = 1e-4  # claim C1, fp32
 

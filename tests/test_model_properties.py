@@ -37,8 +37,18 @@ def test_residual_projections_get_scaled_init():
 @pytest.mark.parametrize("layer_type", ["deltanet", "swa", "retrieval", "attention"])
 def test_overfits_a_batch_for_every_layer_type(layer_type):
     torch.manual_seed(0)
-    cfg = HydraConfig(vocab_size=64, d_model=48, n_layers=2, n_heads=4, layer_types=[layer_type] * 2,
-                      dn_chunk_size=16, swa_window=16, retrieval_chunk_size=8, retrieval_top_k=2, mtp_depth=1)
+    cfg = HydraConfig(
+        vocab_size=64,
+        d_model=48,
+        n_layers=2,
+        n_heads=4,
+        layer_types=[layer_type] * 2,
+        dn_chunk_size=16,
+        swa_window=16,
+        retrieval_chunk_size=8,
+        retrieval_top_k=2,
+        mtp_depth=1,
+    )
     model = HydraLM(cfg)
     ids = torch.randint(0, 64, (4, 48))
     labels = F.pad(ids[:, 1:], (0, 1), value=-100)

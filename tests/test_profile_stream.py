@@ -1,6 +1,6 @@
 """The streaming-prefill profiler runs end to end (on CPU here; the figures it is for come from a GPU)."""
 
-from hydralm.bench import profile_stream
+from benchmarks import profile_stream
 
 
 def test_profile_stream_prints_the_share_of_each_layer_type(capsys):

@@ -8,16 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONF, FAST, ROOT, composed
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from helpers import CONF, FAST, ROOT, composed
 from hydralm import HydraConfig, HydraLM
 from hydralm.data.tokenizer import byte_level_tokenizer, load_tokenizer
 from hydralm.export import save_pretrained
 from hydralm.sample import (
-    decode_ids, encode_prompt, parse_prompt_ids, resolve_tokenizer_path, sample, select_tokenizer,
+    decode_ids,
+    encode_prompt,
+    parse_prompt_ids,
+    resolve_tokenizer_path,
+    sample,
+    select_tokenizer,
     trained_on_synthetic_ids,
 )
 
@@ -50,8 +55,14 @@ def sample_config(overrides):
 
 def run_sample(args, timeout=120) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONIOENCODING": "utf-8"}
-    return subprocess.run([sys.executable, "-m", "hydralm.sample", *args], cwd=str(ROOT), env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "hydralm.sample", *args],
+        cwd=str(ROOT),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # -- pieces that need no generation ----------------------------------------------------------------
@@ -77,8 +88,10 @@ def test_tokenizer_choice_explicit_then_bundled_then_run_config_then_bytes(tmp_p
     Path(ckpt).write_bytes(b"")
     assert resolve_tokenizer_path(ckpt) is None and not trained_on_synthetic_ids(ckpt)  # no run config: bytes
     (run / ".hydra").mkdir()
-    run_cfg = {"paths": {"data_dir": "/data"}, "data": {"_target_": "hydralm.data.TextDataModule",
-                                                         "tokenizer_path": "${paths.data_dir}/tok.json"}}
+    run_cfg = {
+        "paths": {"data_dir": "/data"},
+        "data": {"_target_": "hydralm.data.TextDataModule", "tokenizer_path": "${paths.data_dir}/tok.json"},
+    }
     OmegaConf.save(OmegaConf.create(run_cfg), run / ".hydra" / "config.yaml")
     assert resolve_tokenizer_path(ckpt) == "/data/tok.json"
     run_cfg["data"] = {"_target_": "hydralm.data.SyntheticDataModule", "task": "mqar"}

@@ -1,8 +1,8 @@
-"""`python -m hydralm.bench.scaling --cpu`: the multi-GPU comparison script, run on CPU with ddp_sim."""
+"""`python -m benchmarks.scaling --cpu`: the multi-GPU comparison script, run on CPU with ddp_sim."""
 
 import json
 
-from hydralm.bench import scaling
+from benchmarks import scaling
 
 
 def test_scaling_script_compares_one_process_with_ddp_and_a_resumed_ddp_run(tmp_path):

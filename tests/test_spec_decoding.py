@@ -6,14 +6,14 @@ import itertools
 
 import pytest
 import torch
+from helpers import LAYER_SETS, tiny  # noqa: F401
 from scipy.stats import chi2
 
-from helpers import LAYER_SETS, TINY_BASE as BASE, tiny  # noqa: F401
 from hydralm import HydraConfig, HydraLM
 from hydralm.generation import generate
-from hydralm.sampling import filtered_probs, sample_from_probs
 from hydralm.spec_decoding import accept_drafts, speculative_generate, verify_drafts
 from hydralm.state import clone_state, states_equal
+from hydralm.token_sampling import filtered_probs, sample_from_probs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -177,10 +177,13 @@ def _exact_joint(target, prompt, settings):
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-@pytest.mark.parametrize("drafter,settings", [
-    ("mtp", dict(temperature=1.0)),
-    ("model", dict(temperature=0.8, top_k=6, top_p=0.9)),
-])
+@pytest.mark.parametrize(
+    "drafter,settings",
+    [
+        ("mtp", dict(temperature=1.0)),
+        ("model", dict(temperature=0.8, top_k=6, top_p=0.9)),
+    ],
+)
 def test_sampled_speculative_decoding_follows_the_target_distribution(drafter, settings):
     """Many independent runs (one generator seed each) of 4 new tokens with k=2: round 1 verifies two
     drafts (t2, t3), so the joint law of (t2, t3) covers accept/accept, accept/reject, reject + next
@@ -201,8 +204,9 @@ def test_sampled_speculative_decoding_follows_the_target_distribution(drafter, s
     counts = torch.zeros(8, 8)
     proposed = accepted = 0
     for seed in range(runs):
-        out, stats = speculative_generate(target, draft, prompt, 4, k=2, generator=torch.Generator().manual_seed(seed),
-                                          **settings)
+        out, stats = speculative_generate(
+            target, draft, prompt, 4, k=2, generator=torch.Generator().manual_seed(seed), **settings
+        )
         counts[out[0, 5], out[0, 6]] += 1
         proposed, accepted = proposed + stats.proposed, accepted + stats.accepted
     pvalue = chi_square_pvalue(counts, joint)

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers import static_model as small
+
 from hydralm.state import clone_state, states_equal
 from hydralm.static_decode import StaticDecoder
 

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from helpers import LAYER_SETS, tiny  # noqa: F401
+from helpers import TINY_BASE as BASE
 
-from helpers import LAYER_SETS, TINY_BASE as BASE, tiny  # noqa: F401
 from hydralm import HydraConfig, HydraLM
 from hydralm.generation import generate
 from hydralm.state import clone_state, state_bytes, states_equal
@@ -30,8 +31,13 @@ def test_chunked_stream_equals_one_parallel_forward(layers):
     assert stats.tokens_processed == 50 and stats.total_tokens == 50 and stats.chunks == 8  # ceil(50 / 7)
     assert stats.peak_state_bytes >= state_bytes(engine.state) > 0
     assert stats.elapsed_seconds > 0 and stats.tokens_per_second == pytest.approx(50 / stats.elapsed_seconds)
-    assert set(stats.to_dict()) >= {"tokens_processed", "peak_state_bytes", "elapsed_seconds",
-                                    "tokens_per_second", "chunks"}
+    assert set(stats.to_dict()) >= {
+        "tokens_processed",
+        "peak_state_bytes",
+        "elapsed_seconds",
+        "tokens_per_second",
+        "chunks",
+    }
 
 
 def test_how_the_input_is_cut_does_not_matter():
@@ -73,8 +79,9 @@ def test_sampled_generation_matches_generate_with_the_same_seed():
     model = tiny()
     document = torch.randint(0, 64, (1, 30))
     engine = StreamingEngine(model, chunk_size=64)
-    new = engine.extend_and_generate(document, 15, temperature=0.9, top_k=20,
-                                     generator=torch.Generator().manual_seed(5))
+    new = engine.extend_and_generate(
+        document, 15, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(5)
+    )
     expected = generate(model, document, 15, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(5))
     assert torch.equal(new, expected[:, 30:])
 
@@ -93,8 +100,9 @@ def test_fork_and_keep_generated_false_leave_the_stream_alone():
 
 
 def test_state_bytes_stay_constant_without_retrieval_and_grow_with_it():
-    constant = StreamingEngine(HydraLM(HydraConfig(**{**BASE, "n_layers": 2, "layer_types": ["deltanet", "swa"]})),
-                               chunk_size=32)
+    constant = StreamingEngine(
+        HydraLM(HydraConfig(**{**BASE, "n_layers": 2, "layer_types": ["deltanet", "swa"]})), chunk_size=32
+    )
     sizes = [constant.process(torch.randint(0, 64, (1, 64))).peak_state_bytes for _ in range(3)]
     assert sizes[0] == sizes[1] == sizes[2]
     growing = StreamingEngine(tiny("retrieval"), chunk_size=32)

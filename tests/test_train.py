@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CONF, FAST, ROOT, composed, run_script
 from omegaconf import OmegaConf
 
-from helpers import CONF, FAST, ROOT, composed, run_script
 from hydralm import HydraConfig
 from hydralm.training.pipeline import train
 
@@ -81,9 +81,14 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
     """N steps, kill -9, resume for M more == N + M uninterrupted, loss for loss (CPU, exact)."""
     N, M = 6, 6
     common = [o for o in FAST if not o.startswith("trainer.max_steps")] + [
-        f"trainer.max_steps={N + M}", "trainer.val_check_interval=1000", "trainer.limit_val_batches=0",
-        "+callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.model_checkpoint.save_top_k=-1",
-        "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.filename='step{step}'", "test=false",
+        f"trainer.max_steps={N + M}",
+        "trainer.val_check_interval=1000",
+        "trainer.limit_val_batches=0",
+        "+callbacks.model_checkpoint.every_n_train_steps=3",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.filename='step{step}'",
+        "test=false",
         "optimized_metric=null",
     ]
     full = tmp_path / "full"
@@ -92,8 +97,13 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PROJECT_ROOT": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, "train.py", *common, f"hydra.run.dir={killed}"], cwd=str(ROOT), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *common, f"hydra.run.dir={killed}"],
+        cwd=str(ROOT),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     checkpoint = killed / "checkpoints" / f"step{N}.ckpt"
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
@@ -113,8 +123,12 @@ def test_resume_after_kill_9_matches_an_uninterrupted_run(tmp_path):
 
 def test_ddp_sim_two_processes_match_one_process_at_the_same_global_batch(tmp_path):
     base = [o for o in FAST if not o.startswith("data.batch_size")] + [
-        "trainer.val_check_interval=1000", "trainer.limit_val_batches=0", "callbacks=none", "~logger",
-        "test=false", "optimized_metric=null",
+        "trainer.val_check_interval=1000",
+        "trainer.limit_val_batches=0",
+        "callbacks=none",
+        "~logger",
+        "test=false",
+        "optimized_metric=null",
     ]
     with composed(tmp_path / "one", base + ["data.batch_size=4"]) as cfg:
         _, one = train(cfg)
@@ -143,8 +157,9 @@ def test_bad_input_fails_before_training_with_one_clear_message(tmp_path, overri
 
 
 def test_bad_corpus_path_and_unknown_group_option(tmp_path):
-    with composed(tmp_path, FAST[:7] + ["data=text", f"data.data_files={tmp_path}/missing/*.txt",
-                                        "model.vocab_size=259"]) as cfg:
+    with composed(
+        tmp_path, FAST[:7] + ["data=text", f"data.data_files={tmp_path}/missing/*.txt", "model.vocab_size=259"]
+    ) as cfg:
         with pytest.raises((ValueError, FileNotFoundError)) as err:
             train(cfg)
     assert "missing" in str(err.value)
@@ -177,10 +192,13 @@ def test_multirun_and_optuna_sweep(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(glob.glob(str(tmp_path / "logs/train/multiruns/*/*/run_info.json"))) == 2
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    result = run_script(["train.py", "-m", "hparams_search=optuna_lr_topk", "hydra.sweeper.n_trials=2", *fast],
-                        cwd=tmp_path)
+    result = run_script(
+        ["train.py", "-m", "hparams_search=optuna_lr_topk", "hydra.sweeper.n_trials=2", *fast], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "Best parameters" in result.stdout + result.stderr or glob.glob(str(tmp_path / "logs/**/optimization_results.yaml"), recursive=True)
+    assert "Best parameters" in result.stdout + result.stderr or glob.glob(
+        str(tmp_path / "logs/**/optimization_results.yaml"), recursive=True
+    )
 
 
 def test_ddp_sim_ranks_train_on_distinct_rows_and_resume(tmp_path):
@@ -189,17 +207,29 @@ def test_ddp_sim_ranks_train_on_distinct_rows_and_resume(tmp_path):
     from hydralm.training.callbacks import duplicates_across_ranks
 
     base = [o for o in FAST if not o.startswith(("trainer.max_steps", "data.batch_size"))] + [
-        "trainer=ddp_sim", "data.batch_size=2", "trainer.max_steps=4", "trainer.val_check_interval=1000",
-        "trainer.limit_val_batches=0", "test=false", "optimized_metric=null", "~logger",
-        "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1",
-        "+callbacks.model_checkpoint.every_n_train_steps=2", "callbacks.model_checkpoint.filename='step{step}'",
+        "trainer=ddp_sim",
+        "data.batch_size=2",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=1000",
+        "trainer.limit_val_batches=0",
+        "test=false",
+        "optimized_metric=null",
+        "~logger",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "+callbacks.model_checkpoint.every_n_train_steps=2",
+        "callbacks.model_checkpoint.filename='step{step}'",
     ]
-    with composed(tmp_path / "full", base + ["debug=ddp_ids", "trainer.max_steps=4", "trainer.val_check_interval=1000"]) as cfg:
+    with composed(
+        tmp_path / "full", base + ["debug=ddp_ids", "trainer.max_steps=4", "trainer.val_check_interval=1000"]
+    ) as cfg:
         _, full = train(cfg)
     ids_dir = tmp_path / "full" / "sample_ids"
     assert sorted(os.listdir(ids_dir)) == ["sample_ids_rank0.jsonl", "sample_ids_rank1.jsonl"]
     assert duplicates_across_ranks(str(ids_dir)) == {}
-    with composed(tmp_path / "resumed", base + [f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step2.ckpt'}"]) as cfg:
+    with composed(
+        tmp_path / "resumed", base + [f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step2.ckpt'}"]
+    ) as cfg:
         _, resumed = train(cfg)
     for (name, a), b in zip(full["model"].named_parameters(), resumed["model"].parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=f"{name} differs after a ddp_sim resume")

@@ -15,9 +15,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from hydralm import HydraConfig, HydraLM
-from hydralm.eval.runs import train_model
+from hydralm.eval.factbank_claims import C3_THRESHOLD, C9_THRESHOLD, measure_c3, measure_c9
 from hydralm.eval.scoring import task_accuracy
-from hydralm.memory.claims import C3_THRESHOLD, C9_THRESHOLD, measure_c3, measure_c9
+from hydralm.eval.training_runs import train_model
 from hydralm.state import clone_state, state_bytes
 from hydralm.streaming import StreamingEngine
 
@@ -39,8 +39,10 @@ class ClaimResult:
 
 
 CLAIM_TEXT = {  # SPEC §6: statement, threshold
-    "C1": ("parallel forward = step-by-step decode = chunked prefill, every layer type incl. retrieval and MTP",
-           "max abs logit diff < 1e-4 (fp32)"),
+    "C1": (
+        "parallel forward = step-by-step decode = chunked prefill, every layer type incl. retrieval and MTP",
+        "max abs logit diff < 1e-4 (fp32)",
+    ),
     "C2": ("no state leaks across batch rows", "max abs diff of row 0 < 1e-5 when the other rows change"),
     "C3": ("FactBank write -> query round trip", f"cosine >= {C3_THRESHOLD}"),
     "C4": ("inference memory constant in length (memory on)", "mem(1M)/mem(4k) < 1.05"),
@@ -49,8 +51,10 @@ CLAIM_TEXT = {  # SPEC §6: statement, threshold
     "C7": ("MQAR, 256 pairs, 8k tokens", "acc >= 0.95"),
     "C8": ("needle at depth 0.5, 256k tokens", "acc >= 0.90"),
     "C9": ("FactBank p@1 on the newest 10% after 10x rotations", f"p@1 >= {C9_THRESHOLD}"),
-    "C10": ("multi-fact QA 16k/32 facts/8 queries, retrieval vs no retrieval, same budget",
-            "retrieval acc >= 0.90 and lifts the 0-25 bucket"),
+    "C10": (
+        "multi-fact QA 16k/32 facts/8 queries, retrieval vs no retrieval, same budget",
+        "retrieval acc >= 0.90 and lifts the 0-25 bucket",
+    ),
 }
 
 
@@ -62,40 +66,92 @@ def _result(claim_id: str, budget: str, passed, values: dict, settings: dict, no
 # -- budgets ------------------------------------------------------------------------------------------
 # One dict per budget; each claim reads its own entry. Smoke sizes keep the whole suite around a minute
 # on 2 CPU cores; full sizes are the ones the claims state.
-TINY = dict(d_model=32, n_layers=3, n_heads=2, swa_window=32, retrieval_chunk_size=16, retrieval_top_k=2,
-            dn_chunk_size=16, swa_every=3, retrieval_every=2)
+TINY = dict(
+    d_model=32,
+    n_layers=3,
+    n_heads=2,
+    swa_window=32,
+    retrieval_chunk_size=16,
+    retrieval_top_k=2,
+    dn_chunk_size=16,
+    swa_every=3,
+    retrieval_every=2,
+)
 FULL_MODEL = dict(d_model=256, n_heads=4)
 EVAL_BATCH = 8  # samples per forward when scoring a trained model (one parallel forward each at 8k / 16k)
 BUDGETS = {
     "smoke": {
         "c1": dict(d_model=32, n_heads=4, seq_len=45, n_layers_mixed=20),
         "stream": dict(short=4096, long=32768, chunk=2048, decode_steps=32),
-        "c6": dict(model="tiny", model_overrides=TINY, data="retrieval_qa",
-                   data_overrides=dict(seq_len=128, num_facts=4, num_queries=4), batch_size=8, steps=40),
+        "c6": dict(
+            model="tiny",
+            model_overrides=TINY,
+            data="retrieval_qa",
+            data_overrides=dict(seq_len=128, num_facts=4, num_queries=4),
+            batch_size=8,
+            steps=40,
+        ),
         "c7": dict(model="tiny", model_overrides=TINY, seq_len=128, pairs=8, batch_size=16, steps=60, eval_samples=64),
         "c8": dict(seq_len=1024, eval_samples=32),
-        "c10": dict(model="tiny", model_overrides=TINY, seq_len=256, facts=4, queries=4, batch_size=16, steps=60,
-                    eval_samples=64, dense=True),
+        "c10": dict(
+            model="tiny",
+            model_overrides=TINY,
+            seq_len=256,
+            facts=4,
+            queries=4,
+            batch_size=16,
+            steps=60,
+            eval_samples=64,
+            dense=True,
+        ),
         "trainer": "cpu",
     },
     "full": {
         "c1": dict(d_model=128, n_heads=4, seq_len=300, n_layers_mixed=20),
         "stream": dict(short=4096, long=1 << 20, chunk=8192, decode_steps=64),
-        "c6": dict(model="tiny", model_overrides={}, data="retrieval_qa",
-                   data_overrides=dict(seq_len=512, num_facts=8, num_queries=4), batch_size=16, steps=300),
+        "c6": dict(
+            model="tiny",
+            model_overrides={},
+            data="retrieval_qa",
+            data_overrides=dict(seq_len=512, num_facts=8, num_queries=4),
+            batch_size=16,
+            steps=300,
+        ),
         # The task sizes are the claims'; the model (d256, 6 layers, ~5-7M parameters), the steps and a
         # wall-clock cap (Lightning's max_time, HH:MM:SS) fit what one GPU session can spend per model.
         # A length curriculum first: at short lengths every chunk is inside the retrieval layer's reach, so the
         # routing learns to match queries to keys before it has to find one chunk among hundreds.
-        "c7": dict(model="tiny", model_overrides=FULL_MODEL | dict(vocab_size=8192), seq_len=8192, pairs=256,
-                   batch_size=8, steps=1000, max_time="00:00:01:20", eval_samples=64,
-                   curriculum=[dict(until_step=250, seq_len=1024, num_kv_pairs=32),
-                               dict(until_step=500, seq_len=4096, num_kv_pairs=128)]),
+        "c7": dict(
+            model="tiny",
+            model_overrides=FULL_MODEL | dict(vocab_size=8192),
+            seq_len=8192,
+            pairs=256,
+            batch_size=8,
+            steps=1000,
+            max_time="00:00:01:20",
+            eval_samples=64,
+            curriculum=[
+                dict(until_step=250, seq_len=1024, num_kv_pairs=32),
+                dict(until_step=500, seq_len=4096, num_kv_pairs=128),
+            ],
+        ),
         "c8": dict(seq_len=1 << 18, eval_samples=16),
-        "c10": dict(model="tiny", model_overrides=FULL_MODEL | dict(vocab_size=512), seq_len=16384, facts=32,
-                    queries=8, batch_size=4, steps=600, max_time="00:00:01:10", eval_samples=32, dense=False,
-                    curriculum=[dict(until_step=150, seq_len=2048, num_facts=8),
-                                dict(until_step=300, seq_len=8192, num_facts=16)]),
+        "c10": dict(
+            model="tiny",
+            model_overrides=FULL_MODEL | dict(vocab_size=512),
+            seq_len=16384,
+            facts=32,
+            queries=8,
+            batch_size=4,
+            steps=600,
+            max_time="00:00:01:10",
+            eval_samples=32,
+            dense=False,
+            curriculum=[
+                dict(until_step=150, seq_len=2048, num_facts=8),
+                dict(until_step=300, seq_len=8192, num_facts=16),
+            ],
+        ),
         "trainer": "gpu",
     },
 }
@@ -103,12 +159,24 @@ BUDGETS = {
 
 # -- C1 / C2: exactness ------------------------------------------------------------------------------
 def _equivalence_configs(b: dict) -> Dict[str, HydraConfig]:
-    base = dict(vocab_size=101, d_model=b["d_model"], n_heads=b["n_heads"], dn_chunk_size=16, swa_window=12,
-                retrieval_chunk_size=8, retrieval_top_k=2, initializer_range=0.2)
+    base = dict(
+        vocab_size=101,
+        d_model=b["d_model"],
+        n_heads=b["n_heads"],
+        dn_chunk_size=16,
+        swa_window=12,
+        retrieval_chunk_size=8,
+        retrieval_top_k=2,
+        initializer_range=0.2,
+    )
     configs = {t: HydraConfig(**base, n_layers=2, layer_types=[t, t]) for t in ("deltanet", "swa", "retrieval")}
     configs["mixed-20-layer"] = HydraConfig(**base, n_layers=b["n_layers_mixed"], swa_every=4, retrieval_every=3)
-    configs["mtp+gqa"] = HydraConfig(**{**base, "n_kv_heads": b["n_heads"] // 2}, n_layers=3,
-                                     layer_types=["deltanet", "retrieval", "swa"], mtp_depth=2)
+    configs["mtp+gqa"] = HydraConfig(
+        **{**base, "n_kv_heads": b["n_heads"] // 2},
+        n_layers=3,
+        layer_types=["deltanet", "retrieval", "swa"],
+        mtp_depth=2,
+    )
     return configs
 
 
@@ -133,12 +201,17 @@ def claim_c1(budget: str) -> ClaimResult:
             steps.append(logits)
             if cfg.mtp_depth and t + 1 < N:
                 drafts.append(model.mtp.draft_step(1, hidden, ids[:, t + 1], model.embed, model._head)[1])
-        diffs = [(parallel["logits"] - torch.cat(pieces, 1)).abs().max(), (parallel["logits"] - torch.stack(steps, 1)).abs().max()]
+        diffs = [
+            (parallel["logits"] - torch.cat(pieces, 1)).abs().max(),
+            (parallel["logits"] - torch.stack(steps, 1)).abs().max(),
+        ]
         if drafts:
             diffs.append((parallel["mtp_logits"][0] - torch.stack(drafts, 1)).abs().max())
         worst[name] = float(max(diffs))
     value = max(worst.values())
-    return _result("C1", budget, value < 1e-4, {"max_abs_diff": value, "by_config": worst}, {"seq_len": N, "d_model": b["d_model"]})
+    return _result(
+        "C1", budget, value < 1e-4, {"max_abs_diff": value, "by_config": worst}, {"seq_len": N, "d_model": b["d_model"]}
+    )
 
 
 @torch.no_grad()
@@ -157,8 +230,7 @@ def claim_c2(budget: str) -> ClaimResult:
             la, sa = model.step(ids[:, t], sa)
             lb, sb = model.step(other[:, t], sb)
             worst = max(worst, float((la[0] - lb[0]).abs().max()))
-    return _result("C2", budget, worst < 1e-5,
-                       {"max_abs_diff_row0": worst}, {"seq_len": b["seq_len"]})
+    return _result("C2", budget, worst < 1e-5, {"max_abs_diff_row0": worst}, {"seq_len": b["seq_len"]})
 
 
 # -- C3 / C9: FactBank ---------------------------------------------------------------------------------
@@ -170,13 +242,24 @@ def claim_c3(budget: str) -> ClaimResult:
 def claim_c9(budget: str) -> ClaimResult:
     capacity = 256 if budget == "smoke" else 4096
     value = measure_c9(capacity=capacity)
-    return _result("C9", budget, value >= C9_THRESHOLD, {"precision_at_1": value}, {"capacity": capacity, "rotations": 10})
+    return _result(
+        "C9", budget, value >= C9_THRESHOLD, {"precision_at_1": value}, {"capacity": capacity, "rotations": 10}
+    )
 
 
 # -- C4 / C5: streaming memory and latency ------------------------------------------------------------
-STREAM_MODEL = dict(vocab_size=512, d_model=64, n_layers=4, n_heads=4, layer_types=["deltanet", "retrieval", "swa", "retrieval"],
-                    swa_window=256, retrieval_chunk_size=64, retrieval_top_k=4, dn_chunk_size=64,
-                    memory={"exact_window": 1024, "compress_every": 8, "pool_size": 256})
+STREAM_MODEL = dict(
+    vocab_size=512,
+    d_model=64,
+    n_layers=4,
+    n_heads=4,
+    layer_types=["deltanet", "retrieval", "swa", "retrieval"],
+    swa_window=256,
+    retrieval_chunk_size=64,
+    retrieval_top_k=4,
+    dn_chunk_size=64,
+    memory={"exact_window": 1024, "compress_every": 8, "pool_size": 256},
+)
 _stream_cache: Dict[str, dict] = {}
 
 
@@ -218,7 +301,8 @@ def _stream_measurements(budget: str) -> dict:
     _stream_cache[budget] = {
         "short": {"state_bytes": short_bytes, "latency": lat_short},
         "long": {"state_bytes": state_bytes(engine.state), "latency": lat_long},
-        "settings": {**b, "model": "STREAM_MODEL (memory on)"}, "stream_seconds": time.perf_counter() - started,
+        "settings": {**b, "model": "STREAM_MODEL (memory on)"},
+        "stream_seconds": time.perf_counter() - started,
     }
     return _stream_cache[budget]
 
@@ -227,9 +311,14 @@ def claim_c4(budget: str) -> ClaimResult:
     m = _stream_measurements(budget)
     ratio = m["long"]["state_bytes"] / m["short"]["state_bytes"]
     L = m["settings"]["long"]
-    return _result("C4", budget, ratio < 1.05,
-                   {"ratio": ratio, "bytes_4k": m["short"]["state_bytes"], f"bytes_{L}": m["long"]["state_bytes"]},
-                   m["settings"], "" if L == 1 << 20 else f"smoke: {L} tokens stand in for 1M")
+    return _result(
+        "C4",
+        budget,
+        ratio < 1.05,
+        {"ratio": ratio, "bytes_4k": m["short"]["state_bytes"], f"bytes_{L}": m["long"]["state_bytes"]},
+        m["settings"],
+        "" if L == 1 << 20 else f"smoke: {L} tokens stand in for 1M",
+    )
 
 
 def claim_c5(budget: str) -> ClaimResult:
@@ -237,10 +326,18 @@ def claim_c5(budget: str) -> ClaimResult:
     ratio = m["long"]["latency"] / m["short"]["latency"]
     L = m["settings"]["long"]
     note = "batch 1, median per-step time, short and long states stepped in turn"
-    return _result("C5", budget, ratio < 1.10,
-                   {"ratio": ratio, "ms_per_token_4k": 1e3 * m["short"]["latency"],
-                    f"ms_per_token_{L}": 1e3 * m["long"]["latency"]}, m["settings"],
-                   note if L == 1 << 20 else f"smoke: {L} tokens stand in for 1M; {note}")
+    return _result(
+        "C5",
+        budget,
+        ratio < 1.10,
+        {
+            "ratio": ratio,
+            "ms_per_token_4k": 1e3 * m["short"]["latency"],
+            f"ms_per_token_{L}": 1e3 * m["long"]["latency"],
+        },
+        m["settings"],
+        note if L == 1 << 20 else f"smoke: {L} tokens stand in for 1M; {note}",
+    )
 
 
 # -- trained claims ----------------------------------------------------------------------------------
@@ -255,9 +352,17 @@ def _run_overrides(entry: dict) -> List[str]:
 
 def claim_c6(budget: str, workdir: str) -> ClaimResult:
     b, trainer = BUDGETS[budget]["c6"], BUDGETS[budget]["trainer"]
-    common = _run_overrides(b) + [f"data={b['data']}", f"data.batch_size={b['batch_size']}",
-                                    f"trainer.max_steps={b['steps']}", f"trainer.val_check_interval={max(1, b['steps'] // 10)}",
-                                    f"trainer={trainer}"] + [f"data.task_kwargs.{k}={v}" for k, v in b["data_overrides"].items()]
+    common = (
+        _run_overrides(b)
+        + [
+            f"data={b['data']}",
+            f"data.batch_size={b['batch_size']}",
+            f"trainer.max_steps={b['steps']}",
+            f"trainer.val_check_interval={max(1, b['steps'] // 10)}",
+            f"trainer={trainer}",
+        ]
+        + [f"data.task_kwargs.{k}={v}" for k, v in b["data_overrides"].items()]
+    )
     curves = {}
     for name in ("adamw", "muon"):
         run = train_model(common + [f"optimizer={name}"], f"{workdir}/c6_{name}", record_val_curve=True)
@@ -269,27 +374,53 @@ def claim_c6(budget: str, workdir: str) -> ClaimResult:
 
     t_adamw, t_muon = time_to(curves["adamw"]), time_to(curves["muon"])
     ratio = None if t_muon is None else t_muon / t_adamw
-    return _result("C6", budget, None if ratio is None else ratio < 0.85,
-                   {"target_val_loss": target, "seconds_adamw": t_adamw, "seconds_muon": t_muon, "ratio": ratio,
-                    "final_val_loss": {k: v[-1][1] for k, v in curves.items()}},
-                   {**b, "target": "best val loss AdamW reached"},
-                   "" if ratio is not None else "Muon never reached AdamW's best val loss in the budget")
+    return _result(
+        "C6",
+        budget,
+        None if ratio is None else ratio < 0.85,
+        {
+            "target_val_loss": target,
+            "seconds_adamw": t_adamw,
+            "seconds_muon": t_muon,
+            "ratio": ratio,
+            "final_val_loss": {k: v[-1][1] for k, v in curves.items()},
+        },
+        {**b, "target": "best val loss AdamW reached"},
+        "" if ratio is not None else "Muon never reached AdamW's best val loss in the budget",
+    )
 
 
 def claim_c7(budget: str, workdir: str) -> ClaimResult:
     b, trainer = BUDGETS[budget]["c7"], BUDGETS[budget]["trainer"]
-    run = train_model(_run_overrides(b) + [
-        "data=mqar", f"data.task_kwargs.seq_len={b['seq_len']}", f"data.task_kwargs.num_kv_pairs={b['pairs']}",
-        f"data.batch_size={b['batch_size']}", f"trainer.max_steps={b['steps']}", f"trainer={trainer}",
-        f"trainer.val_check_interval={max(1, b['steps'] // 4)}", "trainer.limit_val_batches=4"], f"{workdir}/c7")
+    run = train_model(
+        _run_overrides(b)
+        + [
+            "data=mqar",
+            f"data.task_kwargs.seq_len={b['seq_len']}",
+            f"data.task_kwargs.num_kv_pairs={b['pairs']}",
+            f"data.batch_size={b['batch_size']}",
+            f"trainer.max_steps={b['steps']}",
+            f"trainer={trainer}",
+            f"trainer.val_check_interval={max(1, b['steps'] // 4)}",
+            "trainer.limit_val_batches=4",
+        ],
+        f"{workdir}/c7",
+    )
     from hydralm.data import MQAR
 
     task = MQAR(seq_len=b["seq_len"], num_kv_pairs=b["pairs"], vocab=run["model"].cfg.vocab_size)
-    accuracy = task_accuracy(run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH,
-                             chunk_size=b["seq_len"])["accuracy"]
+    accuracy = task_accuracy(run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH, chunk_size=b["seq_len"])[
+        "accuracy"
+    ]
     scaled = (b["seq_len"], b["pairs"]) != (8192, 256)
-    return _result("C7", budget, accuracy >= 0.95, {"accuracy": accuracy, "train_seconds": run["seconds"], "train_steps": run["steps"]}, b,
-                   f"smoke: {b['pairs']} pairs in {b['seq_len']} tokens stand in" if scaled else "")
+    return _result(
+        "C7",
+        budget,
+        accuracy >= 0.95,
+        {"accuracy": accuracy, "train_seconds": run["seconds"], "train_steps": run["steps"]},
+        b,
+        f"smoke: {b['pairs']} pairs in {b['seq_len']} tokens stand in" if scaled else "",
+    )
 
 
 _c10_cache: Dict[str, dict] = {}
@@ -300,23 +431,35 @@ def _c10_models(budget: str, workdir: str) -> dict:
         return _c10_cache[budget]
     b, trainer = BUDGETS[budget]["c10"], BUDGETS[budget]["trainer"]
     common = _run_overrides(b) + [
-        "data=retrieval_qa", f"data.task_kwargs.seq_len={b['seq_len']}", f"data.task_kwargs.num_facts={b['facts']}",
-        f"data.task_kwargs.num_queries={b['queries']}", f"data.batch_size={b['batch_size']}",
-        f"trainer.max_steps={b['steps']}", f"trainer={trainer}", f"trainer.val_check_interval={max(1, b['steps'] // 4)}",
-        "trainer.limit_val_batches=4"]
+        "data=retrieval_qa",
+        f"data.task_kwargs.seq_len={b['seq_len']}",
+        f"data.task_kwargs.num_facts={b['facts']}",
+        f"data.task_kwargs.num_queries={b['queries']}",
+        f"data.batch_size={b['batch_size']}",
+        f"trainer.max_steps={b['steps']}",
+        f"trainer={trainer}",
+        f"trainer.val_check_interval={max(1, b['steps'] // 4)}",
+        "trainer.limit_val_batches=4",
+    ]
     runs = {"retrieval": train_model(common, f"{workdir}/c10_retrieval")}
     cfg = runs["retrieval"]["model"].cfg
     no_retrieval = ["deltanet" if t == "retrieval" else t for t in cfg.layer_types]
-    runs["no_retrieval"] = train_model(common + [f"model.layer_types=[{','.join(no_retrieval)}]"], f"{workdir}/c10_no_retrieval")
+    runs["no_retrieval"] = train_model(
+        common + [f"model.layer_types=[{','.join(no_retrieval)}]"], f"{workdir}/c10_no_retrieval"
+    )
     if b["dense"]:
         runs["dense"] = train_model(common + ["architecture=dense"], f"{workdir}/c10_dense")
     from hydralm.data import RetrievalQA
 
     task = RetrievalQA(seq_len=b["seq_len"], num_facts=b["facts"], num_queries=b["queries"], vocab=cfg.vocab_size)
-    results = {name: {**task_accuracy(run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH,
-                                      chunk_size=b["seq_len"]), "train_seconds": run["seconds"],
-                      "train_steps": run["steps"]}
-               for name, run in runs.items()}
+    results = {
+        name: {
+            **task_accuracy(run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH, chunk_size=b["seq_len"]),
+            "train_seconds": run["seconds"],
+            "train_steps": run["steps"],
+        }
+        for name, run in runs.items()
+    }
     _c10_cache[budget] = {"runs": runs, "results": results}
     return _c10_cache[budget]
 
@@ -327,13 +470,25 @@ def claim_c10(budget: str, workdir: str) -> ClaimResult:
     with_r, without = results["retrieval"], results["no_retrieval"]
     early_with, early_without = with_r["by_depth"]["0-25"]["accuracy"], without["by_depth"]["0-25"]["accuracy"]
     lifted = early_with is not None and early_without is not None and early_with > early_without
-    values = {name: {"accuracy": r["accuracy"], "acc_0_25": r["by_depth"]["0-25"]["accuracy"],
-                     "train_steps": r["train_steps"], "train_seconds": r["train_seconds"],
-                     "by_depth": {k: v["accuracy"] for k, v in r["by_depth"].items()}} for name, r in results.items()}
+    values = {
+        name: {
+            "accuracy": r["accuracy"],
+            "acc_0_25": r["by_depth"]["0-25"]["accuracy"],
+            "train_steps": r["train_steps"],
+            "train_seconds": r["train_seconds"],
+            "by_depth": {k: v["accuracy"] for k, v in r["by_depth"].items()},
+        }
+        for name, r in results.items()
+    }
     scaled = (b["seq_len"], b["facts"], b["queries"]) != (16384, 32, 8)
-    return _result("C10", budget, with_r["accuracy"] >= 0.90 and lifted,
-                       values, b, note=f"smoke: {b['seq_len']} tokens / {b['facts']} facts / {b['queries']} queries stand in"
-                       if scaled else "")
+    return _result(
+        "C10",
+        budget,
+        with_r["accuracy"] >= 0.90 and lifted,
+        values,
+        b,
+        note=f"smoke: {b['seq_len']} tokens / {b['facts']} facts / {b['queries']} queries stand in" if scaled else "",
+    )
 
 
 def claim_c8(budget: str, workdir: str) -> ClaimResult:
@@ -343,20 +498,37 @@ def claim_c8(budget: str, workdir: str) -> ClaimResult:
 
     task = Needle(seq_len=b["seq_len"], depth=0.5, vocab=model.cfg.vocab_size)
     accuracy = task_accuracy(model, task, b["eval_samples"], batch_size=EVAL_BATCH, chunk_size=8192)["accuracy"]
-    return _result("C8", budget, accuracy >= 0.90,
-                       {"accuracy": accuracy}, {**b, "model": "the C10 retrieval model"},
-                       note="" if b["seq_len"] == 1 << 18 else f"smoke: {b['seq_len']} tokens stand in for 256k")
+    return _result(
+        "C8",
+        budget,
+        accuracy >= 0.90,
+        {"accuracy": accuracy},
+        {**b, "model": "the C10 retrieval model"},
+        note="" if b["seq_len"] == 1 << 18 else f"smoke: {b['seq_len']} tokens stand in for 256k",
+    )
 
 
 CLAIMS: Dict[str, Callable] = {
-    "C1": claim_c1, "C2": claim_c2, "C3": claim_c3, "C4": claim_c4, "C5": claim_c5,
-    "C6": claim_c6, "C7": claim_c7, "C8": claim_c8, "C9": claim_c9, "C10": claim_c10,
+    "C1": claim_c1,
+    "C2": claim_c2,
+    "C3": claim_c3,
+    "C4": claim_c4,
+    "C5": claim_c5,
+    "C6": claim_c6,
+    "C7": claim_c7,
+    "C8": claim_c8,
+    "C9": claim_c9,
+    "C10": claim_c10,
 }
 TRAINED = {"C6", "C7", "C8", "C10"}
 
 
-def run_claims(budget: str, workdir: str, only: Optional[List[str]] = None,
-               on_result: Optional[Callable[[List[ClaimResult]], None]] = None) -> List[ClaimResult]:
+def run_claims(
+    budget: str,
+    workdir: str,
+    only: Optional[List[str]] = None,
+    on_result: Optional[Callable[[List[ClaimResult]], None]] = None,
+) -> List[ClaimResult]:
     """Runs the claims in order; ``on_result(results_so_far)`` after each one (a long run keeps what it measured)."""
     if budget not in BUDGETS:
         raise ValueError(f"eval.budget={budget!r} is unknown; allowed: {sorted(BUDGETS)}")

@@ -4,7 +4,6 @@ import json
 import os
 import platform
 import sys
-from pathlib import Path
 from typing import List
 
 import torch
@@ -16,7 +15,9 @@ def environment() -> dict:
     return {
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "platform": platform.platform(),
     }
 
@@ -45,8 +46,10 @@ def _run_section(run: dict, heading: bool) -> List[str]:
     for r in run["claims"]:
         measured = _fmt(r["values"]).replace("|", "/") or "-"
         note = _fmt(r["settings"]).replace("|", "/") + (f"; {r['note']}" if r["note"] else "")
-        lines.append(f"| {r['id']} | {r['statement']} | {r['threshold']} | {r['budget']} | {measured} | "
-                     f"{STATUS[r['passed']]} | {r['seconds']:.1f} | {note} |")
+        lines.append(
+            f"| {r['id']} | {r['statement']} | {r['threshold']} | {r['budget']} | {measured} | "
+            f"{STATUS[r['passed']]} | {r['seconds']:.1f} | {note} |"
+        )
     return lines + [""]
 
 
@@ -59,8 +62,12 @@ def render(runs: List[dict]) -> str:
 
 def write_reports(results: List[ClaimResult], out_dir: str, command: str, git_sha: str) -> dict:
     """results.json and RESULTS.md of one run, in its run directory."""
-    payload = {"environment": environment(), "command": command, "git_sha": git_sha,
-               "claims": [r.to_dict() for r in results]}
+    payload = {
+        "environment": environment(),
+        "command": command,
+        "git_sha": git_sha,
+        "claims": [r.to_dict() for r in results],
+    }
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(payload, f, indent=2, default=str)
@@ -101,8 +108,9 @@ def publish(payload: dict, root: str) -> List[dict]:
 
 
 def main(argv: List[str]) -> int:
-    """`python -m hydralm.eval.report RUN_DIR/results.json [...]`: publish runs made elsewhere (a GPU machine)."""
-    root = str(Path(__file__).resolve().parents[2])
+    """`python -m hydralm.eval.report RUN_DIR/results.json [...]` from the repository root: publish runs made
+    elsewhere (a GPU machine) into ./RESULTS.md and ./results.json."""
+    root = os.getcwd()
     for path in argv:
         with open(path) as f:
             publish(json.load(f), root)

@@ -32,8 +32,16 @@ def predictions_at(model, input_ids: torch.Tensor, positions: torch.Tensor, chun
     return out
 
 
-def task_accuracy(model, task: SyntheticTask, num_samples: int, seed: int = 0, split: str = "test",
-                  batch_size: int = 1, chunk_size: int = 4096, device: Optional[torch.device] = None) -> Dict:
+def task_accuracy(
+    model,
+    task: SyntheticTask,
+    num_samples: int,
+    seed: int = 0,
+    split: str = "test",
+    batch_size: int = 1,
+    chunk_size: int = 4096,
+    device: Optional[torch.device] = None,
+) -> Dict:
     """Answer accuracy of `model` on `num_samples` samples of a synthetic task, overall and by depth bucket."""
     device = device or next(model.parameters()).device
     correct, depths = [], []
@@ -50,5 +58,7 @@ def task_accuracy(model, task: SyntheticTask, num_samples: int, seed: int = 0, s
     for lo, hi in DEPTH_BUCKETS:
         inside = (depths >= lo) & ((depths < hi) if hi < 1.0 else (depths <= hi))
         buckets[f"{int(lo * 100)}-{int(hi * 100)}"] = {
-            "accuracy": float(correct[inside].mean()) if inside.any() else None, "queries": int(inside.sum())}
+            "accuracy": float(correct[inside].mean()) if inside.any() else None,
+            "queries": int(inside.sum()),
+        }
     return {"accuracy": float(correct.mean()), "queries": int(correct.numel()), "by_depth": buckets}

@@ -16,10 +16,20 @@ from hydralm.eval.plots import depth_bar_chart, line_plot, needle_heatmap
 from hydralm.eval.scoring import task_accuracy
 
 
-def long_context_qa(model, out_dir: str, seq_len: int = 16384, num_facts: int = 32, num_queries: int = 8,
-                    key_len: int = 2, num_samples: int = 32, seed: int = 0, chunk_size: int = 4096) -> Dict:
-    task = RetrievalQA(seq_len=seq_len, num_facts=num_facts, num_queries=num_queries, key_len=key_len,
-                       vocab=model.cfg.vocab_size)
+def long_context_qa(
+    model,
+    out_dir: str,
+    seq_len: int = 16384,
+    num_facts: int = 32,
+    num_queries: int = 8,
+    key_len: int = 2,
+    num_samples: int = 32,
+    seed: int = 0,
+    chunk_size: int = 4096,
+) -> Dict:
+    task = RetrievalQA(
+        seq_len=seq_len, num_facts=num_facts, num_queries=num_queries, key_len=key_len, vocab=model.cfg.vocab_size
+    )
     result = task_accuracy(model, task, num_samples, seed=seed, chunk_size=chunk_size)
     title = f"multi-fact QA: {seq_len} tokens, {num_facts} facts, {num_queries} queries, {num_samples} samples"
     result["figure"] = depth_bar_chart(result["by_depth"], title, os.path.join(out_dir, "long_context_qa.png"))
@@ -27,19 +37,39 @@ def long_context_qa(model, out_dir: str, seq_len: int = 16384, num_facts: int = 
     return result
 
 
-def mqar(model, out_dir: str, seq_len: int = 512, n_pairs: List[int] = (8, 16, 32, 64), num_samples: int = 64,
-         seed: int = 0, chunk_size: int = 4096) -> Dict:
+def mqar(
+    model,
+    out_dir: str,
+    seq_len: int = 512,
+    n_pairs: List[int] = (8, 16, 32, 64),
+    num_samples: int = 64,
+    seed: int = 0,
+    chunk_size: int = 4096,
+) -> Dict:
     points = {}
     for pairs in n_pairs:
         task = MQAR(seq_len=seq_len, num_kv_pairs=pairs, vocab=model.cfg.vocab_size)
         points[pairs] = task_accuracy(model, task, num_samples, seed=seed, chunk_size=chunk_size)["accuracy"]
-    figure = line_plot(list(points), list(points.values()), "key-value pairs", "accuracy",
-                       f"MQAR at {seq_len} tokens", os.path.join(out_dir, "mqar.png"))
+    figure = line_plot(
+        list(points),
+        list(points.values()),
+        "key-value pairs",
+        "accuracy",
+        f"MQAR at {seq_len} tokens",
+        os.path.join(out_dir, "mqar.png"),
+    )
     return {"accuracy_by_pairs": points, "figure": figure, "settings": dict(seq_len=seq_len, num_samples=num_samples)}
 
 
-def needle(model, out_dir: str, lengths: List[int] = (1024, 4096, 16384), depths: List[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-           num_samples: int = 16, seed: int = 0, chunk_size: int = 4096) -> Dict:
+def needle(
+    model,
+    out_dir: str,
+    lengths: List[int] = (1024, 4096, 16384),
+    depths: List[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
+    num_samples: int = 16,
+    seed: int = 0,
+    chunk_size: int = 4096,
+) -> Dict:
     """Accuracy over length x depth; long inputs go through chunked prefill (the streaming path)."""
     grid = []
     for depth in depths:
@@ -48,8 +78,13 @@ def needle(model, out_dir: str, lengths: List[int] = (1024, 4096, 16384), depths
             task = Needle(seq_len=length, depth=depth, vocab=model.cfg.vocab_size)
             row.append(task_accuracy(model, task, num_samples, seed=seed, chunk_size=chunk_size)["accuracy"])
         grid.append(row)
-    figure = needle_heatmap(list(lengths), list(depths), grid, f"needle in a haystack ({num_samples} samples/cell)",
-                            os.path.join(out_dir, "needle.png"))
+    figure = needle_heatmap(
+        list(lengths),
+        list(depths),
+        grid,
+        f"needle in a haystack ({num_samples} samples/cell)",
+        os.path.join(out_dir, "needle.png"),
+    )
     return {"lengths": list(lengths), "depths": list(depths), "accuracy": grid, "figure": figure}
 
 
@@ -64,7 +99,9 @@ def perplexity(model, datamodule, max_batches: Optional[int] = None) -> Dict:
             break
         logits = model(batch["input_ids"].to(device))["logits"]
         labels = batch["labels"].to(device)
-        total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"))
+        total += float(
+            F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        )
         count += int((labels != -100).sum())
     if count == 0:
         raise ValueError("perplexity: the test split has no labelled tokens")

@@ -6,13 +6,13 @@ HYDRALM_ATTENTION = auto | torch | flex
     2.13, so CPU always uses torch unless asked otherwise for a forward-only check.
 HYDRALM_DELTANET = auto | torch | triton | fused | fla
     torch: the PyTorch chunkwise kernel (a Python loop over chunks). triton: the same chunkwise algorithm with
-    the pass over chunks in our Triton kernels (kernels/delta_rule_triton.py), forward and backward.
-    fused: the whole chunkwise algorithm in our Triton kernels (kernels/delta_rule_fused.py), forward and
+    the pass over chunks in our Triton kernels (kernels/delta_rule/triton_state_pass.py), forward and backward.
+    fused: the whole chunkwise algorithm in our Triton kernels (kernels/delta_rule/triton_fused.py), forward and
     backward. fla: flash-linear-attention's chunk_gated_delta_rule, only when asked for. fla 0.6 refuses the
     backward on Hopper with triton < 3.7.1 (fla#640), and its forward failed under bf16 autocast in a training
     run's validation on the GPU machine, so auto never picks it: auto = triton on CUDA, torch on CPU.
     fused is 2.3x faster than triton at d 128 on an H200 (10.6 vs 24.9 ms), but auto waits for its GPU
-    check at the current kernel revision (`GPU_CHECK_DELTANET=fused python -m hydralm.bench.gpu_check
+    check at the current kernel revision (`GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check
     delta_rule`; docs/benchmarks.md): an earlier revision passed at d 64, the revision that loops over
     64-wide blocks (needed at d 128) was only checked in Triton's CPU interpreter.
 
@@ -22,13 +22,13 @@ HYDRALM_DELTANET_COMPILE = 0 | 1
     (docs/benchmarks.md).
 
 `auto` never picks a path that is wrong on the machine it runs on: flex and fla are compared with the
-reference kernels on the GPU by `python -m hydralm.bench.gpu_check`.
+reference kernels on the GPU by `python -m benchmarks.gpu_check`.
 """
 
 import functools
 import os
 
-from hydralm.kernels.delta_rule_triton import triton_available
+from hydralm.kernels.triton_common import interpreting, triton_available
 
 ATTENTION_CHOICES = ("auto", "torch", "flex")
 DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
@@ -76,7 +76,7 @@ def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
         return "torch"
     fla_usable = is_cuda and fla_available() and (not needs_grad or fla_backward_safe())
     # Off CUDA, Triton kernels run only in its CPU interpreter (TRITON_INTERPRET=1, used by the tests).
-    triton_usable = triton_available() and (is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    triton_usable = triton_available() and (is_cuda or interpreting())
     if choice == "fla" and not fla_usable:
         raise RuntimeError(
             "HYDRALM_DELTANET=fla but fla cannot run this call safely (needs CUDA, flash-linear-attention, and "

@@ -27,8 +27,11 @@ from torch import nn
 class CompressiveMemory(nn.Module):
     def __init__(self, n_heads: int, head_dim: int, exact_window: int, compress_every: int, pool_size: int):
         super().__init__()
-        for name, value in (("exact_window", exact_window), ("compress_every", compress_every),
-                            ("pool_size", pool_size)):
+        for name, value in (
+            ("exact_window", exact_window),
+            ("compress_every", compress_every),
+            ("pool_size", pool_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"CompressiveMemory.{name}={value!r} is invalid: expected an integer >= 1")
         self.n_heads, self.head_dim = n_heads, head_dim
@@ -59,5 +62,7 @@ class CompressiveMemory(nn.Module):
         return F.mse_loss(approx, target)
 
     def extra_repr(self) -> str:
-        return (f"heads={self.n_heads}, head_dim={self.head_dim}, exact_window={self.exact_window}, "
-                f"compress_every={self.compress_every}, pool_size={self.pool_size}")
+        return (
+            f"heads={self.n_heads}, head_dim={self.head_dim}, exact_window={self.exact_window}, "
+            f"compress_every={self.compress_every}, pool_size={self.pool_size}"
+        )

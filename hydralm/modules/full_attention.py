@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hydralm.config import HydraConfig
-from hydralm.kernels.local_attention import causal_attention, repeat_kv
+from hydralm.kernels.attention.local import causal_attention, repeat_kv
 from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.rotary import Rotary
 
@@ -21,8 +21,11 @@ class FullAttention(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
         shape = (batch_size, self.proj.n_kv_heads, 0, self.proj.head_dim)
-        return {"k": torch.zeros(shape, device=device, dtype=dtype),
-                "v": torch.zeros(shape, device=device, dtype=dtype), "pos": 0}
+        return {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+            "pos": 0,
+        }
 
     def forward(self, x: torch.Tensor, state: Optional[dict] = None):
         B, N, _ = x.shape

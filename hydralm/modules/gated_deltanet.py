@@ -1,7 +1,7 @@
 """Gated DeltaNet mixer (Yang et al., "Gated Delta Networks"; the recipe fla uses).
 
 q, k, v = SiLU(short_conv(W x)); q, k L2-normalised; per-head log-decay g = -exp(A_log) * softplus(a + dt_bias)
-and write strength beta = sigmoid(b); the gated delta rule (kernels/delta_rule.py) with an fp32 state;
+and write strength beta = sigmoid(b); the gated delta rule (kernels/delta_rule/) with an fp32 state;
 output RMSNorm gated by SiLU(gate(x)), then the output projection.
 
 State: {"S": (B, H, D, D) fp32 delta-rule state, "conv": (B, kernel - 1, 3 H D) short-conv cache}.
@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
-from hydralm.kernels.backend import deltanet_backend, deltanet_compile
-from hydralm.kernels.delta_rule import compiled_delta_rule_chunkwise, delta_rule_chunkwise, delta_rule_step
+from hydralm.kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
 from hydralm.modules.rmsnorm import GatedRMSNorm, RMSNorm
 from hydralm.modules.short_conv import ShortConv
 
@@ -36,15 +35,23 @@ class GatedDeltaNet(nn.Module):
         dt = torch.exp(torch.empty(self.n_heads).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus of dt
         self.gate = nn.Linear(cfg.d_model, inner, bias=False) if cfg.dn_use_gate else None
-        self.out_norm = GatedRMSNorm(self.head_dim, cfg.rms_eps) if cfg.dn_use_gate else RMSNorm(self.head_dim, cfg.rms_eps)
+        self.out_norm = (
+            GatedRMSNorm(self.head_dim, cfg.rms_eps) if cfg.dn_use_gate else RMSNorm(self.head_dim, cfg.rms_eps)
+        )
         self.out = nn.Linear(inner, cfg.d_model, bias=False)
         self.out.residual_out = True  # scaled init, see HydraLM._init_weights
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
         inner = self.n_heads * self.head_dim
         return {
-            "S": torch.zeros(batch_size, self.n_heads, self.head_dim, self.head_dim, device=device,
-                             dtype=torch.promote_types(dtype, torch.float32)),
+            "S": torch.zeros(
+                batch_size,
+                self.n_heads,
+                self.head_dim,
+                self.head_dim,
+                device=device,
+                dtype=torch.promote_types(dtype, torch.float32),
+            ),
             "conv": torch.zeros(batch_size, self.conv.kernel_size - 1, 3 * inner, device=device, dtype=dtype),
         }
 
@@ -73,20 +80,7 @@ class GatedDeltaNet(nn.Module):
         q, k, v = self._split_heads(qkv)  # (B, N, H, D)
         g, beta = self._gates(x)  # (B, N, H)
         initial = None if state is None else state["S"]
-        needs_grad = torch.is_grad_enabled() and x.requires_grad
-        backend = deltanet_backend(x.is_cuda, needs_grad)
-        if backend == "fla":
-            from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-
-            # beta in q's dtype, as fla's own layers pass it (this alone did not fix its bf16-autocast failure)
-            o, S = chunk_gated_delta_rule(q, k, v, g, beta.to(q.dtype), initial_state=initial,
-                                          output_final_state=True)
-        else:
-            compiled = backend == "triton" and needs_grad and deltanet_compile()
-            kernel = compiled_delta_rule_chunkwise() if compiled else delta_rule_chunkwise
-            o, S = kernel(*(t.transpose(1, 2) for t in (q, k, v, g, beta)), initial_state=initial,
-                          chunk_size=self.chunk_size, backend=backend)
-            o = o.transpose(1, 2)
+        o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial, chunk_size=self.chunk_size)
         return self._output(o.to(x.dtype), x), {"S": S, "conv": conv_cache}
 
     def step(self, x_t: torch.Tensor, state: dict):

@@ -1,4 +1,4 @@
-"""Chunk-sparse top-k retrieval attention mixer (routing and kernel in kernels/chunk_retrieval.py).
+"""Chunk-sparse top-k retrieval attention mixer (routing and kernel in kernels/retrieval/).
 
 No positional encoding (NoPE): a chunk summary is the mean of its keys, and rotating keys by position would
 make means of distant chunks incomparable; position information comes from the DeltaNet and SWA layers.
@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
+from hydralm.kernels.attention.local import repeat_kv
 from hydralm.kernels.backend import attention_backend
-from hydralm.kernels.chunk_retrieval import gather_chunks, route_tokens, sparse_chunk_attention, union_of_selections
-from hydralm.kernels.local_attention import repeat_kv
+from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attention, union_of_selections
+from hydralm.kernels.retrieval.routing import route_tokens
 from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.compressive_memory import CompressiveMemory
 
@@ -49,8 +50,9 @@ class RetrievalAttention(nn.Module):
         self.memory_loss: Optional[torch.Tensor] = None  # set by a training forward when memory is on
         if cfg.memory is not None:
             m = cfg.memory
-            self.memory = CompressiveMemory(self.proj.n_kv_heads, self.proj.head_dim, m["exact_window"],
-                                            m["compress_every"], m["pool_size"])
+            self.memory = CompressiveMemory(
+                self.proj.n_kv_heads, self.proj.head_dim, m["exact_window"], m["compress_every"], m["pool_size"]
+            )
             self.exact_chunks = m["exact_window"] // self.chunk_size
             self.slots_per_compressed = self.chunk_size // m["compress_every"]
             self.pool_chunks = m["pool_size"] // self.slots_per_compressed
@@ -74,7 +76,9 @@ class RetrievalAttention(nn.Module):
                 pool_k=torch.zeros(B, h_kv, P, Cr, D, device=device, dtype=dtype),
                 pool_v=torch.zeros(B, h_kv, P, Cr, D, device=device, dtype=dtype),
                 pool_summaries=torch.zeros(B, h_kv, P, D, device=device, dtype=summary_dtype),
-                n_pool=0, compressed=0, evicted=0,
+                n_pool=0,
+                compressed=0,
+                evicted=0,
             )
         return state
 
@@ -131,11 +135,16 @@ class RetrievalAttention(nn.Module):
         # bank holds (a long prefill), never for small calls against a long bank.
         gathered = -(-M // block) * min(C * self.top_k, max(n_total, 1))
         if 0 < n0 <= gathered:
-            exact_sources = [(torch.cat([st["bank_k"][:, :, :n0].to(kc.dtype), kc], dim=2),
-                              torch.cat([st["bank_v"][:, :, :n0].to(vc.dtype), vc], dim=2), n_pool)]
+            exact_sources = [
+                (
+                    torch.cat([st["bank_k"][:, :, :n0].to(kc.dtype), kc], dim=2),
+                    torch.cat([st["bank_v"][:, :, :n0].to(vc.dtype), vc], dim=2),
+                    n_pool,
+                )
+            ]
         outputs = []
         if state is None and attention_backend(q.is_cuda) == "flex":
-            from hydralm.kernels.flex import flex_retrieval_supported, retrieval_flex
+            from hydralm.kernels.retrieval.flex import flex_retrieval_supported, retrieval_flex
 
             if flex_retrieval_supported(N, C):
                 outputs, block = [retrieval_flex(q, k, v, C, self.top_k).unflatten(2, (M, C))], M
@@ -246,16 +255,24 @@ class RetrievalAttention(nn.Module):
         with torch.no_grad():
             old_k, old_v = st["bank_k"][:, :, :overflow], st["bank_v"][:, :, :overflow]
             B, h_kv, _, C, D = old_k.shape
-            ck, cv = self.memory.compress(old_k.reshape(B, h_kv, overflow * C, D), old_v.reshape(B, h_kv, overflow * C, D))
+            ck, cv = self.memory.compress(
+                old_k.reshape(B, h_kv, overflow * C, D), old_v.reshape(B, h_kv, overflow * C, D)
+            )
             ck = ck.reshape(B, h_kv, overflow, self.slots_per_compressed, D)
             cv = cv.reshape(B, h_kv, overflow, self.slots_per_compressed, D)
-            pool = {name: torch.cat([st[name][:, :, : st["n_pool"]], new.to(st[name].dtype)], dim=2)
-                    for name, new in (("pool_k", ck), ("pool_v", cv),
-                                      ("pool_summaries", st["summaries"][:, :, :overflow]))}
+            pool = {
+                name: torch.cat([st[name][:, :, : st["n_pool"]], new.to(st[name].dtype)], dim=2)
+                for name, new in (("pool_k", ck), ("pool_v", cv), ("pool_summaries", st["summaries"][:, :, :overflow]))
+            }
             n_pool = st["n_pool"] + overflow
             evict = max(0, n_pool - self.pool_chunks)
-            new = dict(st, n_pool=n_pool - evict, compressed=st["compressed"] + overflow, evicted=st["evicted"] + evict,
-                       n_chunks=n - overflow)
+            new = dict(
+                st,
+                n_pool=n_pool - evict,
+                compressed=st["compressed"] + overflow,
+                evicted=st["evicted"] + evict,
+                n_chunks=n - overflow,
+            )
             for name, value in pool.items():  # fixed capacity: state bytes do not grow with the stream
                 new[name] = _fit(value[:, :, evict:], self.pool_chunks)
             for name in ("bank_k", "bank_v", "summaries"):

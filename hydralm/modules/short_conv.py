@@ -25,7 +25,7 @@ class ShortConv(nn.Module):
         full = torch.cat([cache.to(x.dtype), x], dim=1)
         y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
         # clone: a view would keep the whole chunk's input alive inside the decode state
-        new_cache = full[:, full.shape[1] - (self.kernel_size - 1):].clone()
+        new_cache = full[:, full.shape[1] - (self.kernel_size - 1) :].clone()
         return F.silu(y), new_cache
 
     def step(self, x_t: torch.Tensor, cache: torch.Tensor):

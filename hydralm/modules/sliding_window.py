@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
+from hydralm.kernels.attention.local import repeat_kv, sliding_window_attention
 from hydralm.kernels.backend import attention_backend
-from hydralm.kernels.local_attention import repeat_kv, sliding_window_attention
 from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.rotary import Rotary
 
@@ -26,8 +26,11 @@ class SlidingWindowAttention(nn.Module):
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
         shape = (batch_size, self.proj.n_kv_heads, self.window, self.proj.head_dim)
-        return {"k": torch.zeros(shape, device=device, dtype=dtype),
-                "v": torch.zeros(shape, device=device, dtype=dtype), "pos": 0}
+        return {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+            "pos": 0,
+        }
 
     def forward(self, x: torch.Tensor, state: Optional[dict] = None):
         B, N, _ = x.shape
@@ -41,14 +44,17 @@ class SlidingWindowAttention(nn.Module):
         cached = k.shape[2] - N
         groups = self.proj.kv_groups
         if cached == 0 and attention_backend(x.is_cuda) == "flex":
-            from hydralm.kernels.flex import sliding_window_flex
+            from hydralm.kernels.attention.flex import sliding_window_flex
 
             y = sliding_window_flex(q, k, v, self.window)
         else:
             y = sliding_window_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), self.window, q_offset=cached)
         end = pos0 + N
-        new_state = {"k": _sequence_to_ring(k, end, self.window), "v": _sequence_to_ring(v, end, self.window),
-                     "pos": end}
+        new_state = {
+            "k": _sequence_to_ring(k, end, self.window),
+            "v": _sequence_to_ring(v, end, self.window),
+            "pos": end,
+        }
         return self.proj.merge(y), new_state
 
     def step(self, x_t: torch.Tensor, state: dict):
@@ -84,4 +90,4 @@ def _sequence_to_ring(seq: torch.Tensor, end: int, window: int) -> torch.Tensor:
     if end < window:  # the stream so far fits: tokens 0..end-1 in slots 0..end-1
         return F.pad(seq, (0, 0, 0, window - L))
     # entry e of the last `window` tokens has position end - window + e -> slot (end + e) % window
-    return torch.roll(seq[:, :, L - window:], shifts=end % window, dims=2)
+    return torch.roll(seq[:, :, L - window :], shifts=end % window, dims=2)

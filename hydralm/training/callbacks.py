@@ -32,5 +32,8 @@ def duplicates_across_ranks(dirpath: str) -> dict:
                     record = json.loads(line)
                     for row in record["rows"]:
                         seen.setdefault(record["step"], {}).setdefault(row, set()).add(record["rank"])
-    return {step: [h for h, ranks in rows.items() if len(ranks) > 1] for step, rows in seen.items()
-            if any(len(ranks) > 1 for ranks in rows.values())}
+    return {
+        step: [h for h, ranks in rows.items() if len(ranks) > 1]
+        for step, rows in seen.items()
+        if any(len(ranks) > 1 for ranks in rows.values())
+    }

@@ -50,7 +50,10 @@ class HydraLMModule(L.LightningModule):
         self._param_ndims = {name: p.ndim for name, p in self.net.named_parameters()}
         self._compiled_forward = None
         self.depth_accuracy = nn.ModuleDict(
-            {stage: nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in DEPTH_BUCKETS) for stage in ("val", "test")}
+            {
+                stage: nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in DEPTH_BUCKETS)
+                for stage in ("val", "test")
+            }
         )
         self._skipped_in_a_row = 0
         self._step_started: Optional[float] = None
@@ -83,9 +86,16 @@ class HydraLMModule(L.LightningModule):
         batch_size = batch["input_ids"].shape[0]
         # train/loss is the global batch's loss under DDP/FSDP (one scalar all-reduce per step), so runs on
         # different numbers of GPUs compare step by step; the other train metrics stay rank-local.
-        self.log(f"{stage}/loss", ce, prog_bar=True, batch_size=batch_size,
-                 sync_dist=stage != "train" or (self._trainer is not None and self.trainer.world_size > 1))
-        self.log(f"{stage}/ppl", torch.exp(ce.detach().clamp(max=50)), batch_size=batch_size, sync_dist=stage != "train")
+        self.log(
+            f"{stage}/loss",
+            ce,
+            prog_bar=True,
+            batch_size=batch_size,
+            sync_dist=stage != "train" or (self._trainer is not None and self.trainer.world_size > 1),
+        )
+        self.log(
+            f"{stage}/ppl", torch.exp(ce.detach().clamp(max=50)), batch_size=batch_size, sync_dist=stage != "train"
+        )
         for name, value in aux.items():
             self.log(f"{stage}/{name}_loss", value, batch_size=batch_size, sync_dist=stage != "train")
         if "query_positions" in batch:
@@ -105,7 +115,9 @@ class HydraLMModule(L.LightningModule):
         for (lo, hi), metric in zip(DEPTH_BUCKETS, self.depth_accuracy[stage]):
             in_bucket = ((batch["depths"] >= lo) & (batch["depths"] < hi)).float()
             metric.update(correct, in_bucket)
-            self.log(f"{stage}/acc_depth_{int(lo * 100)}_{int(min(hi, 1.0) * 100)}", metric, on_step=False, on_epoch=True)
+            self.log(
+                f"{stage}/acc_depth_{int(lo * 100)}_{int(min(hi, 1.0) * 100)}", metric, on_step=False, on_epoch=True
+            )
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
@@ -166,11 +178,14 @@ class HydraLMModule(L.LightningModule):
     def _non_finite(self, what: str):
         self._skipped_in_a_row += 1
         self.log("train/skipped_steps", float(self._skipped_in_a_row), batch_size=1)
-        message = (f"non-finite training step at global step {self.global_step}: {what}. "
-                   "Lower optimizer.lr, raise optimizer.warmup_steps or check the data.")
+        message = (
+            f"non-finite training step at global step {self.global_step}: {what}. "
+            "Lower optimizer.lr, raise optimizer.warmup_steps or check the data."
+        )
         if self.hparams.nonfinite == "stop" or self._skipped_in_a_row > self.hparams.max_consecutive_skips:
-            raise FloatingPointError(message + f" (policy nonfinite={self.hparams.nonfinite!r}, "
-                                     f"{self._skipped_in_a_row} in a row)")
+            raise FloatingPointError(
+                message + f" (policy nonfinite={self.hparams.nonfinite!r}, {self._skipped_in_a_row} in a row)"
+            )
         return None  # Lightning skips backward and the optimizer step for this batch
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -181,8 +196,13 @@ class HydraLMModule(L.LightningModule):
     def configure_optimizers(self):
         opt = dict(self.hparams.optimizer)
         optimizer = build_optimizer(
-            self.net, opt["name"], lr=opt["lr"], weight_decay=opt["weight_decay"], betas=opt.get("betas", (0.9, 0.95)),
-            eps=opt.get("eps", 1e-8), fused=opt.get("fused"),
+            self.net,
+            opt["name"],
+            lr=opt["lr"],
+            weight_decay=opt["weight_decay"],
+            betas=opt.get("betas", (0.9, 0.95)),
+            eps=opt.get("eps", 1e-8),
+            fused=opt.get("fused"),
             sharded_ndims=self._param_ndims if self._fsdp_root() is not None else None,
         )
         total = self.trainer.max_steps if self.trainer.max_steps > 0 else self.trainer.estimated_stepping_batches

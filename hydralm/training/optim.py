@@ -27,9 +27,11 @@ def unwrapped_name(name: str) -> str:
     return name
 
 
-def adamw_groups(params: Dict[str, nn.Parameter], weight_decay: float,
-                 ndims: Optional[Dict[str, int]] = None) -> List[dict]:
+def adamw_groups(
+    params: Dict[str, nn.Parameter], weight_decay: float, ndims: Optional[Dict[str, int]] = None
+) -> List[dict]:
     """Decay on matrices, none on vectors; `ndims` gives the original ranks when params are flat shards."""
+
     def is_matrix(name: str, p: nn.Parameter) -> bool:
         return (ndims[unwrapped_name(name)] if ndims is not None else p.ndim) >= 2
 
@@ -51,11 +53,20 @@ def muon_parameter_names(model: nn.Module) -> List[str]:
 class MuonAdamW(torch.optim.Optimizer):
     """Muon for hidden matrices + AdamW for everything else, stepping together as one optimizer."""
 
-    def __init__(self, muon_params: List[nn.Parameter], adamw_param_groups: List[dict], lr: float,
-                 weight_decay: float, betas=(0.9, 0.95), momentum: float = 0.95, eps: float = 1e-8):
+    def __init__(
+        self,
+        muon_params: List[nn.Parameter],
+        adamw_param_groups: List[dict],
+        lr: float,
+        weight_decay: float,
+        betas=(0.9, 0.95),
+        momentum: float = 0.95,
+        eps: float = 1e-8,
+    ):
         # Muon's "match_rms_adamw" scaling lets both halves share one learning rate and one schedule.
-        self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                     adjust_lr_fn="match_rms_adamw")
+        self.muon = torch.optim.Muon(
+            muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum, adjust_lr_fn="match_rms_adamw"
+        )
         self.adamw = torch.optim.AdamW(adamw_param_groups, lr=lr, betas=betas, eps=eps)
         super().__init__([{"params": []}], {"lr": lr})
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
@@ -91,9 +102,16 @@ class MuonAdamW(torch.optim.Optimizer):
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
 
 
-def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, betas=(0.9, 0.95),
-                    eps: float = 1e-8, fused: Optional[bool] = None, sharded_ndims: Optional[Dict[str, int]] = None
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float,
+    betas=(0.9, 0.95),
+    eps: float = 1e-8,
+    fused: Optional[bool] = None,
+    sharded_ndims: Optional[Dict[str, int]] = None,
+) -> torch.optim.Optimizer:
     """`sharded_ndims` (FSDP): {bare parameter name: ndim} recorded before the model was sharded."""
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={name!r} is unknown; allowed: {list(OPTIMIZERS)}")
@@ -102,12 +120,16 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         groups = adamw_groups(params, weight_decay, sharded_ndims)
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused)
     if sharded_ndims is not None:
-        raise ValueError("optimizer.name=muon needs whole weight matrices, which FSDP shards; "
-                         "use optimizer=adamw with trainer=fsdp, or trainer=ddp with Muon")
+        raise ValueError(
+            "optimizer.name=muon needs whole weight matrices, which FSDP shards; "
+            "use optimizer=adamw with trainer=fsdp, or trainer=ddp with Muon"
+        )
     muon_names = set(muon_parameter_names(model)) & set(params)
     muon = [params[n] for n in sorted(muon_names)]
     rest = {n: p for n, p in params.items() if n not in muon_names}
-    return MuonAdamW(muon, adamw_groups(rest, weight_decay), lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+    return MuonAdamW(
+        muon, adamw_groups(rest, weight_decay), lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps
+    )
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> Callable[[int], float]:

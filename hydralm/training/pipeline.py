@@ -87,8 +87,9 @@ def train(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Tuple
     callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[AtomicCheckpointIO()])
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
     _record_run(cfg)
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": module, "trainer": trainer}

@@ -17,12 +17,19 @@ def _classes(field: str, paths: Iterable[str]) -> set:
     return classes
 
 
-def fsdp_strategy(wrap: Iterable[str] = ("hydralm.model.Block",), activation_checkpointing: bool = False,
-                  checkpoint_modules: Optional[Iterable[str]] = None, **kwargs) -> FSDPStrategy:
+def fsdp_strategy(
+    wrap: Iterable[str] = ("hydralm.model.Block",),
+    activation_checkpointing: bool = False,
+    checkpoint_modules: Optional[Iterable[str]] = None,
+    **kwargs,
+) -> FSDPStrategy:
     """FSDPStrategy with one FSDP unit per module of the classes in `wrap` (class paths), and activation
     checkpointing of `checkpoint_modules` (default: the wrapped classes) when `activation_checkpointing`.
     Every other keyword goes to FSDPStrategy (sharding_strategy, state_dict_type, cpu_offload, ...)."""
     units = _classes("wrap", wrap)
     checkpointed = _classes("checkpoint_modules", checkpoint_modules) if checkpoint_modules else units
-    return FSDPStrategy(auto_wrap_policy=units,
-                        activation_checkpointing_policy=checkpointed if activation_checkpointing else None, **kwargs)
+    return FSDPStrategy(
+        auto_wrap_policy=units,
+        activation_checkpointing_policy=checkpointed if activation_checkpointing else None,
+        **kwargs,
+    )

@@ -1,7 +1,7 @@
 """Triton kernels for the one sequential part of the chunkwise delta rule: the pass over chunks.
 
 ``delta_rule_chunkwise`` turns each chunk into matrix products that run for all chunks at once; what is left
-is a recurrence over chunks c = 0 .. n-1 on the (d_k, d_v) state S (see ``state_pass_torch``):
+is a recurrence over chunks c = 0 .. n-1 on the (d_k, d_v) state S (see ``state_pass_torch`` in chunk.py):
 
     H_c     = S                          the state entering chunk c (kept: the outputs read it)
     delta_c = U_c - W_c S                (C, d_v)
@@ -12,51 +12,22 @@ In PyTorch that loop is ~6 small kernel launches per chunk, forward and backward
 one head's state in registers and walks all chunks; the backward walks them in reverse with the state's
 gradient. Everything that does not need the sequence order (dU, dW, dKd, da) is then one batched matmul.
 
-The kernels honour ``torch.get_float32_matmul_precision()``: "highest" uses IEEE fp32 dots, "high" and
+The kernels honour ``torch.get_float32_matmuldot_precision()``: "highest" uses IEEE fp32 dots, "high" and
 "medium" TF32. They also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the test suite checks
-them against ``state_pass_torch`` without a GPU.
+them against ``state_pass_torch`` (chunk.py) without a GPU.
 """
 
-import functools
-import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the PyTorch path needs none of this
-    triton = None
-
-
-@functools.lru_cache(maxsize=1)
-def triton_available() -> bool:
-    return triton is not None
-
-
-def state_pass_torch(U, W, Kd, a, S0: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Reference. U (B, H, n, C, d_v); W, Kd (B, H, n, C, d_k); a (B, H, n); S0 (B, H, d_k, d_v) or None (zeros).
-
-    Returns H (B, H, n, d_k, d_v) the state entering each chunk, delta (B, H, n, C, d_v), the final state.
-    """
-    if S0 is None:
-        S0 = U.new_zeros(*W.shape[:2], W.shape[-1], U.shape[-1])
-    states, deltas, state = [], [], S0
-    # unbind once: indexing [:, :, c] inside the loop would make every chunk's backward write a full-size
-    # zero gradient (quadratic in the number of chunks); unbind's backward stacks the pieces once.
-    for U_c, W_c, Kd_c, a_c in zip(U.unbind(2), W.unbind(2), Kd.unbind(2), a.unbind(2)):
-        states.append(state)
-        delta = U_c - W_c @ state
-        deltas.append(delta)
-        state = a_c[..., None, None] * state + Kd_c.transpose(-1, -2) @ delta
-    return torch.stack(states, 2), torch.stack(deltas, 2), state
+from hydralm.kernels.triton_common import dot_precision, interpreting, tile_sizes, tl, triton
 
 
 def _configs() -> list:
     """Tile width BV and pipeline depth (4 warps), tuned once per (C, K, V) on the GPU at hand (the best choice
     differs between d_k = 64 and 128). The CPU interpreter gets one config: it only checks the arithmetic."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return [triton.Config({"BV": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BV": bv}, num_warps=4, num_stages=s) for bv in (16, 32, 64) for s in (1, 2)]
 
@@ -64,8 +35,9 @@ def _configs() -> list:
 if triton is not None:
 
     @triton.jit
-    def _tile(i_v, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-              BV: tl.constexpr):
+    def _tile(
+        i_v, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr
+    ):
         """Row/column ranges of this program's (d_k, BV) state tile, its flat offsets, and the masks of the
         state tile and of a chunk's (C, d_k) / (C, BV) tiles (padding past C, K, V reads 0)."""
         rc, rk, rv = tl.arange(0, BC), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
@@ -76,9 +48,25 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
-    def _state_pass_fwd_kernel(u_ptr, w_ptr, kd_ptr, a_ptr, s0_ptr, h_ptr, delta_ptr, sn_ptr, n_chunks,
-                               C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr,
-                               BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, PRECISION: tl.constexpr):
+    def _state_pass_fwd_kernel(
+        u_ptr,
+        w_ptr,
+        kd_ptr,
+        a_ptr,
+        s0_ptr,
+        h_ptr,
+        delta_ptr,
+        sn_ptr,
+        n_chunks,
+        C: tl.constexpr,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        BC: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        HAS_S0: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         rc, rk, rv, kv, m_kv, m_ck, m_cv = _tile(i_v, C, K, V, BC, BK, BV)
         if HAS_S0:
@@ -98,10 +86,26 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
-    def _state_pass_bwd_kernel(w_ptr, kd_ptr, a_ptr, gh_ptr, gdelta_ptr, gsn_ptr, dsnext_ptr, ddelta_ptr,
-                               ds0_ptr, n_chunks, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                               BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_GSN: tl.constexpr,
-                               PRECISION: tl.constexpr):
+    def _state_pass_bwd_kernel(
+        w_ptr,
+        kd_ptr,
+        a_ptr,
+        gh_ptr,
+        gdelta_ptr,
+        gsn_ptr,
+        dsnext_ptr,
+        ddelta_ptr,
+        ds0_ptr,
+        n_chunks,
+        C: tl.constexpr,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        BC: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        HAS_GSN: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """Reverse pass: dS is the gradient of the state leaving chunk c; stores it and d(delta_c)."""
         i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         rc, rk, rv, kv, m_kv, m_ck, m_cv = _tile(i_v, C, K, V, BC, BK, BV)
@@ -117,18 +121,12 @@ if triton is not None:
             ddelta = tl.load(gdelta_ptr + cv, mask=m_cv, other=0.0) + tl.dot(kd, dS, input_precision=PRECISION)
             tl.store(ddelta_ptr + cv, ddelta, mask=m_cv)
             w = tl.load(w_ptr + ck, mask=m_ck, other=0.0)
-            dS = (dS * tl.load(a_ptr + chunk) - tl.dot(tl.trans(w), ddelta, input_precision=PRECISION)
-                  + tl.load(gh_ptr + chunk * K * V + kv, mask=m_kv, other=0.0))
+            dS = (
+                dS * tl.load(a_ptr + chunk)
+                - tl.dot(tl.trans(w), ddelta, input_precision=PRECISION)
+                + tl.load(gh_ptr + chunk * K * V + kv, mask=m_kv, other=0.0)
+            )
         tl.store(ds0_ptr + i_bh * K * V + kv, dS, mask=m_kv)
-
-
-def _precision() -> str:
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def _blocks(C: int, K: int) -> Tuple[int, int]:
-    """Tile sizes: powers of two >= 16 (tl.dot's minimum); rows/columns past C, K, V are masked to zero."""
-    return max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(K))
 
 
 def state_pass_forward(U, W, Kd, a, S0):
@@ -138,10 +136,26 @@ def state_pass_forward(U, W, Kd, a, S0):
     h = U.new_empty(B, H, n, K, V)
     delta = torch.empty_like(U)
     sn = U.new_empty(B, H, K, V)
-    BC, BK = _blocks(C, K)
+    BC, BK = tile_sizes(C, K)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
-    _state_pass_fwd_kernel[grid](U, W, Kd, a, S0 if S0 is not None else sn, h, delta, sn, n, C=C, K=K, V=V,
-                                 BC=BC, BK=BK, HAS_S0=S0 is not None, PRECISION=_precision())
+    _state_pass_fwd_kernel[grid](
+        U,
+        W,
+        Kd,
+        a,
+        S0 if S0 is not None else sn,
+        h,
+        delta,
+        sn,
+        n,
+        C=C,
+        K=K,
+        V=V,
+        BC=BC,
+        BK=BK,
+        HAS_S0=S0 is not None,
+        PRECISION=dot_precision(),
+    )
     return h, delta, sn
 
 
@@ -154,11 +168,27 @@ def state_pass_backward(W, Kd, a, h, delta, gh, gdelta, gsn):
     gsn = None if gsn is None else gsn.float().contiguous()
     dsnext, ddelta = torch.empty_like(h), torch.empty_like(delta)
     ds0 = h.new_empty(B, H, K, V)
-    BC, BK = _blocks(C, K)
+    BC, BK = tile_sizes(C, K)
     grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
-    _state_pass_bwd_kernel[grid](W, Kd, a, gh, gdelta, gsn if gsn is not None else ds0, dsnext, ddelta,
-                                 ds0, n, C=C, K=K, V=V, BC=BC, BK=BK, HAS_GSN=gsn is not None,
-                                 PRECISION=_precision())
+    _state_pass_bwd_kernel[grid](
+        W,
+        Kd,
+        a,
+        gh,
+        gdelta,
+        gsn if gsn is not None else ds0,
+        dsnext,
+        ddelta,
+        ds0,
+        n,
+        C=C,
+        K=K,
+        V=V,
+        BC=BC,
+        BK=BK,
+        HAS_GSN=gsn is not None,
+        PRECISION=dot_precision(),
+    )
     # The parts that need no order: one batched matmul each.
     dW = -(ddelta @ h.transpose(-1, -2))
     dKd = delta @ dsnext.transpose(-1, -2)

@@ -1,15 +1,8 @@
-"""Gated delta rule: the recurrence behind Gated DeltaNet, in three interchangeable forms.
+"""The chunkwise (WY / UT-transform) form of the gated delta rule in PyTorch: the training form.
 
-    S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T        S_t: (d_k, d_v)
-    o_t = scale * S_t^T q_t
-
-* ``delta_rule_step``       — one token, O(1) in sequence length (decoding).
-* ``delta_rule_recurrent``  — the readable reference: ``delta_rule_step`` in a loop.
-* ``delta_rule_chunkwise``  — the training form: the WY / UT transform turns each chunk of C tokens into
-  matrix products, leaving one small sequential pass over chunks (see docs/architecture.md).
-
-Layout: q, k (B, H, T, d_k); v (B, H, T, d_v); g, beta (B, H, T); g is the log-decay (g <= 0).
-The state is kept in fp32 (fp64 if the inputs are fp64) whatever the input dtype.
+Each chunk of C tokens becomes matrix products; what is left is one small sequential pass over chunks
+(``state_pass_torch`` here, or the Triton kernels of triton_state_pass.py). Same layout and result as
+reference.py, up to float rounding; docs/architecture.md derives it.
 """
 
 import functools
@@ -17,58 +10,25 @@ from typing import Optional, Tuple
 
 import torch
 
-from hydralm.kernels.delta_rule_fused import delta_rule_fused
-from hydralm.kernels.delta_rule_triton import state_pass_torch, state_pass_triton
+from hydralm.kernels.delta_rule.reference import compute_dtype
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+def state_pass_torch(U, W, Kd, a, S0: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference. U (B, H, n, C, d_v); W, Kd (B, H, n, C, d_k); a (B, H, n); S0 (B, H, d_k, d_v) or None (zeros).
 
-
-def delta_rule_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
-    scale: Optional[float] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """One token. q, k (B, H, d_k); v (B, H, d_v); g, beta (B, H); state (B, H, d_k, d_v)."""
-    dtype = state.dtype
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (t.to(dtype) for t in (q, k, v, g, beta))
-    decay = g.exp()[..., None, None]
-    b = beta[..., None, None]
-    kS = torch.einsum("bhk,bhkv->bhv", k, state)  # k^T S_{t-1}
-    # (I - b k k^T) S + b k v^T  ==  S + b k (v - k^T S)^T
-    state = decay * (state - b * k[..., :, None] * kS[..., None, :]) + b * k[..., :, None] * v[..., None, :]
-    o = scale * torch.einsum("bhk,bhkv->bhv", q, state)
-    return o, state
-
-
-def delta_rule_recurrent(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    initial_state: Optional[torch.Tensor] = None,
-    scale: Optional[float] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Reference: token by token. Returns o (B, H, T, d_v) in v's dtype and the final state."""
-    B, H, T, dk = k.shape
-    dv = v.shape[-1]
-    state = initial_state
-    if state is None:
-        state = torch.zeros(B, H, dk, dv, dtype=_compute_dtype(v), device=v.device)
-    state = state.to(_compute_dtype(state))
-    outputs = []
-    for t in range(T):
-        o_t, state = delta_rule_step(q[:, :, t], k[:, :, t], v[:, :, t], g[:, :, t], beta[:, :, t], state, scale)
-        outputs.append(o_t)
-    o = torch.stack(outputs, dim=2) if outputs else v.new_zeros(B, H, 0, dv)
-    return o.to(v.dtype), state
+    Returns H (B, H, n, d_k, d_v) the state entering each chunk, delta (B, H, n, C, d_v), the final state.
+    """
+    if S0 is None:
+        S0 = U.new_zeros(*W.shape[:2], W.shape[-1], U.shape[-1])
+    states, deltas, state = [], [], S0
+    # unbind once: indexing [:, :, c] inside the loop would make every chunk's backward write a full-size
+    # zero gradient (quadratic in the number of chunks); unbind's backward stacks the pieces once.
+    for U_c, W_c, Kd_c, a_c in zip(U.unbind(2), W.unbind(2), Kd.unbind(2), a.unbind(2)):
+        states.append(state)
+        delta = U_c - W_c @ state
+        deltas.append(delta)
+        state = a_c[..., None, None] * state + Kd_c.transpose(-1, -2) @ delta
+    return torch.stack(states, 2), torch.stack(deltas, 2), state
 
 
 def delta_rule_chunkwise(
@@ -92,15 +52,17 @@ def delta_rule_chunkwise(
         O   = (Gamma q) S_0 + (q k^T * D) delta            (D[t, i] = Gamma_t / Gamma_i, i <= t)
         S_C = Gamma_C S_0 + (k * Gamma_C / Gamma)^T delta
     The pass over chunks is ``state_pass_torch`` (a PyTorch loop) or, with backend="triton", the Triton
-    kernels of kernels/delta_rule_triton.py; the outputs of all chunks are then computed at once.
-    backend="fused" runs all of it, forward and backward, in the Triton kernels of kernels/delta_rule_fused.py.
+    kernels of triton_state_pass.py; the outputs of all chunks are then computed at once.
+    backend="fused" runs all of it, forward and backward, in the Triton kernels of triton_fused.py.
     Padding tokens (to a multiple of C) use g = 0, beta = 0, k = 0: they leave the state untouched.
     """
     if backend == "fused":
+        from hydralm.kernels.delta_rule.triton_fused import delta_rule_fused
+
         return delta_rule_fused(q, k, v, g, beta, initial_state, scale, chunk_size)
     B, H, T, dk = k.shape
     dv = v.shape[-1]
-    dtype, out_dtype = _compute_dtype(v), v.dtype
+    dtype, out_dtype = compute_dtype(v), v.dtype
     scale = dk**-0.5 if scale is None else scale
     C = chunk_size
     pad = (-T) % C
@@ -130,7 +92,10 @@ def delta_rule_chunkwise(
 
     if initial_state is not None:
         initial_state = initial_state.to(dtype)
-    state_pass = state_pass_triton if backend == "triton" else state_pass_torch
+    if backend == "triton":
+        from hydralm.kernels.delta_rule.triton_state_pass import state_pass_triton as state_pass
+    else:
+        state_pass = state_pass_torch
     states, delta, state = state_pass(U, W, k_to_end, chunk_decay, initial_state)
     # With every chunk's entering state known, the outputs of all chunks are two batched matmuls.
     o = (q_decayed @ states + intra @ delta).reshape(B, H, n * C, dv)[:, :, :T]

@@ -1,8 +1,8 @@
 """One device vs data parallel at the same global batch, through `train.py` as users launch it.
 
-    python -m hydralm.bench.scaling --steps 200 --devices 2 --global-batch 4 -- \\
+    python -m benchmarks.scaling --steps 200 --devices 2 --global-batch 4 -- \\
         model=160m data=retrieval_qa data.task_kwargs.seq_len=16384 data.task_kwargs.num_facts=32
-    python -m hydralm.bench.scaling --cpu --steps 6 -- model=tiny    # 1 process vs ddp_sim (gloo), any laptop
+    python -m benchmarks.scaling --cpu --steps 6 -- model=tiny    # 1 process vs ddp_sim (gloo), any laptop
 
 Runs (each `python train.py <overrides> hydra.run.dir=<out>/<name>`, per-step CSV logging):
   single   1 device, data.batch_size = global batch
@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 WARMUP_STEPS = 3
 
@@ -63,19 +63,25 @@ def summarize(runs: Dict[str, Dict[str, Dict[int, float]]], devices: int) -> Lis
         speed = tokens_per_sec(metrics)
         n = 1 if name == "single" else devices
         peak = metrics.get("train/peak_mem_gib", {})
-        rows.append({
-            "run": name, "devices": n, "steps_compared": len(common),
-            "vs": "ddp" if name == "resumed" else "single",
-            "max_abs_loss_diff": max(diffs) if diffs else None,
-            "median_abs_loss_diff": statistics.median(diffs) if diffs else None,
-            "final_loss": loss[max(loss)] if loss else None,
-            # per-step losses of a few dozen answer tokens are noisy: the mean over the last tenth compares runs
-            "last_tenth_mean_loss": statistics.mean(loss[s] for s in sorted(loss)[-max(1, len(loss) // 10):]) if loss else None,
-            "tokens_per_sec": speed,
-            "speedup": speed / base_speed if speed and base_speed and name != "resumed" else None,
-            "efficiency": speed / base_speed / n if speed and base_speed and name != "resumed" else None,
-            "peak_mem_gib": max(peak.values()) if peak else None,
-        })
+        rows.append(
+            {
+                "run": name,
+                "devices": n,
+                "steps_compared": len(common),
+                "vs": "ddp" if name == "resumed" else "single",
+                "max_abs_loss_diff": max(diffs) if diffs else None,
+                "median_abs_loss_diff": statistics.median(diffs) if diffs else None,
+                "final_loss": loss[max(loss)] if loss else None,
+                # per-step losses of a few dozen answer tokens are noisy: the mean over the last tenth compares runs
+                "last_tenth_mean_loss": statistics.mean(loss[s] for s in sorted(loss)[-max(1, len(loss) // 10) :])
+                if loss
+                else None,
+                "tokens_per_sec": speed,
+                "speedup": speed / base_speed if speed and base_speed and name != "resumed" else None,
+                "efficiency": speed / base_speed / n if speed and base_speed and name != "resumed" else None,
+                "peak_mem_gib": max(peak.values()) if peak else None,
+            }
+        )
     return rows
 
 
@@ -83,8 +89,14 @@ def _train(overrides: List[str], run_dir: Path, log_file: Path, timeout: int) ->
     env = {**os.environ, **NO_MULTICAST, "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
     with open(log_file, "w") as log:
-        done = subprocess.run([sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"], cwd=str(ROOT),
-                              env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        done = subprocess.run(
+            [sys.executable, "train.py", *overrides, f"hydra.run.dir={run_dir}"],
+            cwd=str(ROOT),
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
     if done.returncode != 0:
         raise RuntimeError(f"train.py failed for {run_dir.name} (exit {done.returncode}); see {log_file}")
     return time.perf_counter() - started
@@ -99,8 +111,11 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--no-fsdp", action="store_true")
     parser.add_argument("--out", default=None, help="output folder (default logs/scaling/<time>)")
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per run")
-    parser.add_argument("--runs", default=None,
-                        help="comma-separated runs to make now (default: those not yet in --out); others are read from --out")
+    parser.add_argument(
+        "--runs",
+        default=None,
+        help="comma-separated runs to make now (default: those not yet in --out); others are read from --out",
+    )
     parser.add_argument("overrides", nargs="*", help="train.py overrides shared by every run (after --)")
     args = parser.parse_args(argv)
     devices = 2 if args.cpu else args.devices
@@ -111,12 +126,22 @@ def main(argv: List[str]) -> int:
     out = Path(args.out or ROOT / "logs" / "scaling" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     half = args.steps // 2
-    common = [*args.overrides, f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=1", "test=false",
-              "trainer.limit_val_batches=0", "trainer.val_check_interval=1000000", "logger=csv",
-              "callbacks.rich_progress_bar=null", "++trainer.enable_progress_bar=false",
-              "callbacks.model_checkpoint.monitor=null", "callbacks.model_checkpoint.save_top_k=-1",
-              f"+callbacks.model_checkpoint.every_n_train_steps={half}",
-              "callbacks.model_checkpoint.filename='step{step}'", "callbacks.last_checkpoint=null"]
+    common = [
+        *args.overrides,
+        f"trainer.max_steps={args.steps}",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+        "trainer.limit_val_batches=0",
+        "trainer.val_check_interval=1000000",
+        "logger=csv",
+        "callbacks.rich_progress_bar=null",
+        "++trainer.enable_progress_bar=false",
+        "callbacks.model_checkpoint.monitor=null",
+        "callbacks.model_checkpoint.save_top_k=-1",
+        f"+callbacks.model_checkpoint.every_n_train_steps={half}",
+        "callbacks.model_checkpoint.filename='step{step}'",
+        "callbacks.last_checkpoint=null",
+    ]
     per_device = args.global_batch // devices
     single = ["trainer=cpu" if args.cpu else "trainer=gpu", f"data.batch_size={args.global_batch}"]
     parallel = {"ddp": ["trainer=ddp_sim"] if args.cpu else ["trainer=ddp", f"trainer.devices={devices}"]}
@@ -124,6 +149,7 @@ def main(argv: List[str]) -> int:
         parallel["fsdp"] = ["trainer=fsdp", f"trainer.devices={devices}"]
     plan = {"single": single, **{k: v + [f"data.batch_size={per_device}"] for k, v in parallel.items()}}
     plan["resumed"] = plan["ddp"] + [f"ckpt_path={out / 'ddp' / 'checkpoints' / f'step{half}.ckpt'}"]
+
     def made(name: str) -> bool:
         return (out / name / "csv" / "metrics.csv").exists()
 
@@ -144,8 +170,21 @@ def main(argv: List[str]) -> int:
     rows = summarize(runs, devices)
     for row in rows:
         row["wall_s"] = wall.get(row["run"])
-    cols = ["run", "devices", "vs", "steps_compared", "max_abs_loss_diff", "median_abs_loss_diff", "final_loss",
-            "last_tenth_mean_loss", "tokens_per_sec", "speedup", "efficiency", "peak_mem_gib", "wall_s"]
+    cols = [
+        "run",
+        "devices",
+        "vs",
+        "steps_compared",
+        "max_abs_loss_diff",
+        "median_abs_loss_diff",
+        "final_loss",
+        "last_tenth_mean_loss",
+        "tokens_per_sec",
+        "speedup",
+        "efficiency",
+        "peak_mem_gib",
+        "wall_s",
+    ]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in rows:
         print("| " + " | ".join(f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in cols) + " |")

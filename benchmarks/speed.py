@@ -1,7 +1,7 @@
 """GPU speed benchmarks; each prints a table. Run next to the peers (../shared/tools/peer_bench.py) in the
 same call so ratios compare like with like:
 
-    python -m hydralm.bench.speed [layers] [models] [decode] [claim_models]
+    python -m benchmarks.speed [layers] [models] [decode] [claim_models]
 
 layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16
         fwd+bwd: our GDN kernel (PyTorch loop, Triton pass over chunks, fully fused Triton; BENCH_COMPILE=1
@@ -9,7 +9,8 @@ layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,1638
         (flex, token-routed, C=128, k=8) at 4k/16k/64k with 64k tokens per batch, H16 D128.
 models  training step of HydraLM-160m (20-layer schedule; BENCH_MODELS picks among HydraLM-160m,
         "HydraLM-160m fused-GDN", "HydraLM-160m triton-GDN", "HydraLM-160m compiled-GDN", Dense-160m) and of
-        the DenseTransformer with the same fields, bf16 autocast, fused AdamW, 64k tokens per step, at 4k/16k/64k context.
+        the DenseTransformer with the same fields, bf16 autocast, fused AdamW, 64k tokens per step, at
+        4k/16k/64k context.
 decode  batch-1 decode latency of HydraLM-160m (compressive memory on) after 4k, 64k and 1M tokens of context
         (BENCH_DECODE_CONTEXTS); the context is streamed in 8192-token chunks (prefill tokens/s, the decode
         state's MiB and the peak GPU memory so far printed too).
@@ -61,13 +62,20 @@ def training_step(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Op
 def _print_table(title: str, rows: list, cols: list) -> None:
     print(f"\n## {title}\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
     for row in rows:
-        print("| " + " | ".join(f"{row.get(c, ''):.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols) + " |",
-              flush=True)
+        print(
+            "| "
+            + " | ".join(
+                f"{row.get(c, ''):.3g}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in cols
+            )
+            + " |",
+            flush=True,
+        )
 
 
 def layers() -> None:
+    from hydralm.kernels.attention.flex import sliding_window_flex
     from hydralm.kernels.delta_rule import delta_rule_chunkwise
-    from hydralm.kernels.flex import retrieval_flex, sliding_window_flex
+    from hydralm.kernels.retrieval.flex import retrieval_flex
 
     rows = []
     torch.set_float32_matmul_precision("high")  # TF32 for fp32 matmuls, as in training
@@ -90,7 +98,6 @@ def layers() -> None:
             name = f"GDN {backend} chunkwise ({'compiled' if compiled else 'eager'})"
             rows.append({"layer": name, "shape": f"B{B} T{T} H{H} K{K}", "ms": bench(gdn, 20)})
             print(rows[-1], flush=True)
-        del q, k, v, g, beta
     rows += _state_pass_rows()
     Hh, D, C, TOPK, W = 16, 128, 128, 8, 512
     for T in [int(t) for t in os.environ.get("BENCH_ATTENTION_CONTEXTS", "4096,16384,65536").split(",") if t]:
@@ -105,21 +112,38 @@ def layers() -> None:
         def ret(query):
             return lambda: retrieval_flex(query, k, v, C, TOPK).sum().backward()
 
-        row = {"layer": "attention", "shape": f"B{B} T{T} H{Hh} D{D}", "swa_flex_ms": bench(swa),
-               "retrieval_random_q_ms": bench(ret(q), 20), "retrieval_coherent_q_ms": bench(ret(coherent_q), 20)}
+        row = {
+            "layer": "attention",
+            "shape": f"B{B} T{T} H{Hh} D{D}",
+            "swa_flex_ms": bench(swa),
+            "retrieval_random_q_ms": bench(ret(q), 20),
+            "retrieval_coherent_q_ms": bench(ret(coherent_q), 20),
+        }
         row["retrieval/swa (coherent)"] = row["retrieval_coherent_q_ms"] / row["swa_flex_ms"]
         rows.append(row)
         print(row, flush=True)
-        del q, k, v, coherent_q
     RESULTS["layers"] = rows
-    _print_table("layers, bf16 fwd+bwd (ms)", rows, ["layer", "shape", "ms", "fwd_ms", "swa_flex_ms", "retrieval_random_q_ms",
-                                                  "retrieval_coherent_q_ms", "retrieval/swa (coherent)"])
+    _print_table(
+        "layers, bf16 fwd+bwd (ms)",
+        rows,
+        [
+            "layer",
+            "shape",
+            "ms",
+            "fwd_ms",
+            "swa_flex_ms",
+            "retrieval_random_q_ms",
+            "retrieval_coherent_q_ms",
+            "retrieval/swa (coherent)",
+        ],
+    )
 
 
 def _state_pass_rows() -> list:
     """The pass over chunks alone (PyTorch loop vs Triton kernels), fwd and fwd+bwd, at the GDN shapes of the
     layer row above (K128) and of the 160m preset at 64k tokens/step (K64)."""
-    from hydralm.kernels.delta_rule_triton import state_pass_torch, state_pass_triton
+    from hydralm.kernels.delta_rule.chunk import state_pass_torch
+    from hydralm.kernels.delta_rule.triton_state_pass import state_pass_triton
 
     rows = []
     for B, H, n, C, K in ((8, 16, 64, 64, 128), (16, 12, 64, 64, 64)):
@@ -136,8 +160,14 @@ def _state_pass_rows() -> list:
                 h, d, sn = fn(U, W, Kd, a, s0)
                 (h.sum() + d.sum() + sn.sum()).backward()
 
-            rows.append({"layer": f"state pass {name}", "shape": f"B{B} H{H} n{n} C{C} K{K}", "fwd_ms": fwd,
-                         "ms": bench(fwd_bwd, 20)})
+            rows.append(
+                {
+                    "layer": f"state pass {name}",
+                    "shape": f"B{B} H{H} n{n} C{C} K{K}",
+                    "fwd_ms": fwd,
+                    "ms": bench(fwd_bwd, 20),
+                }
+            )
             print(rows[-1], flush=True)
     return rows
 
@@ -149,9 +179,13 @@ def models() -> None:
     torch.set_float32_matmul_precision("high")
     rows = []
     # the GDN kernel each HydraLM variant runs (kernels/backend.py); "HydraLM-160m" runs auto (triton on CUDA)
-    variants = {"HydraLM-160m": (HydraLM, "auto", "0"), "HydraLM-160m fused-GDN": (HydraLM, "fused", "0"),
-                "HydraLM-160m triton-GDN": (HydraLM, "triton", "0"), "HydraLM-160m compiled-GDN": (HydraLM, "triton", "1"),
-                "Dense-160m": (DenseTransformer, "auto", "0")}
+    variants = {
+        "HydraLM-160m": (HydraLM, "auto", "0"),
+        "HydraLM-160m fused-GDN": (HydraLM, "fused", "0"),
+        "HydraLM-160m triton-GDN": (HydraLM, "triton", "0"),
+        "HydraLM-160m compiled-GDN": (HydraLM, "triton", "1"),
+        "Dense-160m": (DenseTransformer, "auto", "0"),
+    }
     for name in os.environ.get("BENCH_MODELS", "HydraLM-160m,Dense-160m").split(","):
         cls, gdn, compile_gdn = variants[name]
         os.environ.update(HYDRALM_DELTANET=gdn, HYDRALM_DELTANET_COMPILE=compile_gdn)
@@ -190,8 +224,16 @@ def claim_models() -> None:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
         ids = torch.randint(0, cfg.vocab_size, (b["batch_size"], b["seq_len"]), device="cuda")
         ms = bench(training_step(model, ids, opt), 10)
-        rows.append({"claim": claim, "params_M": model.num_parameters() / 1e6, "B": b["batch_size"], "T": b["seq_len"],
-                     "ms": ms, "ktok_s": b["batch_size"] * b["seq_len"] / ms})
+        rows.append(
+            {
+                "claim": claim,
+                "params_M": model.num_parameters() / 1e6,
+                "B": b["batch_size"],
+                "T": b["seq_len"],
+                "ms": ms,
+                "ktok_s": b["batch_size"] * b["seq_len"] / ms,
+            }
+        )
         print(rows[-1], flush=True)
     RESULTS["claim_models"] = rows
     _print_table("full-budget claim models, training step", rows, ["claim", "params_M", "B", "T", "ms", "ktok_s"])
@@ -223,10 +265,19 @@ def decode() -> None:
 
         windows = timed_windows(step, warmup=20)
         ms = sorted(windows)[2]
-        rows.append({"context": context, "ms_per_token": ms, "min_ms": min(windows), "max_ms": max(windows),
-                     "tok_s": 1e3 / ms, "prefill_tok_s": prefill_tok_s, "state_MiB": state_bytes(engine.state) / 2**20,
-                     "peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
-                     "latency_vs_first": ms / rows[0]["ms_per_token"] if rows else 1.0})
+        rows.append(
+            {
+                "context": context,
+                "ms_per_token": ms,
+                "min_ms": min(windows),
+                "max_ms": max(windows),
+                "tok_s": 1e3 / ms,
+                "prefill_tok_s": prefill_tok_s,
+                "state_MiB": state_bytes(engine.state) / 2**20,
+                "peak_GiB": torch.cuda.max_memory_allocated() / 2**30,
+                "latency_vs_first": ms / rows[0]["ms_per_token"] if rows else 1.0,
+            }
+        )
         if os.environ.get("BENCH_DECODE_STATIC"):  # the fixed-shape step as a CUDA graph, from the same state
             started = time.perf_counter()
             if static is None:
@@ -239,9 +290,23 @@ def decode() -> None:
             rows[-1]["static_graph_ms"] = sorted(timed_windows(lambda: static.step(token), warmup=20))[2]
         print(rows[-1], flush=True)  # a long context may outlast the call: keep what was measured
         RESULTS["decode"] = rows
-    _print_table("batch-1 decode, HydraLM-160m bf16, memory on", rows,
-                 ["context", "ms_per_token", "min_ms", "max_ms", "tok_s", "latency_vs_first", "prefill_tok_s",
-                  "state_MiB", "peak_GiB", "static_graph_ms", "static_setup_s"])
+    _print_table(
+        "batch-1 decode, HydraLM-160m bf16, memory on",
+        rows,
+        [
+            "context",
+            "ms_per_token",
+            "min_ms",
+            "max_ms",
+            "tok_s",
+            "latency_vs_first",
+            "prefill_tok_s",
+            "state_MiB",
+            "peak_GiB",
+            "static_graph_ms",
+            "static_setup_s",
+        ],
+    )
 
 
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:

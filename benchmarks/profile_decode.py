@@ -1,4 +1,4 @@
-"""Profile batch-1 decoding: `python -m hydralm.bench.profile_decode [preset] [context] [d_model] [compile]`.
+"""Profile batch-1 decoding: `python -m benchmarks.profile_decode [preset] [context] [d_model] [compile]`.
 
 Decoding is bound by host time per PyTorch call (docs/benchmarks.md), so this counts calls rather than
 FLOPs. After `context` random tokens (compressive memory on, as `speed decode` runs it) it prints
@@ -17,9 +17,9 @@ import time
 
 import torch
 
+from benchmarks.profile_stream import in_profiler_range
+from benchmarks.speed import DECODE_MEMORY, timed_windows
 from hydralm import HydraConfig, HydraLM, StreamingEngine
-from hydralm.bench.profile_stream import in_profiler_range
-from hydralm.bench.speed import DECODE_MEMORY, timed_windows
 from hydralm.static_decode import StaticDecoder
 
 
@@ -43,15 +43,22 @@ def main(preset: str = "160m", context: int = 8192, d_model: int = 96, compile_s
         step_ms = ms_per_call(lambda: model.step(token, state))
         print(f"{cfg.summary()} on {device}, after {context} tokens: {step_ms:.2f} ms per step", flush=True)
         for compiled in (False, True) if compile_static else (False,):
-            decoder = StaticDecoder(model, state, compile=compiled,
-                                    compile_mode="reduce-overhead" if compiled and device == "cuda" else None)
+            decoder = StaticDecoder(
+                model,
+                state,
+                compile=compiled,
+                compile_mode="reduce-overhead" if compiled and device == "cuda" else None,
+            )
             started = time.perf_counter()
             for _ in range(20):  # warm-up (and compilation)
                 decoder.step(token)
             warm_s = time.perf_counter() - started
             ms = ms_per_call(lambda: decoder.step(token))
-            print(f"StaticDecoder{' compiled' if compiled else ''}: {ms:.2f} ms per step = {step_ms / ms:.2f}x faster "
-                  f"(warm-up {warm_s:.0f} s)", flush=True)
+            print(
+                f"StaticDecoder{' compiled' if compiled else ''}: {ms:.2f} ms per step = {step_ms / ms:.2f}x faster "
+                f"(warm-up {warm_s:.0f} s)",
+                flush=True,
+            )
         for n in (1, 2, 3):
             ids = torch.zeros(1, n, dtype=torch.long, device=device)
             ms = ms_per_call(lambda: model(ids, state=state, return_state=True, return_hidden=True), 5)
@@ -77,8 +84,12 @@ def _label_layers(model) -> set:
     """Wrap each mixer's step and each block's MLP / norms in a profiler range named by what it is."""
     names = set()
     for block in model.blocks:
-        for name, module, method in ((f"{block.layer_type} mixer step", block.mixer, "step"), ("mlp", block.mlp, "forward"),
-                                     ("rmsnorm", block.mixer_norm, "forward"), ("rmsnorm", block.mlp_norm, "forward")):
+        for name, module, method in (
+            (f"{block.layer_type} mixer step", block.mixer, "step"),
+            ("mlp", block.mlp, "forward"),
+            ("rmsnorm", block.mixer_norm, "forward"),
+            ("rmsnorm", block.mlp_norm, "forward"),
+        ):
             setattr(module, method, in_profiler_range(name, getattr(module, method)))
             names.add(name)
     return names

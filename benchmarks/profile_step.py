@@ -1,4 +1,4 @@
-"""Profile one training step of a preset on CUDA: `python -m hydralm.bench.profile_step [preset] [T] [B]`.
+"""Profile one training step of a preset on CUDA: `python -m benchmarks.profile_step [preset] [T] [B]`.
 Prints the top operators by CUDA and by CPU time (torch.profiler), after two warm-up steps."""
 
 import sys
@@ -6,8 +6,8 @@ import time
 
 import torch
 
+from benchmarks.speed import training_step
 from hydralm import HydraConfig, HydraLM
-from hydralm.bench.speed import training_step
 
 
 def main(preset: str = "160m", T: int = 4096, B: int = 16) -> None:
@@ -24,7 +24,9 @@ def main(preset: str = "160m", T: int = 4096, B: int = 16) -> None:
         step()
         torch.cuda.synchronize()
         print(f"step {i}: {time.perf_counter() - start:.3f}s", flush=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    ) as prof:
         step()
         torch.cuda.synchronize()
     table = prof.key_averages()
@@ -33,7 +35,7 @@ def main(preset: str = "160m", T: int = 4096, B: int = 16) -> None:
     for layer_type in ("deltanet", "swa", "retrieval"):
         sub = HydraLM(cfg.replace(n_layers=2, layer_types=[layer_type] * 2)).cuda()
         x = torch.randint(0, cfg.vocab_size, (B, T), device="cuda")
-        for i in range(3):
+        for _ in range(3):
             torch.cuda.synchronize()
             start = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -1,4 +1,4 @@
-"""Profile the streaming prefill: `python -m hydralm.bench.profile_stream [preset] [context] [chunk]`.
+"""Profile the streaming prefill: `python -m benchmarks.profile_stream [preset] [context] [chunk]`.
 
 HydraLM (random weights, compressive memory on, as `speed decode` runs it) reads `context` random tokens
 through StreamingEngine in `chunk`-token calls; the last call is profiled (torch.profiler, CUDA and CPU
@@ -11,8 +11,8 @@ import time
 
 import torch
 
+from benchmarks.speed import DECODE_MEMORY
 from hydralm import HydraConfig, HydraLM, StreamingEngine
-from hydralm.bench.speed import DECODE_MEMORY
 
 
 def main(preset: str = "160m", context: int = 65536, chunk: int = 8192) -> None:
@@ -28,7 +28,7 @@ def main(preset: str = "160m", context: int = 65536, chunk: int = 8192) -> None:
         for start in range(0, context - chunk, chunk):
             sync()
             began = time.perf_counter()
-            engine.process(ids[:, start:start + chunk])
+            engine.process(ids[:, start : start + chunk])
             sync()
             print(f"tokens {start + chunk}: {chunk / (time.perf_counter() - began):.0f} tok/s", flush=True)
         activities = [torch.profiler.ProfilerActivity.CPU]
@@ -37,7 +37,7 @@ def main(preset: str = "160m", context: int = 65536, chunk: int = 8192) -> None:
         for i, block in enumerate(model.blocks):  # one profiler range per layer, named by its type
             block.forward = in_profiler_range(f"layer{i:02d}.{block.layer_type}", block.forward)
         with torch.profiler.profile(activities=activities) as prof:
-            engine.process(ids[:, context - chunk:])
+            engine.process(ids[:, context - chunk :])
             sync()
     table = prof.key_averages()
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
@@ -55,9 +55,11 @@ def main(preset: str = "160m", context: int = 65536, chunk: int = 8192) -> None:
 
 def in_profiler_range(name, forward):
     """`forward` wrapped in a torch.profiler range called `name` (profile_decode uses it too)."""
+
     def wrapped(*args, **kwargs):
         with torch.profiler.record_function(name):
             return forward(*args, **kwargs)
+
     return wrapped
 
 

@@ -9,9 +9,24 @@ from typing import Dict, List
 import lightning as L
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+def conf_dir() -> str:
+    """The config folder: the running Hydra app's own (evaluate.py's `conf/`); outside an app (tests, the Python
+    API), $HYDRALM_CONF_DIR or `conf/` under the working directory."""
+    if HydraConfig.initialized():
+        for source in HydraConfig.get().runtime.config_sources:
+            if source.provider == "main" and source.schema == "file":
+                return source.path
+    path = os.environ.get("HYDRALM_CONF_DIR") or os.path.join(os.getcwd(), "conf")
+    if not os.path.isfile(os.path.join(path, "train.yaml")):
+        raise FileNotFoundError(
+            f"no Hydra config folder at {path!r} (train.yaml missing): run from the repository root or set "
+            "HYDRALM_CONF_DIR to the project's conf/ folder"
+        )
+    return os.path.abspath(path)
 
 
 class ValLossTimer(L.Callback):
@@ -31,12 +46,19 @@ class ValLossTimer(L.Callback):
 
 def compose_train_config(overrides: List[str], output_dir: str) -> DictConfig:
     """conf/train.yaml with `overrides`, writing into output_dir (works inside or outside a Hydra app)."""
-    overrides = list(overrides) + [f"paths.output_dir={output_dir}", f"paths.log_dir={output_dir}",
-                                   "print_config=false", "test=false", "callbacks.rich_progress_bar=null",
-                                   "++trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+    overrides = list(overrides) + [
+        f"paths.output_dir={output_dir}",
+        f"paths.log_dir={output_dir}",
+        "print_config=false",
+        "test=false",
+        "callbacks.rich_progress_bar=null",
+        "++trainer.enable_progress_bar=false",
+        "trainer.enable_model_summary=false",
+    ]
     if GlobalHydra.instance().is_initialized():
         return compose(config_name="train", overrides=overrides)
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    config_dir = conf_dir()
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
 
 
@@ -48,7 +70,7 @@ def train_model(overrides: List[str], output_dir: str, record_val_curve: bool = 
     cfg = compose_train_config(overrides, output_dir)
     timer = ValLossTimer()
     with open_dict(cfg):
-        cfg.paths.root_dir = str(Path(CONF_DIR).parent)
+        cfg.paths.root_dir = str(Path(conf_dir()).parent)
     started = time.perf_counter()
     metrics, objects = train(cfg, extra_callbacks=[timer] if record_val_curve else [])
     seconds = time.perf_counter() - started
@@ -56,5 +78,10 @@ def train_model(overrides: List[str], output_dir: str, record_val_curve: bool = 
         json.dump({"metrics": metrics, "seconds": seconds, "val_curve": timer.curve}, f, indent=2)
     # Lightning's teardown moves the model to the CPU after fit; evaluate it where it trained.
     net = objects["model"].net.to(objects["trainer"].strategy.root_device).eval()
-    return {"model": net, "metrics": metrics, "seconds": seconds, "val_curve": timer.curve,
-            "steps": int(objects["trainer"].global_step)}
+    return {
+        "model": net,
+        "metrics": metrics,
+        "seconds": seconds,
+        "val_curve": timer.curve,
+        "steps": int(objects["trainer"].global_step),
+    }

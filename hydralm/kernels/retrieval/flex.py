@@ -1,50 +1,19 @@
-"""flex_attention paths for the parallel forward of SWA and retrieval layers (CUDA; the CPU forward runs
-too, which the tests use to check the masks against the reference paths).
+"""Retrieval attention through flex_attention (CUDA parallel forward from scratch; the CPU forward runs too,
+which the tests use to check the mask against reference.py).
 
-Block masks are built on the device from tensors (no host syncs): SWA's is cached per (length, window,
-device); retrieval's comes from the routing of each call: a 128-query tile visits the union of the chunks
-its tokens selected plus its local chunks, and the mask_mod keeps every token on its own selection; kv tiles
-that every query of the tile reads in full are passed as full blocks, which skip the mask_mod.
+The block mask comes from the routing of each call, built on the device (no host syncs): a 128-query tile
+visits the union of the chunks its tokens selected plus its local chunks, and the mask_mod keeps every
+token on its own selection; kv tiles that every query of the tile reads in full are passed as full blocks,
+which skip the mask_mod.
 """
 
-import functools
 from typing import Optional
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
-from hydralm.kernels.chunk_retrieval import route_tokens
-
-TILE = 128  # flex's default block size
-
-
-@functools.lru_cache(maxsize=None)
-def _compiled_flex():
-    # Uncompiled flex_attention is a slow reference; compiled it is a fused Triton kernel. Each new shape
-    # compiles once (dynamic=False); past dynamo's default limit of 8 shapes it would silently fall back to
-    # the eager reference, which materialises the scores (measured: 1.7 s steps and OOMs in a process that
-    # benchmarks several lengths), so the limit is raised for long-lived processes (eval, serving, benchmarks).
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def _flex(q, k, v, block_mask):
-    fn = _compiled_flex() if q.is_cuda else flex_attention
-    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
-
-
-@functools.lru_cache(maxsize=32)
-def _sliding_window_mask(length: int, window: int, device: str) -> BlockMask:
-    def mask_mod(b, h, q_idx, kv_idx):
-        return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
-
-    return create_block_mask(mask_mod, None, None, length, length, device=device)
-
-
-def sliding_window_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
-    """q (B, H, N, D), k/v (B, H_kv, N, D), no cache: query i sees keys i - window < j <= i."""
-    return _flex(q, k, v, _sliding_window_mask(q.shape[2], window, str(q.device)))
+from hydralm.kernels.attention.flex import TILE, flex
+from hydralm.kernels.retrieval.routing import route_tokens
 
 
 def flex_retrieval_supported(length: int, chunk_size: int) -> bool:
@@ -52,16 +21,18 @@ def flex_retrieval_supported(length: int, chunk_size: int) -> bool:
     return length % TILE == 0 and chunk_size <= TILE and TILE % chunk_size == 0
 
 
-def retrieval_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, top_k: int,
-                   route_block: Optional[int] = 8192) -> torch.Tensor:
+def retrieval_flex(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, top_k: int, route_block: Optional[int] = 8192
+) -> torch.Tensor:
     """Token-routed chunk-sparse attention from scratch (no state), same semantics as
-    kernels/chunk_retrieval.py: token t of chunk i sees chunk i-1, chunk i up to t, and its top_k chunks
+    kernels/retrieval/: token t of chunk i sees chunk i-1, chunk i up to t, and its top_k chunks
     among 0 .. i-2 by q_t . mean(keys of the chunk)."""
-    return _flex(q, k, v, retrieval_block_mask(q, k, chunk_size, top_k, route_block))
+    return flex(q, k, v, retrieval_block_mask(q, k, chunk_size, top_k, route_block))
 
 
-def retrieval_block_mask(q: torch.Tensor, k: torch.Tensor, chunk_size: int, top_k: int,
-                         route_block: Optional[int] = 8192) -> BlockMask:
+def retrieval_block_mask(
+    q: torch.Tensor, k: torch.Tensor, chunk_size: int, top_k: int, route_block: Optional[int] = 8192
+) -> BlockMask:
     """The routing of `retrieval_flex` as a BlockMask: partial tiles carry the per-token mask_mod, full tiles
     (read in full by every query of the tile) skip it."""
     B, H, N, D = q.shape
@@ -91,8 +62,10 @@ def retrieval_block_mask(q: torch.Tensor, k: torch.Tensor, chunk_size: int, top_
     partial = member & ~full
 
     def as_blocks(tiles):
-        return (tiles.sum(-1, dtype=torch.int32),
-                torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32))
+        return (
+            tiles.sum(-1, dtype=torch.int32),
+            torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32),
+        )
 
     kv_num_blocks, kv_indices = as_blocks(partial)
     full_num_blocks, full_indices = as_blocks(full)
@@ -104,8 +77,9 @@ def retrieval_block_mask(q: torch.Tensor, k: torch.Tensor, chunk_size: int, top_
             keep = keep | (selected[b, h, q_idx, slot] == kv_chunk)
         return keep
 
-    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_num_blocks, full_indices, BLOCK_SIZE=TILE,
-                                    mask_mod=mask_mod, seq_lengths=(N, N))
+    return BlockMask.from_kv_blocks(
+        kv_num_blocks, kv_indices, full_num_blocks, full_indices, BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(N, N)
+    )
 
 
 def _full_tiles(selected: torch.Tensor, token_chunk: torch.Tensor, n_chunks: int, n_tiles: int) -> torch.Tensor:

@@ -13,15 +13,19 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from hydralm.memory.factbank import FactBank
+from hydralm.factbank.factbank import FactBank
 
 C3_THRESHOLD = 1 - 1e-6  # min cosine(returned value, written value)
 C9_THRESHOLD = 0.95  # precision@1 on the newest 10% after 10 rotations
 
 
 def measure_c3(
-    dims: Sequence[int] = (16, 64, 256), num_facts: int = 256, value_dim: int = 32, seed: int = 0,
-    device=None, dtype: torch.dtype = torch.float32,
+    dims: Sequence[int] = (16, 64, 256),
+    num_facts: int = 256,
+    value_dim: int = 32,
+    seed: int = 0,
+    device=None,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
     """Write ``num_facts`` random (key, value) pairs into a bank that holds them all, query every key once
     (top-1), and return the smallest cosine between a returned value and the value written with its key,
@@ -40,8 +44,15 @@ def measure_c3(
 
 
 def measure_c9(
-    capacity: int = 1024, dim: int = 64, value_dim: int = 16, rotations: int = 10, newest_fraction: float = 0.1,
-    write_batch: int = 1, seed: int = 0, device=None, dtype: torch.dtype = torch.float32,
+    capacity: int = 1024,
+    dim: int = 64,
+    value_dim: int = 16,
+    rotations: int = 10,
+    newest_fraction: float = 0.1,
+    write_batch: int = 1,
+    seed: int = 0,
+    device=None,
+    dtype: torch.dtype = torch.float32,
 ) -> float:
     """Write ``rotations * capacity`` random pairs in sequence, ``write_batch`` at a time (the ring wraps
     ``rotations`` times), then query the newest ``newest_fraction`` of the keys and return precision@1: the
@@ -54,7 +65,7 @@ def measure_c9(
     values = torch.randn(total, value_dim, generator=generator)
     bank = FactBank(dim, capacity, device=device, dtype=dtype)
     for start in range(0, total, write_batch):
-        bank.write(keys[start:start + write_batch], values[start:start + write_batch])
+        bank.write(keys[start : start + write_batch], values[start : start + write_batch])
     newest = max(1, int(round(newest_fraction * capacity)))
     got, _ = bank.query(keys[-newest:], k=1)
     expected = values[-newest:].to(got.device, got.dtype)

@@ -36,7 +36,11 @@ def evaluate(cfg: DictConfig) -> Dict:
     from hydralm.export import load_model
 
     model = load_model(cfg.ckpt_path).to(_device(cfg.device)).eval()
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items() if k not in ("name", "data", "max_batches")}
+    settings = {
+        k: v
+        for k, v in OmegaConf.to_container(cfg.eval, resolve=True).items()
+        if k not in ("name", "data", "max_batches")
+    }
     if name == "perplexity":
         report = tasks.perplexity(model, instantiate(cfg.eval.data), cfg.eval.max_batches)
     else:
@@ -55,8 +59,12 @@ def _claims(cfg: DictConfig, out_dir: str) -> Dict:
     only = list(cfg.eval.only) if cfg.eval.only else None
     command = "python " + " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
     sha = git_sha(cfg.paths.root_dir)
-    results = run_claims(cfg.eval.budget, os.path.join(out_dir, "claim_runs"), only,
-                         on_result=lambda so_far: write_reports(so_far, out_dir, command, sha))
+    results = run_claims(
+        cfg.eval.budget,
+        os.path.join(out_dir, "claim_runs"),
+        only,
+        on_result=lambda so_far: write_reports(so_far, out_dir, command, sha),
+    )
     payload = write_reports(results, out_dir, command, sha)
     if cfg.eval.publish:
         publish(payload, cfg.paths.root_dir)

@@ -1,13 +1,13 @@
 """The whole chunkwise gated delta rule in Triton kernels, forward and backward (HYDRALM_DELTANET=fused).
 
-Same algorithm and notation as ``delta_rule_chunkwise`` (kernels/delta_rule.py). With the Triton pass over
+Same algorithm and notation as ``delta_rule_chunkwise`` (chunk.py). With the Triton pass over
 chunks alone, the layer still spent ~80 % of its time in the batched PyTorch around it: two triangular solves
 forward and two backward (6.4 of 25 ms at B8 T4096 H16 K128 on an H200) and ~60 elementwise fp32 passes over
 (B, H, T, d) tensors. Here each chunk's work is one Triton program that keeps its tiles in registers:
 
     prep   (per chunk)  gamma = cumsum(g); A = tril_-1((beta k) k^T * D); X = (I + A)^-1 by forward
                         substitution; U = X (beta v); W = X (beta Gamma k); Kd = k Gamma_C / Gamma; a = Gamma_C
-    pass   (over chunks, delta_rule_triton.state_pass_forward)   H_c, delta_c, final state
+    pass   (over chunks, triton_state_pass.state_pass_forward)   H_c, delta_c, final state
     output (per chunk)  o = (scale Gamma q) H_c + (scale q k^T * D, i >= j) delta_c
 
 The backward runs the same three in reverse: the output kernel's adjoint (dq, and the gradients of H and
@@ -18,20 +18,10 @@ q, k, v may be strided views (the layer passes (B, T, H, D) tensors transposed t
 last dimension must be contiguous. Tiles are powers of two >= 16 with rows / columns past C, T, K, V masked.
 """
 
-import os
-
 import torch
 
-from hydralm.kernels.delta_rule_triton import (
-    _blocks,
-    _precision,
-    state_pass_backward,
-    state_pass_forward,
-    triton,
-)
-
-if triton is not None:
-    import triton.language as tl
+from hydralm.kernels.delta_rule.triton_state_pass import state_pass_backward, state_pass_forward
+from hydralm.kernels.triton_common import dot_precision, interpreting, tile_sizes, tl, triton
 
 # Columns of v / the state handled per step of the kernels' loops over d_v: with whole 128-wide tiles the
 # backward kernels needed 263 KiB of shared memory on an H200 (limit 227 KiB).
@@ -40,7 +30,7 @@ BLOCK_K = 64  # the same for d_k in the prep backward, which holds the most tile
 
 
 def _configs() -> list:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         return [triton.Config({}, num_warps=4, num_stages=1)]
     return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 
@@ -66,8 +56,11 @@ if triton is not None:
     def _chunk_tile(ptr, chunk, rc, cols, C: tl.constexpr, N: tl.constexpr):
         """A (rows, block) tile of a contiguous per-chunk (C, N) fp32 buffer (the state: (K, V)); rows past C,
         columns past N read 0."""
-        return tl.load(ptr + chunk * C * N + rc[:, None] * N + cols[None, :],
-                       mask=(rc < C)[:, None] & (cols < N)[None, :], other=0.0)
+        return tl.load(
+            ptr + chunk * C * N + rc[:, None] * N + cols[None, :],
+            mask=(rc < C)[:, None] & (cols < N)[None, :],
+            other=0.0,
+        )
 
     @triton.jit
     def _gates(g_ptr, beta_ptr, bh, t, m_row, T):
@@ -87,10 +80,33 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
-    def _prep_fwd_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, u_ptr, w_ptr, kd_ptr, a_ptr, x_ptr,
-                         s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, T, H, n_chunks,
-                         C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                         BV: tl.constexpr, PRECISION: tl.constexpr):
+    def _prep_fwd_kernel(
+        k_ptr,
+        v_ptr,
+        g_ptr,
+        beta_ptr,
+        u_ptr,
+        w_ptr,
+        kd_ptr,
+        a_ptr,
+        x_ptr,
+        s_kb,
+        s_kh,
+        s_kt,
+        s_vb,
+        s_vh,
+        s_vt,
+        T,
+        H,
+        n_chunks,
+        C: tl.constexpr,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        BC: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
         k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
         gamma, beta = _gates(g_ptr, beta_ptr, bh, t, m_row, T)
@@ -105,9 +121,11 @@ if triton is not None:
         for v0 in range(0, V, BV):  # U = X (beta v), one BV-wide column block at a time (shared memory)
             cols = v0 + rv
             v = _load_rows(v_ptr, b * s_vb + h * s_vh, t, s_vt, m_row, cols, V)
-            tl.store(u_ptr + chunk * C * V + rc[:, None] * V + cols[None, :],
-                     tl.dot(X, v * beta[:, None], input_precision=PRECISION),
-                     mask=(rc < C)[:, None] & (cols < V)[None, :])
+            tl.store(
+                u_ptr + chunk * C * V + rc[:, None] * V + cols[None, :],
+                tl.dot(X, v * beta[:, None], input_precision=PRECISION),
+                mask=(rc < C)[:, None] & (cols < V)[None, :],
+            )
         W = tl.dot(X, kb * tl.exp(gamma)[:, None], input_precision=PRECISION)
         gamma_last = tl.sum(tl.where(rc == C - 1, gamma, 0.0), 0)
         Kd = k * tl.exp(gamma_last - gamma)[:, None]
@@ -116,15 +134,35 @@ if triton is not None:
         tl.store(w_ptr + ck, W, mask=m_ck)
         tl.store(kd_ptr + ck, Kd, mask=m_ck)
         tl.store(a_ptr + chunk, tl.exp(gamma_last))
-        tl.store(x_ptr + chunk * C * C + rc[:, None] * C + rc[None, :], X,
-                 mask=(rc < C)[:, None] & (rc < C)[None, :])
+        tl.store(x_ptr + chunk * C * C + rc[:, None] * C + rc[None, :], X, mask=(rc < C)[:, None] & (rc < C)[None, :])
 
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
-    def _output_fwd_kernel(q_ptr, k_ptr, g_ptr, h_ptr, delta_ptr, o_ptr, scale,
-                           s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, T, H, n_chunks,
-                           C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, PRECISION: tl.constexpr):
+    def _output_fwd_kernel(
+        q_ptr,
+        k_ptr,
+        g_ptr,
+        h_ptr,
+        delta_ptr,
+        o_ptr,
+        scale,
+        s_qb,
+        s_qh,
+        s_qt,
+        s_kb,
+        s_kh,
+        s_kt,
+        T,
+        H,
+        n_chunks,
+        C: tl.constexpr,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        BC: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """o (B, H, T, V) contiguous, fp32."""
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
         q = _load_rows(q_ptr, b * s_qb + h * s_qh, t, s_qt, m_row, rk, K)
@@ -137,15 +175,47 @@ if triton is not None:
             cols = v0 + rv
             S, delta = _chunk_tile(h_ptr, chunk, rk, cols, K, V), _chunk_tile(delta_ptr, chunk, rc, cols, C, V)
             o = tl.dot(qd, S, input_precision=PRECISION) + tl.dot(P, delta, input_precision=PRECISION)
-            tl.store(o_ptr + bh * T * V + t[:, None].to(tl.int64) * V + cols[None, :], o,
-                     mask=m_row[:, None] & (cols < V)[None, :])
+            tl.store(
+                o_ptr + bh * T * V + t[:, None].to(tl.int64) * V + cols[None, :],
+                o,
+                mask=m_row[:, None] & (cols < V)[None, :],
+            )
 
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
-    def _output_bwd_kernel(q_ptr, k_ptr, g_ptr, h_ptr, delta_ptr, do_ptr, gh_ptr, gdelta_ptr, dq_ptr, dk_ptr,
-                           dgamma_ptr, scale, s_qb, s_qh, s_qt, s_kb, s_kh, s_kt, s_ob, s_oh, s_ot, T, H, n_chunks,
-                           C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                           BV: tl.constexpr, PRECISION: tl.constexpr):
+    def _output_bwd_kernel(
+        q_ptr,
+        k_ptr,
+        g_ptr,
+        h_ptr,
+        delta_ptr,
+        do_ptr,
+        gh_ptr,
+        gdelta_ptr,
+        dq_ptr,
+        dk_ptr,
+        dgamma_ptr,
+        scale,
+        s_qb,
+        s_qh,
+        s_qt,
+        s_kb,
+        s_kh,
+        s_kt,
+        s_ob,
+        s_oh,
+        s_ot,
+        T,
+        H,
+        n_chunks,
+        C: tl.constexpr,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        BC: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """The output kernel's adjoint: gradients of H_c and delta_c (for the pass), dq (final), and this
         kernel's shares of dk and d(gamma) (the prep adjoint adds its own)."""
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
@@ -184,11 +254,40 @@ if triton is not None:
 
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
-    def _prep_bwd_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, x_ptr, du_ptr, dw_ptr, dkd_ptr, da_ptr, a_ptr,
-                         dk_out_ptr, dgamma_out_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
-                         s_kb, s_kh, s_kt, s_vb, s_vh, s_vt, T, H, n_chunks,
-                         C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                         BV: tl.constexpr, PRECISION: tl.constexpr):
+    def _prep_bwd_kernel(
+        k_ptr,
+        v_ptr,
+        g_ptr,
+        beta_ptr,
+        x_ptr,
+        du_ptr,
+        dw_ptr,
+        dkd_ptr,
+        da_ptr,
+        a_ptr,
+        dk_out_ptr,
+        dgamma_out_ptr,
+        dk_ptr,
+        dv_ptr,
+        dg_ptr,
+        dbeta_ptr,
+        s_kb,
+        s_kh,
+        s_kt,
+        s_vb,
+        s_vh,
+        s_vt,
+        T,
+        H,
+        n_chunks,
+        C: tl.constexpr,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        BC: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """The prep kernel's adjoint: adds its shares of dk and d(gamma) to the output kernel's (dk_out,
         dgamma_out; separate buffers, as the autotuner reruns kernels) and writes dk, dv, dg, dbeta.
         d_k is walked in BK-wide blocks twice (the (C, d_k) tiles of a whole head overflow shared memory):
@@ -214,8 +313,11 @@ if triton is not None:
             v = _load_rows(v_ptr, b * s_vb + h * s_vh, t, s_vt, m_row, cols, V)
             dU = _chunk_tile(du_ptr, chunk, rc, cols, C, V)
             dBv = tl.dot(tl.trans(X), dU, input_precision=PRECISION)
-            tl.store(dv_ptr + bh * T * V + t[:, None].to(tl.int64) * V + cols[None, :], dBv * beta[:, None],
-                     mask=m_row[:, None] & (cols < V)[None, :])
+            tl.store(
+                dv_ptr + bh * T * V + t[:, None].to(tl.int64) * V + cols[None, :],
+                dBv * beta[:, None],
+                mask=m_row[:, None] & (cols < V)[None, :],
+            )
             dbeta += tl.sum(dBv * v, 1)
             dX += tl.dot(dU, tl.trans(v * beta[:, None]), input_precision=PRECISION)
 
@@ -268,17 +370,16 @@ class _FusedChunkwise(torch.autograd.Function):
         n = triton.cdiv(T, C)
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         g, beta = g.float().contiguous(), beta.float().contiguous()
-        BC, BK = _blocks(C, K)
+        BC, BK = tile_sizes(C, K)
         BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
-        consts = dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=_precision())
+        consts = dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision())
         f32 = dict(device=k.device, dtype=torch.float32)
         U, W, Kd = (torch.empty(B, H, n, C, d, **f32) for d in (V, K, K))
         a, X = torch.empty(B, H, n, **f32), torch.empty(B, H, n, C, C, **f32)
         _prep_fwd_kernel[(n, B * H)](k, v, g, beta, U, W, Kd, a, X, *_strides(k), *_strides(v), T, H, n, **consts)
         states, delta, final = state_pass_forward(U, W, Kd, a, None if S0 is None else S0.float().contiguous())
         o = torch.empty(B, H, T, V, **f32)
-        _output_fwd_kernel[(n, B * H)](q, k, g, states, delta, o, scale, *_strides(q), *_strides(k), T, H, n,
-                                       **consts)
+        _output_fwd_kernel[(n, B * H)](q, k, g, states, delta, o, scale, *_strides(q), *_strides(k), T, H, n, **consts)
         ctx.save_for_backward(q, k, v, g, beta, X, W, Kd, a, states, delta)
         ctx.meta = (scale, C, consts, S0 is not None, (q.dtype, k.dtype, v.dtype))
         return o, final
@@ -295,14 +396,54 @@ class _FusedChunkwise(torch.autograd.Function):
         gh, gdelta = torch.empty_like(states), torch.empty_like(delta)
         dq, dk_out = torch.empty(B, H, T, K, **f32), torch.empty(B, H, T, K, **f32)
         dgamma_out = torch.empty(B, H, T, **f32)
-        _output_bwd_kernel[(n, B * H)](q, k, g, states, delta, do, gh, gdelta, dq, dk_out, dgamma_out, scale, *_strides(q),
-                                       *_strides(k), *_strides(do), T, H, n, **consts)
+        _output_bwd_kernel[(n, B * H)](
+            q,
+            k,
+            g,
+            states,
+            delta,
+            do,
+            gh,
+            gdelta,
+            dq,
+            dk_out,
+            dgamma_out,
+            scale,
+            *_strides(q),
+            *_strides(k),
+            *_strides(do),
+            T,
+            H,
+            n,
+            **consts,
+        )
         dU, dW, dKd, da, ds0 = state_pass_backward(W, Kd, a, states, delta, gh, gdelta, dfinal)
         dk, dv = torch.empty_like(dk_out), torch.empty(B, H, T, V, **f32)
         dg, dbeta = torch.empty_like(dgamma_out), torch.empty_like(dgamma_out)
-        _prep_bwd_kernel[(n, B * H)](k, v, g, beta, X, dU.contiguous(), dW.contiguous(), dKd.contiguous(),
-                                     da.contiguous(), a, dk_out, dgamma_out, dk, dv, dg, dbeta, *_strides(k),
-                                     *_strides(v), T, H, n, **{**consts, "BK": min(BLOCK_K, consts["BK"])})
+        _prep_bwd_kernel[(n, B * H)](
+            k,
+            v,
+            g,
+            beta,
+            X,
+            dU.contiguous(),
+            dW.contiguous(),
+            dKd.contiguous(),
+            da.contiguous(),
+            a,
+            dk_out,
+            dgamma_out,
+            dk,
+            dv,
+            dg,
+            dbeta,
+            *_strides(k),
+            *_strides(v),
+            T,
+            H,
+            n,
+            **{**consts, "BK": min(BLOCK_K, consts["BK"])},
+        )
         dq, dk, dv = (grad.to(dtype) for grad, dtype in zip((dq, dk, dv), dtypes))
         return dq, dk, dv, dg, dbeta, (ds0 if has_s0 else None), None, None
 

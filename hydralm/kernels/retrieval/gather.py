@@ -1,4 +1,4 @@
-"""Chunk-sparse top-k retrieval attention: token-level causal routing and the gather path (CPU / eager).
+"""Chunk-sparse top-k retrieval attention: the gather path (CPU / eager, and any call with a state).
 
 The sequence is cut into chunks of C tokens; chunk j's summary is the mean of its keys. A token t in
 chunk i attends, with one exact softmax, to
@@ -13,45 +13,11 @@ Attention reads O(N * u * C) keys: O(N * k * C) when the tokens of a chunk route
 min(k * C, N / C) chunks per query; routing scores cost O(N * (N / C) * D). No N x N matrix is built.
 Decoding reads exactly the token's k chunks.
 
-``retrieval_attention_reference`` builds the same routing with plain loops and an explicit dense mask;
-it exists only to test the fast paths on small inputs.
+Routing is in routing.py; reference.py is the dense oracle the tests compare with.
 """
-
-from typing import List, Tuple
 
 import torch
 import torch.nn.functional as F
-
-
-def route_tokens(
-    q: torch.Tensor, summary_parts: List[torch.Tensor], n_eligible: torch.Tensor, top_k: int
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Top-k past chunks for every query.
-
-    q: (B, H, ..., D) queries; summary_parts: chunk summaries (B, H_kv, n_p, D) in global chunk order
-    (kept as parts so the caller's bank is never copied); n_eligible: broadcastable to q's middle dims
-    (...,): a query may pick chunks j < n_eligible.
-    Returns chunk ids (B, H, ..., top_k) and a validity mask of the same shape.
-    """
-    B, H = q.shape[:2]
-    middle, D = q.shape[2:-1], q.shape[-1]
-    h_kv = summary_parts[0].shape[1]
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    rows = q.to(dtype).reshape(B, h_kv, H // h_kv, -1, D)
-    # (B, H_kv, G, R, D) @ (B, H_kv, 1, D, n): query heads of a group share their key head's summaries.
-    scores = torch.cat([rows @ s.to(dtype).transpose(-1, -2)[:, :, None] for s in summary_parts], dim=-1)
-    scores = scores.reshape(B, H, *middle, -1)
-    n_total = scores.shape[-1]
-    selected = torch.zeros(B, H, *middle, top_k, dtype=torch.long, device=q.device)
-    valid = torch.zeros(B, H, *middle, top_k, dtype=torch.bool, device=q.device)
-    k = min(top_k, n_total)
-    if k == 0:
-        return selected, valid
-    eligible = torch.arange(n_total, device=q.device) < n_eligible[..., None]
-    top, idx = scores.masked_fill(~eligible, float("-inf")).topk(k, dim=-1)
-    selected[..., :k] = idx
-    valid[..., :k] = torch.isfinite(top)
-    return selected, valid
 
 
 def gather_chunks(chunks: torch.Tensor, selected: torch.Tensor, offset: int = 0) -> torch.Tensor:
@@ -109,39 +75,12 @@ def sparse_chunk_attention(
     lead, Q = q.shape[:-2], q.shape[-2]
     keys = torch.cat([chunk_k.flatten(-3, -2), local_k.expand(*lead, -1, -1)], dim=-2)
     values = torch.cat([chunk_v.flatten(-3, -2), local_v.expand(*lead, -1, -1)], dim=-2)
-    mask = torch.cat([chunk_mask.repeat_interleave(C, dim=-1),
-                      local_mask.expand(*lead, Q, local_k.shape[-2])], dim=-1)
+    mask = torch.cat([chunk_mask.repeat_interleave(C, dim=-1), local_mask.expand(*lead, Q, local_k.shape[-2])], dim=-1)
     # Leading dims flattened into heads: SDPA's fused kernels take 4-D inputs only.
     out = F.scaled_dot_product_attention(
-        q.reshape(1, -1, Q, D), keys.to(q.dtype).reshape(1, -1, keys.shape[-2], D),
-        values.to(q.dtype).reshape(1, -1, keys.shape[-2], values.shape[-1]), attn_mask=mask.reshape(1, -1, Q, mask.shape[-1]),
+        q.reshape(1, -1, Q, D),
+        keys.to(q.dtype).reshape(1, -1, keys.shape[-2], D),
+        values.to(q.dtype).reshape(1, -1, keys.shape[-2], values.shape[-1]),
+        attn_mask=mask.reshape(1, -1, Q, mask.shape[-1]),
     )
     return out.reshape(*lead, Q, -1)
-
-
-def retrieval_mask_reference(q: torch.Tensor, k: torch.Tensor, chunk_size: int, top_k: int) -> torch.Tensor:
-    """Readable reference of who reads whom: q, k (B, H, N, D), same heads -> allowed (B, H, N, N) bool.
-    Plain loops; small N only."""
-    B, H, N, D = q.shape
-    C = chunk_size
-    allowed = torch.zeros(B, H, N, N, dtype=torch.bool)
-    for b in range(B):
-        for h in range(H):
-            summaries = [k[b, h, j * C : (j + 1) * C].float().mean(0) for j in range(N // C)]
-            for t in range(N):
-                i = t // C
-                scores = {j: float(q[b, h, t].float() @ summaries[j]) for j in range(max(0, i - 1))}
-                for j in sorted(scores, key=lambda j: -scores[j])[:top_k]:
-                    allowed[b, h, t, j * C : (j + 1) * C] = True
-                allowed[b, h, t, max(0, (i - 1) * C) : t + 1] = True  # chunk i-1 and chunk i up to t
-    return allowed
-
-
-def retrieval_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, top_k: int
-) -> torch.Tensor:
-    """Readable reference from scratch: q, k, v (B, H, N, D), same heads. Dense N x N mask; small N only."""
-    D = q.shape[-1]
-    allowed = retrieval_mask_reference(q, k, chunk_size, top_k)
-    scores = (q @ k.transpose(-1, -2)) * D**-0.5
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v

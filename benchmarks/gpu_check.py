@@ -1,9 +1,9 @@
-"""Correctness of the CUDA fast paths on the machine at hand: `python -m hydralm.bench.gpu_check`.
+"""Correctness of the CUDA fast paths on the machine at hand: `python -m benchmarks.gpu_check`.
 
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m hydralm.bench.gpu_check [delta_rule] [fla] [flex] [static_decode]`
+`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends).
 """
 
@@ -14,10 +14,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from hydralm.bench.speed import coherent_queries
-from hydralm.kernels.delta_rule import compiled_delta_rule_chunkwise, delta_rule_chunkwise, delta_rule_recurrent
-from hydralm.kernels.flex import retrieval_flex, sliding_window_flex
-from hydralm.kernels.local_attention import repeat_kv, sliding_window_attention
+from benchmarks.speed import coherent_queries
+from hydralm.kernels.attention.flex import sliding_window_flex
+from hydralm.kernels.attention.local import repeat_kv, sliding_window_attention
+from hydralm.kernels.delta_rule.chunk import compiled_delta_rule_chunkwise, delta_rule_chunkwise
+from hydralm.kernels.delta_rule.reference import delta_rule_recurrent
+from hydralm.kernels.retrieval.flex import retrieval_flex
 
 ROWS = []
 
@@ -38,7 +40,7 @@ def _grads(fn, inputs, weight):
 
 
 def check_delta_rule(device: str) -> None:
-    for (B, H, T, D, C) in [(2, 4, 300, 64, 64), (1, 2, 1024, 128, 64), (2, 3, 700, 100, 32)]:
+    for B, H, T, D, C in [(2, 4, 300, 64, 64), (1, 2, 1024, 128, 64), (2, 3, 700, 100, 32)]:
         q = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
         k = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
         v, g = torch.randn(B, H, T, D, device=device), -torch.rand(B, H, T, device=device) * 0.5
@@ -49,10 +51,16 @@ def check_delta_rule(device: str) -> None:
         if ref is None:  # long: the fp64 chunkwise form is the reference (equal to recurrent on CPU tests)
             ref, ref_g = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C)[0], ref_in, w)
         # (backend, input dtype, fp32 matmul precision, tol): "highest" = IEEE fp32 dots, "high" = TF32
-        variants = [("torch", torch.float32, "highest", 1e-4), ("torch", torch.bfloat16, "highest", 3e-2),
-                    ("triton", torch.float32, "highest", 1e-4), ("triton", torch.float32, "high", 3e-3),
-                    ("triton", torch.bfloat16, "high", 3e-2), ("fused", torch.float32, "highest", 1e-4),
-                    ("fused", torch.float32, "high", 3e-3), ("fused", torch.bfloat16, "high", 3e-2)]
+        variants = [
+            ("torch", torch.float32, "highest", 1e-4),
+            ("torch", torch.bfloat16, "highest", 3e-2),
+            ("triton", torch.float32, "highest", 1e-4),
+            ("triton", torch.float32, "high", 3e-3),
+            ("triton", torch.bfloat16, "high", 3e-2),
+            ("fused", torch.float32, "highest", 1e-4),
+            ("fused", torch.float32, "high", 3e-3),
+            ("fused", torch.bfloat16, "high", 3e-2),
+        ]
         if T == 1024:  # HYDRALM_DELTANET_COMPILE=1's path, on one shape (each shape compiles anew)
             variants.append(("triton+compile", torch.bfloat16, "high", 3e-2))
         only = os.environ.get("GPU_CHECK_DELTANET")  # e.g. "fused": check one backend's rows only
@@ -60,10 +68,15 @@ def check_delta_rule(device: str) -> None:
             if only and backend not in only.split(","):
                 continue
             torch.set_float32_matmul_precision(precision)
-            inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]] + [t.detach().float().requires_grad_() for t in ref_in[3:]]
+            inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]] + [
+                t.detach().float().requires_grad_() for t in ref_in[3:]
+            ]
             kernel = compiled_delta_rule_chunkwise() if backend.endswith("+compile") else delta_rule_chunkwise
-            out, grads = _grads(lambda *a, kernel=kernel, backend=backend: kernel(
-                *a, chunk_size=C, backend=backend.split("+")[0])[0], inp, w.float())
+            out, grads = _grads(
+                lambda *a, kernel=kernel, backend=backend: kernel(*a, chunk_size=C, backend=backend.split("+")[0])[0],
+                inp,
+                w.float(),
+            )
             label = f"delta_rule {backend} {dtype} {precision} T={T} D={D}"
             _record(f"{label} out", _rel(out, ref), tol)
             for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
@@ -83,23 +96,35 @@ def check_fla(device: str) -> None:
     v, g = torch.randn(B, T, H, D, device=device), -torch.rand(B, T, H, device=device) * 0.5
     beta = torch.rand(B, T, H, device=device)
     s0 = torch.randn(B, H, D, D, device=device)
-    ref, ref_s = delta_rule_chunkwise(*(t.transpose(1, 2).double() for t in (q, k, v, g, beta)), initial_state=s0.double())
+    ref, ref_s = delta_rule_chunkwise(
+        *(t.transpose(1, 2).double() for t in (q, k, v, g, beta)), initial_state=s0.double()
+    )
     with torch.no_grad():
         for dtype, tol in ((torch.float32, 3e-3), (torch.bfloat16, 3e-2)):  # fla computes in tf32 / bf16
-            o, s = chunk_gated_delta_rule(q.to(dtype), k.to(dtype), v.to(dtype), g, beta.to(dtype), initial_state=s0,
-                                          output_final_state=True)
+            o, s = chunk_gated_delta_rule(
+                q.to(dtype), k.to(dtype), v.to(dtype), g, beta.to(dtype), initial_state=s0, output_final_state=True
+            )
             _record(f"fla chunk_gated_delta_rule fwd {dtype} out", _rel(o.transpose(1, 2), ref), tol)
             _record(f"fla chunk_gated_delta_rule fwd {dtype} final state", _rel(s, ref_s), tol)
 
 
 def check_flex(device: str) -> None:
     for N, W in ((2048, 512),):
-        q, k, v = torch.randn(2, 8, N, 64, device=device), torch.randn(2, 4, N, 64, device=device), torch.randn(2, 4, N, 64, device=device)
+        q, k, v = (
+            torch.randn(2, 8, N, 64, device=device),
+            torch.randn(2, 4, N, 64, device=device),
+            torch.randn(2, 4, N, 64, device=device),
+        )
         w = torch.randn(2, 8, N, 64, device=device)
-        ref, ref_g = _grads(lambda a, b, c: sliding_window_attention(a, repeat_kv(b, 2), repeat_kv(c, 2), W),
-                            [t.clone().requires_grad_() for t in (q, k, v)], w)
+        ref, ref_g = _grads(
+            lambda a, b, c: sliding_window_attention(a, repeat_kv(b, 2), repeat_kv(c, 2), W),
+            [t.clone().requires_grad_() for t in (q, k, v)],
+            w,
+        )
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-            out, grads = _grads(lambda a, b, c: sliding_window_flex(a, b, c, W), [t.to(dtype).requires_grad_() for t in (q, k, v)], w)
+            out, grads = _grads(
+                lambda a, b, c: sliding_window_flex(a, b, c, W), [t.to(dtype).requires_grad_() for t in (q, k, v)], w
+            )
             _record(f"flex SWA {dtype} N={N} W={W} out", _rel(out, ref), tol)
             for name, ga, gb in zip("qkv", grads, ref_g):
                 _record(f"flex SWA {dtype} N={N} W={W} d{name}", _rel(ga, gb), tol * 2)
@@ -108,9 +133,13 @@ def check_flex(device: str) -> None:
         if coherent:  # a tile's queries route alike, so most visited tiles are full blocks
             q = coherent_queries(q)
         w = torch.randn(1, 4, N, 64, device=device)
-        ref, ref_g = _grads(lambda a, b, c: _reference_on_device(a, b, c, C, K), [t.clone().requires_grad_() for t in (q, k, v)], w)
+        ref, ref_g = _grads(
+            lambda a, b, c: _reference_on_device(a, b, c, C, K), [t.clone().requires_grad_() for t in (q, k, v)], w
+        )
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-            out, grads = _grads(lambda a, b, c: retrieval_flex(a, b, c, C, K), [t.to(dtype).requires_grad_() for t in (q, k, v)], w)
+            out, grads = _grads(
+                lambda a, b, c: retrieval_flex(a, b, c, C, K), [t.to(dtype).requires_grad_() for t in (q, k, v)], w
+            )
             name = f"flex retrieval {dtype} N={N} C={C} k={K}{' coherent q' if coherent else ''}"
             _record(f"{name} out", _rel(out, ref), tol)
             for grad_name, ga, gb in zip("qkv", grads, ref_g):
@@ -122,8 +151,17 @@ def _reference_on_device(q, k, v, C, K):
     from hydralm.config import HydraConfig
     from hydralm.modules.retrieval_attention import RetrievalAttention
 
-    layer = RetrievalAttention(HydraConfig(vocab_size=8, d_model=q.shape[1] * q.shape[-1], n_layers=1, n_heads=q.shape[1],
-                                           layer_types=["retrieval"], retrieval_chunk_size=C, retrieval_top_k=K)).to(q.device)
+    layer = RetrievalAttention(
+        HydraConfig(
+            vocab_size=8,
+            d_model=q.shape[1] * q.shape[-1],
+            n_layers=1,
+            n_heads=q.shape[1],
+            layer_types=["retrieval"],
+            retrieval_chunk_size=C,
+            retrieval_top_k=K,
+        )
+    ).to(q.device)
     os.environ["HYDRALM_ATTENTION"] = "torch"
     try:
         return layer.attend(q, k, v)[0]
@@ -139,9 +177,18 @@ def check_static_decode(device: str) -> None:
     from hydralm.state import clone_state
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = HydraConfig(vocab_size=256, d_model=128, n_layers=3, n_heads=4, n_kv_heads=2,
-                      layer_types=["deltanet", "swa", "retrieval"], swa_window=32, retrieval_chunk_size=16,
-                      retrieval_top_k=2, memory=dict(exact_window=32, compress_every=4, pool_size=16))
+    cfg = HydraConfig(
+        vocab_size=256,
+        d_model=128,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        layer_types=["deltanet", "swa", "retrieval"],
+        swa_window=32,
+        retrieval_chunk_size=16,
+        retrieval_top_k=2,
+        memory=dict(exact_window=32, compress_every=4, pool_size=16),
+    )
     model = HydraLM(cfg).to(device).eval()
     out = model(torch.randint(0, 256, (2, 40), device=device), return_state=True)
     for name, kwargs in (("eager", {}), ("CUDA graph", dict(compile=True, compile_mode="reduce-overhead"))):
@@ -162,7 +209,12 @@ def main() -> int:
     torch.manual_seed(0)
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
     names = sys.argv[1:] or ["delta_rule", "fla", "flex", "static_decode"]
-    checks = {"delta_rule": check_delta_rule, "fla": check_fla, "flex": check_flex, "static_decode": check_static_decode}
+    checks = {
+        "delta_rule": check_delta_rule,
+        "fla": check_fla,
+        "flex": check_flex,
+        "static_decode": check_static_decode,
+    }
     for name in names:
         checks[name]("cuda")
     out = os.environ.get("OUT")

@@ -1,6 +1,7 @@
 """MTP self-draft speculative decoding vs plain decoding, on a trained checkpoint:
 
-    python -m hydralm.bench.speculative --ckpt <last.ckpt or folder> --text <file> [--prompts 8] [--new 128] [--k 2] [--device cuda]
+    python -m benchmarks.speculative --ckpt <last.ckpt or folder> --text <file> \\
+        [--prompts 8] [--new 128] [--k 2] [--device cuda]
 
 Prompts are byte-level-tokenised slices of the text file (the model must be trained on byte-level text with
 mtp_depth >= k). For each prompt: greedy `generate` and greedy `speculative_generate(draft=None)`; prints
@@ -14,8 +15,8 @@ import time
 import torch
 
 from hydralm import generate, load_model, speculative_generate
-from hydralm.generation import model_device
 from hydralm.data import byte_level_tokenizer
+from hydralm.generation import model_device
 
 
 def main() -> None:
@@ -42,15 +43,18 @@ def main() -> None:
     ids = tokenizer.encode(open(args.text, encoding="utf-8").read()).ids
     step = max(1, (len(ids) - args.prompt_len) // args.prompts)
     totals = {"plain": 0.0, "spec": 0.0, "same": 0, "accepted": 0, "proposed": 0, "rounds": 0, "tokens": 0}
-    prompts = [torch.tensor(ids[i * step: i * step + args.prompt_len], device=args.device)[None]
-               for i in range(args.prompts)]
+    prompts = [
+        torch.tensor(ids[i * step : i * step + args.prompt_len], device=args.device)[None] for i in range(args.prompts)
+    ]
     # the baseline is model.step, the loop speculative decoding also runs (decoder="graph" is docs/inference.md's)
     generate(model, prompts[0], args.new, temperature=0, decoder="step")  # warm-up
     speculative_generate(model, None, prompts[0], args.new, k=args.k, temperature=0)
     for prompt in prompts:
         plain, seconds = timed(lambda: generate(model, prompt, args.new, temperature=0, decoder="step"))
         totals["plain"] += seconds
-        (spec, stats), seconds = timed(lambda: speculative_generate(model, None, prompt, args.new, k=args.k, temperature=0))
+        (spec, stats), seconds = timed(
+            lambda: speculative_generate(model, None, prompt, args.new, k=args.k, temperature=0)
+        )
         totals["spec"] += seconds
         totals["same"] += int(torch.equal(plain, spec))
         for key in ("accepted", "proposed", "rounds"):
@@ -58,11 +62,17 @@ def main() -> None:
         totals["tokens"] += stats.new_tokens
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
     print(f"model: {model.cfg.summary()}; torch {torch.__version__}, {where}")
-    print("| prompts | new tokens | identical to greedy generate | acceptance | tokens/round | generate s | self-draft s | speedup |")
+    print(
+        "| prompts | new tokens | identical to greedy generate | acceptance | tokens/round | generate s "
+        "| self-draft s | speedup |"
+    )
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| {args.prompts} | {args.new} | {totals['same']}/{args.prompts} | {totals['accepted'] / max(1, totals['proposed']):.3f} | "
-          f"{totals['tokens'] / max(1, totals['rounds']):.2f} | {totals['plain']:.2f} | {totals['spec']:.2f} | "
-          f"{totals['plain'] / totals['spec']:.2f}x |")
+    print(
+        f"| {args.prompts} | {args.new} | {totals['same']}/{args.prompts} "
+        f"| {totals['accepted'] / max(1, totals['proposed']):.3f} | "
+        f"{totals['tokens'] / max(1, totals['rounds']):.2f} | {totals['plain']:.2f} | {totals['spec']:.2f} | "
+        f"{totals['plain'] / totals['spec']:.2f}x |"
+    )
 
 
 if __name__ == "__main__":

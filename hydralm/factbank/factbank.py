@@ -80,7 +80,7 @@ class FactBank:
         values = self._prepare_values(values)
         serials = torch.arange(self.count, self.count + n, device=self.device)
         if n > self.capacity:
-            keys, values, serials = keys[-self.capacity:], values[-self.capacity:], serials[-self.capacity:]
+            keys, values, serials = keys[-self.capacity :], values[-self.capacity :], serials[-self.capacity :]
         slots = serials % self.capacity
         self.keys.index_copy_(0, slots, F.normalize(keys, dim=-1))
         self.values.index_copy_(0, slots, values)
@@ -141,8 +141,13 @@ class FactBank:
         weight = weight[:, :, None].expand_as(ids).masked_fill(ids < 0, 0.0)
         bias = torch.zeros(m, vocab_size + 1, device=self.device, dtype=self.dtype)
         # Padding ids (< 0) go to a spare column that is dropped: scatter needs a valid index for every entry.
-        bias.scatter_reduce_(1, ids.masked_fill(ids < 0, vocab_size).flatten(1),
-                             weight.flatten(1).to(self.dtype), reduce="amax", include_self=True)
+        bias.scatter_reduce_(
+            1,
+            ids.masked_fill(ids < 0, vocab_size).flatten(1),
+            weight.flatten(1).to(self.dtype),
+            reduce="amax",
+            include_self=True,
+        )
         return strength * bias[:, :vocab_size]
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -193,8 +198,10 @@ class FactBank:
         return bank
 
     def __repr__(self) -> str:
-        return (f"FactBank(dim={self.dim}, capacity={self.capacity}, len={len(self)}, count={self.count}, "
-                f"value_shape={self.value_shape}, dtype={self.dtype}, device={self.device})")
+        return (
+            f"FactBank(dim={self.dim}, capacity={self.capacity}, len={len(self)}, count={self.count}, "
+            f"value_shape={self.value_shape}, dtype={self.dtype}, device={self.device})"
+        )
 
     # -- input checks --------------------------------------------------------------------------------
     def _check_keys(self, name: str, keys: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""The gated delta rule, laid out by form as fla lays out its ops:
+
+    reference.py          delta_rule_step / delta_rule_recurrent: one token at a time (the test oracle)
+    chunk.py              delta_rule_chunkwise: the chunkwise WY form in PyTorch (state pass in a loop)
+    triton_state_pass.py  the pass over chunks as Triton kernels (backend "triton")
+    triton_fused.py       the whole chunkwise form as Triton kernels, forward and backward (backend "fused")
+
+``chunk_gated_delta_rule`` is the one place that picks among them (and fla's kernel) for a layer's call;
+``kernels/backend.py`` reads the user's switches.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from hydralm.kernels.backend import deltanet_backend, deltanet_compile
+from hydralm.kernels.delta_rule.chunk import compiled_delta_rule_chunkwise, delta_rule_chunkwise
+from hydralm.kernels.delta_rule.reference import delta_rule_recurrent, delta_rule_step
+
+__all__ = ["chunk_gated_delta_rule", "delta_rule_chunkwise", "delta_rule_recurrent", "delta_rule_step"]
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A layer's call, in fla's head-last layout: q, k (B, T, H, d_k); v (B, T, H, d_v); g, beta (B, T, H).
+
+    Returns o (B, T, H, d_v) in v's dtype and the final state (B, H, d_k, d_v) in fp32 (fp64 for fp64 inputs).
+    The backend is chosen per call (kernels/backend.py): gradients needed or not, CUDA or CPU.
+    """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
+    backend = deltanet_backend(q.is_cuda, needs_grad)
+    if backend == "fla":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
+
+        # beta in q's dtype, as fla's own layers pass it
+        return fla_chunk_gated_delta_rule(
+            q, k, v, g, beta.to(q.dtype), initial_state=initial_state, output_final_state=True
+        )
+    compiled = backend == "triton" and needs_grad and deltanet_compile()
+    kernel = compiled_delta_rule_chunkwise() if compiled else delta_rule_chunkwise
+    o, state = kernel(
+        *(t.transpose(1, 2) for t in (q, k, v, g, beta)),
+        initial_state=initial_state,
+        chunk_size=chunk_size,
+        backend=backend,
+    )
+    return o.transpose(1, 2), state

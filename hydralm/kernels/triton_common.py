@@ -1,0 +1,38 @@
+"""What every Triton kernel of the package shares: the optional import, and the float32 dot precision.
+
+Triton is optional: without it (or off CUDA, unless ``TRITON_INTERPRET=1`` runs the kernels in Triton's CPU
+interpreter, as the tests do) every op falls back to its PyTorch path.
+"""
+
+import functools
+import os
+from typing import Tuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the PyTorch paths need none of this
+    triton = None
+    tl = None
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    return triton is not None
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_precision() -> str:
+    """Honour ``torch.get_float32_matmul_precision()``: "highest" -> IEEE fp32 dots, else TF32."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def tile_sizes(C: int, K: int) -> Tuple[int, int]:
+    """Tile sizes: powers of two >= 16 (tl.dot's minimum); rows/columns past C, K are masked to zero."""
+    return max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(K))
