@@ -90,8 +90,8 @@ def test_backend_switches_validate_and_auto_never_picks_unsafe_paths(monkeypatch
     monkeypatch.setattr(backend, "triton_available", lambda: False)
     assert backend.deltanet_backend(is_cuda=True, needs_grad=True) == "torch"
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert backend.deltanet_backend(is_cuda=True, needs_grad=True) == "triton"  # our kernels, not fla's backward
-    assert backend.deltanet_backend(is_cuda=True, needs_grad=False) == "triton"  # fla only when asked for
+    assert backend.deltanet_backend(is_cuda=True, needs_grad=True) == "fused"  # our kernels, not fla's backward
+    assert backend.deltanet_backend(is_cuda=True, needs_grad=False) == "fused"  # fla only when asked for
     assert backend.deltanet_backend(is_cuda=False, needs_grad=True) == "torch"  # auto never interprets on CPU
     monkeypatch.setenv("HYDRALM_DELTANET", "fla")
     with pytest.raises(RuntimeError, match="fla#640"):

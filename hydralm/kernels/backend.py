@@ -10,11 +10,10 @@ HYDRALM_DELTANET = auto | torch | triton | fused | fla
     fused: the whole chunkwise algorithm in our Triton kernels (kernels/delta_rule/triton_fused.py), forward and
     backward. fla: flash-linear-attention's chunk_gated_delta_rule, only when asked for. fla 0.6 refuses the
     backward on Hopper with triton < 3.7.1 (fla#640), and its forward failed under bf16 autocast in a training
-    run's validation on the GPU machine, so auto never picks it: auto = triton on CUDA, torch on CPU.
-    fused is 2.3x faster than triton at d 128 on an H200 (10.6 vs 24.9 ms), but auto waits for its GPU
-    check at the current kernel revision (`GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check
-    delta_rule`; docs/benchmarks.md): an earlier revision passed at d 64, the revision that loops over
-    64-wide blocks (needed at d 128) was only checked in Triton's CPU interpreter.
+    run's validation on the GPU machine, so auto never picks it: auto = fused on CUDA, torch on CPU.
+    fused is 2.3x faster than triton at d 128 on an H200 (10.6 vs 24.9 ms); its kernels passed
+    `GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check delta_rule` (54/54, d 64 / 100 / 128, fp32 IEEE and
+    TF32, bf16) on an H200 on 2026-11-30 at c378ec3.
 
 HYDRALM_DELTANET_COMPILE = 0 | 1
     1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
@@ -89,9 +88,9 @@ def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
         )
     if choice in ("fla", "triton", "fused"):
         return choice
-    # auto: our Triton state pass on CUDA (see the module docstring for fused). fla's forward is not picked
-    # by auto: under bf16 autocast its recompute_w_u kernel failed on the GPU machine (fp32 A against bf16 v).
-    return "triton" if triton_usable and is_cuda else "torch"
+    # auto: our fused Triton kernels on CUDA. fla's forward is not picked by auto: under bf16 autocast its
+    # recompute_w_u kernel failed on the GPU machine (fp32 A against bf16 v).
+    return "fused" if triton_usable and is_cuda else "torch"
 
 
 def deltanet_compile() -> bool:
