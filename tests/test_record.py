@@ -121,3 +121,10 @@ def test_render_rewrites_only_the_marked_section(tmp_path):
     assert text.startswith("# Benchmarks\n\nintro\n\n") and text.endswith(f"{record.END}\n\n## After\n")
     assert "old table" not in text and "| `mtp_speedup/160m-k2` | not measured yet |" in text
     assert record.main(["render", "--check"], doc=doc, results_dir=tmp_path) == 0
+
+
+def test_committed_docs_table_is_the_rendering():
+    """docs/benchmarks.md shows exactly what benchmarks/results/*.json hold: after new figures land, run
+    `python -m benchmarks.record render` and commit both."""
+    text = record.DOC.read_text()
+    assert record.replace_section(text, record.render()) == text
