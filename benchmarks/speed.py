@@ -1,5 +1,5 @@
-"""GPU speed benchmarks; each prints a table. Run next to the peers (../shared/tools/peer_bench.py) in the
-same call so ratios compare like with like:
+"""GPU speed benchmarks; each prints a table. Time the peers on the same machine in the same sitting so
+that ratios compare like with like:
 
     python -m benchmarks.speed [layers] [models] [decode] [claim_models]
 
@@ -35,8 +35,8 @@ DECODE_MEMORY = {"exact_window": 4096, "compress_every": 8, "pool_size": 4096}  
 
 def coherent_queries(noise: torch.Tensor, tile: int = 128) -> torch.Tensor:
     """Queries (B, H, N, D) whose `tile`-long runs share one random direction, plus 10 % of `noise`: as when a
-    tile's tokens ask about one thing, they route to nearly the same chunks. (The second session's version,
-    tile mean + noise, was noise-dominated.)"""
+    tile's tokens ask about one thing, they route to nearly the same chunks. (A tile's mean query plus noise
+    would be noise-dominated.)"""
     B, H, N, D = noise.shape
     shared = torch.randn(B, H, N // tile, 1, D, device=noise.device, dtype=noise.dtype)
     return (shared + 0.1 * noise.unflatten(2, (N // tile, tile))).flatten(2, 3)

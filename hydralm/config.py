@@ -108,7 +108,8 @@ class HydraConfig:
 
     @staticmethod
     def schedule(n_layers: int, swa_every: int, retrieval_every: int) -> list:
-        """The layer-type rule of SPEC §3 (1-based position p; SWA wins over retrieval)."""
+        """The layer schedule (1-based position p): SWA where p % swa_every == 0, else retrieval where
+        p % retrieval_every == 0, else Gated DeltaNet."""
         types = []
         for p in range(1, n_layers + 1):
             if swa_every > 0 and p % swa_every == 0:
@@ -122,7 +123,7 @@ class HydraConfig:
     # -- serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-        out["layer_types"] = None if self._auto_layer_types else list(self.layer_types)
+        out["layer_types"] = None if self._auto_layer_types else list(self.layer_types or [])
         out["memory"] = None if self.memory is None else dict(self.memory)
         return out
 
@@ -142,7 +143,8 @@ class HydraConfig:
         return HydraConfig.from_dict({**self.to_dict(), **changes})
 
     def summary(self) -> str:
-        counts = {t: self.layer_types.count(t) for t in LAYER_TYPES if t in self.layer_types}
+        types = self.layer_types or []  # set by __post_init__; `or` only narrows the Optional
+        counts = {t: types.count(t) for t in LAYER_TYPES if t in types}
         mix = ", ".join(f"{n} {t}" for t, n in counts.items())
         extras = [f"top_k={self.retrieval_top_k}x{self.retrieval_chunk_size}"] if "retrieval" in counts else []
         if self.mtp_depth:
@@ -215,7 +217,7 @@ def _check_memory(memory: Any) -> Optional[dict]:
 
 def _check_memory_fits(cfg: "HydraConfig") -> None:
     """Retrieval layers compress whole chunks: the memory sizes must line up with retrieval_chunk_size."""
-    if cfg.memory is None or "retrieval" not in cfg.layer_types:
+    if cfg.memory is None or "retrieval" not in (cfg.layer_types or []):
         return
     C, m = cfg.retrieval_chunk_size, cfg.memory
     if m["exact_window"] % C or m["exact_window"] < C:

@@ -3,7 +3,7 @@
 A layer state maps names to tensors whose first axis is the batch, plus Python ints (``pos``,
 ``n_chunks``) shared by every row. Retrieval layers keep a chunk bank with spare capacity
 (``bank_k``, ``bank_v``, ``summaries`` hold ``capacity >= n_chunks`` entries on axis 2); only the first
-``n_chunks`` are part of the state, the rest may hold writes of a later branch (architecture.md §3.3).
+``n_chunks`` are part of the state, the rest may hold writes of a later branch (architecture.md, section 3.3).
 """
 
 from typing import Iterable, List, Optional, Sequence, Union

@@ -11,14 +11,14 @@ HYDRALM_DELTANET = auto | torch | triton | fused | fla
     backward. fla: flash-linear-attention's chunk_gated_delta_rule, only when asked for. fla 0.6 refuses the
     backward on Hopper with triton < 3.7.1 (fla#640), and its forward failed under bf16 autocast in a training
     run's validation on the GPU machine, so auto never picks it: auto = fused on CUDA, torch on CPU.
-    fused is 2.3x faster than triton at d 128 on an H200 (10.6 vs 24.9 ms); its kernels passed
+    fused is 2.3x faster than triton at d 128 (10.6 vs 24.9 ms, H200, 2026-11-28, 90b47f6); its kernels passed
     `GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check delta_rule` (54/54, d 64 / 100 / 128, fp32 IEEE and
     TF32, bf16) on an H200 on 2026-11-30 at c378ec3.
 
 HYDRALM_DELTANET_COMPILE = 0 | 1
     1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
-    shape; fuses the elementwise prep around the Triton pass). Off by default until measured in a model
-    (docs/benchmarks.md).
+    shape; fuses the elementwise prep around the Triton pass). Off by default: the 160m model trained 1.14x /
+    1.10x faster with it at 4k / 16k context but 0.94x at 64k (H200, 2026-11-28, 0d7196f; CHANGELOG.md).
 
 `auto` never picks a path that is wrong on the machine it runs on: flex and fla are compared with the
 reference kernels on the GPU by `python -m benchmarks.gpu_check`.
