@@ -68,10 +68,10 @@ def _assert_matches_reference(got, expected):
 @pytest.mark.parametrize(
     "B,H,H_kv,N,D,C,top_k,strided",
     [
-        (2, 4, 2, 83, 16, 16, 3, True),
+        (1, 4, 2, 83, 16, 16, 3, True),
         (1, 2, 2, 150, 24, 48, 2, False),
         (1, 1, 1, 300, 16, 128, 1, False),
-        (1, 2, 1, 150, 16, 16, 16, False),
+        (1, 2, 1, 120, 16, 16, 16, False),
         (1, 2, 2, 40, 16, 16, 2, False),
         (1, 2, 1, 30, 16, 16, 2, False),
     ],
@@ -105,13 +105,13 @@ def test_the_comparison_fails_when_one_selection_is_dropped(monkeypatch):
 
 def test_a_rows_result_is_bit_identical_whatever_the_other_rows_hold_and_from_run_to_run():
     """C2 (rows of a batch independent) exactly, in fp32, and deterministic gradients (no atomics)."""
-    q, k, v, weight = _inputs(3, 2, 1, 70, 16)
+    q, k, v, weight = _inputs(2, 2, 1, 60, 16)
     first = _kernel_out_and_grads(q, k, v, weight, 16, 3)
     again = _kernel_out_and_grads(q, k, v, weight, 16, 3)
     for a, b in zip(first, again):
         assert torch.equal(a, b)
-    q2, k2, v2, _ = _inputs(3, 2, 1, 70, 16, seed=1)
-    q2[0], k2[0], v2[0] = q[0], k[0], v[0]  # row 0 kept, rows 1 and 2 changed
+    q2, k2, v2, _ = _inputs(2, 2, 1, 60, 16, seed=1)
+    q2[0], k2[0], v2[0] = q[0], k[0], v[0]  # row 0 kept, row 1 changed
     other = _kernel_out_and_grads(q2, k2, v2, weight, 16, 3)
     for a, b in zip(first, other):
         assert torch.equal(a[0], b[0])

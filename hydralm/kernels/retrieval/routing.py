@@ -25,7 +25,7 @@ def topk_lowest_id(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Te
     kth = top[..., -1:]
     n_above = (top > kth).sum(-1, keepdim=True)  # every value above the k-th one is in `top`
     # the remaining k - n_above slots take the lowest indices whose score equals the k-th value
-    rank = (scores == kth).to(torch.int32).cumsum(-1, dtype=torch.int32)
+    rank = (scores == kth).cumsum(-1, dtype=torch.int32)
     wanted = torch.arange(1, k + 1, dtype=torch.int32, device=scores.device).expand(*rank.shape[:-1], k)
     nth_tie = torch.searchsorted(rank.contiguous(), wanted.contiguous())  # index of the 1st, 2nd, ... tie
     slots = torch.arange(k, device=scores.device)
@@ -101,4 +101,5 @@ def _scores(q: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
     dtype = torch.promote_types(q.dtype, torch.float32)
     rows = q.to(dtype).reshape(B, h_kv, H // h_kv, -1, D)
     # (B, H_kv, G, R, D) @ (B, H_kv, 1, D, n): query heads of a group share their key head's summaries.
-    return (rows @ summaries.to(dtype).transpose(-1, -2)[:, :, None]).reshape(B, H, -1, summaries.shape[2])
+    scores = rows @ summaries.to(dtype).transpose(-1, -2)[:, :, None]
+    return scores.reshape(B, H, rows.shape[3], summaries.shape[2])
