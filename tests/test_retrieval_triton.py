@@ -182,7 +182,7 @@ def test_selection_lists_and_tiles_cover_every_valid_selection_once():
 @pytest.mark.parametrize(
     "change,message",
     [
-        (dict(chunk_size=256), "chunk_size=256"),
+        (dict(chunk_size=0), "chunk_size=0"),
         (dict(top_k=0), "top_k=0"),
         (dict(k=torch.zeros(1, 3, 8, 16)), "H_kv dividing H=2"),
         (dict(q=torch.zeros(1, 2, 8, 16, dtype=torch.float64)), "float32, float16, bfloat16"),

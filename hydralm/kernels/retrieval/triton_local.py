@@ -12,12 +12,29 @@ atomics: the gradients are deterministic.
 Log-sum-exps are kept in base 2 (scores are scaled by D^-0.5 * log2(e) and exponentiated with exp2).
 """
 
-from hydralm.kernels.triton_common import tl, triton
+from hydralm.kernels.triton_common import interpreting, tl, triton
 
 LOG2E = 1.4426950408889634
 
+
+def autotune_configs(blocks: list, interpreter_blocks: dict) -> list:
+    """Autotuning candidates: each block shape with 4 and 8 warps, picked once per (chunk size, head dim, dtype)
+    on the GPU at hand (the best one depends on D and on register pressure: at D = 64, 64 x 64 tiles spill with
+    4 warps in the backward kernels but not with 8). The CPU interpreter, which only checks the arithmetic, gets
+    one config: small tiles so that small test inputs span several of them."""
+    if interpreting():
+        return [triton.Config(interpreter_blocks, num_warps=4, num_stages=1)]
+    return [triton.Config(blocks_, num_warps=warps, num_stages=2) for blocks_ in blocks for warps in (4, 8)]
+
+
 if triton is not None:
 
+    @triton.autotune(
+        configs=autotune_configs(
+            [{"BM": 64, "BN": 64}, {"BM": 64, "BN": 32}, {"BM": 128, "BN": 64}], {"BM": 32, "BN": 32}
+        ),
+        key=["C", "D", "TOP_K"],
+    )
     @triton.jit
     def _local_fwd_kernel(
         q_ptr,
@@ -106,6 +123,12 @@ if triton is not None:
         )
         tl.store(lse_ptr + row_off, m_i + tl.log2(l_i), mask=m_ok)
 
+    @triton.autotune(
+        configs=autotune_configs(
+            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 32, "BN": 128}], {"BM": 32, "BN": 32}
+        ),
+        key=["C", "D", "GROUP"],
+    )
     @triton.jit
     def _local_bwd_dkdv_kernel(
         q_ptr,
@@ -189,6 +212,12 @@ if triton is not None:
         tl.store(dk_ptr + out_off, dk.to(dk_ptr.dtype.element_ty), mask=kv_mask)
         tl.store(dv_ptr + out_off, dv.to(dv_ptr.dtype.element_ty), mask=kv_mask)
 
+    @triton.autotune(
+        configs=autotune_configs(
+            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 64, "BN": 32}], {"BM": 32, "BN": 32}
+        ),
+        key=["C", "D", "TOP_K"],
+    )
     @triton.jit
     def _local_bwd_dq_kernel(
         q_ptr,

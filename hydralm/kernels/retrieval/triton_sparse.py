@@ -21,7 +21,7 @@ computed from its own lists and tiles only, so a row's result does not depend on
 The kernels run under TRITON_INTERPRET=1 on CPU tensors (how the tests check them) and compile for CUDA.
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -32,14 +32,15 @@ from hydralm.kernels.retrieval.triton_local import (
     _local_bwd_dkdv_kernel,
     _local_bwd_dq_kernel,
     _local_fwd_kernel,
+    autotune_configs,
 )
 from hydralm.kernels.triton_common import dot_precision, interpreting, tl, triton, triton_available
 
-MAX_CHUNK = 128  # a chunk's keys are one tile (BC <= 128 rows)
 MAX_HEAD_DIM = 128
 
 if triton is not None:
 
+    @triton.autotune(configs=autotune_configs([{"BN": 64}, {"BN": 32}], {"BN": 16}), key=["C", "D", "TOP_K"])
     @triton.jit
     def _sparse_fwd_kernel(
         q_ptr,
@@ -69,7 +70,7 @@ if triton is not None:
         D: tl.constexpr,
         TOP_K: tl.constexpr,
         BM: tl.constexpr,
-        BC: tl.constexpr,
+        BN: tl.constexpr,
         BD: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
@@ -86,32 +87,34 @@ if triton is not None:
         e = tl.load(entries_ptr + rm, mask=m_ok, other=0).to(tl.int64)  # (query row, slot) entries
         row = e // TOP_K
         h, t = (row // N) % H, row % N
-        rc, rd = tl.arange(0, BC), tl.arange(0, BD)
-        c_ok, d_ok = rc < C, rd < D
-        key_rows = chunk * C + rc
-        kv_mask = c_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_ptr + b * stride_kb + hk * stride_kh + key_rows[:, None] * stride_kn + rd[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            v_ptr + b * stride_vb + hk * stride_vh + key_rows[:, None] * stride_vn + rd[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+        rd = tl.arange(0, BD)
+        d_ok = rd < D
         qd_mask = m_ok[:, None] & d_ok[None, :]
         q_off = b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qn + rd[None, :]
         q = tl.load(q_ptr + q_off, mask=qd_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        s = tl.where(c_ok[None, :], s, float("-inf"))
-        m = tl.max(s, 1)
-        p = tl.exp2(s - m[:, None])
-        l_sum = tl.sum(p, 1)
-        o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l_sum[:, None]
-        tl.store(o_part_ptr + e[:, None] * D + rd[None, :], o, mask=qd_mask)
-        tl.store(lse_part_ptr + e, m + tl.log2(l_sum), mask=m_ok)
+        k_base = k_ptr + b * stride_kb + hk * stride_kh + chunk * C * stride_kn
+        v_base = v_ptr + b * stride_vb + hk * stride_vh + chunk * C * stride_vn
+        m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BM], dtype=tl.float32)
+        acc = tl.zeros([BM, BD], dtype=tl.float32)
+        for n0 in range(0, C, BN):  # the chunk in key blocks (every block holds a key: no row is all -inf)
+            rc = n0 + tl.arange(0, BN)
+            c_ok = rc < C
+            kv_mask = c_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + rc[:, None] * stride_kn + rd[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + rc[:, None] * stride_vn + rd[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            s = tl.where(c_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        tl.store(o_part_ptr + e[:, None] * D + rd[None, :], acc / l_i[:, None], mask=qd_mask)
+        tl.store(lse_part_ptr + e, m_i + tl.log2(l_i), mask=m_ok)
 
+    @triton.autotune(configs=autotune_configs([{"BN": 64}, {"BN": 32}], {"BN": 16}), key=["C", "D", "TOP_K"])
     @triton.jit
     def _sparse_bwd_dq_kernel(
         q_ptr,
@@ -144,7 +147,7 @@ if triton is not None:
         D: tl.constexpr,
         TOP_K: tl.constexpr,
         BM: tl.constexpr,
-        BC: tl.constexpr,
+        BN: tl.constexpr,
         BD: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
@@ -160,33 +163,36 @@ if triton is not None:
         e = tl.load(entries_ptr + rm, mask=m_ok, other=0).to(tl.int64)  # (query row, slot) entries
         row = e // TOP_K
         h, t = (row // N) % H, row % N
-        rc, rd = tl.arange(0, BC), tl.arange(0, BD)
-        c_ok, d_ok = rc < C, rd < D
-        key_rows = chunk * C + rc
-        kv_mask = c_ok[:, None] & d_ok[None, :]
-        k = tl.load(
-            k_ptr + b * stride_kb + hk * stride_kh + key_rows[:, None] * stride_kn + rd[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
-        v = tl.load(
-            v_ptr + b * stride_vb + hk * stride_vh + key_rows[:, None] * stride_vn + rd[None, :],
-            mask=kv_mask,
-            other=0.0,
-        )
+        rd = tl.arange(0, BD)
+        d_ok = rd < D
         qd_mask = m_ok[:, None] & d_ok[None, :]
         q_off = b * stride_qb + h[:, None] * stride_qh + t[:, None] * stride_qn + rd[None, :]
         q = tl.load(q_ptr + q_off, mask=qd_mask, other=0.0)
         do = tl.load(do_ptr + row[:, None] * D + rd[None, :], mask=qd_mask, other=0.0)
         lse = tl.load(lse_ptr + row, mask=m_ok, other=0.0)
         delta = tl.load(delta_ptr + row, mask=m_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
-        p = tl.where(m_ok[:, None] & c_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
-        tl.store(dq_part_ptr + e[:, None] * D + rd[None, :], dq, mask=qd_mask)
+        k_base = k_ptr + b * stride_kb + hk * stride_kh + chunk * C * stride_kn
+        v_base = v_ptr + b * stride_vb + hk * stride_vh + chunk * C * stride_vn
+        dq = tl.zeros([BM, BD], dtype=tl.float32)
+        for n0 in range(0, C, BN):
+            rc = n0 + tl.arange(0, BN)
+            c_ok = rc < C
+            kv_mask = c_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_base + rc[:, None] * stride_kn + rd[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_base + rc[:, None] * stride_vn + rd[None, :], mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+            p = tl.where(m_ok[:, None] & c_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(dq_part_ptr + e[:, None] * D + rd[None, :], dq * scale, mask=qd_mask)
 
+    @triton.autotune(
+        configs=autotune_configs(
+            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 64, "BN": 32}], {"BM": 16, "BN": 16}
+        ),
+        key=["C", "D", "TOP_K"],
+    )
     @triton.jit
     def _sparse_bwd_dkdv_kernel(
         q_ptr,
@@ -269,18 +275,13 @@ if triton is not None:
         tl.store(dv_ptr + out_off, dv, mask=kv_mask)
 
 
-def _tiles(C: int, D: int, dtype: torch.dtype) -> dict:
-    """Tile sizes, powers of two >= 16 (tl.dot's minimum), masked past C and D. Retrieved part: BM query slots
-    per tile, BC = a whole chunk, BN chunk rows per dK/dV program; local part: LM queries x LN keys. Smaller
-    tiles for fp32 at D = 128 keep a program's operands (a chunk's K and V, a query tile) well inside the
-    H200's 227 KiB of shared memory. The CPU interpreter, whose cost is per operation, gets the smallest
-    tiles where tests need several tiles per list or key blocks per chunk, and wider local tiles."""
-    BC, BD = max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(D))
+def _query_tile(D: int, dtype: torch.dtype) -> int:
+    """Query slots per tile of the retrieved part (the lists are cut on the host side of the launch, so this one
+    is not autotuned): 64, or 32 for fp32 at D > 64, whose tiles would crowd shared memory; 16 in the CPU
+    interpreter, so small test inputs span several tiles per list."""
     if interpreting():
-        return dict(BM=16, BN=16, BC=BC, BD=BD, LM=32, LN=32, warps=4)
-    wide = BD * torch.finfo(dtype).bits // 8 > 256  # fp32 rows of 128
-    BM = 32 if wide else 64
-    return dict(BM=BM, BN=64, BC=BC, BD=BD, LM=BM, LN=64, warps=8 if BD > 64 else 4)
+        return 16
+    return 32 if dtype == torch.float32 and D > 64 else 64
 
 
 def _strides(*tensors: torch.Tensor) -> list:
@@ -293,184 +294,73 @@ class _RetrievalAttention(torch.autograd.Function):
         B, H, N, D = q.shape
         h_kv, C, top_k = k.shape[1], chunk_size, selected.shape[-1]
         n_chunks = N // C
-        tiles = _tiles(C, D, q.dtype)
-        common = dict(
-            precision=dot_precision() if q.dtype == torch.float32 else "tf32",
-            scale_log2=D**-0.5 * LOG2E,
-            scale=D**-0.5,
-        )
+        shape = dict(C=C, D=D, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype))
+        scale_log2 = D**-0.5 * LOG2E
+        has_sparse = N > 2 * C  # some token of chunk >= 2 has a chunk to pick
+        tile = _query_tile(D, q.dtype)
+        lists = _SparseLists(selected, h_kv, n_chunks, tile) if has_sparse else None
+        n_slots = B * H * N * top_k if has_sparse else 1
+        # per (query, slot): the retrieved chunk's normalised output and log-sum-exp (-inf: no selection)
+        lse_part = torch.full((n_slots,), float("-inf"), device=q.device)
+        o_part = torch.empty(n_slots, D, device=q.device)
+        if has_sparse:
+            _sparse_fwd_kernel[(lists.tile_list.numel(),)](
+                q, k, v, lists.entries, lists.tile_list, lists.tile_start, lists.offsets, o_part, lse_part,
+                *_strides(q, k, v), H, h_kv, N, n_chunks, scale_log2, TOP_K=top_k, BM=tile, **shape,
+            )  # fmt: skip
         out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-        has_sparse = N > 2 * C  # some token of chunk >= 2 has a chunk to pick
-        sparse = _SparseLists(selected, h_kv, n_chunks, tiles["BM"]) if has_sparse else None
-        lse_part = torch.full((B * H * N * top_k,) if has_sparse else (1,), float("-inf"), device=q.device)
-        o_part = torch.empty(lse_part.numel() if has_sparse else 1, D, device=q.device)
-        if has_sparse:
-            _sparse_fwd_kernel[(sparse.tile_list.numel(),)](
-                q,
-                k,
-                v,
-                sparse.entries,
-                sparse.tile_list,
-                sparse.tile_start,
-                sparse.offsets,
-                o_part,
-                lse_part,
-                *_strides(q, k, v),
-                H,
-                h_kv,
-                N,
-                n_chunks,
-                common["scale_log2"],
-                C=C,
-                D=D,
-                TOP_K=top_k,
-                BM=tiles["BM"],
-                BC=tiles["BC"],
-                BD=tiles["BD"],
-                PRECISION=common["precision"],
-                num_warps=tiles["warps"],
-            )
-        _local_fwd_kernel[(triton.cdiv(N, tiles["LM"]), B * H)](
-            q,
-            k,
-            v,
-            lse_part,
-            o_part,
-            out,
-            lse,
-            *_strides(q, k, v),
-            H,
-            N,
-            common["scale_log2"],
-            GROUP=H // h_kv,
-            C=C,
-            D=D,
-            TOP_K=top_k,
-            HAS_SPARSE=has_sparse,
-            BM=tiles["LM"],
-            BN=tiles["LN"],
-            BD=tiles["BD"],
-            PRECISION=common["precision"],
-            num_warps=tiles["warps"],
-        )
-        del o_part
-        ctx.save_for_backward(q, k, v, out, lse, lse_part, *(sparse.tensors() if has_sparse else ()))
-        ctx.meta = (C, top_k, n_chunks, has_sparse, tiles, common)
+        _local_fwd_kernel[lambda meta: (triton.cdiv(N, meta["BM"]), B * H)](
+            q, k, v, lse_part, o_part, out, lse, *_strides(q, k, v), H, N, scale_log2,
+            GROUP=H // h_kv, TOP_K=top_k, HAS_SPARSE=has_sparse, **shape,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, out, lse, lse_part, *(lists.tensors() if has_sparse else ()))
+        ctx.meta = (C, top_k, n_chunks, has_sparse, tile)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out):
         q, k, v, out, lse, lse_part, *lists = ctx.saved_tensors
-        C, top_k, n_chunks, has_sparse, tiles, common = ctx.meta
+        C, top_k, n_chunks, has_sparse, tile = ctx.meta
         B, H, N, D = q.shape
         h_kv = k.shape[1]
+        shape = dict(C=C, D=D, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype))
+        scales = (D**-0.5 * LOG2E, D**-0.5)
         do = d_out.to(q.dtype).contiguous()
-        delta = (do.float() * out.float()).sum(-1)  # rowsum(dO * O): softmax backward's correction term
-        shared = dict(C=C, D=D, BD=tiles["BD"], PRECISION=common["precision"], num_warps=tiles["warps"])
-        dk_sparse = dv_sparse = dq_part = lse_part
+        delta = (do.float() * out.float()).sum(-1)  # rowsum(dO * O): the softmax backward's correction term
+        dk_sparse = dv_sparse = dq_part = lse_part  # placeholders when nothing is retrieved
         if has_sparse:
             entries, offsets, tile_list, tile_start = lists
+            # dK/dV of the retrieved part, rows of completed chunks (the rest is never read)
             dk_sparse = torch.empty(B, h_kv, N, D, device=q.device)
             dv_sparse = torch.empty_like(dk_sparse)
-            _sparse_bwd_dkdv_kernel[(B * h_kv * n_chunks, triton.cdiv(C, tiles["BN"]))](
-                q,
-                k,
-                v,
-                do,
-                lse,
-                delta,
-                entries,
-                offsets,
-                dk_sparse,
-                dv_sparse,
-                *_strides(q, k, v),
-                H,
-                h_kv,
-                N,
-                n_chunks,
-                common["scale_log2"],
-                common["scale"],
-                TOP_K=top_k,
-                BM=tiles["BM"],
-                BN=tiles["BN"],
-                **shared,
-            )
-            dq_part = torch.empty(lse_part.numel(), D, device=q.device)
+            _sparse_bwd_dkdv_kernel[lambda meta: (B * h_kv * n_chunks, triton.cdiv(C, meta["BN"]))](
+                q, k, v, do, lse, delta, entries, offsets, dk_sparse, dv_sparse, *_strides(q, k, v),
+                H, h_kv, N, n_chunks, *scales, TOP_K=top_k, **shape,
+            )  # fmt: skip
+            dq_part = torch.empty(lse_part.numel(), D, device=q.device)  # per (query, slot), summed below
             _sparse_bwd_dq_kernel[(tile_list.numel(),)](
-                q,
-                k,
-                v,
-                do,
-                lse,
-                delta,
-                entries,
-                tile_list,
-                tile_start,
-                offsets,
-                dq_part,
-                *_strides(q, k, v),
-                H,
-                h_kv,
-                N,
-                n_chunks,
-                common["scale_log2"],
-                common["scale"],
-                TOP_K=top_k,
-                BM=tiles["BM"],
-                BC=tiles["BC"],
-                **shared,
-            )
+                q, k, v, do, lse, delta, entries, tile_list, tile_start, offsets, dq_part, *_strides(q, k, v),
+                H, h_kv, N, n_chunks, *scales, TOP_K=top_k, BM=tile, **shape,
+            )  # fmt: skip
         dk = torch.empty(B, h_kv, N, D, device=k.device, dtype=k.dtype)
         dv = torch.empty(B, h_kv, N, D, device=v.device, dtype=v.dtype)
-        _local_bwd_dkdv_kernel[(triton.cdiv(N, tiles["LN"]), B * h_kv)](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dk_sparse,
-            dv_sparse,
-            dk,
-            dv,
-            *_strides(q, k, v),
-            h_kv,
-            N,
-            n_chunks * C,
-            common["scale_log2"],
-            common["scale"],
-            GROUP=H // h_kv,
-            HAS_SPARSE=has_sparse,
-            BM=tiles["LM"],
-            BN=tiles["LN"],
-            **shared,
-        )
+        _local_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), B * h_kv)](
+            q, k, v, do, lse, delta, dk_sparse, dv_sparse, dk, dv, *_strides(q, k, v), h_kv, N, n_chunks * C,
+            *scales, GROUP=H // h_kv, HAS_SPARSE=has_sparse, **shape,
+        )  # fmt: skip
         dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-        _local_bwd_dq_kernel[(triton.cdiv(N, tiles["LM"]), B * H)](
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            lse_part,
-            dq_part,
-            dq,
-            *_strides(q, k, v),
-            H,
-            N,
-            common["scale_log2"],
-            common["scale"],
-            GROUP=H // h_kv,
-            TOP_K=top_k,
-            HAS_SPARSE=has_sparse,
-            BM=tiles["LM"],
-            BN=tiles["LN"],
-            **shared,
-        )
+        _local_bwd_dq_kernel[lambda meta: (triton.cdiv(N, meta["BM"]), B * H)](
+            q, k, v, do, lse, delta, lse_part, dq_part, dq, *_strides(q, k, v), H, N, *scales,
+            GROUP=H // h_kv, TOP_K=top_k, HAS_SPARSE=has_sparse, **shape,
+        )  # fmt: skip
         return dq, dk, dv, None, None
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """fp32 inputs honour torch.get_float32_matmul_precision() (IEEE or TF32); 16-bit ones use their own."""
+    return dot_precision() if dtype == torch.float32 else "tf32"
 
 
 class _SparseLists:
@@ -485,30 +375,40 @@ class _SparseLists:
 
 
 def retrieval_attention_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, top_k: int, route_block: int = 4096
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    chunk_size: int,
+    top_k: int,
+    route_block: int = 4096,
+    selected: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Token-routed chunk-sparse attention from scratch (no state): token t of chunk i reads chunk i-1, chunk i
     up to t, and its top_k chunks among 0 .. i-2 by q_t . mean(keys of the chunk), in one softmax.
 
     q (B, H, N, D), k/v (B, H_kv, N, D) with H_kv dividing H, fp32/fp16/bf16, any N (the last chunk may be
-    partial), D <= 128, chunk_size <= 128; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Returns
+    partial), D <= 128, any chunk_size; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Returns
     (B, H, N, D) in q's dtype; differentiable in q, k, v (routing is not: it picks, it does not weigh).
-    route_block: queries routed at a time (bounds the routing score tensor to (B, H, route_block, N / C))."""
-    _check_inputs(q, k, v, chunk_size, top_k)
+    route_block: queries routed at a time (bounds the routing score tensor to (B, H, route_block, N / C)).
+    selected: a routing computed beforehand, (B, H, N, top_k) chunk ids as `route_tokens_blocked` returns them
+    (-1 = none; ids must be < t // C - 1, which is not checked), e.g. to compare paths on one routing."""
+    _check_inputs(q, k, v, chunk_size, top_k, selected)
     N, C = q.shape[2], chunk_size
     if N == 0:
         return q.clone()
-    n_chunks = N // C
-    with torch.no_grad():
-        summaries = k[:, :, : n_chunks * C].float().unflatten(2, (n_chunks, C)).mean(-2)
-        selected = route_tokens_blocked(q, summaries, C, top_k, route_block)
+    if selected is None:
+        n_chunks = N // C
+        with torch.no_grad():
+            summaries = k[:, :, : n_chunks * C].float().unflatten(2, (n_chunks, C)).mean(-2)
+            selected = route_tokens_blocked(q, summaries, C, top_k, route_block)
+    selected = selected.to(torch.int32).contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if interpreting() and q.dtype != torch.float32:  # the CPU interpreter multiplies 16-bit operands wrongly
         return _RetrievalAttention.apply(q.float(), k.float(), v.float(), selected, C).to(q.dtype)
     return _RetrievalAttention.apply(q, k, v, selected, C)
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size: int, top_k: int) -> None:
+def _check_inputs(q, k, v, chunk_size: int, top_k: int, selected: Optional[torch.Tensor]) -> None:
     def fail(message: str) -> None:
         raise ValueError(f"retrieval_attention_triton: {message}")
 
@@ -526,8 +426,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size:
         fail(f"q, k, v must share one of float32, float16, bfloat16; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not 1 <= D <= MAX_HEAD_DIM:
         fail(f"head dim D={D} must be in 1 .. {MAX_HEAD_DIM}")
-    if not 1 <= chunk_size <= MAX_CHUNK:
-        fail(f"chunk_size={chunk_size} must be in 1 .. {MAX_CHUNK} (one chunk is one key tile)")
+    if chunk_size < 1:
+        fail(f"chunk_size={chunk_size} must be >= 1")
     if top_k < 1:
         fail(f"top_k={top_k} must be >= 1")
     if B * H * N * top_k >= 2**31:
@@ -536,3 +436,8 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk_size:
         fail(f"tensors on {q.device}: CUDA, or CPU under TRITON_INTERPRET=1")
     if not (q.device == k.device == v.device):
         fail(f"q, k, v on different devices: {q.device}, {k.device}, {v.device}")
+    if selected is not None and (selected.shape != (B, H, N, top_k) or selected.is_floating_point()):
+        fail(
+            f"selected must be integer chunk ids of shape {(B, H, N, top_k)}; got {selected.dtype} "
+            f"{tuple(selected.shape)}"
+        )
