@@ -20,7 +20,13 @@ import torch
 
 def topk_lowest_id(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """torch.topk over the last dim with ties broken towards the lowest index: (values, indices), ordered by
-    value descending, then index ascending. Needs no host synchronisation (CUDA-graph safe)."""
+    value descending, then index ascending. Needs no host synchronisation (CUDA-graph safe).
+
+    fp32 (and narrower) scores take one topk over an int64 key that orders by score, then by lowest index: the
+    score's bits mapped to an order-preserving int32 in the high half, (n - 1 - index) in the low half. Wider
+    scores take a slower exact path."""
+    if scores.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return _topk_lowest_id_packed(scores.float(), k)
     top, idx = scores.topk(k, dim=-1)
     kth = top[..., -1:]
     n_above = (top > kth).sum(-1, keepdim=True)  # every value above the k-th one is in `top`
@@ -36,6 +42,16 @@ def topk_lowest_id(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Te
     values = scores.gather(-1, idx)
     values, order = values.sort(dim=-1, descending=True, stable=True)
     return values, idx.gather(-1, order)
+
+
+def _topk_lowest_id_packed(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    n = scores.shape[-1]
+    bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: equal scores, equal keys
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits (monotone int32)
+    low = n - 1 - torch.arange(n, device=scores.device, dtype=torch.int64)  # lower index, larger key
+    key = (ordered.to(torch.int64) << 32) | low
+    idx = n - 1 - (key.topk(k, dim=-1).values & 0xFFFFFFFF)
+    return scores.gather(-1, idx), idx
 
 
 def route_tokens(
