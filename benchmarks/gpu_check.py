@@ -189,13 +189,12 @@ def check_retrieval(device: str) -> None:
     _record("retrieval router fp32 random: fraction of selections differing", _differ(got, expected), 1e-3)
 
     # (B, H, H_kv, N, D, C, top_k, coherent): GQA and MHA, ragged N, N up to 8k, D 64 and 128
+    # each new (D, C, top_k) compiles and autotunes the kernels anew (about a minute on an H200): few of them
     shapes = [
         (2, 4, 2, 2048, 64, 64, 8, False),
-        (2, 4, 2, 2048, 64, 64, 8, True),
         (3, 4, 4, 3000, 64, 32, 4, False),
-        (4, 2, 1, 1024, 128, 128, 2, True),
+        (2, 2, 1, 1024, 128, 128, 2, True),
         (2, 4, 2, 8192, 64, 64, 8, True),
-        (2, 2, 2, 8192, 64, 64, 16, False),
     ]
     variants = [(torch.float32, "highest", 1e-4), (torch.float32, "high", 3e-3), (torch.bfloat16, "high", 2e-2)]
     for B, H, H_kv, N, D, C, K, coherent in shapes:

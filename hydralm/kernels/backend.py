@@ -4,6 +4,9 @@ HYDRALM_ATTENTION = auto | torch | flex
     flex: torch's flex_attention for the parallel (training / fresh prefill) path of SWA and retrieval
     layers; auto = flex on CUDA, torch (SDPA / gather) elsewhere. flex has no CPU backward in torch
     2.13, so CPU always uses torch unless asked otherwise for a forward-only check.
+HYDRALM_RETRIEVAL = auto | torch | flex | triton
+    the parallel retrieval path from scratch: triton = our query-grouped sparse kernels
+    (kernels/retrieval/triton_sparse.py, forward and backward); auto follows HYDRALM_ATTENTION (flex on CUDA).
 HYDRALM_DELTANET = auto | torch | triton | fused | fla
     torch: the PyTorch chunkwise kernel (a Python loop over chunks). triton: the same chunkwise algorithm with
     the pass over chunks in our Triton kernels (kernels/delta_rule/triton_state_pass.py), forward and backward.
@@ -30,6 +33,7 @@ import os
 from hydralm.kernels.triton_common import interpreting, triton_available
 
 ATTENTION_CHOICES = ("auto", "torch", "flex")
+RETRIEVAL_CHOICES = ("auto", "torch", "flex", "triton")
 DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
 
 
@@ -45,6 +49,19 @@ def attention_backend(is_cuda: bool) -> str:
     choice = _choice("HYDRALM_ATTENTION", ATTENTION_CHOICES)
     if choice == "auto":
         return "flex" if is_cuda else "torch"
+    return choice
+
+
+def retrieval_backend(is_cuda: bool) -> str:
+    """'triton', 'flex' or 'torch' for the parallel retrieval path from scratch (training, fresh prefill)."""
+    choice = _choice("HYDRALM_RETRIEVAL", RETRIEVAL_CHOICES)
+    if choice == "triton" and not (triton_available() and (is_cuda or interpreting())):
+        raise RuntimeError(
+            "HYDRALM_RETRIEVAL=triton needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+            "unset it to use the default path"
+        )
+    if choice == "auto":  # the Triton kernel becomes auto on CUDA once its GPU check passes (docs/benchmarks.md)
+        return attention_backend(is_cuda)
     return choice
 
 

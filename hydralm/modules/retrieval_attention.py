@@ -29,7 +29,7 @@ from torch import nn
 
 from hydralm.config import HydraConfig
 from hydralm.kernels.attention.local import repeat_kv
-from hydralm.kernels.backend import attention_backend
+from hydralm.kernels.backend import retrieval_backend
 from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attention, union_of_selections
 from hydralm.kernels.retrieval.routing import route_tokens
 from hydralm.modules.attention import AttentionProjections
@@ -143,7 +143,13 @@ class RetrievalAttention(nn.Module):
                 )
             ]
         outputs = []
-        if state is None and attention_backend(q.is_cuda) == "flex":
+        backend = retrieval_backend(q.is_cuda) if state is None else "torch"
+        if backend == "triton":
+            from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
+
+            y = retrieval_attention_triton(q, k, v, C, self.top_k)
+            outputs, block = [F.pad(y, (0, 0, 0, pad)).unflatten(2, (M, C))], M
+        elif backend == "flex":
             from hydralm.kernels.retrieval.flex import flex_retrieval_supported, retrieval_flex
 
             if flex_retrieval_supported(N, C):
