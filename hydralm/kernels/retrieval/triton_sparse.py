@@ -190,7 +190,7 @@ if triton is not None:
 
     @triton.autotune(
         configs=autotune_configs(
-            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 64, "BN": 32}], {"BM": 16, "BN": 16}
+            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 32, "BN": 32}], {"BM": 16, "BN": 16}
         ),
         key=["C", "D", "TOP_K"],
     )
