@@ -174,19 +174,24 @@ def check_retrieval(device: str) -> None:
     routing (routing is compared on its own first: two paths whose fp32 scores differ in the last bit may pick
     different chunks at near-ties, which would dominate the error), outputs and all gradients, in fp32 (IEEE
     and TF32) and bf16, random and coherent routing; then bit-for-bit reproducibility and row independence."""
-    from hydralm.kernels.retrieval.routing import route_tokens, route_tokens_blocked
+    from hydralm.kernels.retrieval.routing import chunk_summaries, route_tokens_blocked
     from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
 
     torch.set_float32_matmul_precision("highest")
-    # routing: integer queries and keys score exactly, with many ties; both routers keep the lowest id
+    # routing: integer queries and keys score exactly, with many ties: the blocked PyTorch router and the Triton
+    # router both keep the lowest id, as route_tokens does; random ones may differ at near-ties only
     for dtype in (torch.float32, torch.bfloat16):
         q = torch.randint(-1, 2, (2, 4, 4096, 64), device=device).to(dtype)
         k = torch.randint(-1, 2, (2, 2, 4096, 64), device=device).to(dtype)
-        got, expected = _both_routings(q, k, 64, 8, route_tokens, route_tokens_blocked)
-        _record(f"retrieval router {dtype} ties forced: fraction of selections differing", _differ(got, expected), 0)
+        for router, (got, expected) in _routings(q, k, 64, 8).items():
+            _record(
+                f"retrieval {router} {dtype} ties forced: fraction of tokens routed differently",
+                _differ(got, expected),
+                0,
+            )
     q, k = torch.randn(2, 4, 8192, 64, device=device), torch.randn(2, 2, 8192, 64, device=device)
-    got, expected = _both_routings(q, k, 64, 8, route_tokens, route_tokens_blocked)
-    _record("retrieval router fp32 random: fraction of selections differing", _differ(got, expected), 1e-3)
+    for router, (got, expected) in _routings(q, k, 64, 8).items():
+        _record(f"retrieval {router} fp32 random: fraction of tokens routed differently", _differ(got, expected), 1e-3)
 
     # (B, H, H_kv, N, D, C, top_k, coherent): GQA and MHA, ragged N, N up to 8k, D 64 and 128
     # each new (D, C, top_k) compiles and autotunes the kernels anew (about a minute on an H200): few of them
@@ -203,9 +208,7 @@ def check_retrieval(device: str) -> None:
             q = coherent_queries(q)
         k, v = torch.randn(B, H_kv, N, D, device=device), torch.randn(B, H_kv, N, D, device=device)
         w = torch.randn(B, H, N, D, device=device)
-        n_chunks = N // C
-        summaries = k[:, :, : n_chunks * C].unflatten(2, (n_chunks, C)).mean(-2)
-        selected = route_tokens_blocked(q, summaries, C, K)
+        selected = route_tokens_blocked(q, chunk_summaries(k, C), C, K)
         ref, ref_g = _grads(
             lambda a, b, c: _retrieval_given_routing(a, b, c, selected, C),
             [t.double().requires_grad_() for t in (q, k, v)],
@@ -244,15 +247,21 @@ def check_retrieval(device: str) -> None:
     _record("retrieval triton bf16 row 0 with rows 1-2 changed: fraction differing (C2)", row0, 0)
 
 
-def _both_routings(q, k, C, K, route_tokens, route_tokens_blocked):
-    """The blocked router's selections and route_tokens' (in one call), as (B, H, N, K) int32 with -1."""
+def _routings(q, k, C, K) -> dict:
+    """{router: (its selections, route_tokens' in one call)} for the blocked PyTorch and the Triton routers, as
+    (B, H, N, K) int32 with -1 = none."""
+    from hydralm.kernels.retrieval.routing import chunk_summaries, route_tokens, route_tokens_blocked
+    from hydralm.kernels.retrieval.triton_routing import route_tokens_triton
+
     N = q.shape[2]
-    n_chunks = N // C
-    summaries = k[:, :, : n_chunks * C].float().unflatten(2, (n_chunks, C)).mean(-2)
-    blocked = route_tokens_blocked(q, summaries, C, K, block=1000)
+    summaries = chunk_summaries(k, C)
     n_eligible = (torch.arange(N, device=q.device) // C - 1).clamp(min=0)
     selected, valid = route_tokens(q, [summaries], n_eligible, K)
-    return blocked, torch.where(valid, selected, -1).to(torch.int32)
+    expected = torch.where(valid, selected, -1).to(torch.int32)
+    return {
+        "route_tokens_blocked": (route_tokens_blocked(q, summaries, C, K, block=1000), expected),
+        "route_tokens_triton": (route_tokens_triton(q, summaries, C, K), expected),
+    }
 
 
 def _differ(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ Columns (ms, median of triton.testing.do_bench):
   retrieval_flex      retrieval through flex_attention with the routed block mask (kernels/retrieval/flex.py)
   retrieval_triton    kernels/retrieval/triton_sparse.py, routing included
   triton_fwd          its forward alone
-  triton_routing      its routing and per-chunk lists alone (route_tokens_blocked + selection_csr)
+  triton_routing      its routing and per-chunk lists alone (route_sequence + selection_csr)
 plus triton / swa, triton / flex, the Triton path's peak memory, and rel_diff_vs_flex (|triton - flex| / |flex|,
 a sanity check: bf16, and a near-tie may route one token differently in the two paths).
 Results also go to $OUT/retrieval_kernel.json when OUT is set.
@@ -23,7 +23,7 @@ from triton.testing import do_bench
 from benchmarks.speed import _print_table, coherent_queries
 from hydralm.kernels.attention.flex import sliding_window_flex
 from hydralm.kernels.retrieval.flex import retrieval_flex
-from hydralm.kernels.retrieval.routing import route_tokens_blocked
+from hydralm.kernels.retrieval.routing import route_sequence
 from hydralm.kernels.retrieval.selection_csr import selection_csr, tile_work_list
 from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
 
@@ -53,10 +53,8 @@ def row(B: int, T: int, coherent: bool) -> dict:
         return retrieval_attention_triton(a, b, c, C, TOP_K)
 
     def routing():
-        n_chunks = T // C
-        summaries = k.detach()[:, :, : n_chunks * C].float().unflatten(2, (n_chunks, C)).mean(-2)
-        selected = route_tokens_blocked(q.detach(), summaries, C, TOP_K)
-        entries, offsets = selection_csr(selected, k.shape[1], n_chunks)
+        selected = route_sequence(q, k, C, TOP_K)
+        entries, offsets = selection_csr(selected, k.shape[1], T // C)
         return tile_work_list(offsets, entries.numel(), 64)
 
     result = {"shape": f"B{B} T{T} H{H} D{D} C{C} k{TOP_K}", "queries": "coherent" if coherent else "random"}

@@ -19,8 +19,14 @@ import pytest  # noqa: E402
 from hydralm.kernels.attention.local import repeat_kv  # noqa: E402
 from hydralm.kernels.retrieval import triton_sparse  # noqa: E402
 from hydralm.kernels.retrieval.reference import retrieval_attention_reference, retrieval_mask_reference  # noqa: E402
-from hydralm.kernels.retrieval.routing import route_tokens, route_tokens_blocked, topk_lowest_id  # noqa: E402
+from hydralm.kernels.retrieval.routing import (  # noqa: E402
+    chunk_summaries,
+    route_tokens,
+    route_tokens_blocked,
+    topk_lowest_id,
+)
 from hydralm.kernels.retrieval.selection_csr import selection_csr, tile_work_list  # noqa: E402
+from hydralm.kernels.retrieval.triton_routing import route_tokens_triton  # noqa: E402
 from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton  # noqa: E402
 from hydralm.kernels.triton_common import triton_available  # noqa: E402
 
@@ -138,8 +144,7 @@ def test_blocked_router_equals_route_tokens_and_the_reference_with_ties_forced(d
     B, N, D = 2, 77, 4
     q = torch.randint(-1, 2, (B, H, N, D), generator=gen).to(dtype)
     k = torch.randint(-1, 2, (B, H_kv, N, D), generator=gen).to(dtype)
-    n_chunks = N // C
-    summaries = k[:, :, : n_chunks * C].float().unflatten(2, (n_chunks, C)).mean(-2)
+    summaries = chunk_summaries(k, C)
     blocked = route_tokens_blocked(q, summaries, C, top_k, block=13)
     n_eligible = (torch.arange(N) // C - 1).clamp(min=0)
     selected, valid = route_tokens(q, [summaries], n_eligible, top_k)
@@ -155,6 +160,17 @@ def test_blocked_router_equals_route_tokens_and_the_reference_with_ties_forced(d
         routed |= (chunk_of_key == ids[..., None]) & (ids[..., None] >= 0)
     local = (torch.arange(N)[None, :] <= torch.arange(N)[:, None]) & (chunk_of_key[None, :] >= token_chunk[:, None] - 1)
     assert torch.equal(routed | local, allowed)
+
+
+def test_triton_router_equals_route_tokens_with_ties_forced():
+    """The routing kernel of the CUDA path (run here in the interpreter, whose sorting network is slow: one
+    small case), with exact integer scores and many ties."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-1, 2, (1, 2, 40, 4), generator=gen).float()
+    k = torch.randint(-1, 2, (1, 1, 40, 4), generator=gen).float()
+    summaries = chunk_summaries(k, 4)
+    expected = route_tokens_blocked(q, summaries, 4, 3)
+    assert torch.equal(route_tokens_triton(q.to(DEVICE), summaries.to(DEVICE), 4, 3).cpu(), expected)
 
 
 def test_selection_lists_and_tiles_cover_every_valid_selection_once():

@@ -10,7 +10,9 @@ score the same chunks in differently shaped calls could otherwise pick different
 
 `route_tokens` scores a block of queries against every summary it is given; `route_tokens_blocked` is the
 from-scratch routing of a whole sequence in blocks of queries, each scored only against the chunks its tokens
-may pick, so no (B, H, N, N / C) score tensor is ever built.
+may pick, so no (B, H, N, N / C) score tensor is ever built; `route_sequence` routes a sequence with the Triton
+kernel of triton_routing.py on CUDA (the same selections, without any score tensor in memory) and with
+`route_tokens_blocked` elsewhere.
 """
 
 from typing import List, Tuple
@@ -107,6 +109,25 @@ def route_tokens_blocked(
         top, idx = topk_lowest_id(scores.masked_fill(~eligible, float("-inf")), k)
         selected[:, :, lo:end, :k] = torch.where(torch.isfinite(top), idx, -1).to(torch.int32)
     return selected
+
+
+def chunk_summaries(k: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """k (B, H_kv, N, D) -> the mean key of every completed chunk, (B, H_kv, N // C, D) fp32."""
+    n_chunks = k.shape[2] // chunk_size
+    return k[:, :, : n_chunks * chunk_size].float().unflatten(2, (n_chunks, chunk_size)).mean(-2)
+
+
+def route_sequence(q: torch.Tensor, k: torch.Tensor, chunk_size: int, top_k: int, block: int = 4096) -> torch.Tensor:
+    """The from-scratch routing of q (B, H, N, D) against the chunks of k (B, H_kv, N, D): (B, H, N, top_k)
+    int32 chunk ids, -1 = none. The Triton kernel on CUDA; `route_tokens_blocked` (blocks of `block` queries)
+    elsewhere, including Triton's CPU interpreter, which runs the kernel's sorting network very slowly."""
+    with torch.no_grad():
+        summaries = chunk_summaries(k, chunk_size)
+        if q.is_cuda:
+            from hydralm.kernels.retrieval.triton_routing import route_tokens_triton
+
+            return route_tokens_triton(q, summaries, chunk_size, top_k)
+        return route_tokens_blocked(q, summaries, chunk_size, top_k, block)
 
 
 def _scores(q: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:

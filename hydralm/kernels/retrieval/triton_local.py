@@ -125,7 +125,7 @@ if triton is not None:
 
     @triton.autotune(
         configs=autotune_configs(
-            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 32, "BN": 128}], {"BM": 32, "BN": 32}
+            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 32, "BN": 32}], {"BM": 32, "BN": 32}
         ),
         key=["C", "D", "GROUP"],
     )

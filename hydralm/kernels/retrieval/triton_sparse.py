@@ -4,12 +4,13 @@ Same semantics as the other paths of kernels/retrieval/ (the oracle is reference
 in one softmax, chunk i-1 in full, chunk i up to itself and its top_k chunks among 0 .. i-2 by q_t . summary.
 
 How the work is laid out (cost O(N * (k + 2) * C * D) per head, whatever the routing):
-1. routing (`route_tokens_blocked`): selected (B, H, N, k) chunk ids, -1 where there are fewer candidates;
+1. routing (`route_sequence`: a Triton kernel with a running top-k on CUDA, triton_routing.py): selected
+   (B, H, N, k) chunk ids, -1 where there are fewer candidates;
 2. the selections inverted on the device into one list per (batch row, key head, chunk) of the query slots
    that chose it (selection_csr.py), cut into tiles of up to BM entries;
-3. retrieved part, kv-centric: a program per tile loads its chunk's C keys and values and the tile's queries
-   (which may come from any token and any query head of the group), and writes each (query, slot)'s
-   normalised partial output and log-sum-exp;
+3. retrieved part, kv-centric: a program per tile reads its chunk's keys and values (in blocks of BN keys)
+   against the tile's queries (from any token and any query head of the group) and writes each (query,
+   slot)'s normalised partial output and log-sum-exp;
 4. local part (triton_local.py): a flash-attention pass over chunk i-1 and chunk i per query tile, whose
    online softmax then takes in the token's k partial results, writing the output and the log-sum-exp.
 Backward, with P recomputed from the saved log-sum-exp: the retrieved part's dK/dV by a program per (list,
@@ -25,7 +26,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from hydralm.kernels.retrieval.routing import route_tokens_blocked
+from hydralm.kernels.retrieval.routing import route_sequence
 from hydralm.kernels.retrieval.selection_csr import selection_csr, tile_work_list
 from hydralm.kernels.retrieval.triton_local import (
     LOG2E,
@@ -189,7 +190,7 @@ if triton is not None:
 
     @triton.autotune(
         configs=autotune_configs(
-            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 64, "BN": 32}], {"BM": 16, "BN": 16}
+            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 32, "BN": 32}], {"BM": 16, "BN": 16}
         ),
         key=["C", "D", "TOP_K"],
     )
@@ -389,7 +390,8 @@ def retrieval_attention_triton(
     q (B, H, N, D), k/v (B, H_kv, N, D) with H_kv dividing H, fp32/fp16/bf16, any N (the last chunk may be
     partial), D <= 128, any chunk_size; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1. Returns
     (B, H, N, D) in q's dtype; differentiable in q, k, v (routing is not: it picks, it does not weigh).
-    route_block: queries routed at a time (bounds the routing score tensor to (B, H, route_block, N / C)).
+    route_block: queries routed at a time off CUDA (`route_sequence`; bounds the score tensor to (B, H,
+    route_block, N / C)).
     selected: a routing computed beforehand, (B, H, N, top_k) chunk ids as `route_tokens_blocked` returns them
     (-1 = none; ids must be < t // C - 1, which is not checked), e.g. to compare paths on one routing."""
     _check_inputs(q, k, v, chunk_size, top_k, selected)
@@ -397,10 +399,7 @@ def retrieval_attention_triton(
     if N == 0:
         return q.clone()
     if selected is None:
-        n_chunks = N // C
-        with torch.no_grad():
-            summaries = k[:, :, : n_chunks * C].float().unflatten(2, (n_chunks, C)).mean(-2)
-            selected = route_tokens_blocked(q, summaries, C, top_k, route_block)
+        selected = route_sequence(q, k, C, top_k, route_block)
     selected = selected.to(torch.int32).contiguous()
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if interpreting() and q.dtype != torch.float32:  # the CPU interpreter multiplies 16-bit operands wrongly
