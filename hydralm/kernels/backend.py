@@ -1,4 +1,4 @@
-"""Which implementation each mixer uses, chosen per call from two environment switches.
+"""Which implementation each op uses, chosen per call from environment switches.
 
 HYDRALM_ATTENTION = auto | torch | flex
     flex: torch's flex_attention for the parallel (training / fresh prefill) path of SWA and retrieval
@@ -15,6 +15,12 @@ HYDRALM_DELTANET = auto | torch | triton | fused | fla
     `GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check delta_rule` (54/54, d 64 / 100 / 128, fp32 IEEE and
     TF32, bf16) on an H200 on 2026-11-30 at c378ec3.
 
+HYDRALM_CROSS_ENTROPY = auto | torch | liger | fla
+    The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
+    logits are recomputed in backward, never held for the whole batch). liger / fla: liger-kernel's or
+    flash-linear-attention's fused Triton kernels, only when asked (optional dependencies, CUDA only;
+    neither is checked here: an all-ignored batch may give NaN there, 0 here). auto = torch.
+
 HYDRALM_DELTANET_COMPILE = 0 | 1
     1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
     shape; fuses the elementwise prep around the Triton pass). Off by default: the 160m model trained 1.14x /
@@ -25,12 +31,14 @@ reference kernels on the GPU by `python -m benchmarks.gpu_check`.
 """
 
 import functools
+import importlib
 import os
 
 from hydralm.kernels.triton_common import interpreting, triton_available
 
 ATTENTION_CHOICES = ("auto", "torch", "flex")
 DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
+CROSS_ENTROPY_CHOICES = ("auto", "torch", "liger", "fla")
 
 
 def _choice(variable: str, choices: tuple) -> str:
@@ -98,3 +106,21 @@ def deltanet_compile() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"HYDRALM_DELTANET_COMPILE={value!r} is invalid: expected '0' or '1'")
     return value == "1"
+
+
+def cross_entropy_backend(is_cuda: bool) -> str:
+    """'torch', 'liger' or 'fla' for the linear + cross-entropy of the training loss."""
+    choice = _choice("HYDRALM_CROSS_ENTROPY", CROSS_ENTROPY_CHOICES)
+    if choice in ("auto", "torch"):
+        return "torch"
+    module = {"liger": "liger_kernel.transformers.functional", "fla": "fla.modules.fused_linear_cross_entropy"}
+    try:
+        importlib.import_module(module[choice])
+    except Exception as err:  # not installed, or its triton does not import
+        raise RuntimeError(
+            f"HYDRALM_CROSS_ENTROPY={choice} but {module[choice]} does not import ({err}); unset it to use the "
+            "PyTorch chunked loss"
+        ) from None
+    if not is_cuda:
+        raise RuntimeError(f"HYDRALM_CROSS_ENTROPY={choice} needs a CUDA device; unset it to use the PyTorch loss")
+    return choice

@@ -13,7 +13,6 @@ from typing import Dict, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics.aggregation import MeanMetric
@@ -78,9 +77,15 @@ class HydraLMModule(L.LightningModule):
 
     def _shared_step(self, batch: dict, stage: str):
         use_mtp = self.config.mtp_depth > 0 and stage == "train"
-        out = self(batch["input_ids"], compute_mtp=use_mtp, labels=batch["labels"] if use_mtp else None)
-        logits = out["logits"]
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        # The loss comes without the (B, N, V) logits (chunked linear + CE); accuracy needs the query rows only.
+        out = self(
+            batch["input_ids"],
+            compute_mtp=use_mtp,
+            labels=batch["labels"],
+            return_logits=False,
+            logits_at=batch.get("query_positions"),
+        )
+        ce = out["loss"]
         aux = self.auxiliary_losses(out)
         loss = ce + sum(aux.values()) if aux else ce
         batch_size = batch["input_ids"].shape[0]
@@ -99,13 +104,14 @@ class HydraLMModule(L.LightningModule):
         for name, value in aux.items():
             self.log(f"{stage}/{name}_loss", value, batch_size=batch_size, sync_dist=stage != "train")
         if "query_positions" in batch:
-            self._log_answer_accuracy(logits, batch, stage)
+            self._log_answer_accuracy(out["logits_at"], batch, stage)
         return loss, ce
 
-    def _log_answer_accuracy(self, logits: torch.Tensor, batch: dict, stage: str) -> None:
+    def _log_answer_accuracy(self, query_logits: torch.Tensor, batch: dict, stage: str) -> None:
+        """query_logits (B, Q, V): the logits at batch["query_positions"]."""
         positions = batch["query_positions"]  # (B, Q)
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        correct = (logits[rows, positions].argmax(-1) == batch["labels"][rows, positions]).float()
+        correct = (query_logits.argmax(-1) == batch["labels"][rows, positions]).float()
         n = correct.numel()
         self.log(f"{stage}/acc", correct.mean(), prog_bar=True, batch_size=n, sync_dist=stage != "train")
         if stage == "train" or "depths" not in batch:
