@@ -175,6 +175,17 @@ class HydraLM(nn.Module):
             out["mtp_aux_loss"] = self.cfg.mtp_loss_weight * mtp_linear_loss(head_inputs, self.lm_head.weight, labels)
         return out
 
+    @property
+    def blocks_compiled(self) -> bool:
+        return all(getattr(block, "_compiled_call_impl", None) is not None for block in self.blocks)
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """torch.compile each block's forward in place (regional compile: parameter names and the state dict stay
+        as they are; blocks of one type share their compiled code). The delta rule op runs outside the compiled
+        graphs (torch.compiler.disable in kernels/delta_rule/): its Triton kernels are launched as they are."""
+        for block in self.blocks:
+            block.compile(**compile_kwargs)
+
     def _run_block(self, block: Block, x: torch.Tensor, layer_state: Optional[dict]):
         """One block; with ``activation_checkpointing`` in a training forward, its activations are recomputed
         in backward instead of kept (torch.utils.checkpoint, non-reentrant)."""

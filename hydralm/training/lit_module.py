@@ -9,7 +9,7 @@ Hyperparameters are plain dicts (never Hydra partials or objects), so checkpoint
 
 import math
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import lightning as L
 import torch
@@ -33,21 +33,28 @@ class HydraLMModule(L.LightningModule):
         model: Dict,
         optimizer: Dict,
         architecture: str = "hydra",
-        compile: bool = False,
+        compile: Union[bool, str] = False,
         nonfinite: str = "skip",
         max_consecutive_skips: int = 10,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={architecture!r} is unknown; allowed: {list(ARCHITECTURES)}")
+        if not (isinstance(compile, bool) or compile == "auto"):
+            raise ValueError(f"compile={compile!r} is invalid: expected false, true or auto")
+        if not isinstance(activation_checkpointing, bool):
+            raise ValueError(
+                f"activation_checkpointing={activation_checkpointing!r} is invalid: expected true or false"
+            )
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r} is unknown; allowed: {list(NONFINITE_POLICIES)}")
         self.save_hyperparameters()
         self.config = HydraConfig(**model)
         self.net = ARCHITECTURES[architecture](self.config)
+        self.net.activation_checkpointing = activation_checkpointing
         # FSDP hands the optimizer flat shards; weight-decay groups come from these original ranks instead.
         self._param_ndims = {name: p.ndim for name, p in self.net.named_parameters()}
-        self._compiled_forward = None
         self.depth_accuracy = nn.ModuleDict(
             {
                 stage: nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in DEPTH_BUCKETS)
@@ -59,12 +66,22 @@ class HydraLMModule(L.LightningModule):
 
     # -- forward / loss --------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.hparams.compile and self._compiled_forward is None:
-            self._compiled_forward = torch.compile(self.net)
+        """Regional compile: each block's forward is compiled on its own (the same code for every block of a
+        type, so compiles are reused; the embedding, head and loss stay eager). auto = on for CUDA."""
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        wanted = self.hparams.compile is True or (self.hparams.compile == "auto" and device.type == "cuda")
+        if wanted and not self.net.blocks_compiled:
+            self.net.compile_blocks()
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        net = self._compiled_forward or self.net
-        return net(input_ids, **kwargs)
+        return self.net(input_ids, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written when compile wrapped the whole network hold every weight twice, the copy under
+        # `_compiled_forward._orig_mod.`; the weights under `net.` are the same tensors.
+        state = checkpoint.get("state_dict", {})
+        for name in [n for n in state if n.startswith("_compiled_forward.")]:
+            del state[name]
 
     def auxiliary_losses(self, out: dict) -> Dict[str, torch.Tensor]:
         """Extra loss terms, already weighted. The MTP loss is one; the compressive memory adds its own."""
