@@ -15,6 +15,13 @@ HYDRALM_DELTANET = auto | torch | triton | fused | fla
     `GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check delta_rule` (54/54, d 64 / 100 / 128, fp32 IEEE and
     TF32, bf16) on an H200 on 2026-11-30 at c378ec3.
 
+HYDRALM_GDN_MODULES = auto | torch | fla
+    The elementwise parts of a Gated DeltaNet block around the delta rule: the short causal conv, the q/k L2
+    norm and the gated output RMSNorm. fla: flash-linear-attention's Triton kernels for them
+    (kernels/fla_modules.py), on CUDA for calls without a carried conv state. torch: our PyTorch forms.
+    auto = fla on CUDA when fla imports, torch elsewhere; `python -m benchmarks.gpu_check gdn_block` compares
+    the two on the GPU.
+
 HYDRALM_CROSS_ENTROPY = auto | torch | liger | fla
     The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
     logits are recomputed in backward, never held for the whole batch). liger / fla: liger-kernel's or
@@ -39,6 +46,7 @@ from hydralm.kernels.triton_common import interpreting, triton_available
 ATTENTION_CHOICES = ("auto", "torch", "flex")
 DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
 CROSS_ENTROPY_CHOICES = ("auto", "torch", "liger", "fla")
+GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 
 
 def _choice(variable: str, choices: tuple) -> str:
@@ -63,6 +71,29 @@ def fla_available() -> bool:
     except Exception:  # not installed, or its triton does not import
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def fla_modules_available() -> bool:
+    try:
+        import fla.modules  # noqa: F401
+    except Exception:  # not installed, or its triton does not import
+        return False
+    return True
+
+
+def gdn_modules_backend(is_cuda: bool) -> str:
+    """'fla' or 'torch' for the short conv, L2 norm and gated RMSNorm of Gated DeltaNet blocks."""
+    choice = _choice("HYDRALM_GDN_MODULES", GDN_MODULES_CHOICES)
+    if choice == "torch":
+        return "torch"
+    usable = is_cuda and fla_modules_available()
+    if choice == "fla" and not usable:
+        raise RuntimeError(
+            "HYDRALM_GDN_MODULES=fla needs a CUDA device and flash-linear-attention (fla-core) importable; unset "
+            "it to use the PyTorch modules"
+        )
+    return "fla" if usable else "torch"
 
 
 @functools.lru_cache(maxsize=1)
