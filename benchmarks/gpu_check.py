@@ -3,7 +3,7 @@
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [retrieval]`
+`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [retrieval] [gdn_block]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends).
 """
 
@@ -321,19 +321,63 @@ def check_static_decode(device: str) -> None:
         _record(f"StaticDecoder {name} logits vs model.step (max abs / max |logit|)", worst / scale, 1e-4)
 
 
+def check_gdn_block(device: str) -> None:
+    """The 160m preset's Gated DeltaNet block with fla's short conv, L2 norm and gated RMSNorm
+    (HYDRALM_GDN_MODULES=fla, kernels/fla_modules.py) vs its PyTorch modules in fp32 (the reference), same
+    weights and delta rule backend: output, final state, gradients of the input and of every parameter, fp32 and
+    bf16 autocast. The torch modules under bf16 autocast are recorded too, as the error bf16 itself costs."""
+    from hydralm.config import HydraConfig
+    from hydralm.kernels.backend import fla_modules_available
+    from hydralm.modules.gated_deltanet import GatedDeltaNet
+
+    if not fla_modules_available():
+        print("SKIP  gdn_block: fla.modules not importable")
+        return
+    torch.set_float32_matmul_precision("highest")
+    cfg = HydraConfig.from_preset("160m")
+    layer = GatedDeltaNet(cfg).to(device)
+    x = torch.randn(2, 2048, cfg.d_model, device=device)
+    w = torch.randn(2, 2048, cfg.d_model, device=device)
+    names = ["x"] + [name for name, _ in layer.named_parameters()]
+
+    def run(modules: str, dtype: torch.dtype):
+        os.environ["HYDRALM_GDN_MODULES"] = modules
+        inp = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+            y, state = layer(inp)
+        return y, state["S"], torch.autograd.grad((y.float() * w).sum(), [inp, *layer.parameters()])
+
+    try:
+        ref = run("torch", torch.float32)
+        for modules, dtype, tol in (
+            ("fla", torch.float32, 1e-4),
+            ("fla", torch.bfloat16, 3e-2),
+            ("torch", torch.bfloat16, 3e-2),
+        ):
+            out, state, grads = run(modules, dtype)
+            label = f"gdn_block {modules} modules {dtype}"
+            _record(f"{label} out", _rel(out, ref[0]), tol)
+            _record(f"{label} final state", _rel(state, ref[1]), tol)
+            for name, ga, gb in zip(names, grads, ref[2]):
+                _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
+    finally:
+        os.environ.pop("HYDRALM_GDN_MODULES", None)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
     torch.manual_seed(0)
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
-    names = sys.argv[1:] or ["delta_rule", "fla", "flex", "static_decode", "retrieval"]
+    names = sys.argv[1:] or ["delta_rule", "fla", "flex", "static_decode", "retrieval", "gdn_block"]
     checks = {
         "delta_rule": check_delta_rule,
         "fla": check_fla,
         "flex": check_flex,
         "static_decode": check_static_decode,
         "retrieval": check_retrieval,
+        "gdn_block": check_gdn_block,
     }
     for name in names:
         checks[name]("cuda")

@@ -47,11 +47,12 @@ def bench(fn, rep: int = 50) -> float:
 
 
 def training_step(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optimizer):
-    """One bf16-autocast training step (forward, CE loss against `ids` as a throughput proxy, backward, AdamW)."""
+    """One bf16-autocast training step (forward, CE loss against `ids` as a throughput proxy, backward, AdamW),
+    with the loss the trainer uses: no full logits (chunked linear + cross-entropy, kernels/cross_entropy/)."""
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(ids)["logits"].float().flatten(0, 1), ids.flatten())
+            loss = model(ids, labels=ids, return_logits=False)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,4 +1,4 @@
-"""Which implementation each mixer uses, chosen per call from two environment switches.
+"""Which implementation each op uses, chosen per call from environment switches.
 
 HYDRALM_ATTENTION = auto | torch | flex
     flex: torch's flex_attention for the parallel (training / fresh prefill) path of SWA and retrieval
@@ -18,6 +18,19 @@ HYDRALM_DELTANET = auto | torch | triton | fused | fla
     `GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check delta_rule` (54/54, d 64 / 100 / 128, fp32 IEEE and
     TF32, bf16) on an H200 on 2026-11-30 at c378ec3.
 
+HYDRALM_GDN_MODULES = auto | torch | fla
+    The elementwise parts of a Gated DeltaNet block around the delta rule: the short causal conv, the q/k L2
+    norm and the gated output RMSNorm. fla: flash-linear-attention's Triton kernels for them
+    (kernels/fla_modules.py), on CUDA for calls without a carried conv state. torch: our PyTorch forms.
+    auto = fla on CUDA when fla imports, torch elsewhere; `python -m benchmarks.gpu_check gdn_block` compares
+    the two on the GPU.
+
+HYDRALM_CROSS_ENTROPY = auto | torch | liger | fla
+    The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
+    logits are recomputed in backward, never held for the whole batch). liger / fla: liger-kernel's or
+    flash-linear-attention's fused Triton kernels, only when asked (optional dependencies, CUDA only;
+    neither is checked here: an all-ignored batch may give NaN there, 0 here). auto = torch.
+
 HYDRALM_DELTANET_COMPILE = 0 | 1
     1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
     shape; fuses the elementwise prep around the Triton pass). Off by default: the 160m model trained 1.14x /
@@ -28,6 +41,7 @@ reference kernels on the GPU by `python -m benchmarks.gpu_check`.
 """
 
 import functools
+import importlib
 import os
 
 from hydralm.kernels.triton_common import interpreting, triton_available
@@ -35,6 +49,8 @@ from hydralm.kernels.triton_common import interpreting, triton_available
 ATTENTION_CHOICES = ("auto", "torch", "flex")
 RETRIEVAL_CHOICES = ("auto", "torch", "flex", "triton")
 DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
+CROSS_ENTROPY_CHOICES = ("auto", "torch", "liger", "fla")
+GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 
 
 def _choice(variable: str, choices: tuple) -> str:
@@ -72,6 +88,29 @@ def fla_available() -> bool:
     except Exception:  # not installed, or its triton does not import
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def fla_modules_available() -> bool:
+    try:
+        import fla.modules  # noqa: F401
+    except Exception:  # not installed, or its triton does not import
+        return False
+    return True
+
+
+def gdn_modules_backend(is_cuda: bool) -> str:
+    """'fla' or 'torch' for the short conv, L2 norm and gated RMSNorm of Gated DeltaNet blocks."""
+    choice = _choice("HYDRALM_GDN_MODULES", GDN_MODULES_CHOICES)
+    if choice == "torch":
+        return "torch"
+    usable = is_cuda and fla_modules_available()
+    if choice == "fla" and not usable:
+        raise RuntimeError(
+            "HYDRALM_GDN_MODULES=fla needs a CUDA device and flash-linear-attention (fla-core) importable; unset "
+            "it to use the PyTorch modules"
+        )
+    return "fla" if usable else "torch"
 
 
 @functools.lru_cache(maxsize=1)
@@ -115,3 +154,21 @@ def deltanet_compile() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"HYDRALM_DELTANET_COMPILE={value!r} is invalid: expected '0' or '1'")
     return value == "1"
+
+
+def cross_entropy_backend(is_cuda: bool) -> str:
+    """'torch', 'liger' or 'fla' for the linear + cross-entropy of the training loss."""
+    choice = _choice("HYDRALM_CROSS_ENTROPY", CROSS_ENTROPY_CHOICES)
+    if choice in ("auto", "torch"):
+        return "torch"
+    module = {"liger": "liger_kernel.transformers.functional", "fla": "fla.modules.fused_linear_cross_entropy"}
+    try:
+        importlib.import_module(module[choice])
+    except Exception as err:  # not installed, or its triton does not import
+        raise RuntimeError(
+            f"HYDRALM_CROSS_ENTROPY={choice} but {module[choice]} does not import ({err}); unset it to use the "
+            "PyTorch chunked loss"
+        ) from None
+    if not is_cuda:
+        raise RuntimeError(f"HYDRALM_CROSS_ENTROPY={choice} needs a CUDA device; unset it to use the PyTorch loss")
+    return choice

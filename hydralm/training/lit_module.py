@@ -9,11 +9,10 @@ Hyperparameters are plain dicts (never Hydra partials or objects), so checkpoint
 
 import math
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics.aggregation import MeanMetric
@@ -34,21 +33,28 @@ class HydraLMModule(L.LightningModule):
         model: Dict,
         optimizer: Dict,
         architecture: str = "hydra",
-        compile: bool = False,
+        compile: Union[bool, str] = False,
         nonfinite: str = "skip",
         max_consecutive_skips: int = 10,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={architecture!r} is unknown; allowed: {list(ARCHITECTURES)}")
+        if not (isinstance(compile, bool) or compile == "auto"):
+            raise ValueError(f"compile={compile!r} is invalid: expected false, true or auto")
+        if not isinstance(activation_checkpointing, bool):
+            raise ValueError(
+                f"activation_checkpointing={activation_checkpointing!r} is invalid: expected true or false"
+            )
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r} is unknown; allowed: {list(NONFINITE_POLICIES)}")
         self.save_hyperparameters()
         self.config = HydraConfig(**model)
         self.net = ARCHITECTURES[architecture](self.config)
+        self.net.activation_checkpointing = activation_checkpointing
         # FSDP hands the optimizer flat shards; weight-decay groups come from these original ranks instead.
         self._param_ndims = {name: p.ndim for name, p in self.net.named_parameters()}
-        self._compiled_forward = None
         self.depth_accuracy = nn.ModuleDict(
             {
                 stage: nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in DEPTH_BUCKETS)
@@ -60,12 +66,22 @@ class HydraLMModule(L.LightningModule):
 
     # -- forward / loss --------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.hparams.compile and self._compiled_forward is None:
-            self._compiled_forward = torch.compile(self.net)
+        """Regional compile: each block's forward is compiled on its own (the same code for every block of a
+        type, so compiles are reused; the embedding, head and loss stay eager). auto = on for CUDA."""
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        wanted = self.hparams.compile is True or (self.hparams.compile == "auto" and device.type == "cuda")
+        if wanted and not self.net.blocks_compiled:
+            self.net.compile_blocks()
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        net = self._compiled_forward or self.net
-        return net(input_ids, **kwargs)
+        return self.net(input_ids, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written when compile wrapped the whole network hold every weight twice, the copy under
+        # `_compiled_forward._orig_mod.`; the weights under `net.` are the same tensors.
+        state = checkpoint.get("state_dict", {})
+        for name in [n for n in state if n.startswith("_compiled_forward.")]:
+            del state[name]
 
     def auxiliary_losses(self, out: dict) -> Dict[str, torch.Tensor]:
         """Extra loss terms, already weighted. The MTP loss is one; the compressive memory adds its own."""
@@ -78,9 +94,15 @@ class HydraLMModule(L.LightningModule):
 
     def _shared_step(self, batch: dict, stage: str):
         use_mtp = self.config.mtp_depth > 0 and stage == "train"
-        out = self(batch["input_ids"], compute_mtp=use_mtp, labels=batch["labels"] if use_mtp else None)
-        logits = out["logits"]
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        # The loss comes without the (B, N, V) logits (chunked linear + CE); accuracy needs the query rows only.
+        out = self(
+            batch["input_ids"],
+            compute_mtp=use_mtp,
+            labels=batch["labels"],
+            return_logits=False,
+            logits_at=batch.get("query_positions"),
+        )
+        ce = out["loss"]
         aux = self.auxiliary_losses(out)
         loss = ce + sum(aux.values()) if aux else ce
         batch_size = batch["input_ids"].shape[0]
@@ -99,13 +121,14 @@ class HydraLMModule(L.LightningModule):
         for name, value in aux.items():
             self.log(f"{stage}/{name}_loss", value, batch_size=batch_size, sync_dist=stage != "train")
         if "query_positions" in batch:
-            self._log_answer_accuracy(logits, batch, stage)
+            self._log_answer_accuracy(out["logits_at"], batch, stage)
         return loss, ce
 
-    def _log_answer_accuracy(self, logits: torch.Tensor, batch: dict, stage: str) -> None:
+    def _log_answer_accuracy(self, query_logits: torch.Tensor, batch: dict, stage: str) -> None:
+        """query_logits (B, Q, V): the logits at batch["query_positions"]."""
         positions = batch["query_positions"]  # (B, Q)
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        correct = (logits[rows, positions].argmax(-1) == batch["labels"][rows, positions]).float()
+        correct = (query_logits.argmax(-1) == batch["labels"][rows, positions]).float()
         n = correct.numel()
         self.log(f"{stage}/acc", correct.mean(), prog_bar=True, batch_size=n, sync_dist=stage != "train")
         if stage == "train" or "depths" not in batch:

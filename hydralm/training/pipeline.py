@@ -43,6 +43,7 @@ def build_module(cfg: DictConfig) -> HydraLMModule:
         architecture=cfg.get("architecture", "hydra"),
         compile=cfg.get("compile", False),
         nonfinite=cfg.get("nonfinite", "skip"),
+        activation_checkpointing=cfg.get("activation_checkpointing", False),
     )
 
 
