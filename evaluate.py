@@ -3,6 +3,10 @@
 import hydra
 from omegaconf import DictConfig
 
+from hydralm.training.run_dirs import register_resolver
+
+register_resolver()  # ${unique_dir:...} in conf/hydra/default.yaml
+
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
