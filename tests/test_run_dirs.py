@@ -3,11 +3,13 @@
 import os
 
 import pytest
-from helpers import composed
+import torch
+from helpers import FAST, composed
 from hydra.core.utils import setup_globals
 from omegaconf import OmegaConf
 
 from hydralm.training import run_dirs
+from hydralm.training.pipeline import resolve_ckpt_path, train
 
 
 @pytest.fixture
@@ -34,3 +36,51 @@ def test_unique_dir_gives_the_name_itself_when_free(tmp_path, monkeypatch):
     monkeypatch.setattr(run_dirs, "_claimed", {})
     path = str(tmp_path / "logs" / "train" / "runs" / "2026-11-29_10-00-00")
     assert run_dirs.unique_dir(path) == path and os.path.isdir(path)
+
+
+def _fake_checkpoint(path, truncate: bool = False) -> str:
+    """A file with the structure of a train.py checkpoint (enough for the checks that run before training)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"hyper_parameters": {"model": {"vocab_size": 64}}, "state_dict": {"w": torch.zeros(1000)}}, path)
+    if truncate:
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    return str(path)
+
+
+def test_ckpt_path_last_without_a_run_folder_resumes_the_newest_run(tmp_path):
+    older = _fake_checkpoint(tmp_path / "train" / "runs" / "2026-11-29_10-00-00" / "checkpoints" / "last.ckpt")
+    newer = _fake_checkpoint(tmp_path / "train" / "runs" / "2026-11-29_11-00-00" / "checkpoints" / "last.ckpt")
+    os.utime(older, (1e9, 1e9))
+    _fake_checkpoint(tmp_path / "evaluate" / "runs" / "2026-11-29_12-00-00" / "checkpoints" / "last.ckpt")
+    with composed(tmp_path / "new_run", FAST + ["ckpt_path=last"]) as cfg:
+        cfg.paths.log_dir = str(tmp_path)
+        assert resolve_ckpt_path(cfg) == newer
+    # A run folder that has its own last.ckpt (hydra.run.dir=<old run> ckpt_path=last) resumes exactly that.
+    with composed(os.path.dirname(os.path.dirname(older)), FAST + ["ckpt_path=last"]) as cfg:
+        cfg.paths.log_dir = str(tmp_path)
+        assert resolve_ckpt_path(cfg) == older
+
+
+def test_ckpt_path_last_with_no_earlier_run_fails_listing_the_runs(tmp_path):
+    os.makedirs(tmp_path / "train" / "runs" / "2026-11-29_10-00-00")
+    with composed(tmp_path / "train" / "runs" / "new", FAST + ["ckpt_path=last"]) as cfg:
+        cfg.paths.log_dir = str(tmp_path)
+        with pytest.raises(FileNotFoundError) as err:
+            train(cfg)  # before: Lightning warned and trained from scratch
+    assert "ckpt_path=last" in str(err.value) and "2026-11-29_10-00-00" in str(err.value)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "directory"])
+def test_bad_resume_checkpoint_fails_in_one_line_before_training(tmp_path, kind):
+    ckpt = _fake_checkpoint(tmp_path / "old" / "checkpoints" / "last.ckpt", truncate=kind == "truncated")
+    given = ckpt if kind == "truncated" else os.path.dirname(ckpt)
+    with composed(tmp_path / "run", FAST + [f"ckpt_path={given}"]) as cfg:
+        with pytest.raises((ValueError, IsADirectoryError)) as err:
+            train(cfg)
+    message = str(err.value)
+    assert "\n" not in message and given in message
+    if kind == "truncated":
+        assert "not a readable torch checkpoint" in message
+    else:
+        assert "is a directory" in message and ckpt in message

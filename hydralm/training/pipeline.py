@@ -18,8 +18,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from hydralm.config import HydraConfig
+from hydralm.export import not_a_checkpoint_file, read_checkpoint
 from hydralm.training.checkpoint_io import AtomicCheckpointIO
 from hydralm.training.lit_module import HydraLMModule
+from hydralm.training.run_dirs import last_checkpoint, register_resolver
 from hydralm.training.run_info import write_run_info
 
 log = logging.getLogger(__name__)
@@ -62,10 +64,27 @@ def validate(cfg: DictConfig, datamodule: Any) -> HydraConfig:
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the data's vocabulary ({data_vocab} tokens); "
             f"set model.vocab_size={data_vocab} or more"
         )
-    ckpt = cfg.get("ckpt_path")
-    if ckpt not in (None, "last", "hpc", "registry") and not os.path.isfile(str(ckpt)):
-        raise FileNotFoundError(f"ckpt_path={ckpt!r} does not exist (use a .ckpt file path or 'last')")
     return model_cfg
+
+
+def resolve_ckpt_path(cfg: DictConfig) -> Optional[str]:
+    """The checkpoint to resume from, checked before the Trainer is built: ``last`` becomes a file
+    (run_dirs.last_checkpoint); a folder, a missing file or an unreadable one fails with one line."""
+    ckpt = cfg.get("ckpt_path")
+    if ckpt is None or ckpt in ("hpc", "registry"):  # Lightning's own lookups
+        return ckpt
+    if ckpt == "last":
+        ckpt = last_checkpoint(cfg.paths.output_dir, cfg.paths.log_dir, cfg.task_name)
+    ckpt = str(ckpt)
+    if os.path.isdir(ckpt):
+        raise IsADirectoryError(not_a_checkpoint_file(ckpt))
+    if not os.path.isfile(ckpt):
+        raise FileNotFoundError(f"ckpt_path={ckpt!r} does not exist (use a .ckpt file path or 'last')")
+    try:
+        read_checkpoint(ckpt, mmap=True)  # a truncated or foreign file fails here, not inside Lightning
+    except ValueError as err:
+        raise ValueError(f"ckpt_path: {err}") from None
+    return ckpt
 
 
 @rank_zero_only
@@ -80,8 +99,10 @@ def train(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Tuple
         L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():  # CPU runs keep torch's default (IEEE fp32)
         torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
+    register_resolver()  # a config composed outside train.py may still name ${unique_dir:...}
     datamodule = instantiate(cfg.data)
     validate(cfg, datamodule)
+    ckpt_path = resolve_ckpt_path(cfg)
     module = build_module(cfg)
     loggers = instantiate_group(cfg.get("logger"))
     callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
@@ -94,7 +115,7 @@ def train(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Tuple
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": module, "trainer": trainer}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         _save_final_state(trainer)
     train_metrics = dict(trainer.callback_metrics)
     if cfg.get("test", False):
