@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from hydralm.training.run_dirs import register_resolver
+from hydralm.training.run_dirs import register_resolver, removed_on_early_failure
 
 register_resolver()  # ${unique_dir:...} in conf/hydra/default.yaml
 
@@ -12,7 +12,8 @@ register_resolver()  # ${unique_dir:...} in conf/hydra/default.yaml
 def main(cfg: DictConfig) -> None:
     from hydralm.eval.evaluate_job import evaluate
 
-    evaluate(cfg)
+    with removed_on_early_failure():
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """Run folders: unique per run, `ckpt_path=last` found among earlier runs, no litter from killed or failed runs."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import FAST, composed
+from helpers import FAST, ROOT, composed
 from hydra.core.utils import setup_globals
 from omegaconf import OmegaConf
 
@@ -84,3 +86,44 @@ def test_bad_resume_checkpoint_fails_in_one_line_before_training(tmp_path, kind)
         assert "not a readable torch checkpoint" in message
     else:
         assert "is a directory" in message and ckpt in message
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_unfinished_writes_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
+    dead = tmp_path / f"last.ckpt.tmp-{_dead_pid()}"
+    live = tmp_path / f"last.ckpt.tmp-{os.getpid()}"
+    keep = tmp_path / "last.ckpt"
+    for path in (dead, live, keep):
+        path.write_bytes(b"x")
+    assert run_dirs.remove_stale_temporaries(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and live.exists() and keep.exists()
+
+
+def test_a_run_folder_is_removed_only_when_it_holds_nothing_of_the_run(tmp_path):
+    def hydra_folder(name: str):
+        folder = tmp_path / name
+        (folder / ".hydra").mkdir(parents=True)
+        for file in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+            (folder / ".hydra" / file).write_text("x")
+        (folder / "train.log").write_text("log")
+        return folder
+
+    empty = hydra_folder("failed_early")
+    assert run_dirs.remove_if_empty(str(empty), "train.log") and not empty.exists()
+    started = hydra_folder("failed_later")
+    (started / "run_info.json").write_text("{}")
+    assert not run_dirs.remove_if_empty(str(started), "train.log")
+    assert sorted(os.listdir(started)) == [".hydra", "run_info.json", "train.log"]
+    assert len(os.listdir(started / ".hydra")) == 3
+
+
+def test_exported_models_are_git_ignored():
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(["git", "check-ignore", "-q", "exported/model/config.json"], cwd=ROOT)
+    assert ignored.returncode == 0

@@ -21,7 +21,7 @@ from hydralm.config import HydraConfig
 from hydralm.export import not_a_checkpoint_file, read_checkpoint
 from hydralm.training.checkpoint_io import AtomicCheckpointIO
 from hydralm.training.lit_module import HydraLMModule
-from hydralm.training.run_dirs import last_checkpoint, register_resolver
+from hydralm.training.run_dirs import last_checkpoint, register_resolver, remove_stale_temporaries
 from hydralm.training.run_info import write_run_info
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,8 @@ def train(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Tuple
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
     _record_run(cfg)
+    if cfg.get("train", True):
+        _clean_checkpoint_folders(trainer, ckpt_path)
 
     objects = {"cfg": cfg, "datamodule": datamodule, "model": module, "trainer": trainer}
     if cfg.get("train", True):
@@ -123,6 +125,16 @@ def train(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Tuple
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
     metrics = {k: float(v) for k, v in {**train_metrics, **trainer.callback_metrics}.items()}
     return metrics, objects
+
+
+@rank_zero_only
+def _clean_checkpoint_folders(trainer: L.Trainer, ckpt_path: Optional[str]) -> None:
+    """Unfinished checkpoint writes of killed runs, in this run's checkpoint folders and the resumed one's."""
+    folders = {cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)}
+    if ckpt_path and os.path.isfile(ckpt_path):
+        folders.add(os.path.dirname(os.path.abspath(ckpt_path)))
+    for folder in sorted(folders):
+        remove_stale_temporaries(folder)
 
 
 def _save_final_state(trainer: L.Trainer) -> None:

@@ -11,7 +11,8 @@ import glob
 import logging
 import os
 import re
-from typing import Dict, List, Optional
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -103,7 +104,10 @@ def remove_stale_temporaries(folder: Optional[str]) -> List[str]:
         match = _TEMPORARY.search(name)
         path = os.path.join(folder, name)
         if match and os.path.isfile(path) and not _pid_alive(int(match.group(1))):
-            os.remove(path)
+            try:
+                os.remove(path)
+            except FileNotFoundError:  # another process cleaned it first
+                continue
             removed.append(path)
     if removed:
         log.info("removed %d unfinished checkpoint write(s) of killed runs: %s", len(removed), removed)
@@ -142,3 +146,18 @@ def remove_if_empty(folder: str, job_log: Optional[str] = None) -> bool:
     except OSError:  # something appeared meanwhile: keep it
         return False
     return True
+
+
+@contextmanager
+def removed_on_early_failure() -> Iterator[None]:
+    """Around a Hydra job: when it raises before writing anything into its run folder, remove the folder
+    (``remove_if_empty``), so failed attempts do not pile up as empty runs; the error still propagates."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    folder, job_log = hydra_cfg.runtime.output_dir, f"{hydra_cfg.job.name}.log"
+    try:
+        yield
+    except BaseException:
+        remove_if_empty(folder, job_log)
+        raise
