@@ -172,3 +172,23 @@ def test_a_train_split_smaller_than_one_batch_is_an_error_not_an_empty_epoch(tmp
     dm = make(path, tmp_path, batch_size=16, val_fraction=0.0, test_fraction=0.0)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         dm.train_dataloader()
+
+
+def test_a_binary_file_fails_naming_the_file_and_the_decode_error(tmp_path, monkeypatch):
+    from hydralm.data import corpus
+
+    binary = tmp_path / "model.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError) as err:
+        TextDataModule(str(binary))
+    message = str(err.value)
+    assert str(binary) in message and "is not UTF-8 text (UnicodeDecodeError near byte 0" in message
+    assert "\n" not in message
+    # A bad byte past the checked head is named when the datasets library fails on it, not as its 59-line
+    # DatasetGenerationError.
+    late = tmp_path / "late.txt"
+    late.write_bytes(b"fine text\n" * 20 + b"\xff\xfe oops")
+    monkeypatch.setattr(corpus, "UTF8_CHECK_BYTES", 16)
+    dm = make(late, tmp_path)
+    with pytest.raises(ValueError, match=r"late.txt is not UTF-8 text \(UnicodeDecodeError near byte 200"):
+        dm.setup("fit")

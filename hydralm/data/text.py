@@ -42,6 +42,7 @@ from hydralm.data.corpus import (
     TXT_SAMPLE_BY,
     builder_for,
     check_text_field,
+    check_utf8,
     document_split,
     open_corpus,
     resolve_data_files,
@@ -145,6 +146,7 @@ class TextDataModule(ResumableDataModule):
         self.files = resolve_data_files(data_files, f"{owner}.data_files") if data_files is not None else None
         if self.files is not None:
             builder_for(self.files, f"{owner}.data_files")
+            check_utf8(self.files, f"{owner}.data_files")
         self.dataset_name, self.dataset_config, self.hub_split = dataset_name, dataset_config, hub_split
         self.text_field, self.txt_sample_by, self.tokenizer_path = text_field, txt_sample_by, tokenizer_path
         self.seq_len, self.fractions = seq_len, (val_fraction, test_fraction)

@@ -11,15 +11,19 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig as HydraRuntime
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from hydralm.config import HydraConfig
+from hydralm.data import SyntheticDataModule
 from hydralm.export import not_a_checkpoint_file, read_checkpoint
 from hydralm.training.checkpoint_io import AtomicCheckpointIO
+from hydralm.training.checks import check_optimized_metric, check_optimizer, check_trainer
 from hydralm.training.lit_module import HydraLMModule
 from hydralm.training.run_dirs import last_checkpoint, register_resolver, remove_stale_temporaries
 from hydralm.training.run_info import write_run_info
@@ -55,8 +59,21 @@ def instantiate_group(group: Optional[DictConfig]) -> List[Any]:
     return [instantiate(entry) for entry in group.values() if isinstance(entry, DictConfig) and "_target_" in entry]
 
 
+def sweeper_optimizes() -> bool:
+    """True inside a Hydra sweep whose sweeper uses the returned metric (Optuna; not the grid BasicSweeper)."""
+    if not HydraRuntime.initialized():
+        return False
+    hydra_cfg = HydraRuntime.get()
+    target = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="") or "")
+    return hydra_cfg.mode == RunMode.MULTIRUN and bool(target) and not target.endswith("BasicSweeper")
+
+
 def validate(cfg: DictConfig, datamodule: Any) -> HydraConfig:
-    """Fail before training with one message per problem (the model config validates itself)."""
+    """Fail before training with one message per problem (the model and data configs validate themselves)."""
+    check_optimizer(OmegaConf.to_container(cfg.optimizer, resolve=True))
+    check_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
+    if sweeper_optimizes():
+        check_optimized_metric(cfg, answers_logged=isinstance(datamodule, SyntheticDataModule))
     model_cfg = HydraConfig(**OmegaConf.to_container(cfg.model, resolve=True))
     data_vocab = getattr(datamodule, "vocab_size", None)
     if data_vocab is not None and data_vocab > model_cfg.vocab_size:
