@@ -192,3 +192,24 @@ def test_a_binary_file_fails_naming_the_file_and_the_decode_error(tmp_path, monk
     dm = make(late, tmp_path)
     with pytest.raises(ValueError, match=r"late.txt is not UTF-8 text \(UnicodeDecodeError near byte 200"):
         dm.setup("fit")
+
+
+def test_a_single_document_corpus_is_split_by_windows_of_its_token_stream(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("".join(LETTERS[i % len(LETTERS)] * 7 + "\n" for i in range(60)))  # one document, 480 bytes
+    dm = make(book, tmp_path, val_fraction=0.1, test_fraction=0.05)  # txt_sample_by="document"
+    dm.setup("fit")
+    sizes = {split: dm.stats[split]["windows"] for split in ("train", "val", "test")}
+    total = sum(sizes.values())
+    assert sizes["val"] == round(total * 0.1) and sizes["test"] == round(total * 0.05) and sizes["train"] > 0
+    # In stream order: train is the leading windows, then val, then test; together the whole document once.
+    rows = [r for split in ("train", "val", "test") for r in rows_of(dm, split)]
+    ids = [t for r in rows for t, label in zip(r["input_ids"].tolist(), r["labels"].tolist()) if label != -100]
+    text = "".join(chr(t - 3) for t in ids if t not in (BOS, EOS))
+    assert text == book.read_text()
+    again = make(book, tmp_path, val_fraction=0.1, test_fraction=0.05)
+    assert [r["input_ids"].tolist() for r in rows_of(again, "val")] == [
+        r["input_ids"].tolist() for r in rows_of(dm, "val")
+    ]
+    with pytest.raises(ValueError, match="too few for train \\+ val \\+ test"):
+        make(book, tmp_path, seq_len=400, val_fraction=0.1, test_fraction=0.1).setup("fit")
