@@ -2,7 +2,9 @@
 
 import csv
 import glob
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,10 +55,19 @@ def test_fast_dev_run_for_every_experiment(tmp_path, experiment):
     assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
-def test_train_writes_artifacts_and_checkpoints_load_with_weights_only(tmp_path):
-    with composed(tmp_path, FAST + ["test=true"]) as cfg:
+def test_train_writes_artifacts_and_checkpoints_load_with_weights_only(tmp_path, caplog):
+    with caplog.at_level(logging.INFO), composed(tmp_path, FAST + ["test=true", "progress=text"]) as cfg:
         metrics, objects = train(cfg)
     assert {"val/loss", "val/acc", "test/acc", "test/acc_depth_0_25"} <= set(metrics)
+    # Plain-text progress instead of a bar, validation metrics in the log, and a closing summary.
+    assert objects["trainer"].progress_bar_callback is None
+    assert re.search(
+        r"step 2/4 \| loss [\d.]+ \| acc [\d.]+ \| [\d.]+k? tok/s \| elapsed 0:\d\d:\d\d \| ETA ", caplog.text
+    )
+    assert re.search(r"validation at step 2: val/acc [\d.]+ \| .*val/loss [\d.]+", caplog.text)
+    assert f"run folder: {tmp_path}" in caplog.text and "best checkpoint: " in caplog.text
+    assert f"last checkpoint: {tmp_path / 'checkpoints' / 'last.ckpt'}" in caplog.text
+    assert re.search(r"final metrics: test/acc [\d.]+ .*val/loss", caplog.text)
     assert (tmp_path / "run_info.json").exists() and (tmp_path / "csv" / "metrics.csv").exists()
     last = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True, map_location="cpu")

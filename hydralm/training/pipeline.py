@@ -7,6 +7,8 @@ dir); side effects (run_info.json, config printing) happen on rank 0 only.
 
 import logging
 import os
+import re
+import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import lightning as L
@@ -15,13 +17,14 @@ from hydra.core.hydra_config import HydraConfig as HydraRuntime
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate as hydra_instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from hydralm.config import HydraConfig
 from hydralm.data import SyntheticDataModule
 from hydralm.export import not_a_checkpoint_file, read_checkpoint
+from hydralm.training.callbacks import ProgressLog, metrics_text
 from hydralm.training.checkpoint_io import AtomicCheckpointIO
 from hydralm.training.checks import check_optimized_metric, check_optimizer, check_trainer
 from hydralm.training.lit_module import HydraLMModule
@@ -125,8 +128,9 @@ def train(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Tuple
     callbacks = instantiate_group(cfg.get("callbacks")) + list(extra_callbacks or [])
     if not loggers:  # LearningRateMonitor refuses to run without a logger
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks, progress = choose_progress(cfg, callbacks)
     trainer: L.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **progress
     )
     _record_run(cfg)
     if cfg.get("train", True):
@@ -141,7 +145,48 @@ def train(cfg: DictConfig, extra_callbacks: Optional[List[Any]] = None) -> Tuple
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
     metrics = {k: float(v) for k, v in {**train_metrics, **trainer.callback_metrics}.items()}
+    _report_end(cfg, trainer, metrics)
     return metrics, objects
+
+
+PROGRESS = ("auto", "bar", "text")
+
+
+def choose_progress(cfg: DictConfig, callbacks: List[Any]) -> Tuple[List[Any], Dict[str, Any]]:
+    """A progress bar on a terminal; plain-text lines (ProgressLog) when stdout is not one (redirected to a
+    file, a batch job), where a bar only leaves its last frame. ``progress=bar|text`` forces either;
+    ``trainer.enable_progress_bar=false`` turns both off. Returns the callbacks and extra Trainer kwargs."""
+    mode = cfg.get("progress", "auto")
+    if mode not in PROGRESS:
+        raise ValueError(f"progress={mode!r} is invalid: expected one of {list(PROGRESS)}")
+    if mode == "auto":
+        mode = "bar" if sys.stdout.isatty() else "text"
+    wanted = cfg.trainer.get("enable_progress_bar", True) is not False
+    for callback in callbacks:
+        if isinstance(callback, ProgressLog):
+            callback.step_lines = wanted and mode == "text"
+            callback.console = wanted and mode == "text"
+    if wanted and mode == "bar":
+        return callbacks, {}
+    return [c for c in callbacks if not isinstance(c, ProgressBar)], {"enable_progress_bar": False}
+
+
+@rank_zero_only
+def _report_end(cfg: DictConfig, trainer: L.Trainer, metrics: Dict[str, float]) -> None:
+    """The closing lines: where the run is, its checkpoints and its final metrics."""
+    lines = [f"run folder: {os.path.abspath(cfg.paths.output_dir)}"]
+    for callback in trainer.checkpoint_callbacks:
+        if callback.monitor is not None and callback.best_model_path:
+            score = callback.best_model_score
+            note = f" ({callback.monitor} {float(score):.4f})" if score is not None else ""
+            lines.append(f"  best checkpoint: {callback.best_model_path}{note}")
+        elif callback.monitor is None and callback.filename == "last" and callback.dirpath:
+            last = os.path.join(callback.dirpath, "last.ckpt")
+            if os.path.isfile(last):
+                lines.append(f"  last checkpoint: {last}")
+    final = {k: v for k, v in metrics.items() if re.fullmatch(r"(train|val|test)/(loss|acc|ppl)", k)}
+    lines.append(f"  final metrics: {metrics_text(final) or 'none logged'}")
+    log.info("\n".join(lines))
 
 
 @rank_zero_only
