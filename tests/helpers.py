@@ -12,6 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig as HydraRuntime
 from omegaconf import open_dict
 
+from hydralm.training.run_dirs import register_resolver
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 
@@ -41,6 +43,7 @@ FAST = [
 @contextmanager
 def composed(tmp_path: Path, overrides: List[str], config_name: str = "train"):
     """The config `python train.py <overrides>` would run, with every output under tmp_path."""
+    register_resolver()  # as train.py does
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name=config_name, return_hydra_config=True, overrides=overrides)
