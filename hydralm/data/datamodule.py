@@ -139,7 +139,7 @@ class SyntheticDataModule(ResumableDataModule):
         ``{"name": "retrieval_qa", "seq_len": 128, ..., "vocab_size": 64}``. Saved in checkpoints, so
         ``evaluate.py`` can measure the task the model was trained on."""
         settings: dict[str, Any] = {"name": self.task.name}
-        for field in dataclasses.fields(self.task):
+        for field in dataclasses.fields(self.task):  # type: ignore[arg-type]  # every task is a dataclass
             value = getattr(self.task, field.name)
             if value is None or isinstance(value, (bool, int, float, str)):
                 settings[field.name] = value
