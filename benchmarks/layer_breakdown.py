@@ -103,6 +103,18 @@ def derived_rows(measured: dict, T: int, B: int) -> List[dict]:
     return rows
 
 
+def _record_layers(derived: List[dict]) -> None:
+    """layer_ms/<layer>/<T> into the benchmark record; retrieval's peer is the SWA layer of the same run."""
+    from benchmarks import record
+
+    for row in derived:
+        layer = row["what"].split(" ")[0]
+        if row["what"].endswith("layer + MLP"):
+            peer = f"layer_ms/swa/{row['T']}" if layer == "retrieval" else None
+            record.record(f"layer_ms/{layer}/{row['T']}", row["ms"], "ms", peer=peer)
+    record.write()
+
+
 def _print_table(title: str, rows: list, cols: list) -> None:
     print(f"\n## {title}\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols), flush=True)
     for row in rows:
@@ -140,6 +152,8 @@ def main(argv: Optional[list] = None) -> int:
         derived += derived_rows(measured, T, B)
     _print_table(f"fwd+bwd, bf16 autocast {setup}", measured_rows, ["model", "T", "B", "ms", "peak_GiB"])
     _print_table("per layer, by difference (ms)", derived, ["what", "T", "B", "ms"])
+    if not any(setup.values()):  # the default step is the one the record's layer_ms keys describe
+        _record_layers(derived)
     if os.environ.get("OUT"):
         os.makedirs(os.environ["OUT"], exist_ok=True)
         with open(os.path.join(os.environ["OUT"], "layer_breakdown.json"), "w") as f:

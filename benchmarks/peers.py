@@ -99,7 +99,7 @@ def _fla_step(model, ids: torch.Tensor, opt=None):
 def _hydra_step(model, ids: torch.Tensor):
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(ids, labels=ids)["loss"]
+            loss = model(ids, labels=ids, return_logits=False)["loss"]
         loss.backward()
 
     return step

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from benchmarks import record
+
 RESULTS: dict = {}
 DECODE_MEMORY = {"exact_window": 4096, "compress_every": 8, "pool_size": 4096}  # the streaming model's memory
 
@@ -205,6 +207,11 @@ def models() -> None:
                 rows.append({"model": name, "params_M": params / 1e6, "T": T, "B": B, "ms": "OOM"})
                 torch.cuda.empty_cache()
             print(rows[-1], flush=True)
+            if isinstance(rows[-1]["ms"], float):
+                key = name.replace(" ", "-")
+                peer = None if key == "Dense-160m" else f"train_ktok_s/Dense-160m/{T}"
+                record.record(f"train_ktok_s/{key}/{T}", rows[-1]["ktok_s"], "ktok/s", peer=peer)
+                record.write()
         del model, opt
         torch.cuda.empty_cache()
     RESULTS["models"] = rows
@@ -291,6 +298,10 @@ def decode() -> None:
             rows[-1]["static_graph_ms"] = sorted(timed_windows(lambda: static.step(token), warmup=20))[2]
         print(rows[-1], flush=True)  # a long context may outlast the call: keep what was measured
         RESULTS["decode"] = rows
+        graph_ms = rows[-1].get("static_graph_ms")  # what generate(decoder="auto") runs on CUDA for long outputs
+        record.record(f"decode_tok_s/160m-memory-bs1/{context}", 1e3 / (graph_ms or ms), "tok/s")
+        record.record(f"streaming_prefill_ktok_s/160m-memory/{context}", prefill_tok_s / 1e3, "ktok/s")
+        record.write()
     _print_table(
         "batch-1 decode, HydraLM-160m bf16, memory on",
         rows,
