@@ -4,7 +4,8 @@ Each fast path is compared with the reference kernel on fresh random inputs, out
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
 `python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [retrieval] [gdn_block]`
-(GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends).
+(GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends; GPU_CHECK_RETRIEVAL_SHAPES=n
+checks the retrieval kernels on the first n of their shapes only).
 """
 
 import json
@@ -202,6 +203,7 @@ def check_retrieval(device: str) -> None:
         (2, 4, 2, 8192, 64, 64, 8, True),
     ]
     variants = [(torch.float32, "highest", 1e-4), (torch.float32, "high", 3e-3), (torch.bfloat16, "high", 2e-2)]
+    shapes = shapes[: int(os.environ.get("GPU_CHECK_RETRIEVAL_SHAPES", len(shapes)))]  # a quicker check: the first n
     for B, H, H_kv, N, D, C, K, coherent in shapes:
         q = torch.randn(B, H, N, D, device=device)
         if coherent:  # a tile's queries route alike
