@@ -150,10 +150,10 @@ def main(argv: Optional[list] = None) -> int:
             del model
             torch.cuda.empty_cache()
         derived += derived_rows(measured, T, B)
+        if not any(setup.values()):  # the default step is the one the record's layer_ms keys describe
+            _record_layers(derived_rows(measured, T, B))  # after each shape: a cut-off run keeps what it measured
     _print_table(f"fwd+bwd, bf16 autocast {setup}", measured_rows, ["model", "T", "B", "ms", "peak_GiB"])
     _print_table("per layer, by difference (ms)", derived, ["what", "T", "B", "ms"])
-    if not any(setup.values()):  # the default step is the one the record's layer_ms keys describe
-        _record_layers(derived)
     if os.environ.get("OUT"):
         os.makedirs(os.environ["OUT"], exist_ok=True)
         with open(os.path.join(os.environ["OUT"], "layer_breakdown.json"), "w") as f:
