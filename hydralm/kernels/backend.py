@@ -6,7 +6,10 @@ HYDRALM_ATTENTION = auto | torch | flex
     2.13, so CPU always uses torch unless asked otherwise for a forward-only check.
 HYDRALM_RETRIEVAL = auto | torch | flex | triton
     the parallel retrieval path from scratch: triton = our query-grouped sparse kernels
-    (kernels/retrieval/triton_sparse.py, forward and backward); auto follows HYDRALM_ATTENTION (flex on CUDA).
+    (kernels/retrieval/triton_sparse.py, forward and backward); auto = triton on CUDA (flex without triton),
+    the gather path on CPU or with HYDRALM_ATTENTION=torch. `python -m benchmarks.gpu_check retrieval` passed
+    on an H200 at 002f736 (router rows, fp32 IEEE / TF32 / bf16 outputs and gradients at B2 H4/2 N2048 D64 C64
+    k8, bit-identical reruns, C2 exactly 0) and, at 3005247, at ragged N 3000 / C 32 / MHA too (39/39).
 HYDRALM_DELTANET = auto | torch | triton | fused | fla
     torch: the PyTorch chunkwise kernel (a Python loop over chunks). triton: the same chunkwise algorithm with
     the pass over chunks in our Triton kernels (kernels/delta_rule/triton_state_pass.py), forward and backward.
@@ -22,8 +25,8 @@ HYDRALM_GDN_MODULES = auto | torch | fla
     The elementwise parts of a Gated DeltaNet block around the delta rule: the short causal conv, the q/k L2
     norm and the gated output RMSNorm. fla: flash-linear-attention's Triton kernels for them
     (kernels/fla_modules.py), on CUDA for calls without a carried conv state. torch: our PyTorch forms.
-    auto = fla on CUDA when fla imports, torch elsewhere; `python -m benchmarks.gpu_check gdn_block` compares
-    the two on the GPU.
+    auto = torch: fla's modules are opt-in until `python -m benchmarks.gpu_check gdn_block` (which compares the
+    two on the GPU) has passed; on an H200 at 002f736 it had printed no row after 115 s.
 
 HYDRALM_CROSS_ENTROPY = auto | torch | liger | fla
     The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
@@ -76,8 +79,10 @@ def retrieval_backend(is_cuda: bool) -> str:
             "HYDRALM_RETRIEVAL=triton needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
             "unset it to use the default path"
         )
-    if choice == "auto":  # the Triton kernel becomes auto on CUDA once its GPU check passes (docs/benchmarks.md)
-        return attention_backend(is_cuda)
+    if choice == "auto":  # our Triton kernels on CUDA: `gpu_check retrieval` passed on an H200 at 002f736
+        if attention_backend(is_cuda) != "flex":  # HYDRALM_ATTENTION=torch (or a CPU) keeps the gather path
+            return "torch"
+        return "triton" if triton_available() else "flex"
     return choice
 
 
@@ -102,15 +107,14 @@ def fla_modules_available() -> bool:
 def gdn_modules_backend(is_cuda: bool) -> str:
     """'fla' or 'torch' for the short conv, L2 norm and gated RMSNorm of Gated DeltaNet blocks."""
     choice = _choice("HYDRALM_GDN_MODULES", GDN_MODULES_CHOICES)
-    if choice == "torch":
+    if choice != "fla":  # auto: the PyTorch modules until fla's pass the GPU check (module docstring)
         return "torch"
-    usable = is_cuda and fla_modules_available()
-    if choice == "fla" and not usable:
+    if not (is_cuda and fla_modules_available()):
         raise RuntimeError(
             "HYDRALM_GDN_MODULES=fla needs a CUDA device and flash-linear-attention (fla-core) importable; unset "
             "it to use the PyTorch modules"
         )
-    return "fla" if usable else "torch"
+    return "fla"
 
 
 @functools.lru_cache(maxsize=1)
