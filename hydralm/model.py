@@ -112,7 +112,7 @@ class HydraLM(nn.Module):
         logits_at: Optional[torch.Tensor] = None,
     ) -> dict:
         """input_ids (B, N). Returns {"logits" (B, N, V), "state" (per-layer list, if return_state),
-        "loss" (mean next-token CE, if labels), "logits_at" (B, Q, V), if logits_at), "mtp_logits" (list of
+        "loss" (mean next-token CE, if labels), "logits_at" ((B, Q, V), if logits_at), "mtp_logits" (list of
         (B, N - k, V), if compute_mtp and return_logits), "mtp_aux_loss" (scaled, if compute_mtp),
         "memory_aux_loss" (the compressive memory's weighted reconstruction loss, training forwards only),
         "hidden" (B, N, d) last hidden state before the final norm, if return_hidden}.
