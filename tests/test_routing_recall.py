@@ -153,3 +153,56 @@ def test_task_accuracy_reports_routing_recall_per_retrieval_layer():
         model(ids)
     hits = routing_hits(logs[1], *(torch.stack([r[k] for r in rows]) for k in ("query_positions", "source_positions")))
     assert summarize(merge_hits([hits]))["recall"] == layer["recall"]
+
+
+# -- the answer-chunk routing loss (HydraConfig.retrieval_routing_loss) ---------------------------------------
+
+
+def test_routing_loss_is_the_cross_entropy_toward_the_answer_chunk():
+    layer = one_hot_layer(top_k=1).train()
+    x = haystack([2, 0])
+    layer.routing_targets = (QUERIES, SOURCES)
+    layer(x)
+    # by hand: the query at 22 (chunk 5) scores the eligible chunks 0..3 by q . summary = [e_q . e_j]
+    expected = []
+    for query_token, answer_chunk in ((2, 2), (0, 1)):
+        scores = torch.zeros(4)
+        scores[query_token] = 1.0
+        expected.append(-torch.log_softmax(scores, 0)[answer_chunk])
+    assert torch.allclose(layer.routing_loss, torch.stack(expected).mean())  # the local query (21) is skipped
+
+
+def test_routing_loss_gives_the_ranking_the_gradient_routing_cannot():
+    """Without the loss no gradient reaches a chunk the router did not pick; with it the answer's chunk gets one."""
+    layer = one_hot_layer(top_k=1).train()
+    x = haystack([0, 0]).requires_grad_()
+    layer(x)[0][:, 22].sum().backward()
+    assert x.grad[:, 4:8].abs().sum() == 0  # chunk 1 (the answer of row 1) is not picked: no gradient at all
+    x.grad = None
+    layer.routing_targets = (QUERIES, SOURCES)
+    layer(x)
+    layer.routing_loss.backward()
+    assert (x.grad[1, 4:8].abs().sum(-1) > 0).all()  # its keys now learn to be picked
+
+
+def test_routing_loss_leaves_the_forward_unchanged_and_is_off_by_default():
+    layer = one_hot_layer(top_k=1).train()
+    x = haystack([2, 0])
+    plain = layer(x)[0]
+    assert layer.routing_loss is None and layer.routing_loss_weight == 0.0
+    layer.routing_targets = (QUERIES, SOURCES)
+    assert torch.equal(layer(x)[0], plain)
+    with pytest.raises(ValueError, match="retrieval_routing_loss"):
+        HydraConfig(retrieval_routing_loss=-1.0)
+
+
+def test_training_with_the_routing_loss_logs_it(tmp_path):
+    from helpers import FAST, composed
+
+    from hydralm.training.pipeline import train
+
+    overrides = [o for o in FAST if not o.startswith("trainer.max_steps")]
+    overrides += ["trainer.max_steps=2", "test=false", "model.retrieval_routing_loss=0.5"]
+    with composed(tmp_path, overrides) as cfg:
+        metrics, _ = train(cfg)
+    assert metrics["train/routing_loss"] > 0

@@ -35,6 +35,7 @@ from hydralm.kernels.retrieval.routing import route_tokens
 from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.compressive_memory import CompressiveMemory
 from hydralm.modules.routing_log import routing_entry
+from hydralm.modules.routing_loss import answer_routing_loss
 
 # Largest gathered key block (elements) the parallel path materialises at once; bounds prefill memory.
 # Each block also costs one host sync and ~60 kernel launches: on a GPU, whose memory is large and whose
@@ -51,6 +52,11 @@ class RetrievalAttention(nn.Module):
         self.memory_loss: Optional[torch.Tensor] = None  # set by a training forward when memory is on
         # Opt-in, read-only: a list (modules/routing_log.py) gets one entry per call with the chunks it picked.
         self.routing_log: Optional[list] = None
+        # HydraConfig.retrieval_routing_loss > 0: the trainer sets routing_targets (query and answer positions of
+        # the batch) and a training forward leaves the answer-chunk routing loss in routing_loss.
+        self.routing_loss_weight = cfg.retrieval_routing_loss
+        self.routing_targets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.routing_loss: Optional[torch.Tensor] = None
         if cfg.memory is not None:
             m = cfg.memory
             self.memory = CompressiveMemory(
@@ -178,6 +184,8 @@ class RetrievalAttention(nn.Module):
 
         if self.memory is not None and self.training and torch.is_grad_enabled():
             self.memory_loss = self._memory_loss(qc, kc, vc, n_full)
+        if self.routing_targets is not None and state is None and self.training and torch.is_grad_enabled():
+            self.routing_loss = answer_routing_loss(q, summaries_new, *self.routing_targets, C)
 
         # New state: completed chunks join the bank; the remainder becomes the chunk in progress.
         remainder = length - n_full * C

@@ -86,7 +86,19 @@ class HydraLMModule(L.LightningModule):
             losses["mtp"] = out["mtp_aux_loss"]
         if out.get("memory_aux_loss") is not None:
             losses["memory"] = out["memory_aux_loss"]
+        routing = self._routing_losses()
+        if routing is not None:
+            losses["routing"] = routing
         return losses
+
+    def _routing_losses(self) -> Optional[torch.Tensor]:
+        """The retrieval layers' answer-chunk routing losses of this forward, weighted and averaged (or None)."""
+        weighted = []
+        for layer in retrieval_layers(self.net).values():
+            if layer.routing_loss is not None:
+                weighted.append(layer.routing_loss_weight * layer.routing_loss)
+                layer.routing_loss = None
+        return torch.stack(weighted).mean() if weighted else None
 
     def _shared_step(self, batch: dict, stage: str):
         use_mtp = self.config.mtp_depth > 0 and stage == "train"
@@ -134,6 +146,10 @@ class HydraLMModule(L.LightningModule):
     # -- Lightning hooks -------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
         self._step_started = time.perf_counter()
+        # the routing loss (HydraConfig.retrieval_routing_loss) needs the answers' positions of this batch
+        targets = (batch["query_positions"], batch["source_positions"]) if "source_positions" in batch else None
+        for layer in retrieval_layers(self.net).values():
+            layer.routing_targets = targets if layer.routing_loss_weight > 0 else None
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, ce = self._shared_step(batch, "train")
