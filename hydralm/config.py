@@ -37,6 +37,7 @@ class HydraConfig:
     retrieval_every: int = 0  # every retrieval_every-th layer (not SWA) is retrieval attention; 0 = none
     retrieval_top_k: int = 8  # past chunks each token retrieves (beyond its local two chunks)
     retrieval_chunk_size: int = 64  # tokens per retrieval chunk (the unit that is summarised and retrieved)
+    retrieval_routing_loss: float = 0.0  # weight of the answer-chunk routing loss on synthetic QA batches; 0 = off
     mtp_depth: int = 0  # multi-token-prediction modules (0 = no MTP head)
     mtp_loss_weight: float = 0.1  # weight of the MTP auxiliary loss
     memory: Optional[dict] = None  # compressive memory: {exact_window, compress_every, pool_size[, loss_weight]}
@@ -75,6 +76,7 @@ class HydraConfig:
         _check_int(self, "retrieval_every", minimum=0)
         _check_int(self, "retrieval_top_k", minimum=1)
         _check_int(self, "retrieval_chunk_size", minimum=1)
+        _check_float(self, "retrieval_routing_loss", positive=False)
         _check_int(self, "mtp_depth", minimum=0)
         _check_float(self, "mtp_loss_weight", positive=False)
         _check_bool(self, "tie_embeddings")

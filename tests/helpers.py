@@ -32,6 +32,7 @@ FAST = [
     "data.batch_size=4",
     "data.num_val_samples=8",
     "data.num_test_samples=8",
+    "data.curriculum=null",
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
     "trainer.log_every_n_steps=1",

@@ -68,6 +68,8 @@ def test_train_writes_artifacts_and_checkpoints_load_with_weights_only(tmp_path,
     assert f"run folder: {tmp_path}" in caplog.text and "best checkpoint: " in caplog.text
     assert f"last checkpoint: {tmp_path / 'checkpoints' / 'last.ckpt'}" in caplog.text
     assert re.search(r"final metrics: test/acc [\d.]+ .*val/loss", caplog.text)
+    # FAST is [deltanet, retrieval, swa]: the retrieval layer (block 1) reports its routing recall
+    assert 0.0 <= metrics["val/routing_recall/layer1"] <= 1.0 and "val/routing_recall_far/layer1" in metrics
     assert (tmp_path / "run_info.json").exists() and (tmp_path / "csv" / "metrics.csv").exists()
     last = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True, map_location="cpu")

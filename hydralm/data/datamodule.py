@@ -66,7 +66,10 @@ def build_curriculum(task: SyntheticTask | str, task_kwargs: Mapping[str, Any] |
         until = phase.pop("until_step", None)
         if isinstance(until, bool) or not isinstance(until, int) or until <= previous:
             raise ValueError(f"curriculum[{i}].until_step={until!r} must be an int > {previous} (phases in order)")
-        phases.append((until, build_task(task, {**dict(task_kwargs or {}), **phase})))
+        try:
+            phases.append((until, build_task(task, {**dict(task_kwargs or {}), **phase})))
+        except ValueError as err:  # name the phase: its fields are mixed from task_kwargs and the phase
+            raise ValueError(f"curriculum[{i}] (task_kwargs overridden by {phase}): {err}") from None
         previous = until
     return phases
 

@@ -34,6 +34,8 @@ from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attenti
 from hydralm.kernels.retrieval.routing import route_tokens
 from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.compressive_memory import CompressiveMemory
+from hydralm.modules.routing_log import routing_entry
+from hydralm.modules.routing_loss import answer_routing_loss
 
 # Largest gathered key block (elements) the parallel path materialises at once; bounds prefill memory.
 # Each block also costs one host sync and ~60 kernel launches: on a GPU, whose memory is large and whose
@@ -48,6 +50,13 @@ class RetrievalAttention(nn.Module):
         self.chunk_size, self.top_k = cfg.retrieval_chunk_size, cfg.retrieval_top_k
         self.memory = None
         self.memory_loss: Optional[torch.Tensor] = None  # set by a training forward when memory is on
+        # Opt-in, read-only: a list (modules/routing_log.py) gets one entry per call with the chunks it picked.
+        self.routing_log: Optional[list] = None
+        # HydraConfig.retrieval_routing_loss > 0: the trainer sets routing_targets (query and answer positions of
+        # the batch) and a training forward leaves the answer-chunk routing loss in routing_loss.
+        self.routing_loss_weight = cfg.retrieval_routing_loss
+        self.routing_targets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.routing_loss: Optional[torch.Tensor] = None
         if cfg.memory is not None:
             m = cfg.memory
             self.memory = CompressiveMemory(
@@ -142,7 +151,7 @@ class RetrievalAttention(nn.Module):
                     n_pool,
                 )
             ]
-        outputs = []
+        outputs, routing = [], [] if self.routing_log is not None else None
         backend = retrieval_backend(q.is_cuda) if state is None else "torch"
         if backend == "triton":
             from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
@@ -154,12 +163,16 @@ class RetrievalAttention(nn.Module):
 
             if flex_retrieval_supported(N, C):
                 outputs, block = [retrieval_flex(q, k, v, C, self.top_k).unflatten(2, (M, C))], M
+        if outputs and routing is not None:  # the fused kernels route inside themselves: the same routing, for the log
+            routing.append(route_tokens(qc, summary_parts, (chunk_ids - 1).clamp(min=0)[:, None], self.top_k))
         for a in range(0 if not outputs else M, M, block):
             b = min(M, a + block)
             q_blk = qc[:, :, a:b]
             # a token of local chunk m may pick any retrievable chunk older than its previous chunk
             n_eligible = (n_pool + chunk_ids[a:b] - 1).clamp(min=0)[:, None]
             selected, valid = route_tokens(q_blk, summary_parts, n_eligible, self.top_k)  # (B, H, m, C, k)
+            if routing is not None:
+                routing.append((selected, valid))
             union, union_valid, reads = union_of_selections(selected, valid, max(n_total, 1))
             exact_k, exact_v = _gather_exact(union, exact_sources)
             extra_k, extra_v, extra_mask = local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b]
@@ -171,9 +184,14 @@ class RetrievalAttention(nn.Module):
                 reads = reads & (union >= n_pool)[..., None, :]
             outputs.append(sparse_chunk_attention(q_blk, exact_k, exact_v, reads, extra_k, extra_v, extra_mask))
         y = torch.cat(outputs, dim=2).flatten(2, 3)[:, :, filled:length]
+        if routing is not None:
+            picks = [torch.cat(part, dim=2).flatten(2, 3)[:, :, filled:length] for part in zip(*routing)]
+            self.routing_log.append(routing_entry(*picks, st, self.chunk_size))
 
         if self.memory is not None and self.training and torch.is_grad_enabled():
             self.memory_loss = self._memory_loss(qc, kc, vc, n_full)
+        if self.routing_targets is not None and state is None and self.training and torch.is_grad_enabled():
+            self.routing_loss = answer_routing_loss(q, summaries_new, *self.routing_targets, C)
 
         # New state: completed chunks join the bank; the remainder becomes the chunk in progress.
         remainder = length - n_full * C
@@ -206,6 +224,8 @@ class RetrievalAttention(nn.Module):
             parts.insert(0, st["pool_summaries"][:, :, :n_pool])
         eligible = torch.full((), max(n_pool + n - 1, 0), device=x_t.device)  # all but the previous chunk
         selected, valid = route_tokens(q, parts, eligible, self.top_k)  # (B, H, 1, k)
+        if self.routing_log is not None:
+            self.routing_log.append(routing_entry(selected, valid, st, C))
         if n > 0:
             exact_k, exact_v = _gather_exact(selected[:, :, 0], [(bank_k, bank_v, n_pool)])
             prev_k, prev_v = bank_k[:, :, n - 1], bank_v[:, :, n - 1]

@@ -19,7 +19,9 @@ from torchmetrics.aggregation import MeanMetric
 
 from hydralm.baselines.dense_transformer import DenseTransformer
 from hydralm.config import HydraConfig
+from hydralm.eval.routing_recall import routing_hits
 from hydralm.model import HydraLM
+from hydralm.modules.routing_log import retrieval_layers, start_routing_log, stop_routing_log
 from hydralm.training.optim import build_optimizer, warmup_cosine
 
 DEPTH_BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0 + 1e-9))
@@ -61,6 +63,16 @@ class HydraLMModule(L.LightningModule):
                 for stage in ("val", "test")
             }
         )
+        # val/routing_recall/layer{i}: per retrieval layer, answers whose chunk the routing read (local or picked);
+        # val/routing_recall_far/layer{i}: the same among answers beyond the local two chunks.
+        self.routing_recall = nn.ModuleDict(
+            {
+                f"{kind}{i}": MeanMetric(nan_strategy="ignore")
+                for i in retrieval_layers(self.net)
+                for kind in ("near_or_far", "far")
+            }
+        )
+        self._routing_logs: Optional[dict] = None
         self._skipped_in_a_row = 0
         self._step_started: Optional[float] = None
 
@@ -90,7 +102,19 @@ class HydraLMModule(L.LightningModule):
             losses["mtp"] = out["mtp_aux_loss"]
         if out.get("memory_aux_loss") is not None:
             losses["memory"] = out["memory_aux_loss"]
+        routing = self._routing_losses()
+        if routing is not None:
+            losses["routing"] = routing
         return losses
+
+    def _routing_losses(self) -> Optional[torch.Tensor]:
+        """The retrieval layers' answer-chunk routing losses of this forward, weighted and averaged (or None)."""
+        weighted = []
+        for layer in retrieval_layers(self.net).values():
+            if layer.routing_loss is not None:
+                weighted.append(layer.routing_loss_weight * layer.routing_loss)
+                layer.routing_loss = None
+        return torch.stack(weighted).mean() if weighted else None
 
     def _shared_step(self, batch: dict, stage: str):
         use_mtp = self.config.mtp_depth > 0 and stage == "train"
@@ -145,6 +169,10 @@ class HydraLMModule(L.LightningModule):
     # -- Lightning hooks -------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
         self._step_started = time.perf_counter()
+        # the routing loss (HydraConfig.retrieval_routing_loss) needs the answers' positions of this batch
+        targets = (batch["query_positions"], batch["source_positions"]) if "source_positions" in batch else None
+        for layer in retrieval_layers(self.net).values():
+            layer.routing_targets = targets if layer.routing_loss_weight > 0 else None
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, ce = self._shared_step(batch, "train")
@@ -194,6 +222,31 @@ class HydraLMModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int):
         self._shared_step(batch, "val")
+
+    # -- routing recall (validation only; reads the retrieval layers' routing log, changes nothing) ------------
+    def on_validation_batch_start(self, batch, batch_idx, dataloader_idx=0):
+        if "source_positions" in batch and len(self.routing_recall):
+            self._routing_logs = start_routing_log(self.net)
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):
+        if self._routing_logs is None:
+            return
+        logs, self._routing_logs = self._routing_logs, None
+        stop_routing_log(self.net)
+        n = batch["query_positions"].numel()
+        for i, entries in logs.items():
+            if not entries:  # e.g. a compiled forward that skipped the Python side effects
+                continue
+            hits = routing_hits(entries, batch["query_positions"], batch["source_positions"])
+            read = (hits["local"] | hits["found"].any(1)).float()
+            for kind, values, weights in (
+                ("near_or_far", read, torch.ones_like(read)),
+                ("far", read, (~hits["local"]).float()),
+            ):
+                metric = self.routing_recall[f"{kind}{i}"]
+                metric.update(values, weights)
+                name = "routing_recall" if kind == "near_or_far" else "routing_recall_far"
+                self.log(f"val/{name}/layer{i}", metric, on_step=False, on_epoch=True, batch_size=n)
 
     def test_step(self, batch: dict, batch_idx: int):
         self._shared_step(batch, "test")
