@@ -326,8 +326,12 @@ def check_static_decode(device: str) -> None:
 def check_gdn_block(device: str) -> None:
     """The 160m preset's Gated DeltaNet block with fla's short conv, L2 norm and gated RMSNorm
     (HYDRALM_GDN_MODULES=fla, kernels/fla_modules.py) vs its PyTorch modules in fp32 (the reference), same
-    weights and delta rule backend: output, final state, gradients of the input and of every parameter, fp32 and
-    bf16 autocast. The torch modules under bf16 autocast are recorded too, as the error bf16 itself costs."""
+    weights: output, final state, gradients of the input and of every parameter, fp32 and bf16 autocast. The torch
+    modules under bf16 autocast are recorded too, as the error bf16 itself costs. The delta rule runs its PyTorch
+    kernel in every variant (it is the same op on both sides, and skips our kernels' compiles); most of the time
+    left is fla's first-call autotuning. GPU_CHECK_GDN_BLOCK=fla-fp32,fla-bf16,torch-bf16 picks the variants."""
+    import time
+
     from hydralm.config import HydraConfig
     from hydralm.kernels.backend import fla_modules_available
     from hydralm.modules.gated_deltanet import GatedDeltaNet
@@ -338,24 +342,33 @@ def check_gdn_block(device: str) -> None:
     torch.set_float32_matmul_precision("highest")
     cfg = HydraConfig.from_preset("160m")
     layer = GatedDeltaNet(cfg).to(device)
-    x = torch.randn(2, 2048, cfg.d_model, device=device)
-    w = torch.randn(2, 2048, cfg.d_model, device=device)
+    x = torch.randn(1, 1024, cfg.d_model, device=device)
+    w = torch.randn(1, 1024, cfg.d_model, device=device)
     names = ["x"] + [name for name, _ in layer.named_parameters()]
+    variants = {
+        "fla-fp32": ("fla", torch.float32, 1e-4),
+        "fla-bf16": ("fla", torch.bfloat16, 3e-2),
+        "torch-bf16": ("torch", torch.bfloat16, 3e-2),
+    }
+    wanted = os.environ.get("GPU_CHECK_GDN_BLOCK", ",".join(variants)).split(",")
+    started = time.perf_counter()
 
     def run(modules: str, dtype: torch.dtype):
         os.environ["HYDRALM_GDN_MODULES"] = modules
         inp = x.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
             y, state = layer(inp)
-        return y, state["S"], torch.autograd.grad((y.float() * w).sum(), [inp, *layer.parameters()])
+        grads = torch.autograd.grad((y.float() * w).sum(), [inp, *layer.parameters()])
+        torch.cuda.synchronize()
+        print(f"      gdn_block {modules} {dtype} ran ({time.perf_counter() - started:.0f} s so far)", flush=True)
+        return y, state["S"], grads
 
+    previous_deltanet = os.environ.get("HYDRALM_DELTANET")
+    os.environ["HYDRALM_DELTANET"] = "torch"
     try:
         ref = run("torch", torch.float32)
-        for modules, dtype, tol in (
-            ("fla", torch.float32, 1e-4),
-            ("fla", torch.bfloat16, 3e-2),
-            ("torch", torch.bfloat16, 3e-2),
-        ):
+        for key in wanted:
+            modules, dtype, tol = variants[key]
             out, state, grads = run(modules, dtype)
             label = f"gdn_block {modules} modules {dtype}"
             _record(f"{label} out", _rel(out, ref[0]), tol)
@@ -364,6 +377,10 @@ def check_gdn_block(device: str) -> None:
                 _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
     finally:
         os.environ.pop("HYDRALM_GDN_MODULES", None)
+        if previous_deltanet is None:
+            os.environ.pop("HYDRALM_DELTANET", None)
+        else:
+            os.environ["HYDRALM_DELTANET"] = previous_deltanet
 
 
 def main() -> int:
