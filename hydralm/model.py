@@ -3,33 +3,25 @@
     x = embed(ids);  per block: x = x + mixer(norm(x));  x = x + swiglu(norm(x))
     logits = lm_head(norm(x))          (lm_head tied to the embedding by default)
 
-Every mixer has ``forward(x, state) -> (y, state)`` and ``step(x_t, state) -> (y_t, state)``, so the model
-runs a parallel forward, chunked prefill with carried state, and O(1)-per-token decoding with the same
-weights and the same answers (claim C1).
+Every mixer follows one contract (hydralm/modules/mixer.py): ``forward(x, state) -> (y, state)`` and
+``step(x_t, state) -> (y_t, state)`` on a typed per-layer state, so the model runs a parallel forward, chunked
+prefill with carried state, and O(1)-per-token decoding with the same weights and the same answers (claim C1).
+Mixer classes come from the registry (hydralm/modules/registry.py).
 """
 
 import math
-from typing import List, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
-from hydralm.modules.full_attention import FullAttention
-from hydralm.modules.gated_deltanet import GatedDeltaNet
+from hydralm.modules.mixer import DecodeState, LayerState
 from hydralm.modules.mtp_head import MTPHead, mtp_loss
-from hydralm.modules.retrieval_attention import RetrievalAttention
+from hydralm.modules.registry import mixer_class
 from hydralm.modules.rmsnorm import RMSNorm
-from hydralm.modules.sliding_window import SlidingWindowAttention
 from hydralm.modules.swiglu import SwiGLU
-
-MIXERS = {
-    "deltanet": GatedDeltaNet,
-    "swa": SlidingWindowAttention,
-    "retrieval": RetrievalAttention,
-    "attention": FullAttention,
-}
 
 
 class Block(nn.Module):
@@ -37,16 +29,16 @@ class Block(nn.Module):
         super().__init__()
         self.layer_type = layer_type
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
-        self.mixer = MIXERS[layer_type](cfg)
+        self.mixer = mixer_class(layer_type)(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
+    def forward(self, x: torch.Tensor, state: Optional[LayerState] = None) -> Tuple[torch.Tensor, LayerState]:
         y, state = self.mixer(self.mixer_norm(x), state)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
 
-    def step(self, x_t: torch.Tensor, state: dict):
+    def step(self, x_t: torch.Tensor, state: LayerState) -> Tuple[torch.Tensor, LayerState]:
         y, state = self.mixer.step(self.mixer_norm(x_t), state)
         x_t = x_t + y
         return x_t + self.mlp(self.mlp_norm(x_t)), state
@@ -85,8 +77,8 @@ class HydraLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.embed.weight.numel() if exclude_embeddings else total
 
-    def init_state(self, batch_size: int, device=None) -> List[dict]:
-        """An empty decode state: one entry per layer."""
+    def init_state(self, batch_size: int, device: Optional[torch.device] = None) -> DecodeState:
+        """An empty decode state: one typed entry per layer (the mixer's ``state_class``)."""
         device = device if device is not None else self.embed.weight.device
         dtype = self.embed.weight.dtype
         return [block.mixer.init_state(batch_size, device=device, dtype=dtype) for block in self.blocks]
@@ -94,13 +86,13 @@ class HydraLM(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        state: Optional[List[dict]] = None,
+        state: Optional[DecodeState] = None,
         return_state: bool = False,
         compute_mtp: bool = False,
         labels: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
         logits_to_keep: Optional[int] = None,
-    ) -> dict:
+    ) -> Dict[str, Optional[torch.Tensor]]:
         """input_ids (B, N). Returns {"logits" (B, N, V), "state" (per-layer list, if return_state),
         "mtp_logits" (list of (B, N - k, V), if compute_mtp), "mtp_aux_loss" (scaled, if compute_mtp),
         "memory_aux_loss" (the compressive memory's weighted reconstruction loss, training forwards only),
@@ -140,12 +132,14 @@ class HydraLM(nn.Module):
             out["mtp_aux_loss"] = self.cfg.mtp_loss_weight * mtp_loss(out["mtp_logits"], labels)
         return out
 
-    def step(self, input_ids_t: torch.Tensor, state: Optional[List[dict]] = None):
+    def step(self, input_ids_t: torch.Tensor, state: Optional[DecodeState] = None) -> Tuple[torch.Tensor, DecodeState]:
         """Decode one token per row: input_ids_t (B,) or (B, 1) -> (logits (B, V), new state)."""
         logits, state, _ = self.step_hidden(input_ids_t, state)
         return logits, state
 
-    def step_hidden(self, input_ids_t: torch.Tensor, state: Optional[List[dict]] = None):
+    def step_hidden(
+        self, input_ids_t: torch.Tensor, state: Optional[DecodeState] = None
+    ) -> Tuple[torch.Tensor, DecodeState, torch.Tensor]:
         """Like ``step`` but also returns the last hidden state (B, d) that the MTP head drafts from."""
         if input_ids_t.dim() == 2:
             if input_ids_t.shape[1] != 1:
@@ -157,6 +151,13 @@ class HydraLM(nn.Module):
         if state is None:
             state = self.init_state(input_ids_t.shape[0], input_ids_t.device)
         self._check_state(state)
+        return self.decode_step(input_ids_t, state)
+
+    def decode_step(
+        self, input_ids_t: torch.Tensor, state: DecodeState
+    ) -> Tuple[torch.Tensor, DecodeState, torch.Tensor]:
+        """``step_hidden`` without its input checks: the code a StaticDecoder compiles and captures (no host
+        reads). input_ids_t (B,) -> (logits (B, V), new state, hidden (B, d))."""
         x = self.embed(input_ids_t)
         new_state = []
         for block, layer_state in zip(self.blocks, state):
@@ -189,6 +190,15 @@ class HydraLM(nn.Module):
                 f"[{int(ids.min())}, {int(ids.max())}]"
             )
 
-    def _check_state(self, state: Optional[List[dict]]) -> None:
-        if state is not None and len(state) != len(self.blocks):
+    def _check_state(self, state: Optional[DecodeState]) -> None:
+        if state is None:
+            return
+        if len(state) != len(self.blocks):
             raise ValueError(f"state must have one entry per layer ({len(self.blocks)}), got {len(state)}")
+        for i, (block, layer_state) in enumerate(zip(self.blocks, state)):
+            expected = block.mixer.state_class
+            if type(layer_state) is not expected:
+                raise ValueError(
+                    f"state[{i}] is a {type(layer_state).__name__}, but layer {i} is {block.layer_type!r} and "
+                    f"takes a {expected.__name__}: a state belongs to the model (layer types) that made it"
+                )

@@ -4,11 +4,13 @@ q, k, v = SiLU(short_conv(W x)); q, k L2-normalised; per-head log-decay g = -exp
 and write strength beta = sigmoid(b); the gated delta rule (kernels/delta_rule/) with an fp32 state;
 output RMSNorm gated by SiLU(gate(x)), then the output projection.
 
-State: {"S": (B, H, D, D) fp32 delta-rule state, "conv": (B, kernel - 1, 3 H D) short-conv cache}.
+State: DeltaNetState(S (B, H, D, D) fp32 delta-rule state, conv (B, kernel - 1, 3 H D) short-conv cache); both
+keep one shape while decoding.
 """
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -16,11 +18,22 @@ from torch import nn
 
 from hydralm.config import HydraConfig
 from hydralm.kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
+from hydralm.modules.mixer import LayerState
 from hydralm.modules.rmsnorm import GatedRMSNorm, RMSNorm
 from hydralm.modules.short_conv import ShortConv
 
 
+@dataclass
+class DeltaNetState(LayerState):
+    S: torch.Tensor  # (B, H, D, D) delta-rule state, fp32 at least
+    conv: torch.Tensor  # (B, kernel - 1, 3 H D) the short conv's last inputs
+
+    FP32_FIELDS: ClassVar[Tuple[str, ...]] = ("S",)
+
+
 class GatedDeltaNet(nn.Module):
+    state_class = DeltaNetState
+
     def __init__(self, cfg: HydraConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.resolved_head_dim
@@ -41,10 +54,10 @@ class GatedDeltaNet(nn.Module):
         self.out = nn.Linear(inner, cfg.d_model, bias=False)
         self.out.residual_out = True  # scaled init, see HydraLM._init_weights
 
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> DeltaNetState:
         inner = self.n_heads * self.head_dim
-        return {
-            "S": torch.zeros(
+        return DeltaNetState(
+            S=torch.zeros(
                 batch_size,
                 self.n_heads,
                 self.head_dim,
@@ -52,8 +65,11 @@ class GatedDeltaNet(nn.Module):
                 device=device,
                 dtype=torch.promote_types(dtype, torch.float32),
             ),
-            "conv": torch.zeros(batch_size, self.conv.kernel_size - 1, 3 * inner, device=device, dtype=dtype),
-        }
+            conv=torch.zeros(batch_size, self.conv.kernel_size - 1, 3 * inner, device=device, dtype=dtype),
+        )
+
+    def state_growth(self) -> Optional[str]:
+        return None  # S and the conv cache keep their shapes
 
     def _gates(self, x: torch.Tensor):
         """Log-decay g and write strength beta, in fp32: (..., H)."""
@@ -75,18 +91,18 @@ class GatedDeltaNet(nn.Module):
             o = self.out_norm(o)
         return self.out(o.flatten(-2))
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
-        qkv, conv_cache = self.conv(self.qkv(x), None if state is None else state["conv"])
+    def forward(self, x: torch.Tensor, state: Optional[DeltaNetState] = None) -> Tuple[torch.Tensor, DeltaNetState]:
+        qkv, conv_cache = self.conv(self.qkv(x), None if state is None else state.conv)
         q, k, v = self._split_heads(qkv)  # (B, N, H, D)
         g, beta = self._gates(x)  # (B, N, H)
-        initial = None if state is None else state["S"]
+        initial = None if state is None else state.S
         o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial, chunk_size=self.chunk_size)
-        return self._output(o.to(x.dtype), x), {"S": S, "conv": conv_cache}
+        return self._output(o.to(x.dtype), x), DeltaNetState(S=S, conv=conv_cache)
 
-    def step(self, x_t: torch.Tensor, state: dict):
+    def step(self, x_t: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, DeltaNetState]:
         """x_t (B, d_model) -> (B, d_model); O(1) in the sequence length."""
-        qkv, conv_cache = self.conv.step(self.qkv(x_t), state["conv"])
+        qkv, conv_cache = self.conv.step(self.qkv(x_t), state.conv)
         q, k, v = self._split_heads(qkv)  # (B, H, D)
         g, beta = self._gates(x_t)
-        o, S = delta_rule_step(q, k, v, g, beta, state["S"])
-        return self._output(o.to(x_t.dtype), x_t), {"S": S, "conv": conv_cache}
+        o, S = delta_rule_step(q, k, v, g, beta, state.S)
+        return self._output(o.to(x_t.dtype), x_t), DeltaNetState(S=S, conv=conv_cache)
