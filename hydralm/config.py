@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 from hydralm.modules.registry import LAYER_TYPES, mixer_class
 
@@ -95,6 +95,11 @@ class HydraConfig:
 
     # -- derived sizes ---------------------------------------------------------------------------
     @property
+    def types(self) -> List[str]:
+        """The per-layer mixer types (``layer_types`` after validation: never None)."""
+        return list(self.layer_types or [])
+
+    @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
 
@@ -121,14 +126,14 @@ class HydraConfig:
         return types
 
     # -- serialisation ---------------------------------------------------------------------------
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-        out["layer_types"] = None if self._auto_layer_types else list(self.layer_types)
+        out["layer_types"] = None if self._auto_layer_types else self.types
         out["memory"] = None if self.memory is None else dict(self.memory)
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HydraConfig":
+    def from_dict(cls, data: Dict[str, Any]) -> "HydraConfig":
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -143,7 +148,7 @@ class HydraConfig:
         return HydraConfig.from_dict({**self.to_dict(), **changes})
 
     def summary(self) -> str:
-        counts = {t: self.layer_types.count(t) for t in LAYER_TYPES if t in self.layer_types}
+        counts = {t: self.types.count(t) for t in LAYER_TYPES if t in self.types}
         mix = ", ".join(f"{n} {t}" for t, n in counts.items())
         extras = [f"top_k={self.retrieval_top_k}x{self.retrieval_chunk_size}"] if "retrieval" in counts else []
         if self.mtp_depth:

@@ -10,14 +10,14 @@ Mixer classes come from the registry (hydralm/modules/registry.py).
 """
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
-from hydralm.modules.mixer import DecodeState, LayerState
+from hydralm.modules.mixer import DecodeState, LayerState, Mixer
 from hydralm.modules.mtp_head import MTPHead, mtp_loss
 from hydralm.modules.registry import mixer_class
 from hydralm.modules.rmsnorm import RMSNorm
@@ -29,7 +29,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_type = layer_type
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
-        self.mixer = mixer_class(layer_type)(cfg)
+        self.mixer: Mixer = mixer_class(layer_type)(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
@@ -51,7 +51,7 @@ class HydraLM(nn.Module):
             raise TypeError(f"HydraLM expects a HydraConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
+        self.blocks = nn.ModuleList(Block(cfg, t) for t in cfg.types)
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.mtp = MTPHead(cfg.d_model, cfg.mtp_depth, cfg.rms_eps) if cfg.mtp_depth > 0 else None
@@ -81,7 +81,7 @@ class HydraLM(nn.Module):
         """An empty decode state: one typed entry per layer (the mixer's ``state_class``)."""
         device = device if device is not None else self.embed.weight.device
         dtype = self.embed.weight.dtype
-        return [block.mixer.init_state(batch_size, device=device, dtype=dtype) for block in self.blocks]
+        return [block.mixer.init_state(batch_size, device=device, dtype=dtype) for block in self._blocks()]
 
     def forward(
         self,
@@ -92,7 +92,7 @@ class HydraLM(nn.Module):
         labels: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
         logits_to_keep: Optional[int] = None,
-    ) -> Dict[str, Optional[torch.Tensor]]:
+    ) -> Dict[str, Any]:
         """input_ids (B, N). Returns {"logits" (B, N, V), "state" (per-layer list, if return_state),
         "mtp_logits" (list of (B, N - k, V), if compute_mtp), "mtp_aux_loss" (scaled, if compute_mtp),
         "memory_aux_loss" (the compressive memory's weighted reconstruction loss, training forwards only),
@@ -110,7 +110,7 @@ class HydraLM(nn.Module):
             raise ValueError(f"logits_to_keep={logits_to_keep!r} must be in [1, seq_len={input_ids.shape[1]}]")
         x = self.embed(input_ids)
         new_state = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self._blocks()):
             x, layer_state = block(x, None if state is None else state[i])
             new_state.append(layer_state)
         head_input = x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :]
@@ -160,7 +160,7 @@ class HydraLM(nn.Module):
         reads). input_ids_t (B,) -> (logits (B, V), new state, hidden (B, d))."""
         x = self.embed(input_ids_t)
         new_state = []
-        for block, layer_state in zip(self.blocks, state):
+        for block, layer_state in zip(self._blocks(), state):
             x, layer_state = block.step(x, layer_state)
             new_state.append(layer_state)
         return self.lm_head(self.norm(x)), new_state, x
@@ -170,15 +170,19 @@ class HydraLM(nn.Module):
         if self.cfg.memory is None or not self.training:
             return None
         losses = []
-        for block in self.blocks:
+        for block in self._blocks():
             loss = getattr(block.mixer, "memory_loss", None)
             if loss is not None:
                 losses.append(loss)
-                block.mixer.memory_loss = None
+                block.mixer.memory_loss = None  # type: ignore[attr-defined]  # only retrieval layers have it
         return self.cfg.memory["loss_weight"] * torch.stack(losses).mean() if losses else None
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
+
+    def _blocks(self) -> Iterator[Block]:
+        """The residual blocks, typed (iterating an nn.ModuleList yields plain Modules)."""
+        return cast(Iterator[Block], iter(self.blocks))
 
     # -- input checks ----------------------------------------------------------------------------
     def _check_ids(self, ids: torch.Tensor, check_range: bool = True) -> None:
@@ -195,7 +199,7 @@ class HydraLM(nn.Module):
             return
         if len(state) != len(self.blocks):
             raise ValueError(f"state must have one entry per layer ({len(self.blocks)}), got {len(state)}")
-        for i, (block, layer_state) in enumerate(zip(self.blocks, state)):
+        for i, (block, layer_state) in enumerate(zip(self._blocks(), state)):
             expected = block.mixer.state_class
             if type(layer_state) is not expected:
                 raise ValueError(

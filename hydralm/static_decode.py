@@ -13,7 +13,7 @@ Layers whose state grows (full attention; retrieval without ``HydraConfig.memory
 ``state_growth()`` says why.
 """
 
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -84,7 +84,7 @@ class StaticDecoder:
 
 def unsupported(model) -> Optional[str]:
     """Why StaticDecoder cannot decode `model`, or None when it can."""
-    reasons = {}
+    reasons: Dict[str, List[str]] = {}
     for block in model.blocks:
         reason = block.mixer.state_growth()
         if reason is not None:

@@ -55,7 +55,7 @@ class FullAttention(nn.Module):
         q, k, v = self.proj.split(x)
         positions = torch.arange(pos0, pos0 + N, device=x.device)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
-        if pos0 > 0:
+        if state is not None and pos0 > 0:
             k = torch.cat([state.k.to(k.dtype), k], dim=2)
             v = torch.cat([state.v.to(v.dtype), v], dim=2)
         groups = self.proj.kv_groups

@@ -85,11 +85,13 @@ class LayerState:
                 mine.copy_(value)
         for name in self.COUNTERS:
             mine, value = getattr(self, name), getattr(other, name)
-            if torch.is_tensor(mine):
-                if value is not mine:
-                    mine.copy_(value) if torch.is_tensor(value) else mine.fill_(value)
-            else:
+            if not torch.is_tensor(mine):
                 setattr(self, name, int(value))
+            elif torch.is_tensor(value):
+                if value is not mine:
+                    mine.copy_(value)
+            else:
+                mine.fill_(value)  # a host int: a fill kernel, no host-to-device copy
 
     # -- batch rows ----------------------------------------------------------------------------------
     def select_rows(self: S, rows: Union[torch.Tensor, Sequence[int]]) -> S:
@@ -168,6 +170,8 @@ class Mixer(Protocol):
     """What HydraLM's blocks, decoding and the state utilities rely on (see the module docstring)."""
 
     state_class: ClassVar[Type[LayerState]]
+
+    def __call__(self, x: torch.Tensor, state: Optional[Any] = None) -> Tuple[torch.Tensor, LayerState]: ...
 
     def init_state(
         self, batch_size: int, device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32

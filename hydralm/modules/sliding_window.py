@@ -65,7 +65,7 @@ class SlidingWindowAttention(nn.Module):
         q, k, v = self.proj.split(x)
         positions = torch.arange(pos0, pos0 + N, device=x.device)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
-        if pos0 > 0:
+        if state is not None and pos0 > 0:
             k = torch.cat([_ring_to_sequence(state.k, pos0).to(k.dtype), k], dim=2)
             v = torch.cat([_ring_to_sequence(state.v, pos0).to(v.dtype), v], dim=2)
         cached = k.shape[2] - N
