@@ -3,8 +3,9 @@
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode]`
-(GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends).
+`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [retrieval] [gdn_block]`
+(GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends; GPU_CHECK_RETRIEVAL_SHAPES=n
+checks the retrieval kernels on the first n of their shapes only).
 """
 
 import json
@@ -169,6 +170,126 @@ def _reference_on_device(q, k, v, C, K):
         os.environ.pop("HYDRALM_ATTENTION")
 
 
+def check_retrieval(device: str) -> None:
+    """The Triton retrieval kernel (kernels/retrieval/triton_sparse.py) against an fp64 reference given the same
+    routing (routing is compared on its own first: two paths whose fp32 scores differ in the last bit may pick
+    different chunks at near-ties, which would dominate the error), outputs and all gradients, in fp32 (IEEE
+    and TF32) and bf16, random and coherent routing; then bit-for-bit reproducibility and row independence."""
+    from hydralm.kernels.retrieval.routing import chunk_summaries, route_tokens_blocked
+    from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
+
+    torch.set_float32_matmul_precision("highest")
+    # routing: integer queries and keys score exactly, with many ties: the blocked PyTorch router and the Triton
+    # router both keep the lowest id, as route_tokens does; random ones may differ at near-ties only
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.randint(-1, 2, (2, 4, 4096, 64), device=device).to(dtype)
+        k = torch.randint(-1, 2, (2, 2, 4096, 64), device=device).to(dtype)
+        for router, (got, expected) in _routings(q, k, 64, 8).items():
+            _record(
+                f"retrieval {router} {dtype} ties forced: fraction of tokens routed differently",
+                _differ(got, expected),
+                0,
+            )
+    q, k = torch.randn(2, 4, 8192, 64, device=device), torch.randn(2, 2, 8192, 64, device=device)
+    for router, (got, expected) in _routings(q, k, 64, 8).items():
+        _record(f"retrieval {router} fp32 random: fraction of tokens routed differently", _differ(got, expected), 1e-3)
+
+    # (B, H, H_kv, N, D, C, top_k, coherent): GQA and MHA, ragged N, N up to 8k, D 64 and 128
+    # each new (D, C, top_k) compiles and autotunes the kernels anew (about a minute on an H200): few of them
+    shapes = [
+        (2, 4, 2, 2048, 64, 64, 8, False),
+        (3, 4, 4, 3000, 64, 32, 4, False),
+        (2, 2, 1, 1024, 128, 128, 2, True),
+        (2, 4, 2, 8192, 64, 64, 8, True),
+    ]
+    variants = [(torch.float32, "highest", 1e-4), (torch.float32, "high", 3e-3), (torch.bfloat16, "high", 2e-2)]
+    shapes = shapes[: int(os.environ.get("GPU_CHECK_RETRIEVAL_SHAPES", len(shapes)))]  # a quicker check: the first n
+    for B, H, H_kv, N, D, C, K, coherent in shapes:
+        q = torch.randn(B, H, N, D, device=device)
+        if coherent:  # a tile's queries route alike
+            q = coherent_queries(q)
+        k, v = torch.randn(B, H_kv, N, D, device=device), torch.randn(B, H_kv, N, D, device=device)
+        w = torch.randn(B, H, N, D, device=device)
+        selected = route_tokens_blocked(q, chunk_summaries(k, C), C, K)
+        ref, ref_g = _grads(
+            lambda a, b, c: _retrieval_given_routing(a, b, c, selected, C),
+            [t.double().requires_grad_() for t in (q, k, v)],
+            w.double(),
+        )
+        for dtype, precision, tol in variants:
+            torch.set_float32_matmul_precision(precision)
+            out, grads = _grads(
+                lambda a, b, c: retrieval_attention_triton(a, b, c, C, K, selected=selected),
+                [t.to(dtype).requires_grad_() for t in (q, k, v)],
+                w,
+            )
+            name = f"retrieval triton {dtype} {precision} B{B} H{H}/{H_kv} N{N} D{D} C{C} k{K}"
+            name += " coherent q" if coherent else ""
+            _record(f"{name} out", _rel(out, ref), tol)
+            for grad_name, ga, gb in zip("qkv", grads, ref_g):
+                _record(f"{name} d{grad_name}", _rel(ga, gb), tol * 3)
+    torch.set_float32_matmul_precision("highest")
+
+    # deterministic gradients (no atomics) and rows of a batch independent (C2), bit for bit
+    B, H, H_kv, N, D, C, K = 3, 4, 2, 4096, 64, 64, 8
+    inputs = [torch.randn(B, h, N, D, device=device, dtype=torch.bfloat16) for h in (H, H_kv, H_kv)]
+    w = torch.randn(B, H, N, D, device=device)
+    changed = [t.clone() for t in inputs]
+    for t in changed:
+        t[1:] = torch.randn_like(t[1:])
+
+    def run(tensors):
+        leaves = [t.clone().requires_grad_() for t in tensors]
+        return _grads(lambda a, b, c: retrieval_attention_triton(a, b, c, C, K), leaves, w)
+
+    (out0, g0), (out1, g1), (out2, g2) = run(inputs), run(inputs), run(changed)
+    repeat = max(float((a != b).float().mean()) for a, b in zip([out0, *g0], [out1, *g1]))
+    _record("retrieval triton bf16 fwd+bwd twice: fraction of elements differing", repeat, 0)
+    row0 = max(float((a[0] != b[0]).float().mean()) for a, b in zip([out0, *g0], [out2, *g2]))
+    _record("retrieval triton bf16 row 0 with rows 1-2 changed: fraction differing (C2)", row0, 0)
+
+
+def _routings(q, k, C, K) -> dict:
+    """{router: (its selections, route_tokens' in one call)} for the blocked PyTorch and the Triton routers, as
+    (B, H, N, K) int32 with -1 = none."""
+    from hydralm.kernels.retrieval.routing import chunk_summaries, route_tokens, route_tokens_blocked
+    from hydralm.kernels.retrieval.triton_routing import route_tokens_triton
+
+    N = q.shape[2]
+    summaries = chunk_summaries(k, C)
+    n_eligible = (torch.arange(N, device=q.device) // C - 1).clamp(min=0)
+    selected, valid = route_tokens(q, [summaries], n_eligible, K)
+    expected = torch.where(valid, selected, -1).to(torch.int32)
+    return {
+        "route_tokens_blocked": (route_tokens_blocked(q, summaries, C, K, block=1000), expected),
+        "route_tokens_triton": (route_tokens_triton(q, summaries, C, K), expected),
+    }
+
+
+def _differ(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a != b).any(-1).float().mean())
+
+
+def _retrieval_given_routing(q, k, v, selected, C, block=512):
+    """Retrieval attention for a given routing, dense per block of queries (fp64 in, fp64 out): token t reads
+    chunk t // C - 1, its own chunk up to t and the chunks `selected` lists (-1 = none), in one softmax."""
+    B, H, N, D = q.shape
+    k, v = repeat_kv(k, H // k.shape[1]), repeat_kv(v, H // v.shape[1])
+    key = torch.arange(N, device=q.device)
+    n_chunks = N // C
+    outs = []
+    for a in range(0, N, block):
+        t = key[a : a + block]
+        ids = torch.where(selected[:, :, a : a + block] >= 0, selected[:, :, a : a + block], n_chunks + 1).long()
+        chosen = torch.zeros(*ids.shape[:-1], n_chunks + 2, dtype=torch.bool, device=q.device)
+        chosen.scatter_(-1, ids, True)  # keys of the partial last chunk (id n_chunks) are never chosen
+        local = (key[None, :] <= t[:, None]) & (key[None, :] // C >= t[:, None] // C - 1)
+        allowed = chosen[..., key // C] | local
+        scores = (q[:, :, a : a + block] @ k.transpose(-1, -2)) * D**-0.5
+        outs.append(torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v)
+    return torch.cat(outs, dim=2)
+
+
 @torch.no_grad()
 def check_static_decode(device: str) -> None:
     """StaticDecoder eager and as a CUDA graph (compile_mode="reduce-overhead") vs model.step, fp32, 150 steps
@@ -202,18 +323,63 @@ def check_static_decode(device: str) -> None:
         _record(f"StaticDecoder {name} logits vs model.step (max abs / max |logit|)", worst / scale, 1e-4)
 
 
+def check_gdn_block(device: str) -> None:
+    """The 160m preset's Gated DeltaNet block with fla's short conv, L2 norm and gated RMSNorm
+    (HYDRALM_GDN_MODULES=fla, kernels/fla_modules.py) vs its PyTorch modules in fp32 (the reference), same
+    weights and delta rule backend: output, final state, gradients of the input and of every parameter, fp32 and
+    bf16 autocast. The torch modules under bf16 autocast are recorded too, as the error bf16 itself costs."""
+    from hydralm.config import HydraConfig
+    from hydralm.kernels.backend import fla_modules_available
+    from hydralm.modules.gated_deltanet import GatedDeltaNet
+
+    if not fla_modules_available():
+        print("SKIP  gdn_block: fla.modules not importable")
+        return
+    torch.set_float32_matmul_precision("highest")
+    cfg = HydraConfig.from_preset("160m")
+    layer = GatedDeltaNet(cfg).to(device)
+    x = torch.randn(2, 2048, cfg.d_model, device=device)
+    w = torch.randn(2, 2048, cfg.d_model, device=device)
+    names = ["x"] + [name for name, _ in layer.named_parameters()]
+
+    def run(modules: str, dtype: torch.dtype):
+        os.environ["HYDRALM_GDN_MODULES"] = modules
+        inp = x.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+            y, state = layer(inp)
+        return y, state["S"], torch.autograd.grad((y.float() * w).sum(), [inp, *layer.parameters()])
+
+    try:
+        ref = run("torch", torch.float32)
+        for modules, dtype, tol in (
+            ("fla", torch.float32, 1e-4),
+            ("fla", torch.bfloat16, 3e-2),
+            ("torch", torch.bfloat16, 3e-2),
+        ):
+            out, state, grads = run(modules, dtype)
+            label = f"gdn_block {modules} modules {dtype}"
+            _record(f"{label} out", _rel(out, ref[0]), tol)
+            _record(f"{label} final state", _rel(state, ref[1]), tol)
+            for name, ga, gb in zip(names, grads, ref[2]):
+                _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
+    finally:
+        os.environ.pop("HYDRALM_GDN_MODULES", None)
+
+
 def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check")
         return 1
     torch.manual_seed(0)
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
-    names = sys.argv[1:] or ["delta_rule", "fla", "flex", "static_decode"]
+    names = sys.argv[1:] or ["delta_rule", "fla", "flex", "static_decode", "retrieval", "gdn_block"]
     checks = {
         "delta_rule": check_delta_rule,
         "fla": check_fla,
         "flex": check_flex,
         "static_decode": check_static_decode,
+        "retrieval": check_retrieval,
+        "gdn_block": check_gdn_block,
     }
     for name in names:
         checks[name]("cuda")

@@ -3,7 +3,8 @@
 HydraLM (random weights, compressive memory on, as `speed decode` runs it) reads `context` random tokens
 through StreamingEngine in `chunk`-token calls; the last call is profiled (torch.profiler, CUDA and CPU
 time on a GPU, CPU time otherwise) and each layer type's share of it is printed. On an H200 this prefill
-ran at 2.5k tokens/s (docs/benchmarks.md), far below a training forward; this finds out where it goes.
+ran at 23-27k tokens/s (2026-11-28, 9c408d6; CHANGELOG.md), far below a training forward and the 200k
+target (docs/benchmarks.md); this finds out where it goes.
 """
 
 import sys

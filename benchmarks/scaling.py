@@ -13,8 +13,8 @@ and prints one table: per-step train-loss agreement with `single` (train/loss is
 under DDP/FSDP), median tokens/s after warm-up, speed-up and scaling efficiency, peak GPU memory.
 NVLink multicast stays off in every process (NCCL_NVLS_ENABLE=0 and friends), as shared machines require.
 `--runs single` / `--runs ddp,fsdp,resumed` run a subset into the same `--out`; by default the runs not yet in
-`--out` are made and the others are read, so the table can be assembled from several calls (each call's time
-is bounded on leased GPUs).
+`--out` are made and the others are read, so the table can be assembled from several invocations (for
+machines that bound how long one command may run).
 """
 
 import argparse

@@ -1,5 +1,5 @@
-"""GPU speed benchmarks; each prints a table. Run next to the peers (../shared/tools/peer_bench.py) in the
-same call so ratios compare like with like:
+"""GPU speed benchmarks; each prints a table. Time the peers on the same machine in the same sitting so
+that ratios compare like with like:
 
     python -m benchmarks.speed [layers] [models] [decode] [claim_models]
 
@@ -29,14 +29,16 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench
 
+from benchmarks import record
+
 RESULTS: dict = {}
 DECODE_MEMORY = {"exact_window": 4096, "compress_every": 8, "pool_size": 4096}  # the streaming model's memory
 
 
 def coherent_queries(noise: torch.Tensor, tile: int = 128) -> torch.Tensor:
     """Queries (B, H, N, D) whose `tile`-long runs share one random direction, plus 10 % of `noise`: as when a
-    tile's tokens ask about one thing, they route to nearly the same chunks. (The second session's version,
-    tile mean + noise, was noise-dominated.)"""
+    tile's tokens ask about one thing, they route to nearly the same chunks. (A tile's mean query plus noise
+    would be noise-dominated.)"""
     B, H, N, D = noise.shape
     shared = torch.randn(B, H, N // tile, 1, D, device=noise.device, dtype=noise.dtype)
     return (shared + 0.1 * noise.unflatten(2, (N // tile, tile))).flatten(2, 3)
@@ -47,11 +49,12 @@ def bench(fn, rep: int = 50) -> float:
 
 
 def training_step(model: torch.nn.Module, ids: torch.Tensor, opt: torch.optim.Optimizer):
-    """One bf16-autocast training step (forward, CE loss against `ids` as a throughput proxy, backward, AdamW)."""
+    """One bf16-autocast training step (forward, CE loss against `ids` as a throughput proxy, backward, AdamW),
+    with the loss the trainer uses: no full logits (chunked linear + cross-entropy, kernels/cross_entropy/)."""
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = F.cross_entropy(model(ids)["logits"].float().flatten(0, 1), ids.flatten())
+            loss = model(ids, labels=ids, return_logits=False)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -204,6 +207,11 @@ def models() -> None:
                 rows.append({"model": name, "params_M": params / 1e6, "T": T, "B": B, "ms": "OOM"})
                 torch.cuda.empty_cache()
             print(rows[-1], flush=True)
+            if isinstance(rows[-1]["ms"], float):
+                key = name.replace(" ", "-")
+                peer = None if key == "Dense-160m" else f"train_ktok_s/Dense-160m/{T}"
+                record.record(f"train_ktok_s/{key}/{T}", rows[-1]["ktok_s"], "ktok/s", peer=peer)
+                record.write()
         del model, opt
         torch.cuda.empty_cache()
     RESULTS["models"] = rows
@@ -290,6 +298,10 @@ def decode() -> None:
             rows[-1]["static_graph_ms"] = sorted(timed_windows(lambda: static.step(token), warmup=20))[2]
         print(rows[-1], flush=True)  # a long context may outlast the call: keep what was measured
         RESULTS["decode"] = rows
+        graph_ms = rows[-1].get("static_graph_ms")  # what generate(decoder="auto") runs on CUDA for long outputs
+        record.record(f"decode_tok_s/160m-memory-bs1/{context}", 1e3 / (graph_ms or ms), "tok/s")
+        record.record(f"streaming_prefill_ktok_s/160m-memory/{context}", prefill_tok_s / 1e3, "ktok/s")
+        record.write()
     _print_table(
         "batch-1 decode, HydraLM-160m bf16, memory on",
         rows,

@@ -2,13 +2,6 @@
 
 from hydralm.baselines.dense_transformer import DenseTransformer
 from hydralm.config import HydraConfig
-from hydralm.export import (
-    export_checkpoint,
-    load_from_lightning_checkpoint,
-    load_model,
-    load_pretrained,
-    save_pretrained,
-)
 from hydralm.factbank import FactBank
 from hydralm.generation import generate
 from hydralm.model import HydraLM
@@ -22,12 +15,23 @@ from hydralm.token_sampling import filtered_probs, sample_next
 __version__ = "0.3.0"
 
 
-def __getattr__(name):
-    # Imported on first use, so `python -m hydralm.presets` does not find its module already imported.
-    if name == "PRESETS":
-        from hydralm.presets import PRESETS
+# Imported on first use, so `python -m hydralm.presets` / `python -m hydralm.export` do not find their module
+# already imported (runpy warns about that, and the module would exist twice).
+_LAZY = {
+    "PRESETS": "hydralm.presets",
+    "save_pretrained": "hydralm.export",
+    "load_pretrained": "hydralm.export",
+    "load_from_lightning_checkpoint": "hydralm.export",
+    "load_model": "hydralm.export",
+    "export_checkpoint": "hydralm.export",
+}
 
-        return PRESETS
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'hydralm' has no attribute {name!r}")
 
 

@@ -38,6 +38,7 @@ class HydraConfig:
     retrieval_every: int = 0  # every retrieval_every-th layer (not SWA) is retrieval attention; 0 = none
     retrieval_top_k: int = 8  # past chunks each token retrieves (beyond its local two chunks)
     retrieval_chunk_size: int = 64  # tokens per retrieval chunk (the unit that is summarised and retrieved)
+    retrieval_routing_loss: float = 0.0  # weight of the answer-chunk routing loss on synthetic QA batches; 0 = off
     mtp_depth: int = 0  # multi-token-prediction modules (0 = no MTP head)
     mtp_loss_weight: float = 0.1  # weight of the MTP auxiliary loss
     memory: Optional[dict] = None  # compressive memory: {exact_window, compress_every, pool_size[, loss_weight]}
@@ -76,6 +77,7 @@ class HydraConfig:
         _check_int(self, "retrieval_every", minimum=0)
         _check_int(self, "retrieval_top_k", minimum=1)
         _check_int(self, "retrieval_chunk_size", minimum=1)
+        _check_float(self, "retrieval_routing_loss", positive=False)
         _check_int(self, "mtp_depth", minimum=0)
         _check_float(self, "mtp_loss_weight", positive=False)
         _check_bool(self, "tie_embeddings")
@@ -114,7 +116,8 @@ class HydraConfig:
 
     @staticmethod
     def schedule(n_layers: int, swa_every: int, retrieval_every: int) -> list:
-        """The layer-type rule of SPEC §3 (1-based position p; SWA wins over retrieval)."""
+        """The layer schedule (1-based position p): SWA where p % swa_every == 0, else retrieval where
+        p % retrieval_every == 0, else Gated DeltaNet."""
         types = []
         for p in range(1, n_layers + 1):
             if swa_every > 0 and p % swa_every == 0:

@@ -76,7 +76,9 @@ def load_config(folder: PathLike) -> tuple:
     folder = _existing_folder(folder)
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} does not exist: {folder!r} is not a folder written by save_pretrained")
+        checkpoints = checkpoint_files(folder)
+        hint = f"; it holds checkpoints, give one of them: {', '.join(checkpoints)}" if checkpoints else ""
+        raise FileNotFoundError(f"{path} does not exist: {folder!r} is not a folder written by save_pretrained{hint}")
     try:
         with open(path) as f:
             data = json.load(f)
@@ -119,7 +121,7 @@ def load_pretrained(folder: PathLike, map_location: Union[str, torch.device] = "
 def load_from_lightning_checkpoint(ckpt_path: PathLike, map_location: Union[str, torch.device] = "cpu") -> HydraLM:
     """The model of a ``train.py`` checkpoint (HydraLMModule: ``hyper_parameters['model']`` holds the
     HydraConfig fields, ``state_dict`` the weights under ``net.``), in eval mode on ``map_location``."""
-    checkpoint = _read_checkpoint(ckpt_path)
+    checkpoint = read_checkpoint(ckpt_path)
     hparams, state = checkpoint["hyper_parameters"], checkpoint["state_dict"]
     architecture = hparams.get("architecture", "hydra")
     if architecture not in ARCHITECTURES:
@@ -164,12 +166,31 @@ def _existing_folder(folder: PathLike) -> str:
     return folder
 
 
-def _read_checkpoint(ckpt_path: PathLike) -> dict:
+def checkpoint_files(folder: PathLike, limit: int = 10) -> list:
+    """Up to ``limit`` ``.ckpt`` files under ``folder`` (recursively), newest first."""
+    found = []
+    for root, _, names in os.walk(os.fspath(folder)):
+        found += [os.path.join(root, n) for n in names if n.endswith(".ckpt")]
+    return sorted(found, key=os.path.getmtime, reverse=True)[:limit]
+
+
+def not_a_checkpoint_file(path: PathLike, field: str = "ckpt_path") -> str:
+    """The message for a folder given where a checkpoint file is expected: which .ckpt files it holds."""
+    files = checkpoint_files(path)
+    listing = f"its .ckpt files, newest first: {', '.join(files)}" if files else "it holds no .ckpt file"
+    return f"{field}={os.fspath(path)!r} is a directory, not a checkpoint file; {listing}"
+
+
+def read_checkpoint(ckpt_path: PathLike, mmap: bool = False) -> dict:
+    """A ``train.py`` checkpoint, or one ValueError saying why the file is not one (truncated, not a torch
+    file, foreign objects, not HydraLM's). ``mmap=True`` checks a file without reading its tensors."""
     path = os.fspath(ckpt_path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(not_a_checkpoint_file(path, "checkpoint"))
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "Weights only load failed" in text:  # an object weights_only refuses: it is never executed
@@ -221,7 +242,7 @@ def main(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     try:
         folder = export_checkpoint(args.ckpt, args.out, tokenizer_path=args.tokenizer)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, IsADirectoryError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     cfg, architecture = load_config(folder)

@@ -3,6 +3,9 @@
     x = embed(ids);  per block: x = x + mixer(norm(x));  x = x + swiglu(norm(x))
     logits = lm_head(norm(x))          (lm_head tied to the embedding by default)
 
+Training asks for the loss without the logits (``labels=..., return_logits=False``): the head and the
+cross-entropy then run over chunks of rows (kernels/cross_entropy/), never materialising (B, N, V).
+
 Every mixer follows one contract (hydralm/modules/mixer.py): ``forward(x, state) -> (y, state)`` and
 ``step(x_t, state) -> (y_t, state)`` on a typed per-layer state, so the model runs a parallel forward, chunked
 prefill with carried state, and O(1)-per-token decoding with the same weights and the same answers (claim C1).
@@ -15,10 +18,12 @@ from typing import Any, Dict, Iterator, Optional, Tuple, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hydralm.config import HydraConfig
+from hydralm.kernels.cross_entropy import linear_cross_entropy
 from hydralm.modules.mixer import DecodeState, LayerState, Mixer
-from hydralm.modules.mtp_head import MTPHead, mtp_loss
+from hydralm.modules.mtp_head import MTPHead, mtp_linear_loss
 from hydralm.modules.registry import mixer_class
 from hydralm.modules.rmsnorm import RMSNorm
 from hydralm.modules.swiglu import SwiGLU
@@ -55,6 +60,9 @@ class HydraLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.mtp = MTPHead(cfg.d_model, cfg.mtp_depth, cfg.rms_eps) if cfg.mtp_depth > 0 else None
+        # Recompute each block's activations in backward (set by the trainer: a memory / speed trade-off, not
+        # part of the architecture, so it stays out of HydraConfig and exported configs).
+        self.activation_checkpointing = False
         self._init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -92,15 +100,22 @@ class HydraLM(nn.Module):
         labels: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
         logits_to_keep: Optional[int] = None,
+        return_logits: bool = True,
+        logits_at: Optional[torch.Tensor] = None,
     ) -> Dict[str, Any]:
         """input_ids (B, N). Returns {"logits" (B, N, V), "state" (per-layer list, if return_state),
-        "mtp_logits" (list of (B, N - k, V), if compute_mtp), "mtp_aux_loss" (scaled, if compute_mtp),
+        "loss" (mean next-token CE, if labels), "logits_at" ((B, Q, V), if logits_at), "mtp_logits" (list of
+        (B, N - k, V), if compute_mtp and return_logits), "mtp_aux_loss" (scaled, if compute_mtp),
         "memory_aux_loss" (the compressive memory's weighted reconstruction loss, training forwards only),
         "hidden" (B, N, d) last hidden state before the final norm, if return_hidden}.
 
-        ``labels`` (B, N), aligned with the logits (-100 = no loss), gives the MTP loss its targets; by
-        default the MTP modules learn the input's own future tokens. ``logits_to_keep=k`` computes logits for
-        the last k positions only (prefill and streaming need one row, not (B, N, V)).
+        ``labels`` (B, N), aligned with the logits (-100 = no loss; 0 when every position is -100), give "loss"
+        and the MTP loss its targets; by default the MTP modules learn the input's own future tokens.
+        ``return_logits=False`` skips the (B, N, V) logits: the losses then run through the chunked linear +
+        cross-entropy (kernels/cross_entropy/), which never holds the whole batch's logits (the training path).
+        ``logits_at`` (B, Q) positions computes the logits of those rows only (answer accuracy in training).
+        ``logits_to_keep=k`` computes logits for the last k positions only (prefill and streaming need one
+        row, not (B, N, V)).
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must be (batch, seq_len >= 1), got shape {tuple(input_ids.shape)}")
@@ -108,19 +123,37 @@ class HydraLM(nn.Module):
         self._check_state(state)
         if logits_to_keep is not None and not 1 <= logits_to_keep <= input_ids.shape[1]:
             raise ValueError(f"logits_to_keep={logits_to_keep!r} must be in [1, seq_len={input_ids.shape[1]}]")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
+        if logits_at is not None and (logits_at.dim() != 2 or logits_at.shape[0] != input_ids.shape[0]):
+            raise ValueError(f"logits_at must be (batch={input_ids.shape[0]}, Q), got shape {tuple(logits_at.shape)}")
+        self._clear_memory_losses()
         x = self.embed(input_ids)
         new_state = []
         for i, block in enumerate(self._blocks()):
-            x, layer_state = block(x, None if state is None else state[i])
+            x, layer_state = self._run_block(block, x, None if state is None else state[i])
             new_state.append(layer_state)
-        head_input = x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :]
         out = {
-            "logits": self.lm_head(self.norm(head_input)),
+            "logits": None,
             "state": new_state if return_state else None,
+            "loss": None,
+            "logits_at": None,
             "mtp_logits": None,
             "mtp_aux_loss": None,
             "memory_aux_loss": self._memory_loss(),
         }
+        if return_logits:
+            head_input = x if logits_to_keep is None else x[:, x.shape[1] - logits_to_keep :]
+            out["logits"] = self.lm_head(self.norm(head_input))
+        if labels is not None:
+            if out["logits"] is not None and logits_to_keep is None:  # the logits exist: CE from them is cheap
+                total = F.cross_entropy(out["logits"].flatten(0, 1).float(), labels.flatten(), reduction="sum")
+                out["loss"] = total / (labels != -100).sum().clamp(min=1)
+            else:
+                out["loss"] = linear_cross_entropy(self.norm(x), self.lm_head.weight, labels)
+        if logits_at is not None:
+            rows = torch.arange(x.shape[0], device=x.device)[:, None]
+            out["logits_at"] = self.lm_head(self.norm(x[rows, logits_at]))
         if return_hidden:
             out["hidden"] = x
         if compute_mtp:
@@ -128,9 +161,31 @@ class HydraLM(nn.Module):
                 raise ValueError("compute_mtp=True needs HydraConfig.mtp_depth > 0 (it is 0)")
             if labels is None:
                 labels = F.pad(input_ids[:, 1:], (0, 1), value=-100)
-            out["mtp_logits"] = self.mtp(x, input_ids, self.embed, self._head)
-            out["mtp_aux_loss"] = self.cfg.mtp_loss_weight * mtp_loss(out["mtp_logits"], labels)
+            head_inputs = self.mtp.head_inputs(x, input_ids, self.embed)
+            if return_logits:
+                out["mtp_logits"] = [self._head(features) for features in head_inputs]
+            out["mtp_aux_loss"] = self.cfg.mtp_loss_weight * mtp_linear_loss(head_inputs, self.lm_head.weight, labels)
         return out
+
+    @property
+    def blocks_compiled(self) -> bool:
+        return all(getattr(block, "_compiled_call_impl", None) is not None for block in self.blocks)
+
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
+        """torch.compile each block's forward in place (regional compile: parameter names and the state dict stay
+        as they are; blocks of one type share their compiled code). The delta rule op runs outside the compiled
+        graphs (torch.compiler.disable in kernels/delta_rule/): its Triton kernels are launched as they are."""
+        for block in self._blocks():
+            block.compile(**compile_kwargs)
+
+    def _run_block(
+        self, block: Block, x: torch.Tensor, layer_state: Optional[LayerState]
+    ) -> Tuple[torch.Tensor, LayerState]:
+        """One block; with ``activation_checkpointing`` in a training forward, its activations are recomputed
+        in backward instead of kept (torch.utils.checkpoint, non-reentrant)."""
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, layer_state, use_reentrant=False)
+        return block(x, layer_state)
 
     def step(self, input_ids_t: torch.Tensor, state: Optional[DecodeState] = None) -> Tuple[torch.Tensor, DecodeState]:
         """Decode one token per row: input_ids_t (B,) or (B, 1) -> (logits (B, V), new state)."""
@@ -164,6 +219,14 @@ class HydraLM(nn.Module):
             x, layer_state = block.step(x, layer_state)
             new_state.append(layer_state)
         return self.lm_head(self.norm(x)), new_state, x
+
+    def _clear_memory_losses(self) -> None:
+        """Drop a reconstruction loss no forward of this model will read: the one an activation-checkpointed
+        block's recomputation in backward set."""
+        if self.cfg.memory is not None:
+            for block in self.blocks:
+                if getattr(block.mixer, "memory_loss", None) is not None:
+                    block.mixer.memory_loss = None
 
     def _memory_loss(self) -> Optional[torch.Tensor]:
         """The compressors' attention-reconstruction loss from this training forward (weighted), or None."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from typing import List, Optional, Sequence
 
@@ -44,6 +45,30 @@ def parse_prompt_ids(value, vocab_size: int) -> List[int]:
                 f"(got {token!r})"
             )
     return ids
+
+
+def quote_text_overrides(args: Sequence[str]) -> List[str]:
+    """Command-line ``prompt=To be, or`` (what the shell passes for ``prompt="To be, or"``) becomes
+    ``prompt='To be, or'``: Hydra would otherwise read the comma as a sweep (and brackets, parentheses,
+    ``=`` as syntax) and refuse the command. A text prompt is always taken literally; a value already quoted
+    for Hydra, and ``null``, pass unchanged."""
+    quoted = []
+    for arg in args:
+        match = re.fullmatch(r"(\+{0,2}prompt)=(.*)", arg, flags=re.DOTALL)
+        if match and match.group(2) and match.group(2) != "null" and match.group(2)[0] not in "'\"":
+            # Hydra's quoted strings: \' is a quote; backslashes before a quote or at the end are doubled.
+            value = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, match.group(2)).replace("'", "\\'")
+            arg = f"{match.group(1)}='{value}'"
+        quoted.append(arg)
+    return quoted
+
+
+def prompt_text(value) -> str:
+    """The text of ``prompt``; a list (``prompt=[To be,or]``, or one from a config file) is joined back with
+    ", ", which is what its commas were."""
+    if isinstance(value, (list, tuple, ListConfig)):
+        return ", ".join(str(part) for part in value)
+    return str(value)
 
 
 def resolve_tokenizer_path(ckpt: str, tokenizer_path: Optional[str] = None) -> Optional[str]:
@@ -120,7 +145,7 @@ def sample(cfg: DictConfig) -> str:
                 file=sys.stderr,
             )
         info = select_tokenizer(ckpt, cfg.tokenizer_path, vocab_size)
-        prompt_ids = encode_prompt(str(cfg.prompt), info, cfg.add_bos)
+        prompt_ids = encode_prompt(prompt_text(cfg.prompt), info, cfg.add_bos)
     else:
         prompt_ids = parse_prompt_ids(cfg.prompt_ids, vocab_size)
     eos = cfg.eos_token_id if cfg.eos_token_id is not None else (info.eos_id if info is not None else None)
@@ -175,4 +200,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *quote_text_overrides(sys.argv[1:])]
     main()

@@ -117,7 +117,7 @@ def verify_drafts(
     rejection its state has consumed rejected tokens, so the state is rebuilt by a forward over
     [pending, accepted drafts] from `state`, which that first forward left intact; when no draft was
     accepted that is one `step` over pending (the same state, claim C1, at a third of a short forward's host
-    time: docs/benchmarks.md).
+    time: `python -m benchmarks.profile_decode`).
     """
     ids = torch.cat([pending, drafts])[None]
     out = target(ids, state=state, return_state=True, return_hidden=True)

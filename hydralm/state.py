@@ -3,7 +3,7 @@
 
 Each layer state holds batch-first tensors plus counters (``pos``) shared by every row. Some layers keep storage
 that is not part of the state (a retrieval bank's spare capacity, ring slots that the stream has left); each
-state's ``contents()`` says what is, and equality compares that (docs/architecture.md §6).
+state's ``contents()`` says what is, and equality compares that (docs/architecture.md, section 6).
 """
 
 from typing import Iterable, Optional, Sequence, Union

@@ -5,8 +5,9 @@ of the last token read. ``process`` / ``stream`` feed tokens through the paralle
 ``chunk_size`` tokens with the state carried between pieces, which equals one forward over the whole
 stream (claim C1); ``extend_and_generate`` continues from that state without re-reading anything.
 Only the state and one chunk's activations are ever in memory, so a million-token stream costs what the
-model's state costs: constant for DeltaNet and SWA layers; retrieval banks keep every chunk (O(N)) until
-the compressive memory bounds them. ``peak_state_bytes`` reports that number honestly (hydralm.state).
+model's state costs: constant for DeltaNet and SWA layers; retrieval banks keep every chunk (O(N)) unless
+``HydraConfig.memory`` is set, whose compressive memory bounds them (claim C4). ``peak_state_bytes`` reports
+that number honestly (hydralm.state).
 """
 
 import itertools

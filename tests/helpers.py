@@ -13,6 +13,7 @@ from hydra.core.hydra_config import HydraConfig as HydraRuntime
 from omegaconf import open_dict
 
 from hydralm.modules.registry import LAYER_TYPES
+from hydralm.training.run_dirs import register_resolver
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
@@ -32,6 +33,7 @@ FAST = [
     "data.batch_size=4",
     "data.num_val_samples=8",
     "data.num_test_samples=8",
+    "data.curriculum=null",
     "trainer.max_steps=4",
     "trainer.val_check_interval=2",
     "trainer.log_every_n_steps=1",
@@ -43,6 +45,7 @@ FAST = [
 @contextmanager
 def composed(tmp_path: Path, overrides: List[str], config_name: str = "train"):
     """The config `python train.py <overrides>` would run, with every output under tmp_path."""
+    register_resolver()  # as train.py does
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(config_name=config_name, return_hydra_config=True, overrides=overrides)

@@ -90,8 +90,8 @@ def test_backend_switches_validate_and_auto_never_picks_unsafe_paths(monkeypatch
     monkeypatch.setattr(backend, "triton_available", lambda: False)
     assert backend.deltanet_backend(is_cuda=True, needs_grad=True) == "torch"
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert backend.deltanet_backend(is_cuda=True, needs_grad=True) == "triton"  # our kernels, not fla's backward
-    assert backend.deltanet_backend(is_cuda=True, needs_grad=False) == "triton"  # fla only when asked for
+    assert backend.deltanet_backend(is_cuda=True, needs_grad=True) == "fused"  # our kernels, not fla's backward
+    assert backend.deltanet_backend(is_cuda=True, needs_grad=False) == "fused"  # fla only when asked for
     assert backend.deltanet_backend(is_cuda=False, needs_grad=True) == "torch"  # auto never interprets on CPU
     monkeypatch.setenv("HYDRALM_DELTANET", "fla")
     with pytest.raises(RuntimeError, match="fla#640"):
@@ -103,3 +103,22 @@ def test_backend_switches_validate_and_auto_never_picks_unsafe_paths(monkeypatch
     monkeypatch.setenv("HYDRALM_DELTANET", "fused")
     with pytest.raises(RuntimeError, match="HYDRALM_DELTANET=fused needs"):
         backend.deltanet_backend(is_cuda=False, needs_grad=True)
+
+
+def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
+    for name in ("HYDRALM_RETRIEVAL", "HYDRALM_ATTENTION", "HYDRALM_GDN_MODULES", "TRITON_INTERPRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    assert backend.retrieval_backend(is_cuda=False) == "torch"
+    assert backend.retrieval_backend(is_cuda=True) == "triton"  # passed gpu_check retrieval
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    assert backend.retrieval_backend(is_cuda=True) == "flex"
+    monkeypatch.setenv("HYDRALM_ATTENTION", "torch")
+    assert backend.retrieval_backend(is_cuda=True) == "torch"
+    monkeypatch.setenv("HYDRALM_RETRIEVAL", "triton")
+    with pytest.raises(RuntimeError, match="HYDRALM_RETRIEVAL=triton needs"):
+        backend.retrieval_backend(is_cuda=False)
+    monkeypatch.setattr(backend, "fla_modules_available", lambda: True)
+    assert backend.gdn_modules_backend(is_cuda=True) == "torch"  # fla's modules: opt-in until their GPU check
+    monkeypatch.setenv("HYDRALM_GDN_MODULES", "fla")
+    assert backend.gdn_modules_backend(is_cuda=True) == "fla"

@@ -100,6 +100,10 @@ def check_common_format(sample, task):
     assert (labels != IGNORE_INDEX).sum() == task.num_queries
     assert torch.equal(labels[positions], ids[positions + 1])
     assert ((sample["depths"] >= 0) & (sample["depths"] <= 1)).all()
+    # The source of each answer is the earlier token the model has to recall.
+    sources = sample["source_positions"]
+    assert sources.dtype == torch.int64 and sources.shape == (task.num_queries,)
+    assert (sources < positions).all() and torch.equal(ids[sources], labels[positions])
 
 
 def facts_of(ids: np.ndarray, key_len: int) -> dict[tuple, tuple[int, int]]:
@@ -117,14 +121,18 @@ def test_retrieval_qa_labels_are_the_queried_facts_values_at_recorded_depths(ind
     facts = facts_of(ids, task.key_len)
     assert len(facts) == task.num_facts  # keys distinct within a sample
     hay_start, hay_end = task.haystack
-    for pos, label, depth in zip(
-        sample["query_positions"], sample["labels"][sample["query_positions"]], sample["depths"]
+    for pos, label, depth, source in zip(
+        sample["query_positions"],
+        sample["labels"][sample["query_positions"]],
+        sample["depths"],
+        sample["source_positions"],
     ):
         pos = int(pos)
         assert ids[pos - task.key_len] == QUERY_ID and pos >= hay_end
         start, value = facts[tuple(ids[pos - task.key_len + 1 : pos + 1])]
         assert int(label) == value
         assert float(depth) == pytest.approx((start - hay_start) / (hay_end - hay_start - task.fact_len))
+        assert int(source) == start + task.fact_len - 1  # the fact's value token
     assert len(set(sample["query_positions"].tolist())) == task.num_queries
 
 
@@ -220,7 +228,7 @@ def test_datamodule_batches_stack_with_the_documented_keys():
         "retrieval_qa", {"seq_len": 96, "num_facts": 4, "num_queries": 2, "vocab": 64}, batch_size=3, num_val_samples=7
     )
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"input_ids", "labels", "query_positions", "depths"}
+    assert set(batch) == {"input_ids", "labels", "query_positions", "depths", "source_positions"}
     assert batch["input_ids"].shape == (3, 96) and batch["query_positions"].shape == (3, 2)
     assert dm.vocab_size == 64 and dm.pad_id == 0
     val_rows = sum(b["input_ids"].shape[0] for b in dm.val_dataloader())

@@ -172,3 +172,44 @@ def test_a_train_split_smaller_than_one_batch_is_an_error_not_an_empty_epoch(tmp
     dm = make(path, tmp_path, batch_size=16, val_fraction=0.0, test_fraction=0.0)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         dm.train_dataloader()
+
+
+def test_a_binary_file_fails_naming_the_file_and_the_decode_error(tmp_path, monkeypatch):
+    from hydralm.data import corpus
+
+    binary = tmp_path / "model.txt"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError) as err:
+        TextDataModule(str(binary))
+    message = str(err.value)
+    assert str(binary) in message and "is not UTF-8 text (UnicodeDecodeError near byte 0" in message
+    assert "\n" not in message
+    # A bad byte past the checked head is named when the datasets library fails on it, not as its 59-line
+    # DatasetGenerationError.
+    late = tmp_path / "late.txt"
+    late.write_bytes(b"fine text\n" * 20 + b"\xff\xfe oops")
+    monkeypatch.setattr(corpus, "UTF8_CHECK_BYTES", 16)
+    dm = make(late, tmp_path)
+    with pytest.raises(ValueError, match=r"late.txt is not UTF-8 text \(UnicodeDecodeError near byte 200"):
+        dm.setup("fit")
+
+
+def test_a_single_document_corpus_is_split_by_windows_of_its_token_stream(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("".join(LETTERS[i % len(LETTERS)] * 7 + "\n" for i in range(60)))  # one document, 480 bytes
+    dm = make(book, tmp_path, val_fraction=0.1, test_fraction=0.05)  # txt_sample_by="document"
+    dm.setup("fit")
+    sizes = {split: dm.stats[split]["windows"] for split in ("train", "val", "test")}
+    total = sum(sizes.values())
+    assert sizes["val"] == round(total * 0.1) and sizes["test"] == round(total * 0.05) and sizes["train"] > 0
+    # In stream order: train is the leading windows, then val, then test; together the whole document once.
+    rows = [r for split in ("train", "val", "test") for r in rows_of(dm, split)]
+    ids = [t for r in rows for t, label in zip(r["input_ids"].tolist(), r["labels"].tolist()) if label != -100]
+    text = "".join(chr(t - 3) for t in ids if t not in (BOS, EOS))
+    assert text == book.read_text()
+    again = make(book, tmp_path, val_fraction=0.1, test_fraction=0.05)
+    assert [r["input_ids"].tolist() for r in rows_of(again, "val")] == [
+        r["input_ids"].tolist() for r in rows_of(dm, "val")
+    ]
+    with pytest.raises(ValueError, match="too few for train \\+ val \\+ test"):
+        make(book, tmp_path, seq_len=400, val_fraction=0.1, test_fraction=0.1).setup("fit")

@@ -123,6 +123,7 @@ def test_export_command_line(trained_ckpt, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "exported hydra model HydraConfig(" in result.stdout
+    assert "RuntimeWarning" not in result.stderr, result.stderr  # hydralm/__init__ must not import hydralm.export
     _assert_same_model(load_from_lightning_checkpoint(trained_ckpt), load_pretrained(out))
     missing = subprocess.run(
         [sys.executable, "-m", "hydralm.export", "--ckpt", str(tmp_path / "nope.ckpt"), "--out", str(out)],

@@ -30,7 +30,7 @@ def test_head_is_tied_and_counted_once():
 def test_residual_projections_get_scaled_init():
     cfg = HydraConfig(vocab_size=50, d_model=256, n_layers=8, n_heads=4, initializer_range=0.02)
     block = HydraLM(cfg).blocks[0]
-    assert abs(block.mixer.qkv.weight.std().item() - 0.02) < 0.002
+    assert abs(block.mixer.in_proj.weight.std().item() - 0.02) < 0.002
     assert abs(block.mlp.down.weight.std().item() - 0.02 / 4) < 0.001  # 1 / sqrt(2 * 8)
 
 

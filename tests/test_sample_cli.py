@@ -20,6 +20,8 @@ from hydralm.sample import (
     decode_ids,
     encode_prompt,
     parse_prompt_ids,
+    prompt_text,
+    quote_text_overrides,
     resolve_tokenizer_path,
     sample,
     select_tokenizer,
@@ -66,6 +68,22 @@ def run_sample(args, timeout=120) -> subprocess.CompletedProcess:
 
 
 # -- pieces that need no generation ----------------------------------------------------------------
+@pytest.mark.parametrize(
+    "text", ["To be, or", "it's (a) [test] = 1, {2}", "back\\slash", "ends with \\", "quote\\'d", "null"]
+)
+def test_a_text_prompt_from_the_shell_is_taken_literally(text):
+    args = quote_text_overrides([f"prompt={text}", "max_new_tokens=3"])
+    assert args[1] == "max_new_tokens=3"
+    expected = None if text == "null" else text
+    assert sample_config(args).prompt == expected
+    assert quote_text_overrides(["prompt='already quoted'"]) == ["prompt='already quoted'"]
+
+
+def test_a_list_prompt_is_joined_back_with_its_commas():
+    assert prompt_text(OmegaConf.create({"p": ["To be", "or"]}).p) == "To be, or"
+    assert prompt_text("plain") == "plain"
+
+
 def test_prompt_ids_parse_from_lists_and_text():
     assert parse_prompt_ids([1, 2, 3], vocab_size=10) == [1, 2, 3]
     assert parse_prompt_ids(OmegaConf.create({"p": [4, 5]}).p, vocab_size=10) == [4, 5]
@@ -150,9 +168,10 @@ def test_command_samples_ids_from_a_lightning_checkpoint(trained_ckpt):
 
 
 def test_command_samples_text_from_an_exported_folder(text_folder):
-    result = run_sample([f"ckpt={text_folder}", "prompt='Hello world'", "max_new_tokens=12", "temperature=0"])
+    # What the shell passes for prompt="To be, or": Hydra alone refuses it ("Ambiguous value", the comma).
+    result = run_sample([f"ckpt={text_folder}", "prompt=To be, or", "max_new_tokens=12", "temperature=0"])
     assert result.returncode == 0, result.stderr
-    assert result.stdout.startswith("Hello world") and len(result.stdout.rstrip("\n")) > len("Hello world")
+    assert result.stdout.startswith("To be, or") and len(result.stdout.rstrip("\n")) > len("To be, or")
     assert not os.path.exists(ROOT / ".hydra")  # sampling writes no Hydra run files
 
 

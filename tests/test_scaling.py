@@ -8,7 +8,7 @@ from benchmarks import scaling
 def test_scaling_script_compares_one_process_with_ddp_and_a_resumed_ddp_run(tmp_path):
     common = ["--cpu", "--steps", "4", "--global-batch", "4", "--out", str(tmp_path)]
     overrides = ["--", "model=tiny", "data.task_kwargs.seq_len=64"]
-    # made in two calls, as on a leased GPU: the second reads the first's run instead of repeating it
+    # made in two invocations sharing one --out: the second reads the first's run instead of repeating it
     assert scaling.main([*common, "--runs", "ddp,resumed", *overrides]) == 0
     assert not (tmp_path / "scaling.json").exists()  # no table without the single-process run
     assert scaling.main([*common, *overrides]) == 0  # by default, only the runs not yet in --out: single

@@ -2,7 +2,9 @@
 
 import csv
 import glob
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -53,10 +55,21 @@ def test_fast_dev_run_for_every_experiment(tmp_path, experiment):
     assert "train/loss" in metrics and torch.isfinite(torch.tensor(metrics["train/loss"]))
 
 
-def test_train_writes_artifacts_and_checkpoints_load_with_weights_only(tmp_path):
-    with composed(tmp_path, FAST + ["test=true"]) as cfg:
+def test_train_writes_artifacts_and_checkpoints_load_with_weights_only(tmp_path, caplog):
+    with caplog.at_level(logging.INFO), composed(tmp_path, FAST + ["test=true", "progress=text"]) as cfg:
         metrics, objects = train(cfg)
     assert {"val/loss", "val/acc", "test/acc", "test/acc_depth_0_25"} <= set(metrics)
+    # Plain-text progress instead of a bar, validation metrics in the log, and a closing summary.
+    assert objects["trainer"].progress_bar_callback is None
+    assert re.search(
+        r"step 2/4 \| loss [\d.]+ \| acc [\d.]+ \| [\d.]+k? tok/s \| elapsed 0:\d\d:\d\d \| ETA ", caplog.text
+    )
+    assert re.search(r"validation at step 2: val/acc [\d.]+ \| .*val/loss [\d.]+", caplog.text)
+    assert f"run folder: {tmp_path}" in caplog.text and "best checkpoint: " in caplog.text
+    assert f"last checkpoint: {tmp_path / 'checkpoints' / 'last.ckpt'}" in caplog.text
+    assert re.search(r"final metrics: test/acc [\d.]+ .*val/loss", caplog.text)
+    # FAST is [deltanet, retrieval, swa]: the retrieval layer (block 1) reports its routing recall
+    assert 0.0 <= metrics["val/routing_recall/layer1"] <= 1.0 and "val/routing_recall_far/layer1" in metrics
     assert (tmp_path / "run_info.json").exists() and (tmp_path / "csv" / "metrics.csv").exists()
     last = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True, map_location="cpu")
@@ -147,6 +160,10 @@ def test_ddp_sim_two_processes_match_one_process_at_the_same_global_batch(tmp_pa
         ("data.task_kwargs.vocab=600", "model.vocab_size=64"),
         ("data.task_kwargs.seq_len=10", "seq_len=10"),
         ("ckpt_path=/nonexistent/x.ckpt", "ckpt_path"),
+        ("optimizer.lr=-1", "optimizer.lr=-1 is invalid"),
+        ("optimizer.betas=[0.9,1.5]", "optimizer.betas=[0.9, 1.5] is invalid"),
+        ("trainer.max_steps=0", "trainer.max_steps=0 is invalid"),
+        ("trainer.val_check_interval=0", "trainer.val_check_interval=0 is invalid"),
     ],
 )
 def test_bad_input_fails_before_training_with_one_clear_message(tmp_path, override, needle):
@@ -154,6 +171,27 @@ def test_bad_input_fails_before_training_with_one_clear_message(tmp_path, overri
         with pytest.raises((ValueError, FileNotFoundError)) as err:
             train(cfg)
     assert needle in str(err.value)
+
+
+def test_a_bad_value_fails_in_one_line_and_leaves_no_run_folder(tmp_path):
+    result = run_script(["train.py", "optimizer.lr=-1"], cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    assert "ValueError: optimizer.lr=-1 is invalid: expected a number > 0" in result.stderr, result.stderr[-3000:]
+    runs = tmp_path / "logs" / "train" / "runs"
+    assert not runs.exists() or os.listdir(runs) == [], "a run that wrote nothing must not leave its folder"
+
+
+def test_optuna_sweep_fails_up_front_when_its_metric_is_never_logged(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    overrides = FAST + ["hparams_search=optuna_lr_topk", "trainer.limit_val_batches=0"]
+    with composed(tmp_path, overrides) as cfg:
+        with pytest.raises(ValueError) as err:
+            train(cfg)
+    assert "optimized_metric='val/acc' will never be logged: validation never runs" in str(err.value)
+    text = ["data=text", f"data.data_files={_text_file(tmp_path)}", "data.seq_len=64", "model.vocab_size=259"]
+    with composed(tmp_path, FAST[:7] + text + ["hparams_search=optuna_lr_topk", "print_config=false"]) as cfg:
+        with pytest.raises(ValueError, match="this data logs no answer accuracy"):
+            train(cfg)
 
 
 def test_bad_corpus_path_and_unknown_group_option(tmp_path):

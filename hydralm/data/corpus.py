@@ -6,6 +6,7 @@ way. Errors are raised here, before any tokenisation, with the offending argumen
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import os
@@ -13,12 +14,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import datasets
+from datasets.exceptions import DatasetGenerationError
 
 # File suffix -> HF datasets packaged builder. Compression suffixes are stripped first (HF
 # decompresses on the fly).
 BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 TXT_SAMPLE_BY = ("line", "paragraph", "document")
+# Formats HF reads as UTF-8 text. Up front only the head of the first few files is checked (a binary file given
+# by mistake shows at once); a bad byte further in is named when HF fails on it (``open_corpus``).
+TEXT_SUFFIXES = (".txt", ".text", ".jsonl", ".json")
+UTF8_CHECK_BYTES = 1 << 16
+UTF8_CHECK_FILES = 64
 
 
 def _suffix(path: str) -> str:
@@ -60,6 +67,45 @@ def builder_for(files: Sequence[str], owner: str = "data_files") -> str:
     return builders.pop()
 
 
+def _utf8_error(path: str, limit: int | None = None) -> str | None:
+    """Why ``path`` (its first ``limit`` bytes, or all of it) is not UTF-8, or None if it is."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(min(1 << 20, limit or 1 << 20)):
+            try:
+                decoder.decode(chunk, final=False)
+            except UnicodeDecodeError as err:
+                return f"UnicodeDecodeError near byte {offset + err.start}: {err.reason}"
+            offset += len(chunk)
+            if limit is not None and offset >= limit:
+                return None
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as err:
+        return f"UnicodeDecodeError at the end of the file: {err.reason}"
+    return None
+
+
+def _plain_text_files(files: Sequence[str]) -> list[str]:
+    return [f for f in files if os.path.splitext(f.lower())[1] in TEXT_SUFFIXES]  # compressed files end otherwise
+
+
+def not_utf8_message(path: str, why: str, owner: str = "data_files") -> str:
+    return (
+        f"{owner}: {path} is not UTF-8 text ({why}); is it a binary file? Give txt/jsonl/parquet files "
+        "(convert other encodings to UTF-8 first, e.g. iconv -t utf-8)"
+    )
+
+
+def check_utf8(files: Sequence[str], owner: str = "data_files") -> None:
+    """ValueError naming the first text file whose head is not UTF-8 (cheap: a few KiB of a few files)."""
+    for path in _plain_text_files(files)[:UTF8_CHECK_FILES]:
+        why = _utf8_error(path, UTF8_CHECK_BYTES)
+        if why is not None:
+            raise ValueError(not_utf8_message(path, why, owner))
+
+
 def open_corpus(
     data_files: str | Sequence[str] | None = None,
     dataset_name: str | None = None,
@@ -78,10 +124,20 @@ def open_corpus(
         raise ValueError(f"txt_sample_by={txt_sample_by!r} must be one of {TXT_SAMPLE_BY}")
     files = resolve_data_files(data_files)
     builder = builder_for(files)
+    check_utf8(files)
     kwargs = {"sample_by": txt_sample_by} if builder == "text" else {}
-    return datasets.load_dataset(
-        builder, data_files=files, split="train", streaming=streaming, cache_dir=cache_dir, **kwargs
-    )
+    try:
+        return datasets.load_dataset(
+            builder, data_files=files, split="train", streaming=streaming, cache_dir=cache_dir, **kwargs
+        )
+    except DatasetGenerationError as err:
+        # HF names neither the file nor the byte; find them (only on this error path: it reads every file).
+        if isinstance(err.__cause__, UnicodeDecodeError):
+            for path in _plain_text_files(files):
+                why = _utf8_error(path)
+                if why is not None:
+                    raise ValueError(not_utf8_message(path, why)) from None
+        raise
 
 
 def check_text_field(ds: datasets.Dataset | datasets.IterableDataset, text_field: str) -> None:

@@ -6,6 +6,7 @@ drawn. DDP sharding and the resumable position come from ``ResumableDataModule``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -65,7 +66,10 @@ def build_curriculum(task: SyntheticTask | str, task_kwargs: Mapping[str, Any] |
         until = phase.pop("until_step", None)
         if isinstance(until, bool) or not isinstance(until, int) or until <= previous:
             raise ValueError(f"curriculum[{i}].until_step={until!r} must be an int > {previous} (phases in order)")
-        phases.append((until, build_task(task, {**dict(task_kwargs or {}), **phase})))
+        try:
+            phases.append((until, build_task(task, {**dict(task_kwargs or {}), **phase})))
+        except ValueError as err:  # name the phase: its fields are mixed from task_kwargs and the phase
+            raise ValueError(f"curriculum[{i}] (task_kwargs overridden by {phase}): {err}") from None
         previous = until
     return phases
 
@@ -132,6 +136,21 @@ class SyntheticDataModule(ResumableDataModule):
         phases = "".join(f" until_step={end}: {task!r}" for end, task in self.curriculum)
         return (f"{self.task!r} seed={self.seed} num_train_samples={self.num_train_samples} shuffle={self.shuffle}"
                 + (f" curriculum:{phases}" if phases else ""))
+
+    def task_settings(self) -> dict[str, Any]:
+        """What the model is trained and validated on (the task after any curriculum), as plain values:
+        ``{"name": "retrieval_qa", "seq_len": 128, ..., "vocab_size": 64}``. Saved in checkpoints, so
+        ``evaluate.py`` can measure the task the model was trained on."""
+        settings: dict[str, Any] = {"name": self.task.name}
+        for field in dataclasses.fields(self.task):  # type: ignore[arg-type]  # every task is a dataclass
+            value = getattr(self.task, field.name)
+            if value is None or isinstance(value, (bool, int, float, str)):
+                settings[field.name] = value
+        settings["vocab_size"] = self.task.vocab_size
+        return settings
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "task": self.task_settings()}
 
     def dataset(self, split: str) -> SyntheticDataset:
         sizes = {"train": self.num_train_samples, "val": self.num_val_samples, "test": self.num_test_samples}

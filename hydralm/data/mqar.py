@@ -92,4 +92,4 @@ class MQAR(SyntheticTask):
         tokens[positions] = keys[asked]
         tokens[positions + 1] = values[asked]
         depths = asked / (K - 1) if K > 1 else np.zeros(Q)
-        return tokens, positions.astype(np.int64), values[asked], depths
+        return tokens, positions.astype(np.int64), values[asked], depths, 2 * asked + 1

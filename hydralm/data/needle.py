@@ -68,4 +68,5 @@ class Needle(SyntheticTask):
         query_at = self.seq_len - F
         tokens[query_at:] = fact_tokens(QUERY_ID, key, value)
         realised = offset / span if span > 0 else 0.0
-        return tokens, np.array([query_at + self.key_len]), np.array([value]), np.array([realised])
+        source = np.array([offset + F])  # the needle's value token
+        return tokens, np.array([query_at + self.key_len]), np.array([value]), np.array([realised]), source

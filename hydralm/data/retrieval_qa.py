@@ -95,4 +95,4 @@ class RetrievalQA(SyntheticTask):
             positions[q] = at + self.key_len  # last key token: its next token is the answer
         span = (hay_end - hay_start) - F
         depths = (starts[asked] - hay_start) / span if span > 0 else np.zeros(self.num_queries)
-        return tokens, positions, values[asked], depths
+        return tokens, positions, values[asked], depths, starts[asked] + F - 1

@@ -59,9 +59,11 @@ class SyntheticTask:
     def vocab_size(self) -> int:
         return self.vocab.vocab_size
 
-    def _generate(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Return ``(tokens (N,), answer_positions (Q,), answers (Q,), depths (Q,))``, where the model's
-        prediction at ``answer_positions[q]`` must be ``answers[q]`` (== ``tokens[pos + 1]``)."""
+    def _generate(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Return ``(tokens (N,), answer_positions (Q,), answers (Q,), depths (Q,), sources (Q,))``, where the
+        model's prediction at ``answer_positions[q]`` must be ``answers[q]`` (== ``tokens[pos + 1]``) and
+        ``sources[q]`` is the position of that answer in the context (the fact's value token): the token the
+        model has to recall, so routing can be checked against it (hydralm/eval/routing_recall.py)."""
         raise NotImplementedError
 
     def sample(self, index: int, split: str = "train", seed: int = 0) -> dict[str, torch.Tensor]:
@@ -73,17 +75,17 @@ class SyntheticTask:
             raise ValueError(f"seed={seed!r} must be an int >= 0")
         for attempt in range(MAX_SPLIT_ATTEMPTS):
             rng = np.random.default_rng([int(seed), sid, int(index), attempt])
-            tokens, positions, answers, depths = self._generate(rng)
+            tokens, positions, answers, depths, sources = self._generate(rng)
             if content_split(tokens) == sid:
-                return self._to_batch_item(tokens, positions, answers, depths)
+                return self._to_batch_item(tokens, positions, answers, depths, sources)
         raise RuntimeError(
             f"{type(self).__name__}: no sample of split {split!r} in {MAX_SPLIT_ATTEMPTS} draws; the sample space of "
             "this config is too small to hold three disjoint splits (increase vocab or seq_len)"
         )
 
-    def _to_batch_item(self, tokens, positions, answers, depths) -> dict[str, torch.Tensor]:
+    def _to_batch_item(self, tokens, positions, answers, depths, sources) -> dict[str, torch.Tensor]:
         order = np.argsort(positions, kind="stable")
-        positions, answers, depths = positions[order], answers[order], depths[order]
+        positions, answers, depths, sources = positions[order], answers[order], depths[order], sources[order]
         labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
         if self.loss_on_all:
             labels[:-1] = tokens[1:]
@@ -93,6 +95,7 @@ class SyntheticTask:
             "labels": torch.from_numpy(labels),
             "query_positions": torch.from_numpy(positions.astype(np.int64)),
             "depths": torch.from_numpy(depths.astype(np.float32)),
+            "source_positions": torch.from_numpy(np.asarray(sources, dtype=np.int64)),
         }
 
 

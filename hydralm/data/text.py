@@ -11,7 +11,9 @@ end padding cannot influence any real position and carries no loss. Cost: comput
 several short documents into one row would remove the padding but needs the reset the model lacks.
 
 Splits: each document goes to train/val/test by a hash of its text (``corpus.document_split``), so
-the splits are disjoint and stable under file order, sharding and seed.
+the splits are disjoint and stable under file order, sharding and seed. A corpus with too few documents
+for that (a single text file read as one document) leaves val or test empty; then the token stream is
+split by windows instead: leading windows train, then val, then test (map-style only).
 
 Sharding and resume:
 * map-style (local files, default): windows are tokenised once into the HF Arrow cache and indexed;
@@ -42,6 +44,7 @@ from hydralm.data.corpus import (
     TXT_SAMPLE_BY,
     builder_for,
     check_text_field,
+    check_utf8,
     document_split,
     open_corpus,
     resolve_data_files,
@@ -145,6 +148,7 @@ class TextDataModule(ResumableDataModule):
         self.files = resolve_data_files(data_files, f"{owner}.data_files") if data_files is not None else None
         if self.files is not None:
             builder_for(self.files, f"{owner}.data_files")
+            check_utf8(self.files, f"{owner}.data_files")
         self.dataset_name, self.dataset_config, self.hub_split = dataset_name, dataset_config, hub_split
         self.text_field, self.txt_sample_by, self.tokenizer_path = text_field, txt_sample_by, tokenizer_path
         self.seq_len, self.fractions = seq_len, (val_fraction, test_fraction)
@@ -218,12 +222,36 @@ class TextDataModule(ResumableDataModule):
             name: windows.filter(lambda s, k=sid: [x == k for x in s], input_columns="split", batched=True)
             for name, sid in SPLITS.items()
         }
+        empty = [name for name, fraction in zip(("val", "test"), self.fractions) if fraction > 0 and len(splits[name]) == 0]
+        if empty:
+            splits = self._split_by_position(windows, empty)
         if len(splits["train"]) == 0:
             raise ValueError(
                 f"{type(self).__name__}: the train split is empty (all {len(windows)} windows fell in val/test); "
                 f"lower val_fraction/test_fraction={self.fractions} or add documents"
             )
         return splits
+
+    def _split_by_position(self, windows: datasets.Dataset, empty: list[str]) -> dict[str, datasets.Dataset]:
+        """Too few documents for the hash split (one file read as one document, say): split the token stream
+        instead, in corpus order: train = the leading windows, then val, then test (at least one window each
+        when its fraction is > 0). Deterministic; a document may then span train and val, as in any
+        single-text split."""
+        n = len(windows)
+        sizes = [max(1, round(n * f)) if f > 0 else 0 for f in self.fractions]
+        n_train = n - sum(sizes)
+        if n_train < 1:
+            raise ValueError(
+                f"{type(self).__name__}.data_files={self.files}: {n} window(s) of seq_len={self.seq_len} are too few "
+                f"for train + val + test; add text, lower seq_len, or set val_fraction/test_fraction=0"
+            )
+        bounds = [0, n_train, n_train + sizes[0], n]
+        rank_zero_info(
+            f"{type(self).__name__}: hashing its documents put none in {' and '.join(empty)}; splitting the token "
+            f"stream by windows instead: train = windows [0, {bounds[1]}), val = [{bounds[1]}, {bounds[2]}), "
+            f"test = [{bounds[2]}, {n})"
+        )
+        return {name: windows.select(range(bounds[i], bounds[i + 1])) for i, name in enumerate(SPLITS)}
 
     def prepare_data(self) -> None:
         # Rank 0 of each node tokenises once into the HF cache; setup() on every rank then hits it.

@@ -1,22 +1,82 @@
 """PNG figures of evaluation results (matplotlib, headless)."""
 
+from typing import Dict, Optional
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def depth_bar_chart(by_depth: dict, title: str, path: str) -> str:
+def depth_bar_chart(by_depth: dict, title: str, path: str, chance: Optional[float] = None) -> str:
+    """Accuracy per depth bucket with what it takes to read it honestly: the 95% Wilson interval of each
+    bucket, its number of queries, and the chance level (``chance``) as a dashed line."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.9))
+    draw_depth_accuracy(ax, by_depth, chance)
+    ax.set_title(title, fontsize=8)
+    return _save(fig, path)
+
+
+def accuracy_and_routing_chart(
+    by_depth: dict, routing: Dict[str, dict], title: str, path: str, chance: Optional[float] = None
+) -> str:
+    """Two panels side by side: accuracy by depth (as depth_bar_chart) and, per retrieval layer, routing
+    recall by depth: the share of answers beyond the local two chunks whose chunk the routing picked, next to
+    what uniformly random routing would pick (hydralm/eval/routing_recall.py)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.1))
+    draw_depth_accuracy(left, by_depth, chance)
     labels = list(by_depth)
-    values = [by_depth[b]["accuracy"] or 0.0 for b in labels]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.bar(labels, values, color="#4C72B0")
-    ax.set_ylim(0, 1)
+    width = 0.8 / max(1, len(routing))
+    for j, (layer, summary) in enumerate(routing.items()):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(labels))]
+        buckets = [summary["by_depth"][b] for b in labels]
+        values = [b["recall_far"] if b["recall_far"] is not None else 0.0 for b in buckets]
+        right.bar(xs, values, width, label=f"{layer} routing", color=f"C{j}")
+        right.scatter(xs, [b["chance_far"] or 0.0 for b in buckets], marker="_", s=200, color="black", zorder=3)
+        for x, b in zip(xs, buckets):
+            text = "n=0" if b["recall_far"] is None else f"{b['recall_far']:.2f}\nn={b['far_queries']}"
+            right.text(x, 1.02, text, ha="center", va="bottom", fontsize=6)
+    right.scatter([], [], marker="_", s=200, color="black", label="random routing")
+    right.set_xticks(range(len(labels)), labels)
+    right.set_ylim(0, 1.2)
+    right.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    right.set_xlabel("depth of the fact in the context (%)")
+    right.set_ylabel("routing recall (far answers)")
+    right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(routing) + 1, frameon=False)
+    fig.suptitle(title, fontsize=8)
+    return _save(fig, path)
+
+
+def draw_depth_accuracy(ax, by_depth: dict, chance: Optional[float] = None) -> None:
+    labels = list(by_depth)
+    values = [by_depth[b]["accuracy"] for b in labels]
+    heights = [v if v is not None else 0.0 for v in values]
+    ax.bar(labels, heights, color="#4C72B0", label="accuracy")
+    if all("ci95" in by_depth[b] for b in labels):
+        lows = [h - by_depth[b]["ci95"][0] if v is not None else 0.0 for b, v, h in zip(labels, values, heights)]
+        highs = [by_depth[b]["ci95"][1] - h if v is not None else 0.0 for b, v, h in zip(labels, values, heights)]
+        ax.errorbar(
+            range(len(labels)),
+            heights,
+            yerr=[lows, highs],
+            fmt="none",
+            color="black",
+            capsize=3,
+            label="95% Wilson interval",
+        )
+    if chance is not None:
+        ax.axhline(chance, color="#C44E52", linestyle="--", linewidth=1, label=f"chance {chance:.1%}")
+    for i, (b, v) in enumerate(zip(labels, values)):
+        text = "no queries" if v is None else f"{v:.2f}\nn={by_depth[b]['queries']}"
+        ax.text(i, 1.02, text, ha="center", va="bottom", fontsize=7)
+    ax.set_ylim(0, 1.2)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_xlabel("depth of the fact in the context (%)")
     ax.set_ylabel("answer accuracy")
-    ax.set_title(title, fontsize=9)
-    for i, v in enumerate(values):
-        ax.text(i, v + 0.02, f"{v:.2f}", ha="center", fontsize=8)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+
+
+def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

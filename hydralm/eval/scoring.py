@@ -1,12 +1,29 @@
 """Scoring a model on token positions without materialising logits for a whole long input."""
 
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from hydralm.data.synthetic import SyntheticTask
+from hydralm.modules.routing_log import record_routing
 
 DEPTH_BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> Tuple[float, float]:
+    """95% (z = 1.96) Wilson score interval of a binomial proportion; (0, 1) when there are no trials.
+
+    Unlike p +- z * sqrt(p (1 - p) / n) it stays inside [0, 1] and is not zero-width at p = 0 or 1, which
+    matters for the small per-bucket counts of an accuracy-by-depth table.
+    """
+    if trials == 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @torch.no_grad()
@@ -41,24 +58,58 @@ def task_accuracy(
     batch_size: int = 1,
     chunk_size: int = 4096,
     device: Optional[torch.device] = None,
+    routing: bool = False,
 ) -> Dict:
-    """Answer accuracy of `model` on `num_samples` samples of a synthetic task, overall and by depth bucket."""
+    """Answer accuracy of `model` on `num_samples` samples of a synthetic task, overall and by depth bucket,
+    each with its count of correct answers and 95% Wilson interval (``ci95``), and ``chance``: the accuracy of
+    guessing a value token uniformly (every answer is one).
+
+    With ``routing=True`` the result also holds ``routing_recall``: per retrieval layer (``layer<i>``, i the
+    block index), how often its routing picked the chunk holding the answer (hydralm/eval/routing_recall.py).
+    """
+    from hydralm.eval.routing_recall import merge_hits, routing_hits, summarize
+
     device = device or next(model.parameters()).device
-    correct, depths = [], []
+    correct, depths, hits = [], [], {}
     for start in range(0, num_samples, batch_size):
         rows = [task.sample(i, split, seed) for i in range(start, min(num_samples, start + batch_size))]
         ids = torch.stack([r["input_ids"] for r in rows]).to(device)
         positions = torch.stack([r["query_positions"] for r in rows]).to(device)
         labels = torch.stack([r["labels"] for r in rows]).to(device)
-        predicted = predictions_at(model, ids, positions, chunk_size)
+        if routing:
+            with record_routing(model) as logs:
+                predicted = predictions_at(model, ids, positions, chunk_size)
+            sources = torch.stack([r["source_positions"] for r in rows]).to(device)
+            for layer, entries in logs.items():
+                hits.setdefault(layer, []).append(routing_hits(entries, positions, sources))
+        else:
+            predicted = predictions_at(model, ids, positions, chunk_size)
         correct.append((predicted == labels.gather(1, positions)).float().cpu().flatten())
-        depths.append(torch.stack([r["depths"] for r in rows]).float().flatten())
-    correct, depths = torch.cat(correct), torch.cat(depths)
+        depths.append(torch.stack([r["depths"] for r in rows]).float())
+    by_query_depth = torch.cat(depths)  # (samples, Q)
+    correct, depths = torch.cat(correct), by_query_depth.flatten()
     buckets = {}
     for lo, hi in DEPTH_BUCKETS:
         inside = (depths >= lo) & ((depths < hi) if hi < 1.0 else (depths <= hi))
-        buckets[f"{int(lo * 100)}-{int(hi * 100)}"] = {
-            "accuracy": float(correct[inside].mean()) if inside.any() else None,
-            "queries": int(inside.sum()),
+        buckets[f"{int(lo * 100)}-{int(hi * 100)}"] = _proportion(correct[inside])
+    result = {
+        **_proportion(correct),
+        "chance": 1.0 / task.vocab.num_values,
+        "by_depth": buckets,
+    }
+    if routing:
+        result["routing_recall"] = {
+            f"layer{layer}": summarize(merge_hits(parts), by_query_depth) for layer, parts in hits.items()
         }
-    return {"accuracy": float(correct.mean()), "queries": int(correct.numel()), "by_depth": buckets}
+    return result
+
+
+def _proportion(correct: torch.Tensor) -> Dict:
+    """accuracy (None without queries), queries, correct and the 95% Wilson interval of 0/1 outcomes."""
+    n, k = int(correct.numel()), int(correct.sum())
+    return {
+        "accuracy": k / n if n else None,
+        "queries": n,
+        "correct": k,
+        "ci95": list(wilson_interval(k, n)),
+    }

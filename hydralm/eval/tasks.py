@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from hydralm.data import MQAR, Needle, RetrievalQA
-from hydralm.eval.plots import depth_bar_chart, line_plot, needle_heatmap
+from hydralm.eval.plots import accuracy_and_routing_chart, depth_bar_chart, line_plot, needle_heatmap
 from hydralm.eval.scoring import task_accuracy
 
 
@@ -26,15 +26,33 @@ def long_context_qa(
     num_samples: int = 32,
     seed: int = 0,
     chunk_size: int = 4096,
+    routing: bool = True,
+    checkpoint: Optional[str] = None,
 ) -> Dict:
+    """Accuracy by fact depth and, with ``routing``, each retrieval layer's routing recall by depth (did it
+    pick the chunk holding the answer?). ``checkpoint`` only names the model in the figure's title."""
     task = RetrievalQA(
         seq_len=seq_len, num_facts=num_facts, num_queries=num_queries, key_len=key_len, vocab=model.cfg.vocab_size
     )
-    result = task_accuracy(model, task, num_samples, seed=seed, chunk_size=chunk_size)
-    title = f"multi-fact QA: {seq_len} tokens, {num_facts} facts, {num_queries} queries, {num_samples} samples"
-    result["figure"] = depth_bar_chart(result["by_depth"], title, os.path.join(out_dir, "long_context_qa.png"))
+    result = task_accuracy(model, task, num_samples, seed=seed, chunk_size=chunk_size, routing=routing)
+    title = (
+        f"{_short_path(checkpoint) if checkpoint else 'model'}\nmulti-fact QA (retrieval_qa, test split): "
+        f"{seq_len} tokens, {num_facts} facts, {num_queries} queries, {num_samples} samples"
+    )
+    path = os.path.join(out_dir, "long_context_qa.png")
+    if result.get("routing_recall"):
+        result["figure"] = accuracy_and_routing_chart(
+            result["by_depth"], result["routing_recall"], title, path, result["chance"]
+        )
+    else:
+        result["figure"] = depth_bar_chart(result["by_depth"], title, path, result["chance"])
     result["settings"] = dict(seq_len=seq_len, num_facts=num_facts, num_queries=num_queries, num_samples=num_samples)
     return result
+
+
+def _short_path(path: str, parts: int = 3) -> str:
+    """The last `parts` components of a path: enough to tell runs apart in a figure title."""
+    return os.path.join(*os.path.normpath(str(path)).split(os.sep)[-parts:])
 
 
 def mqar(

@@ -1,37 +1,59 @@
-"""Which implementation each mixer uses, chosen per call from two environment switches.
+"""Which implementation each op uses, chosen per call from environment switches.
 
 HYDRALM_ATTENTION = auto | torch | flex
     flex: torch's flex_attention for the parallel (training / fresh prefill) path of SWA and retrieval
     layers; auto = flex on CUDA, torch (SDPA / gather) elsewhere. flex has no CPU backward in torch
     2.13, so CPU always uses torch unless asked otherwise for a forward-only check.
+HYDRALM_RETRIEVAL = auto | torch | flex | triton
+    the parallel retrieval path from scratch: triton = our query-grouped sparse kernels
+    (kernels/retrieval/triton_sparse.py, forward and backward); auto = triton on CUDA (flex without triton),
+    the gather path on CPU or with HYDRALM_ATTENTION=torch. `python -m benchmarks.gpu_check retrieval` passed
+    on an H200 at 002f736 (router rows, fp32 IEEE / TF32 / bf16 outputs and gradients at B2 H4/2 N2048 D64 C64
+    k8, bit-identical reruns, C2 exactly 0) and, at 3005247, at ragged N 3000 / C 32 / MHA too (39/39).
 HYDRALM_DELTANET = auto | torch | triton | fused | fla
     torch: the PyTorch chunkwise kernel (a Python loop over chunks). triton: the same chunkwise algorithm with
     the pass over chunks in our Triton kernels (kernels/delta_rule/triton_state_pass.py), forward and backward.
     fused: the whole chunkwise algorithm in our Triton kernels (kernels/delta_rule/triton_fused.py), forward and
     backward. fla: flash-linear-attention's chunk_gated_delta_rule, only when asked for. fla 0.6 refuses the
     backward on Hopper with triton < 3.7.1 (fla#640), and its forward failed under bf16 autocast in a training
-    run's validation on the GPU machine, so auto never picks it: auto = triton on CUDA, torch on CPU.
-    fused is 2.3x faster than triton at d 128 on an H200 (10.6 vs 24.9 ms), but auto waits for its GPU
-    check at the current kernel revision (`GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check
-    delta_rule`; docs/benchmarks.md): an earlier revision passed at d 64, the revision that loops over
-    64-wide blocks (needed at d 128) was only checked in Triton's CPU interpreter.
+    run's validation on the GPU machine, so auto never picks it: auto = fused on CUDA, torch on CPU.
+    fused is 2.3x faster than triton at d 128 (10.6 vs 24.9 ms, H200, 2026-11-28, 90b47f6); its kernels passed
+    `GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check delta_rule` (54/54, d 64 / 100 / 128, fp32 IEEE and
+    TF32, bf16) on an H200 on 2026-11-30 at c378ec3.
+
+HYDRALM_GDN_MODULES = auto | torch | fla
+    The elementwise parts of a Gated DeltaNet block around the delta rule: the short causal conv, the q/k L2
+    norm and the gated output RMSNorm. fla: flash-linear-attention's Triton kernels for them
+    (kernels/fla_modules.py), on CUDA for calls without a carried conv state. torch: our PyTorch forms.
+    auto = torch: fla's modules are opt-in until `python -m benchmarks.gpu_check gdn_block` (which compares the
+    two on the GPU) has passed; on an H200 at 002f736 it had printed no row after 115 s.
+
+HYDRALM_CROSS_ENTROPY = auto | torch | liger | fla
+    The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
+    logits are recomputed in backward, never held for the whole batch). liger / fla: liger-kernel's or
+    flash-linear-attention's fused Triton kernels, only when asked (optional dependencies, CUDA only;
+    neither is checked here: an all-ignored batch may give NaN there, 0 here). auto = torch.
 
 HYDRALM_DELTANET_COMPILE = 0 | 1
     1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
-    shape; fuses the elementwise prep around the Triton pass). Off by default until measured in a model
-    (docs/benchmarks.md).
+    shape; fuses the elementwise prep around the Triton pass). Off by default: the 160m model trained 1.14x /
+    1.10x faster with it at 4k / 16k context but 0.94x at 64k (H200, 2026-11-28, 0d7196f; CHANGELOG.md).
 
 `auto` never picks a path that is wrong on the machine it runs on: flex and fla are compared with the
 reference kernels on the GPU by `python -m benchmarks.gpu_check`.
 """
 
 import functools
+import importlib
 import os
 
 from hydralm.kernels.triton_common import interpreting, triton_available
 
 ATTENTION_CHOICES = ("auto", "torch", "flex")
+RETRIEVAL_CHOICES = ("auto", "torch", "flex", "triton")
 DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
+CROSS_ENTROPY_CHOICES = ("auto", "torch", "liger", "fla")
+GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 
 
 def _choice(variable: str, choices: tuple) -> str:
@@ -49,6 +71,21 @@ def attention_backend(is_cuda: bool) -> str:
     return choice
 
 
+def retrieval_backend(is_cuda: bool) -> str:
+    """'triton', 'flex' or 'torch' for the parallel retrieval path from scratch (training, fresh prefill)."""
+    choice = _choice("HYDRALM_RETRIEVAL", RETRIEVAL_CHOICES)
+    if choice == "triton" and not (triton_available() and (is_cuda or interpreting())):
+        raise RuntimeError(
+            "HYDRALM_RETRIEVAL=triton needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+            "unset it to use the default path"
+        )
+    if choice == "auto":  # our Triton kernels on CUDA: `gpu_check retrieval` passed on an H200 at 002f736
+        if attention_backend(is_cuda) != "flex":  # HYDRALM_ATTENTION=torch (or a CPU) keeps the gather path
+            return "torch"
+        return "triton" if triton_available() else "flex"
+    return choice
+
+
 @functools.lru_cache(maxsize=1)
 def fla_available() -> bool:
     try:
@@ -56,6 +93,28 @@ def fla_available() -> bool:
     except Exception:  # not installed, or its triton does not import
         return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def fla_modules_available() -> bool:
+    try:
+        import fla.modules  # noqa: F401
+    except Exception:  # not installed, or its triton does not import
+        return False
+    return True
+
+
+def gdn_modules_backend(is_cuda: bool) -> str:
+    """'fla' or 'torch' for the short conv, L2 norm and gated RMSNorm of Gated DeltaNet blocks."""
+    choice = _choice("HYDRALM_GDN_MODULES", GDN_MODULES_CHOICES)
+    if choice != "fla":  # auto: the PyTorch modules until fla's pass the GPU check (module docstring)
+        return "torch"
+    if not (is_cuda and fla_modules_available()):
+        raise RuntimeError(
+            "HYDRALM_GDN_MODULES=fla needs a CUDA device and flash-linear-attention (fla-core) importable; unset "
+            "it to use the PyTorch modules"
+        )
+    return "fla"
 
 
 @functools.lru_cache(maxsize=1)
@@ -89,9 +148,9 @@ def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
         )
     if choice in ("fla", "triton", "fused"):
         return choice
-    # auto: our Triton state pass on CUDA (see the module docstring for fused). fla's forward is not picked
-    # by auto: under bf16 autocast its recompute_w_u kernel failed on the GPU machine (fp32 A against bf16 v).
-    return "triton" if triton_usable and is_cuda else "torch"
+    # auto: our fused Triton kernels on CUDA. fla's forward is not picked by auto: under bf16 autocast its
+    # recompute_w_u kernel failed on the GPU machine (fp32 A against bf16 v).
+    return "fused" if triton_usable and is_cuda else "torch"
 
 
 def deltanet_compile() -> bool:
@@ -99,3 +158,21 @@ def deltanet_compile() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"HYDRALM_DELTANET_COMPILE={value!r} is invalid: expected '0' or '1'")
     return value == "1"
+
+
+def cross_entropy_backend(is_cuda: bool) -> str:
+    """'torch', 'liger' or 'fla' for the linear + cross-entropy of the training loss."""
+    choice = _choice("HYDRALM_CROSS_ENTROPY", CROSS_ENTROPY_CHOICES)
+    if choice in ("auto", "torch"):
+        return "torch"
+    module = {"liger": "liger_kernel.transformers.functional", "fla": "fla.modules.fused_linear_cross_entropy"}
+    try:
+        importlib.import_module(module[choice])
+    except Exception as err:  # not installed, or its triton does not import
+        raise RuntimeError(
+            f"HYDRALM_CROSS_ENTROPY={choice} but {module[choice]} does not import ({err}); unset it to use the "
+            "PyTorch chunked loss"
+        ) from None
+    if not is_cuda:
+        raise RuntimeError(f"HYDRALM_CROSS_ENTROPY={choice} needs a CUDA device; unset it to use the PyTorch loss")
+    return choice

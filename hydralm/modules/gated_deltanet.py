@@ -1,11 +1,19 @@
 """Gated DeltaNet mixer (Yang et al., "Gated Delta Networks"; the recipe fla uses).
 
-q, k, v = SiLU(short_conv(W x)); q, k L2-normalised; per-head log-decay g = -exp(A_log) * softplus(a + dt_bias)
-and write strength beta = sigmoid(b); the gated delta rule (kernels/delta_rule/) with an fp32 state;
-output RMSNorm gated by SiLU(gate(x)), then the output projection.
+One input projection gives q, k, v, the decay input a, the write-strength input b and the output gate; then
+q, k, v = SiLU(short_conv(.)); q, k L2-normalised; per-head log-decay g = -exp(A_log) * softplus(a + dt_bias)
+and write strength beta = sigmoid(b), fp32 at (B, T, H) only; the gated delta rule (kernels/delta_rule/) with an
+fp32 state; output RMSNorm gated by SiLU(gate), then the output projection. q, k, v and the output stay in the
+projection's dtype (bf16 under autocast): no fp32 copies of (B, T, H, D) tensors outside the kernels.
+
+On CUDA with fla importable (HYDRALM_GDN_MODULES, kernels/backend.py), the short conv, L2 norm and gated
+RMSNorm run as fla's Triton kernels (kernels/fla_modules.py) on the same parameters.
 
 State: DeltaNetState(S (B, H, D, D) fp32 delta-rule state, conv (B, kernel - 1, 3 H D) short-conv cache); both
 keep one shape while decoding.
+
+Checkpoints from before the fused projection (separate ``qkv``, ``a_proj``, ``b_proj``, ``gate`` weights)
+load: ``_load_from_state_dict`` stacks them into ``in_proj``.
 """
 
 import math
@@ -17,10 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
+from hydralm.kernels.backend import gdn_modules_backend
 from hydralm.kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
+from hydralm.kernels.fla_modules import fla_gated_rms_norm, fla_l2norm
 from hydralm.modules.mixer import LayerState
 from hydralm.modules.rmsnorm import GatedRMSNorm, RMSNorm
 from hydralm.modules.short_conv import ShortConv
+
+# The rows of in_proj, in order, as they were named when each was its own nn.Linear.
+LEGACY_PROJECTIONS = ("qkv", "a_proj", "b_proj", "gate")
+L2_EPS = 1e-6
 
 
 @dataclass
@@ -37,19 +51,18 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, cfg: HydraConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.resolved_head_dim
-        self.chunk_size, self.norm_qk = cfg.dn_chunk_size, cfg.dn_norm_qk
+        self.chunk_size, self.norm_qk, self.use_gate = cfg.dn_chunk_size, cfg.dn_norm_qk, cfg.dn_use_gate
         inner = self.n_heads * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * inner, bias=False)
+        # q k v | a (decay input) | b (write strength input) | output gate: one matmul, split after.
+        self.split_sizes = [3 * inner, self.n_heads, self.n_heads] + ([inner] if self.use_gate else [])
+        self.in_proj = nn.Linear(cfg.d_model, sum(self.split_sizes), bias=False)
         self.conv = ShortConv(3 * inner, cfg.dn_short_conv_kernel)
-        self.a_proj = nn.Linear(cfg.d_model, self.n_heads, bias=False)  # decay input
-        self.b_proj = nn.Linear(cfg.d_model, self.n_heads, bias=False)  # write strength input
         # Mamba-style decay parameters, kept out of weight decay by the optimizer (ndim 1).
         self.A_log = nn.Parameter(torch.empty(self.n_heads).uniform_(1, 16).log())
         dt = torch.exp(torch.empty(self.n_heads).uniform_(math.log(1e-3), math.log(1e-1))).clamp(min=1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus of dt
-        self.gate = nn.Linear(cfg.d_model, inner, bias=False) if cfg.dn_use_gate else None
         self.out_norm = (
-            GatedRMSNorm(self.head_dim, cfg.rms_eps) if cfg.dn_use_gate else RMSNorm(self.head_dim, cfg.rms_eps)
+            GatedRMSNorm(self.head_dim, cfg.rms_eps) if self.use_gate else RMSNorm(self.head_dim, cfg.rms_eps)
         )
         self.out = nn.Linear(inner, cfg.d_model, bias=False)
         self.out.residual_out = True  # scaled init, see HydraLM._init_weights
@@ -71,38 +84,59 @@ class GatedDeltaNet(nn.Module):
     def state_growth(self) -> Optional[str]:
         return None  # S and the conv cache keep their shapes
 
-    def _gates(self, x: torch.Tensor):
-        """Log-decay g and write strength beta, in fp32: (..., H)."""
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        beta = torch.sigmoid(self.b_proj(x).float())
-        return g, beta
+    def _project(self, x: torch.Tensor):
+        """(qkv, a, b, gate or None): views of one matmul's output."""
+        parts = self.in_proj(x).split(self.split_sizes, dim=-1)
+        return parts[0], parts[1], parts[2], (parts[3] if self.use_gate else None)
 
-    def _split_heads(self, qkv: torch.Tensor):
+    def _gates(self, a: torch.Tensor, b: torch.Tensor):
+        """Log-decay g and write strength beta, in fp32: (..., H)."""
+        g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
+        return g, torch.sigmoid(b.float())
+
+    def _split_heads(self, qkv: torch.Tensor, fla: bool):
         q, k, v = qkv.unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(-3)
         if self.norm_qk:
-            q, k = F.normalize(q, dim=-1, eps=1e-6), F.normalize(k, dim=-1, eps=1e-6)
+            if fla:
+                q, k = fla_l2norm(q, L2_EPS), fla_l2norm(k, L2_EPS)
+            else:
+                q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
         return q, k, v
 
-    def _output(self, o: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """o (..., H, D) in x's dtype -> (..., d_model)."""
-        if self.gate is not None:
-            o = self.out_norm(o, self.gate(x).unflatten(-1, (self.n_heads, self.head_dim)))
-        else:
+    def _output(self, o: torch.Tensor, gate: Optional[torch.Tensor], fla: bool) -> torch.Tensor:
+        """o (..., H, D) -> (..., d_model)."""
+        if gate is None:
             o = self.out_norm(o)
+        else:
+            gate = gate.unflatten(-1, (self.n_heads, self.head_dim))
+            if fla:
+                o = fla_gated_rms_norm(o, gate, self.out_norm.weight, self.out_norm.eps)
+            else:
+                o = self.out_norm(o, gate)
         return self.out(o.flatten(-2))
 
     def forward(self, x: torch.Tensor, state: Optional[DeltaNetState] = None) -> Tuple[torch.Tensor, DeltaNetState]:
-        qkv, conv_cache = self.conv(self.qkv(x), None if state is None else state.conv)
-        q, k, v = self._split_heads(qkv)  # (B, N, H, D)
-        g, beta = self._gates(x)  # (B, N, H)
+        fla = gdn_modules_backend(x.is_cuda) == "fla"
+        qkv, a, b, gate = self._project(x)
+        qkv, conv_cache = self.conv(qkv, None if state is None else state.conv, use_fla=fla)
+        q, k, v = self._split_heads(qkv, fla)  # (B, N, H, D)
+        g, beta = self._gates(a, b)  # (B, N, H)
         initial = None if state is None else state.S
         o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial, chunk_size=self.chunk_size)
-        return self._output(o.to(x.dtype), x), DeltaNetState(S=S, conv=conv_cache)
+        return self._output(o, gate, fla), DeltaNetState(S=S, conv=conv_cache)
 
     def step(self, x_t: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, DeltaNetState]:
         """x_t (B, d_model) -> (B, d_model); O(1) in the sequence length."""
-        qkv, conv_cache = self.conv.step(self.qkv(x_t), state.conv)
-        q, k, v = self._split_heads(qkv)  # (B, H, D)
-        g, beta = self._gates(x_t)
+        qkv, a, b, gate = self._project(x_t)
+        qkv, conv_cache = self.conv.step(qkv, state.conv)
+        q, k, v = self._split_heads(qkv, fla=False)  # (B, H, D)
+        g, beta = self._gates(a, b)
         o, S = delta_rule_step(q, k, v, g, beta, state.S)
-        return self._output(o.to(x_t.dtype), x_t), DeltaNetState(S=S, conv=conv_cache)
+        return self._output(o.to(x_t.dtype), gate, fla=False), DeltaNetState(S=S, conv=conv_cache)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Old checkpoints hold the input projections as separate weights: stack them into ``in_proj``."""
+        names = [f"{prefix}{name}.weight" for name in LEGACY_PROJECTIONS[: len(self.split_sizes)]]
+        if f"{prefix}in_proj.weight" not in state_dict and all(name in state_dict for name in names):
+            state_dict[f"{prefix}in_proj.weight"] = torch.cat([state_dict.pop(name) for name in names], dim=0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

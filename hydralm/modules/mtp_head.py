@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hydralm.kernels.cross_entropy import linear_cross_entropy
 from hydralm.modules.rmsnorm import RMSNorm
 
 
@@ -43,12 +44,17 @@ class MTPHead(nn.Module):
     ) -> List[torch.Tensor]:
         """Training form. hidden (B, N, d); returns logits of module k as (B, N - k, V): row i predicts
         x_{i+k+1} (the last row of each looks past the sequence end and has no target)."""
-        logits, h = [], hidden
+        return [lm_head(features) for features in self.head_inputs(hidden, input_ids, embed)]
+
+    def head_inputs(self, hidden: torch.Tensor, input_ids: torch.Tensor, embed: nn.Embedding) -> List[torch.Tensor]:
+        """What each module feeds the shared LM head: (B, N - k, d) for module k (``forward`` without the head,
+        so the loss can skip the logits)."""
+        features, h = [], hidden
         N = hidden.shape[1]
         for k, layer in enumerate(self.layers, start=1):
             h = layer(h[:, : N - k], embed(input_ids[:, k:]))
-            logits.append(lm_head(layer.out_norm(h)))
-        return logits
+            features.append(layer.out_norm(h))
+        return features
 
     def draft_step(
         self, k: int, hidden: torch.Tensor, token: torch.Tensor, embed: nn.Embedding, lm_head: Callable
@@ -69,4 +75,13 @@ def mtp_loss(mtp_logits: List[torch.Tensor], labels: torch.Tensor) -> torch.Tens
         # sum / count (not mean): no NaN and no host sync when a batch has no targets for module k
         total = F.cross_entropy(logits.flatten(0, 1).float(), target, ignore_index=-100, reduction="sum")
         losses.append(total / (target != -100).sum().clamp(min=1))
+    return torch.stack(losses).mean()
+
+
+def mtp_linear_loss(head_inputs: List[torch.Tensor], head_weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``mtp_loss`` from the LM head's inputs (``MTPHead.head_inputs``) and weight, without any (B, N, V)
+    logits: each module's CE runs through the chunked linear + cross-entropy."""
+    losses = [
+        linear_cross_entropy(features, head_weight, labels[:, k:]) for k, features in enumerate(head_inputs, start=1)
+    ]
     return torch.stack(losses).mean()

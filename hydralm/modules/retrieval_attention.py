@@ -31,12 +31,14 @@ from torch import nn
 
 from hydralm.config import HydraConfig, config_error
 from hydralm.kernels.attention.local import repeat_kv
-from hydralm.kernels.backend import attention_backend
+from hydralm.kernels.backend import retrieval_backend
 from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attention, union_of_selections
-from hydralm.kernels.retrieval.routing import route_tokens
+from hydralm.kernels.retrieval.routing import route_tokens, topk_lowest_id
 from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.compressive_memory import CompressiveMemory
 from hydralm.modules.mixer import Counter, LayerState
+from hydralm.modules.routing_log import ring_routing_entry, routing_entry
+from hydralm.modules.routing_loss import answer_routing_loss
 from hydralm.modules.slots import read_slot, where, write_slot
 
 # Largest gathered key block (elements) the parallel path materialises at once; bounds prefill memory.
@@ -143,6 +145,13 @@ class RetrievalAttention(nn.Module):
         self.chunk_size, self.top_k = cfg.retrieval_chunk_size, cfg.retrieval_top_k
         self.memory = None
         self.memory_loss: Optional[torch.Tensor] = None  # set by a training forward when memory is on
+        # Opt-in, read-only: a list (modules/routing_log.py) gets one entry per call with the chunks it picked.
+        self.routing_log: Optional[list] = None
+        # HydraConfig.retrieval_routing_loss > 0: the trainer sets routing_targets (query and answer positions of
+        # the batch) and a training forward leaves the answer-chunk routing loss in routing_loss.
+        self.routing_loss_weight = cfg.retrieval_routing_loss
+        self.routing_targets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.routing_loss: Optional[torch.Tensor] = None
         if cfg.memory is not None:
             m = cfg.memory
             self.memory = CompressiveMemory(
@@ -258,18 +267,28 @@ class RetrievalAttention(nn.Module):
                     n_pool,
                 )
             ]
-        outputs = []
-        if state is None and attention_backend(q.is_cuda) == "flex":
+        outputs, routing = [], [] if self.routing_log is not None else None
+        backend = retrieval_backend(q.is_cuda) if state is None else "torch"
+        if backend == "triton":
+            from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
+
+            y = retrieval_attention_triton(q, k, v, C, self.top_k)
+            outputs, block = [F.pad(y, (0, 0, 0, pad)).unflatten(2, (M, C))], M
+        elif backend == "flex":
             from hydralm.kernels.retrieval.flex import flex_retrieval_supported, retrieval_flex
 
             if flex_retrieval_supported(N, C):
                 outputs, block = [retrieval_flex(q, k, v, C, self.top_k).unflatten(2, (M, C))], M
+        if outputs and routing is not None:  # the fused kernels route inside themselves: the same routing, for the log
+            routing.append(route_tokens(qc, summary_parts, (chunk_ids - 1).clamp(min=0)[:, None], self.top_k))
         for a in range(0 if not outputs else M, M, block):
             b = min(M, a + block)
             q_blk = qc[:, :, a:b]
             # a token of local chunk m may pick any retrievable chunk older than its previous chunk
             n_eligible = (n_pool + chunk_ids[a:b] - 1).clamp(min=0)[:, None]
             selected, valid = route_tokens(q_blk, summary_parts, n_eligible, self.top_k)  # (B, H, m, C, k)
+            if routing is not None:
+                routing.append((selected, valid))
             union, union_valid, reads = union_of_selections(selected, valid, max(n_total, 1))
             exact_k, exact_v = _gather_exact(union, exact_sources)
             extra_k, extra_v, extra_mask = local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b]
@@ -281,9 +300,14 @@ class RetrievalAttention(nn.Module):
                 reads = reads & (union >= n_pool)[..., None, :]
             outputs.append(sparse_chunk_attention(q_blk, exact_k, exact_v, reads, extra_k, extra_v, extra_mask))
         y = torch.cat(outputs, dim=2).flatten(2, 3)[:, :, filled:length]
+        if routing is not None:
+            picks = [torch.cat(part, dim=2).flatten(2, 3)[:, :, filled:length] for part in zip(*routing)]
+            self.routing_log.append(routing_entry(*picks, st, self.chunk_size))
 
         if self.memory is not None and self.training and torch.is_grad_enabled():
             self.memory_loss = self._memory_loss(qc, kc, vc, n_full)
+        if self.routing_targets is not None and state is None and self.training and torch.is_grad_enabled():
+            self.routing_loss = answer_routing_loss(q, summaries_new, *self.routing_targets, C)
 
         # New state: completed chunks join the bank; the remainder becomes the chunk in progress.
         remainder = length - n_full * C
@@ -368,18 +392,25 @@ class RetrievalAttention(nn.Module):
         S, P = bank_k.shape[2], st.pool_k.shape[2]
 
         # Routing over [pool | bank] slots: a token of chunk c may pick chunks 0 .. c - 2 still held.
-        bank_ids = _ring_ids(c - 1, S, device)  # the chunk each bank slot holds (< 0: none)
-        routable = (bank_ids >= 0) & (bank_ids <= c - 2)
-        if P:
-            routable = torch.cat([_ring_ids(c - self.exact_chunks - 1, P, device) >= 0, routable])
+        slot_ids = _ring_ids(c - 1, S, device)  # the chunk each bank slot holds (< 0: none)
+        routable = (slot_ids >= 0) & (slot_ids <= c - 2)
+        if P:  # compressed chunk j sits in pool slot j % P
+            pool_ids = _ring_ids(c - self.exact_chunks - 1, P, device)
+            routable = torch.cat([pool_ids >= 0, routable])
+            slot_ids = torch.cat([pool_ids, slot_ids])
         B, H = q.shape[:2]
         dtype = torch.promote_types(q.dtype, torch.float32)
         rows = q.to(dtype).reshape(B, H // groups, groups, 1, -1)
         parts = [st.pool_summaries, summaries] if P else [summaries]
         scores = torch.cat([rows @ s.to(dtype).transpose(-1, -2)[:, :, None] for s in parts], dim=-1)
         scores = scores.reshape(B, H, 1, P + S).masked_fill(~routable, float("-inf"))
-        top, selected = scores.topk(min(self.top_k, P + S), dim=-1)  # (B, H, 1, k) slots of [pool | bank]
+        # ties go to the lowest chunk id, as in the parallel path: rank the slots by the chunk each one holds
+        by_id = slot_ids.argsort()
+        top, rank = topk_lowest_id(scores[..., by_id], min(self.top_k, P + S))
+        selected = by_id[rank]  # (B, H, 1, k) slots of [pool | bank]
         valid = torch.isfinite(top)
+        if self.routing_log is not None:
+            self.routing_log.append(ring_routing_entry(slot_ids[selected], valid, st, self.top_k))
         exact_k = gather_chunks(bank_k, selected[:, :, 0], offset=P)  # pool picks are clamped, then masked
         exact_v = gather_chunks(bank_v, selected[:, :, 0], offset=P)
         reads = valid & (selected >= P)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hydralm.kernels.fla_modules import fla_short_conv
+
 
 class ShortConv(nn.Module):
     def __init__(self, channels: int, kernel_size: int):
@@ -14,18 +16,25 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Conv1d's default init
 
-    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None):
+    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None, use_fla: bool = False):
         """x: (B, N, C); cache: the previous kernel_size - 1 inputs (B, kernel_size - 1, C) or None.
 
-        Returns (silu(conv(x)), new cache). Zeros stand in for inputs before the stream starts.
+        Returns (silu(conv(x)), new cache). Zeros stand in for inputs before the stream starts. ``use_fla`` runs
+        a call without a cache through fla's causal_conv1d kernel (CUDA; kernels/fla_modules.py).
         """
         B, N, C = x.shape
+        K = self.kernel_size
+        if use_fla and cache is None:
+            tail = x[:, max(0, N - (K - 1)) :]
+            new_cache = x.new_zeros(B, K - 1, C)
+            new_cache[:, K - 1 - tail.shape[1] :] = tail  # a copy: the cache holds no view of x
+            return fla_short_conv(x, self.weight), new_cache
         if cache is None:
-            cache = x.new_zeros(B, self.kernel_size - 1, C)
+            cache = x.new_zeros(B, K - 1, C)
         full = torch.cat([cache.to(x.dtype), x], dim=1)
         y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
         # clone: a view would keep the whole chunk's input alive inside the decode state
-        new_cache = full[:, full.shape[1] - (self.kernel_size - 1) :].clone()
+        new_cache = full[:, full.shape[1] - (K - 1) :].clone()
         return F.silu(y), new_cache
 
     def step(self, x_t: torch.Tensor, cache: torch.Tensor):

@@ -9,18 +9,19 @@ Hyperparameters are plain dicts (never Hydra partials or objects), so checkpoint
 
 import math
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torchmetrics.aggregation import MeanMetric
 
 from hydralm.baselines.dense_transformer import DenseTransformer
 from hydralm.config import HydraConfig
+from hydralm.eval.routing_recall import routing_hits
 from hydralm.model import HydraLM
+from hydralm.modules.routing_log import retrieval_layers, start_routing_log, stop_routing_log
 from hydralm.training.optim import build_optimizer, warmup_cosine
 
 DEPTH_BUCKETS = ((0.0, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0 + 1e-9))
@@ -34,38 +35,65 @@ class HydraLMModule(L.LightningModule):
         model: Dict,
         optimizer: Dict,
         architecture: str = "hydra",
-        compile: bool = False,
+        compile: Union[bool, str] = False,
         nonfinite: str = "skip",
         max_consecutive_skips: int = 10,
+        activation_checkpointing: bool = False,
     ):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={architecture!r} is unknown; allowed: {list(ARCHITECTURES)}")
+        if not (isinstance(compile, bool) or compile == "auto"):
+            raise ValueError(f"compile={compile!r} is invalid: expected false, true or auto")
+        if not isinstance(activation_checkpointing, bool):
+            raise ValueError(
+                f"activation_checkpointing={activation_checkpointing!r} is invalid: expected true or false"
+            )
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r} is unknown; allowed: {list(NONFINITE_POLICIES)}")
         self.save_hyperparameters()
         self.config = HydraConfig(**model)
         self.net = ARCHITECTURES[architecture](self.config)
+        self.net.activation_checkpointing = activation_checkpointing
         # FSDP hands the optimizer flat shards; weight-decay groups come from these original ranks instead.
         self._param_ndims = {name: p.ndim for name, p in self.net.named_parameters()}
-        self._compiled_forward = None
         self.depth_accuracy = nn.ModuleDict(
             {
                 stage: nn.ModuleList(MeanMetric(nan_strategy="ignore") for _ in DEPTH_BUCKETS)
                 for stage in ("val", "test")
             }
         )
+        # val/routing_recall/layer{i}: per retrieval layer, answers whose chunk the routing read (local or picked);
+        # val/routing_recall_far/layer{i}: the same among answers beyond the local two chunks.
+        self.routing_recall = nn.ModuleDict(
+            {
+                f"{kind}{i}": MeanMetric(nan_strategy="ignore")
+                for i in retrieval_layers(self.net)
+                for kind in ("near_or_far", "far")
+            }
+        )
+        self._routing_logs: Optional[dict] = None
         self._skipped_in_a_row = 0
         self._step_started: Optional[float] = None
 
     # -- forward / loss --------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.hparams.compile and self._compiled_forward is None:
-            self._compiled_forward = torch.compile(self.net)
+        """Regional compile: each block's forward is compiled on its own (the same code for every block of a
+        type, so compiles are reused; the embedding, head and loss stay eager). auto = on for CUDA."""
+        device = self.trainer.strategy.root_device if self._trainer is not None else self.device
+        wanted = self.hparams.compile is True or (self.hparams.compile == "auto" and device.type == "cuda")
+        if wanted and not self.net.blocks_compiled:
+            self.net.compile_blocks()
 
     def forward(self, input_ids: torch.Tensor, **kwargs):
-        net = self._compiled_forward or self.net
-        return net(input_ids, **kwargs)
+        return self.net(input_ids, **kwargs)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Checkpoints written when compile wrapped the whole network hold every weight twice, the copy under
+        # `_compiled_forward._orig_mod.`; the weights under `net.` are the same tensors.
+        state = checkpoint.get("state_dict", {})
+        for name in [n for n in state if n.startswith("_compiled_forward.")]:
+            del state[name]
 
     def auxiliary_losses(self, out: dict) -> Dict[str, torch.Tensor]:
         """Extra loss terms, already weighted. The MTP loss is one; the compressive memory adds its own."""
@@ -74,13 +102,31 @@ class HydraLMModule(L.LightningModule):
             losses["mtp"] = out["mtp_aux_loss"]
         if out.get("memory_aux_loss") is not None:
             losses["memory"] = out["memory_aux_loss"]
+        routing = self._routing_losses()
+        if routing is not None:
+            losses["routing"] = routing
         return losses
+
+    def _routing_losses(self) -> Optional[torch.Tensor]:
+        """The retrieval layers' answer-chunk routing losses of this forward, weighted and averaged (or None)."""
+        weighted = []
+        for layer in retrieval_layers(self.net).values():
+            if layer.routing_loss is not None:
+                weighted.append(layer.routing_loss_weight * layer.routing_loss)
+                layer.routing_loss = None
+        return torch.stack(weighted).mean() if weighted else None
 
     def _shared_step(self, batch: dict, stage: str):
         use_mtp = self.config.mtp_depth > 0 and stage == "train"
-        out = self(batch["input_ids"], compute_mtp=use_mtp, labels=batch["labels"] if use_mtp else None)
-        logits = out["logits"]
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100)
+        # The loss comes without the (B, N, V) logits (chunked linear + CE); accuracy needs the query rows only.
+        out = self(
+            batch["input_ids"],
+            compute_mtp=use_mtp,
+            labels=batch["labels"],
+            return_logits=False,
+            logits_at=batch.get("query_positions"),
+        )
+        ce = out["loss"]
         aux = self.auxiliary_losses(out)
         loss = ce + sum(aux.values()) if aux else ce
         batch_size = batch["input_ids"].shape[0]
@@ -99,13 +145,14 @@ class HydraLMModule(L.LightningModule):
         for name, value in aux.items():
             self.log(f"{stage}/{name}_loss", value, batch_size=batch_size, sync_dist=stage != "train")
         if "query_positions" in batch:
-            self._log_answer_accuracy(logits, batch, stage)
+            self._log_answer_accuracy(out["logits_at"], batch, stage)
         return loss, ce
 
-    def _log_answer_accuracy(self, logits: torch.Tensor, batch: dict, stage: str) -> None:
+    def _log_answer_accuracy(self, query_logits: torch.Tensor, batch: dict, stage: str) -> None:
+        """query_logits (B, Q, V): the logits at batch["query_positions"]."""
         positions = batch["query_positions"]  # (B, Q)
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
-        correct = (logits[rows, positions].argmax(-1) == batch["labels"][rows, positions]).float()
+        correct = (query_logits.argmax(-1) == batch["labels"][rows, positions]).float()
         n = correct.numel()
         self.log(f"{stage}/acc", correct.mean(), prog_bar=True, batch_size=n, sync_dist=stage != "train")
         if stage == "train" or "depths" not in batch:
@@ -122,6 +169,10 @@ class HydraLMModule(L.LightningModule):
     # -- Lightning hooks -------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
         self._step_started = time.perf_counter()
+        # the routing loss (HydraConfig.retrieval_routing_loss) needs the answers' positions of this batch
+        targets = (batch["query_positions"], batch["source_positions"]) if "source_positions" in batch else None
+        for layer in retrieval_layers(self.net).values():
+            layer.routing_targets = targets if layer.routing_loss_weight > 0 else None
 
     def training_step(self, batch: dict, batch_idx: int):
         loss, ce = self._shared_step(batch, "train")
@@ -171,6 +222,31 @@ class HydraLMModule(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int):
         self._shared_step(batch, "val")
+
+    # -- routing recall (validation only; reads the retrieval layers' routing log, changes nothing) ------------
+    def on_validation_batch_start(self, batch, batch_idx, dataloader_idx=0):
+        if "source_positions" in batch and len(self.routing_recall):
+            self._routing_logs = start_routing_log(self.net)
+
+    def on_validation_batch_end(self, outputs, batch, batch_idx, dataloader_idx=0):
+        if self._routing_logs is None:
+            return
+        logs, self._routing_logs = self._routing_logs, None
+        stop_routing_log(self.net)
+        n = batch["query_positions"].numel()
+        for i, entries in logs.items():
+            if not entries:  # e.g. a compiled forward that skipped the Python side effects
+                continue
+            hits = routing_hits(entries, batch["query_positions"], batch["source_positions"])
+            read = (hits["local"] | hits["found"].any(1)).float()
+            for kind, values, weights in (
+                ("near_or_far", read, torch.ones_like(read)),
+                ("far", read, (~hits["local"]).float()),
+            ):
+                metric = self.routing_recall[f"{kind}{i}"]
+                metric.update(values, weights)
+                name = "routing_recall" if kind == "near_or_far" else "routing_recall_far"
+                self.log(f"val/{name}/layer{i}", metric, on_step=False, on_epoch=True, batch_size=n)
 
     def test_step(self, batch: dict, batch_idx: int):
         self._shared_step(batch, "test")

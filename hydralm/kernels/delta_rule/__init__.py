@@ -20,6 +20,10 @@ from hydralm.kernels.delta_rule.reference import delta_rule_recurrent, delta_rul
 __all__ = ["chunk_gated_delta_rule", "delta_rule_chunkwise", "delta_rule_recurrent", "delta_rule_step"]
 
 
+# Opaque to torch.compile: a compiled block (HydraLM.compile_blocks) launches our Triton kernels as they are
+# instead of tracing them, and never unrolls the PyTorch loop over chunks (thousands of chunks at 64k tokens).
+# The op's own compile switch (HYDRALM_DELTANET_COMPILE) still applies inside.
+@torch.compiler.disable
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,0 +1,92 @@
+"""Speed of the Triton retrieval-attention kernel against the flex paths: `python -m benchmarks.retrieval_kernel`.
+
+bf16 forward + backward of the attention alone (no projections), at the 160m preset's widths (H 12, D 64) with
+C 64 and top_k 8, at 16k x 4 and 64k x 1 tokens (BENCH_RETRIEVAL_SHAPES=4x16384,1x65536 picks them), random and
+coherent queries (`coherent_queries`: a 128-token tile's queries ask about one thing, so they route alike).
+Columns (ms, median of triton.testing.do_bench):
+  swa_flex            sliding-window attention through flex_attention, window 512 (the layer it is measured against)
+  retrieval_flex      retrieval through flex_attention with the routed block mask (kernels/retrieval/flex.py)
+  retrieval_triton    kernels/retrieval/triton_sparse.py, routing included
+  triton_fwd          its forward alone
+  triton_routing      its routing and per-chunk lists alone (route_sequence + selection_csr)
+plus triton / swa, triton / flex, the Triton path's peak memory, and rel_diff_vs_flex (|triton - flex| / |flex|,
+a sanity check: bf16, and a near-tie may route one token differently in the two paths).
+Results also go to $OUT/retrieval_kernel.json when OUT is set.
+"""
+
+import json
+import os
+
+import torch
+from triton.testing import do_bench
+
+from benchmarks.speed import _print_table, coherent_queries
+from hydralm.kernels.attention.flex import sliding_window_flex
+from hydralm.kernels.retrieval.flex import retrieval_flex
+from hydralm.kernels.retrieval.routing import route_sequence
+from hydralm.kernels.retrieval.selection_csr import selection_csr, tile_work_list
+from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
+
+H, D, C, TOP_K, WINDOW = 12, 64, 64, 8, 512
+
+
+def bench(fn, rep: int = 100) -> float:
+    fn()  # compile and autotune outside the timing
+    torch.cuda.synchronize()
+    return do_bench(fn, warmup=10, rep=rep, return_mode="median")
+
+
+def fwd_bwd(attention, q, k, v):
+    def step():
+        attention(q, k, v).sum().backward()
+
+    return step
+
+
+def row(B: int, T: int, coherent: bool) -> dict:
+    q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    if coherent:
+        q = coherent_queries(q.float()).bfloat16()
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def triton_path(a, b, c):
+        return retrieval_attention_triton(a, b, c, C, TOP_K)
+
+    def routing():
+        selected = route_sequence(q, k, C, TOP_K)
+        entries, offsets = selection_csr(selected, k.shape[1], T // C)
+        return tile_work_list(offsets, entries.numel(), 64)
+
+    result = {"shape": f"B{B} T{T} H{H} D{D} C{C} k{TOP_K}", "queries": "coherent" if coherent else "random"}
+    result["swa_flex"] = bench(fwd_bwd(lambda a, b, c: sliding_window_flex(a, b, c, WINDOW), q, k, v))
+    result["retrieval_flex"] = bench(fwd_bwd(lambda a, b, c: retrieval_flex(a, b, c, C, TOP_K), q, k, v), 20)
+    torch.cuda.reset_peak_memory_stats()
+    result["retrieval_triton"] = bench(fwd_bwd(triton_path, q, k, v))
+    result["triton_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    with torch.no_grad():
+        result["triton_fwd"] = bench(lambda: triton_path(q, k, v))
+        result["triton_routing"] = bench(routing)
+        flex_out, triton_out = retrieval_flex(q, k, v, C, TOP_K).float(), triton_path(q, k, v).float()
+    result["triton/swa"] = result["retrieval_triton"] / result["swa_flex"]
+    result["triton/flex"] = result["retrieval_triton"] / result["retrieval_flex"]
+    result["rel_diff_vs_flex"] = float((triton_out - flex_out).norm() / flex_out.norm())
+    print(result, flush=True)
+    return result
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
+    shapes = os.environ.get("BENCH_RETRIEVAL_SHAPES", "4x16384,1x65536").split(",")
+    rows = [row(int(b), int(t), coherent) for b, t in (s.split("x") for s in shapes) for coherent in (False, True)]
+    columns = ["shape", "queries", "swa_flex", "retrieval_flex", "retrieval_triton", "triton_fwd", "triton_routing"]
+    columns += ["triton/swa", "triton/flex", "triton_peak_GiB", "rel_diff_vs_flex"]
+    _print_table("retrieval attention, bf16 fwd+bwd (ms)", rows, columns)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "retrieval_kernel.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

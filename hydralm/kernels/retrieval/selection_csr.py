@@ -1,0 +1,53 @@
+"""The routing inverted: for each (batch row, key head, chunk), the list of query slots that selected it.
+
+The Triton kernels (triton_sparse.py) are kv-centric: a program loads one chunk's keys and values and runs the
+queries that chose it through `tl.dot` in tiles. Token-major selections (B, H, N, k) are turned into such lists
+on the device, without host synchronisation:
+
+  entry  e = ((b * H + h) * N + t) * k + slot, one per valid selection (the flat index into `selected`,
+         so a kernel finds the query row e // k and writes the slot's partial result at e);
+  list   l = (b * H_kv + h // G) * n_chunks + chunk; entries[offsets[l]:offsets[l + 1]] are its entries,
+         in increasing e (a stable sort), so the lists and their tiles are the same from run to run.
+
+The query heads of a key-head group share one list, so a chunk's key/value gradients are summed over the group
+inside one program (no atomics).
+"""
+
+from typing import Tuple
+
+import torch
+
+
+def selection_csr(selected: torch.Tensor, n_kv_heads: int, n_chunks: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """selected (B, H, N, k) chunk ids (-1 = none) -> (entries (B * H * N * k,) int32, offsets (n_lists + 1,)
+    int32), n_lists = B * n_kv_heads * n_chunks. Invalid selections sort after every list (past offsets[-1])."""
+    B, H, N, k = selected.shape
+    n_lists = B * n_kv_heads * n_chunks
+    device = selected.device
+    b = torch.arange(B, device=device).view(B, 1, 1, 1)
+    kv_head = (torch.arange(H, device=device) // (H // n_kv_heads)).view(1, H, 1, 1)
+    key = torch.where(selected >= 0, (b * n_kv_heads + kv_head) * n_chunks + selected, n_lists).flatten()
+    key = key.to(torch.int32)
+    sorted_key, entries = torch.sort(key, stable=True)
+    boundaries = torch.arange(n_lists + 1, dtype=torch.int32, device=device)
+    offsets = torch.searchsorted(sorted_key, boundaries)
+    return entries.to(torch.int32), offsets.to(torch.int32)
+
+
+def tile_work_list(offsets: torch.Tensor, n_entries: int, tile: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The lists cut into tiles of up to `tile` entries: (list id, first entry) per tile, int32.
+
+    The grid has a size known on the host, cdiv(n_entries, tile) + n_lists >= the number of tiles (each list
+    wastes less than one tile); slots past the last tile get list id -1 and their programs exit at once."""
+    n_lists = offsets.numel() - 1
+    counts = offsets[1:] - offsets[:-1]
+    tiles = (counts + tile - 1) // tile
+    tiles_end = torch.cumsum(tiles, 0, dtype=torch.int32)
+    n_slots = -(-n_entries // tile) + n_lists
+    slot = torch.arange(n_slots, dtype=torch.int32, device=offsets.device)
+    owner = torch.searchsorted(tiles_end, slot, right=True)  # the list whose tiles cover this slot
+    in_range = owner < n_lists
+    owner = owner.clamp(max=n_lists - 1)
+    first_tile = tiles_end[owner] - tiles[owner]
+    start = offsets[owner] + (slot - first_tile) * tile
+    return torch.where(in_range, owner, -1).to(torch.int32), start.to(torch.int32)

@@ -1,0 +1,95 @@
+"""The from-scratch routing of retrieval attention as one Triton kernel: `route_tokens_triton`.
+
+Same selections as `route_tokens_blocked` (routing.py): token t of chunk i = t // C picks its top_k chunks
+among 0 .. i-2 by q_t . summary_j in fp32, ties to the lowest chunk id, ordered by score then id. A program
+scores a tile of queries against the summaries of its key head block by block and keeps a running top-k in
+registers, so no score tensor reaches memory: routing reads q and the summaries once per query tile and
+writes (B, H, N, top_k) ids. In PyTorch the same takes a score tensor, a masked fill, a top-k and the
+tie-breaking passes over it, several times the memory traffic.
+
+A score and its chunk id are packed into one int64 whose order is (score, -id): the score's fp32 bits
+mapped to an order-preserving int32 in the high word, 2^31 - 1 - id in the low word. tl.topk on such keys is
+an exact top-k with the lowest id first among equal scores. Scores are computed with tl.dot (IEEE fp32, or
+TF32 when torch's fp32 matmul precision allows it, as route_tokens does), so they may differ from the
+PyTorch router's in the last bit, and a near-tie may then resolve differently; exact scores (as in the
+tests, where queries and keys are small integers) give identical selections.
+"""
+
+import torch
+
+from hydralm.kernels.triton_common import dot_precision, interpreting, tl, triton
+
+if triton is not None:
+
+    @triton.jit
+    def _route_kernel(
+        q_ptr,
+        summaries_ptr,
+        selected_ptr,
+        stride_qb,
+        stride_qh,
+        stride_qn,
+        H,
+        H_KV,
+        N,
+        N_CHUNKS,
+        C: tl.constexpr,
+        D: tl.constexpr,
+        TOP_K: tl.constexpr,
+        KP: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,
+        BD: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        b, h = bh // H, bh % H
+        hk = h // (H // H_KV)
+        m0 = pid_m * BM
+        rm, rd = m0 + tl.arange(0, BM), tl.arange(0, BD)
+        m_ok, d_ok = rm < N, rd < D
+        q = tl.load(
+            q_ptr + b * stride_qb + h * stride_qh + rm[:, None] * stride_qn + rd[None, :],
+            mask=m_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        n_eligible = rm // C - 1  # a token may pick chunks 0 .. n_eligible - 1
+        n_cols = (tl.minimum(m0 + BM, N) - 1) // C - 1  # the most any token of the tile may pick
+        none = tl.full([BM, KP], -(2**63), dtype=tl.int64)  # below every packed key
+        best = none
+        s_base = summaries_ptr + (b * H_KV + hk) * N_CHUNKS * D
+        for n0 in range(0, n_cols, BN):
+            rn = n0 + tl.arange(0, BN)
+            s = tl.load(s_base + rn[:, None] * D + rd[None, :], mask=(rn < n_cols)[:, None] & d_ok[None, :], other=0.0)
+            scores = tl.dot(q, tl.trans(s), input_precision=PRECISION) + 0.0  # + 0.0: -0.0 becomes +0.0
+            bits = scores.to(tl.int32, bitcast=True)
+            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order = float order
+            key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - rn)[None, :].to(tl.int64)
+            key = tl.where(rn[None, :] < n_eligible[:, None], key, -(2**63))
+            block_best = tl.topk(key, KP)
+            best = tl.topk(tl.reshape(tl.join(best, block_best), [BM, 2 * KP]), KP)
+        ids = tl.where(best == -(2**63), -1, 0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
+        rk = tl.arange(0, KP)
+        tl.store(
+            selected_ptr + (bh * N + rm)[:, None] * TOP_K + rk[None, :],
+            ids,
+            mask=m_ok[:, None] & (rk < TOP_K)[None, :],
+        )
+
+
+def route_tokens_triton(q: torch.Tensor, summaries: torch.Tensor, chunk_size: int, top_k: int) -> torch.Tensor:
+    """`route_tokens_blocked` as one Triton kernel: q (B, H, N, D), summaries (B, H_kv, >= N // C, D) fp32 ->
+    chunk ids (B, H, N, top_k) int32, -1 where fewer than top_k chunks are eligible."""
+    B, H, N, D = q.shape
+    summaries = summaries.float().contiguous()
+    selected = torch.empty(B, H, N, top_k, dtype=torch.int32, device=q.device)
+    if N == 0:
+        return selected
+    KP = triton.next_power_of_2(top_k)
+    BM, BN = (16, max(16, KP)) if interpreting() else (64, max(64, KP))
+    _route_kernel[(triton.cdiv(N, BM), B * H)](
+        q, summaries, selected, *q.stride()[:3], H, summaries.shape[1], N, summaries.shape[2],
+        C=chunk_size, D=D, TOP_K=top_k, KP=KP, BM=BM, BN=BN, BD=max(16, triton.next_power_of_2(D)),
+        PRECISION=dot_precision(),
+    )  # fmt: skip
+    return selected

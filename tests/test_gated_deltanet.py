@@ -1,0 +1,119 @@
+"""The lean Gated DeltaNet block: old checkpoints load into the fused projection, the memory-lean gated RMSNorm
+matches the plain expression, and the fla-module wiring matches the PyTorch path (fla itself: benchmarks/gpu_check)."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hydralm import HydraConfig, HydraLM
+from hydralm.modules import gated_deltanet, short_conv
+from hydralm.modules import rmsnorm as rmsnorm_module
+from hydralm.modules.gated_deltanet import GatedDeltaNet
+from hydralm.modules.rmsnorm import GatedRMSNorm
+
+LEGACY = Path(__file__).parent / "data" / "gdn_legacy_layout.pt"
+
+
+@pytest.mark.parametrize("name", ["gated", "ungated"])
+def test_state_dict_in_the_old_layout_loads_and_gives_the_same_logits(name):
+    """Saved by the model with separate qkv / a_proj / b_proj / gate projections (with its logits)."""
+    saved = torch.load(LEGACY, weights_only=True)[name]
+    assert "blocks.0.mixer.qkv.weight" in saved["state_dict"]
+    model = HydraLM(HydraConfig.from_dict(saved["config"])).eval()
+    model.load_state_dict(saved["state_dict"], strict=True)
+    with torch.no_grad():
+        logits = model(saved["input_ids"])["logits"]
+    torch.testing.assert_close(logits, saved["logits"], rtol=0, atol=1e-5)
+    assert "blocks.0.mixer.in_proj.weight" in model.state_dict()
+
+
+def test_a_partial_old_layout_is_refused_by_strict_loading():
+    saved = torch.load(LEGACY, weights_only=True)["gated"]
+    state = dict(saved["state_dict"])
+    del state["blocks.0.mixer.gate.weight"]
+    with pytest.raises(RuntimeError, match="in_proj.weight"):
+        HydraLM(HydraConfig.from_dict(saved["config"])).load_state_dict(state, strict=True)
+
+
+def _gated_norm_case(dtype=torch.float64):
+    x = torch.randn(3, 5, 2, 16, dtype=dtype, requires_grad=True)
+    gate = torch.randn(3, 5, 2, 16, dtype=dtype, requires_grad=True)
+    norm = GatedRMSNorm(16).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(16, dtype=dtype))
+    upstream = torch.randn(3, 5, 2, 16, dtype=dtype)
+    return norm, x, gate, upstream
+
+
+def _value_and_grads(fn, norm, x, gate, upstream):
+    y = fn(x, gate)
+    return (y, *torch.autograd.grad((y * upstream).sum(), (x, gate, norm.weight)))
+
+
+def test_lean_gated_rmsnorm_matches_the_plain_expression_and_its_gradients():
+    norm, x, gate, upstream = _gated_norm_case()
+    expected = _value_and_grads(norm.reference, norm, x, gate, upstream)
+    got = _value_and_grads(norm, norm, x, gate, upstream)
+    for name, a, b in zip(("y", "dx", "dgate", "dweight"), got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=name)
+    # bf16 in, bf16 out, computed in fp32: close to the fp64 answer
+    low = [t.detach().bfloat16().requires_grad_() for t in (x, gate)]
+    y = norm.float()(*low)
+    assert y.dtype == torch.bfloat16
+    assert ((y.double() - expected[0]).norm() / expected[0].norm()) < 1e-2
+
+
+def test_lean_gated_rmsnorm_sabotage_is_caught(monkeypatch):
+    """Dropping the mean term of the normalisation's backward must fail the gradient comparison."""
+    norm, x, gate, upstream = _gated_norm_case()
+    expected = _value_and_grads(norm.reference, norm, x, gate, upstream)
+    real_mean, real_function = torch.Tensor.mean, rmsnorm_module._GatedRMSNormFunction
+
+    class Sabotaged(real_function):
+        @staticmethod
+        def backward(ctx, grad_y):
+            torch.Tensor.mean = lambda self, *a, **k: real_mean(self, *a, **k) * 0
+            try:
+                return real_function.backward(ctx, grad_y)
+            finally:
+                torch.Tensor.mean = real_mean
+
+    monkeypatch.setattr(rmsnorm_module, "_GatedRMSNormFunction", Sabotaged)
+    got = _value_and_grads(norm, norm, x, gate, upstream)
+    assert not torch.allclose(got[1], expected[1], rtol=1e-6, atol=1e-8)
+
+
+def _torch_stand_ins(monkeypatch):
+    """The fla wrappers replaced by PyTorch functions of the same contract, so the wiring runs on a CPU."""
+
+    def conv(x, weight):
+        full = F.pad(x, (0, 0, weight.shape[-1] - 1, 0))
+        return F.silu(F.conv1d(full.transpose(1, 2), weight, groups=x.shape[-1]).transpose(1, 2))
+
+    monkeypatch.setattr(gated_deltanet, "gdn_modules_backend", lambda is_cuda: "fla")
+    monkeypatch.setattr(short_conv, "fla_short_conv", conv)
+    monkeypatch.setattr(gated_deltanet, "fla_l2norm", lambda x, eps: F.normalize(x, dim=-1, eps=eps))
+    monkeypatch.setattr(
+        gated_deltanet,
+        "fla_gated_rms_norm",
+        lambda x, gate, weight, eps: rmsnorm_module._GatedRMSNormFunction.apply(x, gate, weight, eps),
+    )
+
+
+@pytest.mark.parametrize("N", [2, 13])  # shorter and longer than the conv's cache (kernel 4: 3 rows)
+def test_fla_module_wiring_gives_the_torch_outputs_state_and_gradients(monkeypatch, N):
+    cfg = HydraConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=2, dn_chunk_size=4, layer_types=["deltanet"])
+    layer = GatedDeltaNet(cfg)
+    x = torch.randn(2, N, 32, requires_grad=True)
+    y, state = layer(x)
+    grads = torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])
+    _torch_stand_ins(monkeypatch)
+    y_fla, state_fla = layer(x)
+    grads_fla = torch.autograd.grad(y_fla.square().sum(), [x, *layer.parameters()])
+    torch.testing.assert_close(y_fla, y, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state_fla["conv"], state["conv"], rtol=0, atol=0)
+    torch.testing.assert_close(state_fla["S"], state["S"], rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads_fla, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,248 @@
+"""The Triton retrieval-attention kernel (kernels/retrieval/triton_sparse.py) and the blocked router against the
+dense reference (kernels/retrieval/reference.py) and `route_tokens`.
+
+Off GPU the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1, set below before any kernel is
+defined), which executes their own code with IEEE fp32 dots; shapes stay small because the interpreter's cost
+is per operation. On a GPU the same comparisons in TF32 and bf16, at larger shapes, are
+`python -m benchmarks.gpu_check retrieval`.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from hydralm.kernels.attention.local import repeat_kv  # noqa: E402
+from hydralm.kernels.retrieval import triton_sparse  # noqa: E402
+from hydralm.kernels.retrieval.reference import retrieval_attention_reference, retrieval_mask_reference  # noqa: E402
+from hydralm.kernels.retrieval.routing import (  # noqa: E402
+    chunk_summaries,
+    route_tokens,
+    route_tokens_blocked,
+    topk_lowest_id,
+)
+from hydralm.kernels.retrieval.selection_csr import selection_csr, tile_work_list  # noqa: E402
+from hydralm.kernels.retrieval.triton_routing import route_tokens_triton  # noqa: E402
+from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton  # noqa: E402
+from hydralm.kernels.triton_common import triton_available  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="the `triton` package is a dev dependency")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# fp32 kernel vs fp64 reference on the same values: observed errors ~1e-6 on outputs and gradients of size ~1
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def _inputs(B, H, H_kv, N, D, seed=0, strided=False):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, N, D, generator=gen)
+    k, v = (torch.randn(B, H_kv, N, D, generator=gen) for _ in range(2))
+    weight = torch.randn(B, H, N, D, generator=gen, dtype=torch.float64)  # a random projection of the output
+    if strided:  # (B, N, H, D) memory viewed as (B, H, N, D), as the layer's projections hand them over
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    return q, k, v, weight
+
+
+def _kernel_out_and_grads(q, k, v, weight, chunk_size, top_k):
+    leaves = [t.detach().clone().to(DEVICE).requires_grad_() for t in (q, k, v)]  # strides kept
+    out = retrieval_attention_triton(*leaves, chunk_size, top_k)
+    (out.double() * weight.to(DEVICE)).sum().backward()
+    return [out.detach().double().cpu()] + [t.grad.double().cpu() for t in leaves]
+
+
+def _reference_out_and_grads(q, k, v, weight, chunk_size, top_k):
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    groups = q.shape[1] // k.shape[1]
+    out = retrieval_attention_reference(
+        leaves[0], repeat_kv(leaves[1], groups), repeat_kv(leaves[2], groups), chunk_size, top_k
+    )
+    (out * weight).sum().backward()
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _assert_matches_reference(got, expected):
+    for name, g, e in zip(["out", "dq", "dk", "dv"], got, expected):
+        torch.testing.assert_close(g, e, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+# Ragged N (last chunk partial), GQA and MHA, chunk sizes 16 .. 128 (48: not a power of two, so masked key
+# tiles and three 16-row dK/dV blocks per chunk), D not a power of two, top_k 1 .. 16 (16: more than any token
+# has chunks to pick), the first chunks alone (N <= 3C: few or no selections) and q/k/v as strided views.
+@pytest.mark.parametrize(
+    "B,H,H_kv,N,D,C,top_k,strided",
+    [
+        (1, 4, 2, 83, 16, 16, 3, True),
+        (1, 2, 2, 150, 24, 48, 2, False),
+        (1, 1, 1, 300, 16, 128, 1, False),
+        (1, 2, 1, 120, 16, 16, 16, False),
+        (1, 2, 2, 40, 16, 16, 2, False),
+        (1, 2, 1, 30, 16, 16, 2, False),
+    ],
+)
+def test_triton_kernel_matches_the_reference_in_outputs_and_all_gradients(B, H, H_kv, N, D, C, top_k, strided):
+    q, k, v, weight = _inputs(B, H, H_kv, N, D, strided=strided)
+    got = _kernel_out_and_grads(q, k, v, weight, C, top_k)
+    _assert_matches_reference(got, _reference_out_and_grads(q, k, v, weight, C, top_k))
+
+
+def test_the_comparison_fails_when_one_selection_is_dropped(monkeypatch):
+    """Sabotage: the per-chunk lists lose one query slot (the first of the longest list), so that token misses
+    one of its chunks; the comparison with the reference must then fail."""
+    q, k, v, weight = _inputs(1, 2, 1, 83, 16)
+    expected = _reference_out_and_grads(q, k, v, weight, 16, 2)
+    real = selection_csr
+
+    def drop_one_entry(selected, n_kv_heads, n_chunks):
+        entries, offsets = real(selected, n_kv_heads, n_chunks)
+        longest = int((offsets[1:] - offsets[:-1]).argmax())
+        at = int(offsets[longest])
+        entries = torch.cat([entries[:at], entries[at + 1 :], entries[at : at + 1]])
+        offsets = torch.cat([offsets[: longest + 1], offsets[longest + 1 :] - 1])
+        return entries, offsets
+
+    monkeypatch.setattr(triton_sparse, "selection_csr", drop_one_entry)
+    got = _kernel_out_and_grads(q, k, v, weight, 16, 2)
+    with pytest.raises(AssertionError):
+        _assert_matches_reference(got, expected)
+
+
+def test_a_rows_result_is_bit_identical_whatever_the_other_rows_hold_and_from_run_to_run():
+    """C2 (rows of a batch independent) exactly, in fp32, and deterministic gradients (no atomics)."""
+    q, k, v, weight = _inputs(2, 2, 1, 60, 16)
+    first = _kernel_out_and_grads(q, k, v, weight, 16, 3)
+    again = _kernel_out_and_grads(q, k, v, weight, 16, 3)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    q2, k2, v2, _ = _inputs(2, 2, 1, 60, 16, seed=1)
+    q2[0], k2[0], v2[0] = q[0], k[0], v[0]  # row 0 kept, row 1 changed
+    other = _kernel_out_and_grads(q2, k2, v2, weight, 16, 3)
+    for a, b in zip(first, other):
+        assert torch.equal(a[0], b[0])
+        assert not torch.equal(a[1:], b[1:])
+
+
+def test_topk_lowest_id_breaks_ties_towards_the_lowest_index():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(-2, 3, (200, 23), generator=gen).float()
+    scores[:5] = float("-inf")  # all ineligible, as at the start of a sequence
+    values, idx = topk_lowest_id(scores, 6)
+    for row in range(scores.shape[0]):
+        expected = sorted(range(23), key=lambda j: (-scores[row, j].item(), j))[:6]
+        assert idx[row].tolist() == expected
+        assert torch.equal(values[row], scores[row, expected])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("H,H_kv,C,top_k", [(4, 2, 4, 3), (2, 2, 8, 5)])
+def test_blocked_router_equals_route_tokens_and_the_reference_with_ties_forced(dtype, H, H_kv, C, top_k):
+    """Queries and keys in {-1, 0, 1}: scores are small integers, computed exactly, with many exact ties; all
+    three keep the lowest chunk id among equal scores (blocks of 13 queries: not aligned with the chunks)."""
+    gen = torch.Generator().manual_seed(0)
+    B, N, D = 2, 77, 4
+    q = torch.randint(-1, 2, (B, H, N, D), generator=gen).to(dtype)
+    k = torch.randint(-1, 2, (B, H_kv, N, D), generator=gen).to(dtype)
+    summaries = chunk_summaries(k, C)
+    blocked = route_tokens_blocked(q, summaries, C, top_k, block=13)
+    n_eligible = (torch.arange(N) // C - 1).clamp(min=0)
+    selected, valid = route_tokens(q, [summaries], n_eligible, top_k)
+    assert torch.equal(blocked, torch.where(valid, selected, -1).to(torch.int32))
+    # the reference's mask, built by its own sort (stable: lowest id first among ties)
+    groups = H // H_kv
+    allowed = retrieval_mask_reference(q, repeat_kv(k, groups), C, top_k)
+    chunk_of_key = torch.arange(N) // C
+    token_chunk = torch.arange(N) // C
+    routed = torch.zeros_like(allowed)
+    for slot in range(top_k):
+        ids = blocked[..., slot].long()
+        routed |= (chunk_of_key == ids[..., None]) & (ids[..., None] >= 0)
+    local = (torch.arange(N)[None, :] <= torch.arange(N)[:, None]) & (chunk_of_key[None, :] >= token_chunk[:, None] - 1)
+    assert torch.equal(routed | local, allowed)
+
+
+def test_triton_router_equals_route_tokens_with_ties_forced():
+    """The routing kernel of the CUDA path (run here in the interpreter, whose sorting network is slow: one
+    small case), with exact integer scores and many ties."""
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randint(-1, 2, (1, 2, 40, 4), generator=gen).float()
+    k = torch.randint(-1, 2, (1, 1, 40, 4), generator=gen).float()
+    summaries = chunk_summaries(k, 4)
+    expected = route_tokens_blocked(q, summaries, 4, 3)
+    assert torch.equal(route_tokens_triton(q.to(DEVICE), summaries.to(DEVICE), 4, 3).cpu(), expected)
+
+
+def test_selection_lists_and_tiles_cover_every_valid_selection_once():
+    gen = torch.Generator().manual_seed(0)
+    B, H, H_kv, N, top_k, n_chunks = 2, 4, 2, 50, 3, 9
+    selected = torch.randint(-1, n_chunks, (B, H, N, top_k), generator=gen).to(torch.int32)
+    entries, offsets = selection_csr(selected, H_kv, n_chunks)
+    flat = selected.flatten()
+    assert int(offsets[-1]) == int((flat >= 0).sum())
+    for lst in range(B * H_kv * n_chunks):
+        b, head, chunk = lst // (H_kv * n_chunks), (lst // n_chunks) % H_kv, lst % n_chunks
+        members = entries[offsets[lst] : offsets[lst + 1]].long()
+        assert torch.equal(members, members.sort().values)  # increasing: a stable order
+        rows = members // top_k
+        assert torch.all(flat[members] == chunk)
+        assert torch.all(rows // (H * N) == b) and torch.all((rows // N) % H // (H // H_kv) == head)
+    tile_list, tile_start = tile_work_list(offsets, entries.numel(), 4)
+    covered = torch.zeros(entries.numel(), dtype=torch.int32)
+    for lst, start in zip(tile_list.tolist(), tile_start.tolist()):
+        if lst >= 0:
+            covered[start : min(start + 4, int(offsets[lst + 1]))] += 1
+    assert torch.all(covered[: int(offsets[-1])] == 1) and torch.all(covered[int(offsets[-1]) :] == 0)
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(chunk_size=0), "chunk_size=0"),
+        (dict(top_k=0), "top_k=0"),
+        (dict(k=torch.zeros(1, 3, 8, 16)), "H_kv dividing H=2"),
+        (dict(q=torch.zeros(1, 2, 8, 16, dtype=torch.float64)), "float32, float16, bfloat16"),
+    ],
+)
+def test_bad_inputs_get_one_clear_error(change, message):
+    args = dict(q=torch.zeros(1, 2, 8, 16), k=torch.zeros(1, 1, 8, 16), v=torch.zeros(1, 1, 8, 16))
+    args.update(chunk_size=4, top_k=2)
+    args.update(change)
+    if "k" in change:
+        args["v"] = change["k"]
+    with pytest.raises(ValueError, match=message):
+        retrieval_attention_triton(**{name: t.to(DEVICE) if torch.is_tensor(t) else t for name, t in args.items()})
+
+
+def test_a_model_trains_the_same_with_the_triton_kernel_as_with_the_gather_path(monkeypatch):
+    """HYDRALM_RETRIEVAL=triton routes the layer's parallel forward through the kernel: the loss and every
+    parameter gradient equal the PyTorch gather path's (ragged length, GQA)."""
+    from hydralm import HydraConfig, HydraLM
+
+    cfg = HydraConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        n_kv_heads=1,
+        layer_types=["retrieval", "deltanet"],
+        retrieval_chunk_size=8,
+        retrieval_top_k=2,
+    )
+    torch.manual_seed(0)
+    model = HydraLM(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 70))
+
+    def loss_and_grads(backend):
+        monkeypatch.setenv("HYDRALM_RETRIEVAL", backend)
+        model.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(ids)["logits"].flatten(0, 1), ids.flatten())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_torch, grads_torch = loss_and_grads("torch")
+    loss_triton, grads_triton = loss_and_grads("triton")
+    torch.testing.assert_close(loss_triton, loss_torch, atol=1e-5, rtol=1e-5)
+    assert grads_triton.keys() == grads_torch.keys()
+    for name in grads_torch:
+        torch.testing.assert_close(grads_triton[name], grads_torch[name], atol=1e-5, rtol=1e-4, msg=name)
