@@ -347,7 +347,7 @@ def check_gdn_block(device: str) -> None:
         inp = x.clone().requires_grad_()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
             y, state = layer(inp)
-        return y, state["S"], torch.autograd.grad((y.float() * w).sum(), [inp, *layer.parameters()])
+        return y, state.S, torch.autograd.grad((y.float() * w).sum(), [inp, *layer.parameters()])
 
     try:
         ref = run("torch", torch.float32)

@@ -133,7 +133,7 @@ class HydraLM(nn.Module):
         for i, block in enumerate(self._blocks()):
             x, layer_state = self._run_block(block, x, None if state is None else state[i])
             new_state.append(layer_state)
-        out = {
+        out: Dict[str, Any] = {
             "logits": None,
             "state": new_state if return_state else None,
             "loss": None,
@@ -224,9 +224,9 @@ class HydraLM(nn.Module):
         """Drop a reconstruction loss no forward of this model will read: the one an activation-checkpointed
         block's recomputation in backward set."""
         if self.cfg.memory is not None:
-            for block in self.blocks:
+            for block in self._blocks():
                 if getattr(block.mixer, "memory_loss", None) is not None:
-                    block.mixer.memory_loss = None
+                    block.mixer.memory_loss = None  # type: ignore[attr-defined]  # only retrieval layers have it
 
     def _memory_loss(self) -> Optional[torch.Tensor]:
         """The compressors' attention-reconstruction loss from this training forward (weighted), or None."""
