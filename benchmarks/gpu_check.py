@@ -361,7 +361,7 @@ def check_gdn_block(device: str) -> None:
         grads = torch.autograd.grad((y.float() * w).sum(), [inp, *layer.parameters()])
         torch.cuda.synchronize()
         print(f"      gdn_block {modules} {dtype} ran ({time.perf_counter() - started:.0f} s so far)", flush=True)
-        return y, state["S"], grads
+        return y, state.S, grads
 
     previous_deltanet = os.environ.get("HYDRALM_DELTANET")
     os.environ["HYDRALM_DELTANET"] = "torch"

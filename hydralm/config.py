@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
-LAYER_TYPES = ("deltanet", "swa", "retrieval", "attention")
+from hydralm.modules.registry import LAYER_TYPES, mixer_class
+
 MEMORY_FIELDS = ("exact_window", "compress_every", "pool_size")  # required keys of HydraConfig.memory
 MEMORY_OPTIONAL = {"loss_weight": 1.0}  # weight of the compressor's attention-reconstruction loss
 
@@ -89,12 +90,17 @@ class HydraConfig:
             self._auto_layer_types = True
         else:
             self.layer_types = _check_layer_types(self.layer_types, self.n_layers)
-        _check_memory_fits(self)
-        rotary = [t for t in self.layer_types if t in ("swa", "attention")]
-        if rotary and self.resolved_head_dim % 2:
-            _fail("head_dim", self.resolved_head_dim, f"an even head size: {rotary[0]} layers use rotary embeddings")
+        for layer_type in dict.fromkeys(self.layer_types):  # what each layer type needs of the other fields
+            check = getattr(mixer_class(layer_type), "check_config", None)
+            if check is not None:
+                check(self)
 
     # -- derived sizes ---------------------------------------------------------------------------
+    @property
+    def types(self) -> List[str]:
+        """The per-layer mixer types (``layer_types`` after validation: never None)."""
+        return list(self.layer_types or [])
+
     @property
     def resolved_head_dim(self) -> int:
         return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
@@ -123,14 +129,14 @@ class HydraConfig:
         return types
 
     # -- serialisation ---------------------------------------------------------------------------
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
-        out["layer_types"] = None if self._auto_layer_types else list(self.layer_types or [])
+        out["layer_types"] = None if self._auto_layer_types else self.types
         out["memory"] = None if self.memory is None else dict(self.memory)
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "HydraConfig":
+    def from_dict(cls, data: Dict[str, Any]) -> "HydraConfig":
         known = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -145,8 +151,7 @@ class HydraConfig:
         return HydraConfig.from_dict({**self.to_dict(), **changes})
 
     def summary(self) -> str:
-        types = self.layer_types or []  # set by __post_init__; `or` only narrows the Optional
-        counts = {t: types.count(t) for t in LAYER_TYPES if t in types}
+        counts = {t: self.types.count(t) for t in LAYER_TYPES if t in self.types}
         mix = ", ".join(f"{n} {t}" for t, n in counts.items())
         extras = [f"top_k={self.retrieval_top_k}x{self.retrieval_chunk_size}"] if "retrieval" in counts else []
         if self.mtp_depth:
@@ -170,8 +175,13 @@ class HydraConfig:
 
 
 # -- validation helpers --------------------------------------------------------------------------
+def config_error(name: str, value: Any, allowed: str) -> ValueError:
+    """The one error a bad field raises: it names the field, the value and what is allowed."""
+    return ValueError(f"HydraConfig.{name}={value!r} is invalid: expected {allowed}")
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"HydraConfig.{name}={value!r} is invalid: expected {allowed}")
+    raise config_error(name, value, allowed)
 
 
 def _check_int(cfg: HydraConfig, name: str, minimum: int) -> None:
@@ -215,23 +225,6 @@ def _check_memory(memory: Any) -> Optional[dict]:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight >= 0:
         _fail("memory.loss_weight", weight, "a number >= 0")
     return memory
-
-
-def _check_memory_fits(cfg: "HydraConfig") -> None:
-    """Retrieval layers compress whole chunks: the memory sizes must line up with retrieval_chunk_size."""
-    if cfg.memory is None or "retrieval" not in (cfg.layer_types or []):
-        return
-    C, m = cfg.retrieval_chunk_size, cfg.memory
-    if m["exact_window"] % C or m["exact_window"] < C:
-        _fail("memory.exact_window", m["exact_window"], f"a multiple of retrieval_chunk_size={C}")
-    if C % m["compress_every"]:
-        _fail("memory.compress_every", m["compress_every"], f"a divisor of retrieval_chunk_size={C}")
-    if m["pool_size"] < C // m["compress_every"]:
-        _fail(
-            "memory.pool_size",
-            m["pool_size"],
-            f">= retrieval_chunk_size / compress_every = {C // m['compress_every']} (one compressed chunk)",
-        )
 
 
 def _check_layer_types(layer_types: Any, n_layers: int) -> list:

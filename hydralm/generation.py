@@ -7,10 +7,13 @@ nothing re-reads the prefix. See docs/inference.md.
 """
 
 import contextlib
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import nn
 
+from hydralm.model import HydraLM
+from hydralm.modules.mixer import DecodeState
 from hydralm.state import select_rows
 from hydralm.static_decode import StaticDecoder, unsupported
 from hydralm.token_sampling import check_sampling, sample_next
@@ -30,25 +33,30 @@ PromptLike = Union[torch.Tensor, Sequence[Sequence[int]], Sequence[torch.Tensor]
 
 
 @contextlib.contextmanager
-def inference_mode(*models):
+def inference_mode(*models: Optional[nn.Module]) -> Iterator[None]:
     """eval() and no_grad() for the block; every model's training flag is restored afterwards."""
-    models = [m for m in models if m is not None]
-    flags = [m.training for m in models]
+    present = [m for m in models if m is not None]
+    flags = [m.training for m in present]
     try:
-        for m in models:
+        for m in present:
             m.eval()
         with torch.no_grad():
             yield
     finally:
-        for m, flag in zip(models, flags):
+        for m, flag in zip(present, flags):
             m.train(flag)
 
 
-def model_device(model) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def prefill(model, input_ids: torch.Tensor, state=None, chunk_size: Optional[int] = PREFILL_CHUNK_SIZE):
+def prefill(
+    model: HydraLM,
+    input_ids: torch.Tensor,
+    state: Optional[DecodeState] = None,
+    chunk_size: Optional[int] = PREFILL_CHUNK_SIZE,
+) -> Tuple[torch.Tensor, torch.Tensor, DecodeState]:
     """Feed input_ids (B, N >= 1) through the parallel forward, `chunk_size` tokens per call, carrying the
     state. Returns (logits (B, V) and hidden (B, d) at the last token, new state)."""
     if input_ids.shape[1] == 0:
@@ -59,12 +67,13 @@ def prefill(model, input_ids: torch.Tensor, state=None, chunk_size: Optional[int
         state = out["state"]
         # clone: keep the last hidden row only, not the whole (B, piece, d) tensor
         logits, hidden = out["logits"][:, -1], out["hidden"][:, -1].clone()
+    assert state is not None  # at least one piece
     return logits, hidden, state
 
 
 def decode(
-    model,
-    state,
+    model: HydraLM,
+    state: Optional[DecodeState],
     logits: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -76,7 +85,7 @@ def decode(
     drop_finished: bool = True,
     feed_last: bool = False,
     decoder: Optional[StaticDecoder] = None,
-) -> Tuple[torch.Tensor, Optional[list], torch.Tensor]:
+) -> Tuple[torch.Tensor, Optional[DecodeState], torch.Tensor]:
     """The decode loop from a prefilled state whose next-token logits (B, V) are given.
 
     Returns (new tokens (B, T), state, logits (B, V)). T = max_new_tokens, or fewer when every row has
@@ -89,7 +98,8 @@ def decode(
     """
     B, device = logits.shape[0], logits.device
     pad = eos_token_id if pad_token_id is None else pad_token_id
-    out = torch.full((B, max_new_tokens), 0 if pad is None else pad, dtype=torch.long, device=device)
+    pad = 0 if pad is None else pad
+    out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
     active = torch.arange(B, device=device)  # rows still in the batch
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     drop_finished = drop_finished and decoder is None  # a static decoder's batch size is fixed
@@ -106,6 +116,7 @@ def decode(
             break
         if drop_finished and eos_token_id is not None and bool(finished[active].any()):
             keep = (~finished[active]).nonzero()[:, 0]
+            assert state is not None, "dropping finished rows needs the state"
             active, token, state = active[keep], token[keep], select_rows(state, keep)
         if decoder is None:
             logits, state = model.step(token, state)
@@ -125,7 +136,9 @@ def check_integer(ids: torch.Tensor) -> None:
         raise ValueError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
 
 
-def _as_rows(prompt_ids: PromptLike, prompt_lengths, device) -> Tuple[List[torch.Tensor], bool, bool]:
+def _as_rows(
+    prompt_ids: PromptLike, prompt_lengths: Optional[Union[torch.Tensor, Sequence[int]]], device: torch.device
+) -> Tuple[List[torch.Tensor], bool, bool]:
     """Prompt rows as 1-D int64 tensors on device, plus (was the input 1-D, is the batch ragged)."""
     if torch.is_tensor(prompt_ids):
         check_integer(prompt_ids)
@@ -154,7 +167,7 @@ def _as_rows(prompt_ids: PromptLike, prompt_lengths, device) -> Tuple[List[torch
 
 
 def generate(
-    model,
+    model: HydraLM,
     prompt_ids: PromptLike,
     max_new_tokens: int,
     temperature: float = 1.0,
@@ -162,7 +175,7 @@ def generate(
     top_p: Optional[float] = None,
     eos_token_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
-    prompt_lengths=None,
+    prompt_lengths: Optional[Union[torch.Tensor, Sequence[int]]] = None,
     pad_token_id: Optional[int] = None,
     prefill_chunk_size: Optional[int] = PREFILL_CHUNK_SIZE,
     decoder: str = "auto",
@@ -194,7 +207,7 @@ def generate(
     rows, one_d, ragged = _as_rows(prompt_ids, prompt_lengths, device)
     if any(r.numel() == 0 for r in rows):
         raise ValueError("every prompt needs at least one token (the model has no empty-context state)")
-    sampling = dict(
+    sampling: Dict[str, Any] = dict(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -205,7 +218,7 @@ def generate(
     with inference_mode(model):
         # Rows share one stream position in a state, so only prompts of equal length decode together:
         # each length group is prefilled and decoded as one batch (exactly what one-by-one would compute).
-        groups = {}
+        groups: Dict[int, List[int]] = {}
         for i, r in enumerate(rows):
             groups.setdefault(r.numel(), []).append(i)
         new_tokens: List[Optional[torch.Tensor]] = [None] * len(rows)
@@ -221,15 +234,16 @@ def generate(
                 tokens, _, _ = decode(model, state, logits, max_new_tokens, **sampling, decoder=static)
             for j, i in enumerate(members):
                 new_tokens[i] = tokens[j]
+    done = [t for t in new_tokens if t is not None]  # every row has its tokens by now
     if ragged:
-        return [torch.cat([r, _trim_after_eos(t, eos_token_id)]) for r, t in zip(rows, new_tokens)]
-    T = max(t.numel() for t in new_tokens)
+        return [torch.cat([r, _trim_after_eos(t, eos_token_id)]) for r, t in zip(rows, done)]
+    T = max(t.numel() for t in done)
     pad = eos_token_id if pad_token_id is None else pad_token_id
-    out = torch.cat([torch.stack(rows), _pad_to(torch.stack([_pad_to(t, T, pad) for t in new_tokens]), T, pad)], 1)
+    out = torch.cat([torch.stack(rows), _pad_to(torch.stack([_pad_to(t, T, pad) for t in done]), T, pad)], 1)
     return out[0] if one_d else out
 
 
-def _pick_decoder(model, decoder: str, max_new_tokens: int, device: torch.device) -> str:
+def _pick_decoder(model: HydraLM, decoder: str, max_new_tokens: int, device: torch.device) -> str:
     """generate's `decoder` argument resolved to "step", "static" or "graph"."""
     if not isinstance(decoder, str) or decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
@@ -254,11 +268,12 @@ class _DecoderCache(dict):
         return _DecoderCache, ()
 
 
-def _static_decoder(model, state: list, kind: str, batch_size: int) -> StaticDecoder:
+def _static_decoder(model: HydraLM, state: DecodeState, kind: str, batch_size: int) -> StaticDecoder:
     """The model's cached StaticDecoder for this batch size and kind, holding `state`; built on first use."""
     cache = getattr(model, "_static_decoders", None)
     if cache is None:
-        cache = model._static_decoders = _DecoderCache()
+        cache = _DecoderCache()
+        model._static_decoders = cache  # type: ignore[assignment]  # plain attribute: not a submodule, not in state_dict
     weight = model.embed.weight
     key = (batch_size, kind, weight.device, weight.dtype)
     if key in cache:

@@ -6,13 +6,14 @@
 Training asks for the loss without the logits (``labels=..., return_logits=False``): the head and the
 cross-entropy then run over chunks of rows (kernels/cross_entropy/), never materialising (B, N, V).
 
-Every mixer has ``forward(x, state) -> (y, state)`` and ``step(x_t, state) -> (y_t, state)``, so the model
-runs a parallel forward, chunked prefill with carried state, and O(1)-per-token decoding with the same
-weights and the same answers (claim C1).
+Every mixer follows one contract (hydralm/modules/mixer.py): ``forward(x, state) -> (y, state)`` and
+``step(x_t, state) -> (y_t, state)`` on a typed per-layer state, so the model runs a parallel forward, chunked
+prefill with carried state, and O(1)-per-token decoding with the same weights and the same answers (claim C1).
+Mixer classes come from the registry (hydralm/modules/registry.py).
 """
 
 import math
-from typing import List, Optional
+from typing import Any, Dict, Iterator, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -21,20 +22,11 @@ from torch.utils.checkpoint import checkpoint
 
 from hydralm.config import HydraConfig
 from hydralm.kernels.cross_entropy import linear_cross_entropy
-from hydralm.modules.full_attention import FullAttention
-from hydralm.modules.gated_deltanet import GatedDeltaNet
+from hydralm.modules.mixer import DecodeState, LayerState, Mixer
 from hydralm.modules.mtp_head import MTPHead, mtp_linear_loss
-from hydralm.modules.retrieval_attention import RetrievalAttention
+from hydralm.modules.registry import mixer_class
 from hydralm.modules.rmsnorm import RMSNorm
-from hydralm.modules.sliding_window import SlidingWindowAttention
 from hydralm.modules.swiglu import SwiGLU
-
-MIXERS = {
-    "deltanet": GatedDeltaNet,
-    "swa": SlidingWindowAttention,
-    "retrieval": RetrievalAttention,
-    "attention": FullAttention,
-}
 
 
 class Block(nn.Module):
@@ -42,16 +34,16 @@ class Block(nn.Module):
         super().__init__()
         self.layer_type = layer_type
         self.mixer_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
-        self.mixer = MIXERS[layer_type](cfg)
+        self.mixer: Mixer = mixer_class(layer_type)(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
+    def forward(self, x: torch.Tensor, state: Optional[LayerState] = None) -> Tuple[torch.Tensor, LayerState]:
         y, state = self.mixer(self.mixer_norm(x), state)
         x = x + y
         return x + self.mlp(self.mlp_norm(x)), state
 
-    def step(self, x_t: torch.Tensor, state: dict):
+    def step(self, x_t: torch.Tensor, state: LayerState) -> Tuple[torch.Tensor, LayerState]:
         y, state = self.mixer.step(self.mixer_norm(x_t), state)
         x_t = x_t + y
         return x_t + self.mlp(self.mlp_norm(x_t)), state
@@ -64,7 +56,7 @@ class HydraLM(nn.Module):
             raise TypeError(f"HydraLM expects a HydraConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, t) for t in cfg.layer_types)
+        self.blocks = nn.ModuleList(Block(cfg, t) for t in cfg.types)
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.mtp = MTPHead(cfg.d_model, cfg.mtp_depth, cfg.rms_eps) if cfg.mtp_depth > 0 else None
@@ -93,16 +85,16 @@ class HydraLM(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         return total - self.embed.weight.numel() if exclude_embeddings else total
 
-    def init_state(self, batch_size: int, device=None) -> List[dict]:
-        """An empty decode state: one entry per layer."""
+    def init_state(self, batch_size: int, device: Optional[torch.device] = None) -> DecodeState:
+        """An empty decode state: one typed entry per layer (the mixer's ``state_class``)."""
         device = device if device is not None else self.embed.weight.device
         dtype = self.embed.weight.dtype
-        return [block.mixer.init_state(batch_size, device=device, dtype=dtype) for block in self.blocks]
+        return [block.mixer.init_state(batch_size, device=device, dtype=dtype) for block in self._blocks()]
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        state: Optional[List[dict]] = None,
+        state: Optional[DecodeState] = None,
         return_state: bool = False,
         compute_mtp: bool = False,
         labels: Optional[torch.Tensor] = None,
@@ -110,7 +102,7 @@ class HydraLM(nn.Module):
         logits_to_keep: Optional[int] = None,
         return_logits: bool = True,
         logits_at: Optional[torch.Tensor] = None,
-    ) -> dict:
+    ) -> Dict[str, Any]:
         """input_ids (B, N). Returns {"logits" (B, N, V), "state" (per-layer list, if return_state),
         "loss" (mean next-token CE, if labels), "logits_at" ((B, Q, V), if logits_at), "mtp_logits" (list of
         (B, N - k, V), if compute_mtp and return_logits), "mtp_aux_loss" (scaled, if compute_mtp),
@@ -138,10 +130,10 @@ class HydraLM(nn.Module):
         self._clear_memory_losses()
         x = self.embed(input_ids)
         new_state = []
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self._blocks()):
             x, layer_state = self._run_block(block, x, None if state is None else state[i])
             new_state.append(layer_state)
-        out = {
+        out: Dict[str, Any] = {
             "logits": None,
             "state": new_state if return_state else None,
             "loss": None,
@@ -179,26 +171,30 @@ class HydraLM(nn.Module):
     def blocks_compiled(self) -> bool:
         return all(getattr(block, "_compiled_call_impl", None) is not None for block in self.blocks)
 
-    def compile_blocks(self, **compile_kwargs) -> None:
+    def compile_blocks(self, **compile_kwargs: Any) -> None:
         """torch.compile each block's forward in place (regional compile: parameter names and the state dict stay
         as they are; blocks of one type share their compiled code). The delta rule op runs outside the compiled
         graphs (torch.compiler.disable in kernels/delta_rule/): its Triton kernels are launched as they are."""
-        for block in self.blocks:
+        for block in self._blocks():
             block.compile(**compile_kwargs)
 
-    def _run_block(self, block: Block, x: torch.Tensor, layer_state: Optional[dict]):
+    def _run_block(
+        self, block: Block, x: torch.Tensor, layer_state: Optional[LayerState]
+    ) -> Tuple[torch.Tensor, LayerState]:
         """One block; with ``activation_checkpointing`` in a training forward, its activations are recomputed
         in backward instead of kept (torch.utils.checkpoint, non-reentrant)."""
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, layer_state, use_reentrant=False)
         return block(x, layer_state)
 
-    def step(self, input_ids_t: torch.Tensor, state: Optional[List[dict]] = None):
+    def step(self, input_ids_t: torch.Tensor, state: Optional[DecodeState] = None) -> Tuple[torch.Tensor, DecodeState]:
         """Decode one token per row: input_ids_t (B,) or (B, 1) -> (logits (B, V), new state)."""
         logits, state, _ = self.step_hidden(input_ids_t, state)
         return logits, state
 
-    def step_hidden(self, input_ids_t: torch.Tensor, state: Optional[List[dict]] = None):
+    def step_hidden(
+        self, input_ids_t: torch.Tensor, state: Optional[DecodeState] = None
+    ) -> Tuple[torch.Tensor, DecodeState, torch.Tensor]:
         """Like ``step`` but also returns the last hidden state (B, d) that the MTP head drafts from."""
         if input_ids_t.dim() == 2:
             if input_ids_t.shape[1] != 1:
@@ -210,9 +206,16 @@ class HydraLM(nn.Module):
         if state is None:
             state = self.init_state(input_ids_t.shape[0], input_ids_t.device)
         self._check_state(state)
+        return self.decode_step(input_ids_t, state)
+
+    def decode_step(
+        self, input_ids_t: torch.Tensor, state: DecodeState
+    ) -> Tuple[torch.Tensor, DecodeState, torch.Tensor]:
+        """``step_hidden`` without its input checks: the code a StaticDecoder compiles and captures (no host
+        reads). input_ids_t (B,) -> (logits (B, V), new state, hidden (B, d))."""
         x = self.embed(input_ids_t)
         new_state = []
-        for block, layer_state in zip(self.blocks, state):
+        for block, layer_state in zip(self._blocks(), state):
             x, layer_state = block.step(x, layer_state)
             new_state.append(layer_state)
         return self.lm_head(self.norm(x)), new_state, x
@@ -221,24 +224,28 @@ class HydraLM(nn.Module):
         """Drop a reconstruction loss no forward of this model will read: the one an activation-checkpointed
         block's recomputation in backward set."""
         if self.cfg.memory is not None:
-            for block in self.blocks:
+            for block in self._blocks():
                 if getattr(block.mixer, "memory_loss", None) is not None:
-                    block.mixer.memory_loss = None
+                    block.mixer.memory_loss = None  # type: ignore[attr-defined]  # only retrieval layers have it
 
     def _memory_loss(self) -> Optional[torch.Tensor]:
         """The compressors' attention-reconstruction loss from this training forward (weighted), or None."""
         if self.cfg.memory is None or not self.training:
             return None
         losses = []
-        for block in self.blocks:
+        for block in self._blocks():
             loss = getattr(block.mixer, "memory_loss", None)
             if loss is not None:
                 losses.append(loss)
-                block.mixer.memory_loss = None
+                block.mixer.memory_loss = None  # type: ignore[attr-defined]  # only retrieval layers have it
         return self.cfg.memory["loss_weight"] * torch.stack(losses).mean() if losses else None
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
+
+    def _blocks(self) -> Iterator[Block]:
+        """The residual blocks, typed (iterating an nn.ModuleList yields plain Modules)."""
+        return cast(Iterator[Block], iter(self.blocks))
 
     # -- input checks ----------------------------------------------------------------------------
     def _check_ids(self, ids: torch.Tensor, check_range: bool = True) -> None:
@@ -250,6 +257,15 @@ class HydraLM(nn.Module):
                 f"[{int(ids.min())}, {int(ids.max())}]"
             )
 
-    def _check_state(self, state: Optional[List[dict]]) -> None:
-        if state is not None and len(state) != len(self.blocks):
+    def _check_state(self, state: Optional[DecodeState]) -> None:
+        if state is None:
+            return
+        if len(state) != len(self.blocks):
             raise ValueError(f"state must have one entry per layer ({len(self.blocks)}), got {len(state)}")
+        for i, (block, layer_state) in enumerate(zip(self._blocks(), state)):
+            expected = block.mixer.state_class
+            if type(layer_state) is not expected:
+                raise ValueError(
+                    f"state[{i}] is a {type(layer_state).__name__}, but layer {i} is {block.layer_type!r} and "
+                    f"takes a {expected.__name__}: a state belongs to the model (layer types) that made it"
+                )

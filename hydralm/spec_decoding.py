@@ -20,11 +20,13 @@ mismatch, so it produces greedy ``generate``'s tokens. Batch size 1.
 
 import time
 from dataclasses import asdict, dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from hydralm.generation import PREFILL_CHUNK_SIZE, check_integer, inference_mode, model_device, prefill
+from hydralm.model import HydraLM
+from hydralm.modules.mixer import DecodeState
 from hydralm.token_sampling import check_sampling, filtered_probs, sample_from_probs, sample_next
 
 
@@ -57,7 +59,7 @@ class SpeculativeStats:
 class RoundResult(NamedTuple):
     n_accepted: int
     next_token: torch.Tensor  # (1,): the corrected or bonus token, not yet fed to the target
-    state: list  # target state after [pending, accepted drafts]
+    state: DecodeState  # target state after [pending, accepted drafts]
     hidden: torch.Tensor  # (1, d) target hidden state at the last fed token (what the MTP head drafts from)
     rebuilt: bool  # a rejection forced the second forward from the pre-round state
 
@@ -82,6 +84,8 @@ def accept_drafts(
         return n, best[n : n + 1]
     p = filtered_probs(target_logits, temperature, top_k, top_p)
     if k > 0:
+        if draft_probs is None:
+            raise ValueError("accept_drafts: sampling (temperature > 0) needs draft_probs, the drafts' distributions")
         rows = torch.arange(k, device=p.device)
         p_x, q_x = p[rows, drafts], draft_probs[rows, drafts]
         u_device = generator.device if generator is not None else p.device
@@ -97,8 +101,8 @@ def accept_drafts(
 
 
 def verify_drafts(
-    target,
-    state: list,
+    target: HydraLM,
+    state: DecodeState,
     pending: torch.Tensor,
     drafts: torch.Tensor,
     draft_probs: Optional[torch.Tensor],
@@ -164,10 +168,12 @@ class ModelDrafter:
     """A separate (smaller) HydraLM with its own state. `unfed` holds the emitted tokens it has not seen
     yet; its intermediate states are kept during a round, so rolling it back is picking one of them."""
 
-    def __init__(self, model, prompt: torch.Tensor, prefill_chunk_size: Optional[int]):
+    def __init__(self, model: HydraLM, prompt: torch.Tensor, prefill_chunk_size: Optional[int]):
         self.model, self.calls = model, 0
         _, _, self.state = prefill(model, prompt, chunk_size=prefill_chunk_size)
-        self.unfed, self._states, self._drafts = [], None, None
+        self.unfed: List[torch.Tensor] = []
+        self._states: Optional[List[DecodeState]] = None
+        self._drafts: Optional[List[torch.Tensor]] = None
 
     def start(self, first_token: torch.Tensor, hidden: torch.Tensor) -> None:
         self.unfed = [first_token]
@@ -195,7 +201,7 @@ class ModelDrafter:
         return _pack(drafts, probs, pending)
 
     def commit(self, n_accepted: int, next_token: torch.Tensor, hidden: torch.Tensor) -> None:
-        if self._states is None:  # nothing was drafted (last round): the draft state did not move
+        if self._states is None or self._drafts is None:  # nothing was drafted (last round): the state did not move
             self.unfed = self.unfed + [next_token]
         elif n_accepted < len(self._drafts):
             self.state, self.unfed = self._states[n_accepted], [next_token]
@@ -210,9 +216,9 @@ def _pack(drafts, probs, like: torch.Tensor):
 
 
 def speculative_generate(
-    target,
-    draft,
-    prompt_ids,
+    target: HydraLM,
+    draft: Optional[HydraLM],
+    prompt_ids: Union[torch.Tensor, Sequence[int]],
     max_new_tokens: int,
     k: int = 4,
     temperature: float = 1.0,
@@ -258,7 +264,7 @@ def speculative_generate(
             f"speculative_generate decodes one sequence: prompt_ids must be 1-D or (1, L) with L >= 1, got "
             f"shape {tuple(prompt.shape)}; call it once per row, or use hydralm.generate for batches"
         )
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    sampling: Dict[str, Any] = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     stats = SpeculativeStats(k=k)
     started = time.perf_counter()
     emitted = []

@@ -18,6 +18,8 @@ from typing import Iterable, Optional, Union
 import torch
 
 from hydralm.generation import check_integer, decode, inference_mode, model_device
+from hydralm.model import HydraLM
+from hydralm.modules.mixer import DecodeState
 from hydralm.state import clone_state, state_bytes
 from hydralm.token_sampling import check_sampling
 
@@ -56,7 +58,14 @@ class StreamingEngine:
     after each call.
     """
 
-    def __init__(self, model, chunk_size: int = 4096, device=None):
+    state: Optional[DecodeState]  # the stream's decode state (None before the first token)
+    last_logits: Optional[torch.Tensor]  # next-token logits after the last token read (B, V)
+    batch_size: Optional[int]
+    total_tokens: int
+
+    def __init__(
+        self, model: HydraLM, chunk_size: int = 4096, device: Optional[Union[str, torch.device]] = None
+    ) -> None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
         self.model, self.chunk_size = model, chunk_size
@@ -164,7 +173,7 @@ class StreamingEngine:
         if self.last_logits is None:
             raise ValueError("extend_and_generate needs at least one token in the stream (none read since reset)")
         if max_new_tokens == 0:
-            return self.last_logits.new_zeros(self.batch_size, 0, dtype=torch.long)
+            return self.last_logits.new_zeros(self.last_logits.shape[0], 0, dtype=torch.long)
         with inference_mode(self.model):
             new, state, logits = decode(
                 self.model,

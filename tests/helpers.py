@@ -12,6 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig as HydraRuntime
 from omegaconf import open_dict
 
+from hydralm.modules.registry import LAYER_TYPES
 from hydralm.training.run_dirs import register_resolver
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,13 +81,8 @@ TINY_BASE = dict(
     mtp_depth=2,
     initializer_range=0.2,
 )
-LAYER_SETS = {
-    "deltanet": ["deltanet", "deltanet"],
-    "swa": ["swa", "swa"],
-    "retrieval": ["retrieval", "retrieval"],
-    "attention": ["attention", "attention"],
-    "mixed": ["deltanet", "retrieval", "swa"],
-}
+# every registered layer type on its own (two layers), and a hybrid stack
+LAYER_SETS = {**{t: [t, t] for t in LAYER_TYPES}, "mixed": ["deltanet", "retrieval", "swa"]}
 
 
 def tiny(layers="mixed", seed=0, **overrides):
@@ -124,3 +120,19 @@ def static_model(memory=STATIC_MEMORY, layer_types=("deltanet", "swa", "retrieva
         memory=memory,
     )
     return HydraLM(cfg).eval()
+
+
+def assert_states_close(a, b, atol: float) -> None:
+    """Two decode states hold the same stream: equal counters, tensors within atol (valid entries only)."""
+    import torch
+
+    assert len(a) == len(b)
+    for layer_a, layer_b in zip(a, b):
+        assert type(layer_a) is type(layer_b)
+        ca, cb = layer_a.contents(), layer_b.contents()
+        assert ca.keys() == cb.keys()
+        for key in ca:
+            if torch.is_tensor(ca[key]):
+                torch.testing.assert_close(ca[key], cb[key], rtol=0, atol=atol, msg=f"{type(layer_a).__name__}.{key}")
+            else:
+                assert ca[key] == cb[key], key

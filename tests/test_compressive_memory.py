@@ -25,7 +25,7 @@ CFG = HydraConfig(
 
 
 def _tensor_bytes(state) -> int:
-    return sum(t.numel() * t.element_size() for layer in state for t in layer.values() if torch.is_tensor(t))
+    return sum(t.numel() * t.element_size() for layer in state for t in layer.tensors().values())
 
 
 def _stream(model, ids, chunk):
@@ -50,8 +50,8 @@ def test_tier_counters_follow_the_stream():
     state = _stream(model, torch.randint(0, 64, (2, 200)), 37)
     layer = state[1]
     completed = 200 // 8  # 25 chunks
-    assert layer["n_chunks"] == 4 and layer["n_pool"] == 8
-    assert layer["compressed"] == completed - 4 and layer["evicted"] == completed - 12
+    assert layer.n_chunks == 4 and layer.n_pool == 8
+    assert layer.compressed == completed - 4 and layer.evicted == completed - 12
 
 
 def test_memory_is_exact_inside_the_exact_window():
@@ -72,11 +72,11 @@ def test_step_decoding_reads_compressed_chunks_and_stays_finite():
     ids = torch.randint(0, 64, (1, 160))
     with torch.no_grad():
         state = model(ids[:, :120], return_state=True)["state"]
-        assert state[1]["n_pool"] > 0
+        assert state[1].n_pool > 0
         for t in range(120, 160):
             logits, state = model.step(ids[:, t], state)
             assert torch.isfinite(logits).all()
-    assert state[1]["n_chunks"] <= 4 and state[1]["n_pool"] <= 8
+    assert state[1].n_chunks <= 4 and state[1].n_pool <= 8
 
 
 def test_training_forward_reports_a_reconstruction_loss_that_trains_only_the_compressor():
@@ -127,8 +127,8 @@ def test_state_holds_no_views_of_a_prefill_chunks_activations():
     for cfg in (CFG, CFG.replace(memory=None)):
         state = HydraLM(cfg).eval()(torch.randint(0, 64, (1, 203)), return_state=True)["state"]
         for layer in state:
-            for key, value in layer.items():
-                if torch.is_tensor(value) and key not in ("bank_k", "bank_v", "summaries"):
+            for key, value in layer.tensors().items():
+                if key not in ("bank_k", "bank_v", "summaries"):
                     assert value.untyped_storage().nbytes() == value.numel() * value.element_size(), key
 
 
@@ -144,7 +144,7 @@ def test_chunk_sized_prefill_matches_step_decoding_with_compressed_chunks():
             out = model(ids[:, a : a + C], state=state, return_state=True)
             state = out["state"]
             chunked.append(out["logits"])
-        assert state[1]["n_pool"] > 0 and state[1]["evicted"] > 0
+        assert state[1].n_pool > 0 and state[1].evicted > 0
         state, steps = None, []
         for t in range(ids.shape[1]):
             logits, state = model.step(ids[:, t], state)

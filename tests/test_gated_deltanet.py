@@ -113,7 +113,7 @@ def test_fla_module_wiring_gives_the_torch_outputs_state_and_gradients(monkeypat
     y_fla, state_fla = layer(x)
     grads_fla = torch.autograd.grad(y_fla.square().sum(), [x, *layer.parameters()])
     torch.testing.assert_close(y_fla, y, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(state_fla["conv"], state["conv"], rtol=0, atol=0)
-    torch.testing.assert_close(state_fla["S"], state["S"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state_fla.conv, state.conv, rtol=0, atol=0)
+    torch.testing.assert_close(state_fla.S, state.S, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_fla, grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -176,6 +176,4 @@ def test_state_utilities():
     # state_bytes counts allocated storage: bank capacity included, compacted clone never larger
     assert state_bytes(state) >= state_bytes(clone_state(state)) > 0
     empty = model.init_state(1)
-    assert state_bytes(empty) == sum(
-        t.numel() * t.element_size() for layer in empty for t in layer.values() if torch.is_tensor(t)
-    )
+    assert state_bytes(empty) == sum(t.numel() * t.element_size() for layer in empty for t in layer.tensors().values())

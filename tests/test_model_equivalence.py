@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hydralm import DenseTransformer, HydraConfig, HydraLM
+from hydralm.modules.registry import LAYER_TYPES
 
 SMALL = dict(
     vocab_size=101,
@@ -23,9 +24,7 @@ SMALL = dict(
 )
 
 CONFIGS = {
-    "deltanet": HydraConfig(**SMALL, n_layers=2, layer_types=["deltanet"] * 2),
-    "swa": HydraConfig(**SMALL, n_layers=2, layer_types=["swa"] * 2),
-    "retrieval": HydraConfig(**SMALL, n_layers=2, layer_types=["retrieval"] * 2),
+    **{t: HydraConfig(**SMALL, n_layers=2, layer_types=[t] * 2) for t in LAYER_TYPES},  # every registered layer
     "mixed-20-layer": HydraConfig(**SMALL, n_layers=20, swa_every=4, retrieval_every=3),
     "gqa-mtp": HydraConfig(
         **{**SMALL, "n_kv_heads": 2}, n_layers=3, layer_types=["deltanet", "retrieval", "swa"], mtp_depth=2

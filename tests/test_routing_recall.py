@@ -1,6 +1,8 @@
 """Routing recall: the retrieval layer's routing log and the metric built on it, on a hand-made layer whose
 routing is known, through the parallel forward, chunked prefill and step decoding."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,12 +110,77 @@ def test_prefill_pieces_and_decode_steps_log_the_same_routing():
 
 
 def test_compressed_and_evicted_chunks_get_absolute_ids():
-    # pool holds stream chunks 3, 4 (3 were evicted), the bank starts at stream chunk 5 (5 were compressed)
-    state = {"n_pool": 2, "evicted": 3, "compressed": 5, "pos": 40}
+    # 7 chunks of 8 completed; a bank of 2 exact chunks (5, 6) and a pool of 2 compressed ones (3, 4): 3 evicted
+    cfg = HydraConfig(
+        vocab_size=16,
+        d_model=D,
+        n_layers=1,
+        n_heads=1,
+        layer_types=["retrieval"],
+        retrieval_chunk_size=8,
+        memory={"exact_window": 16, "compress_every": 2, "pool_size": 8},
+    )
+    state = dataclasses.replace(RetrievalAttention(cfg).init_state(1), pos=56)
+    assert (state.n_pool, state.evicted, state.compressed) == (2, 3, 5)
     selected = torch.tensor([0, 1, 2, 3]).view(1, 1, 1, 4)
     entry = routing_entry(selected, torch.ones_like(selected, dtype=torch.bool), state, chunk_size=8)
     assert entry["chunks"].flatten().tolist() == [3, 4, 5, 6]
-    assert entry["positions"].tolist() == [40] and entry["first_chunk"] == 3
+    assert entry["positions"].tolist() == [56] and entry["first_chunk"] == 3
+
+
+def memory_layer(pool_size: int) -> RetrievalAttention:
+    cfg = HydraConfig(
+        vocab_size=16,
+        d_model=D,
+        n_layers=1,
+        n_heads=1,
+        layer_types=["retrieval"],
+        retrieval_chunk_size=C,
+        retrieval_top_k=2,
+        memory={"exact_window": 2 * C, "compress_every": 2, "pool_size": pool_size},
+    )
+    return RetrievalAttention(cfg).eval()
+
+
+def logged_steps(layer: RetrievalAttention, x: torch.Tensor) -> list:
+    with torch.no_grad():
+        layer.routing_log = log = []
+        state = layer.init_state(x.shape[0])
+        for t in range(x.shape[1]):
+            _, state = layer.step(x[:, t], state)
+        layer.routing_log = None
+    return log
+
+
+def test_decode_steps_log_absolute_ids_with_memory():
+    """Steps read the bank and pool as rings: their log maps ring slots to the chunk ids a parallel call names
+    (a pool of 8 compressed chunks: nothing evicted, so both may pick every chunk before the previous one)."""
+    torch.manual_seed(0)
+    layer = memory_layer(pool_size=4 * C)
+    x = torch.randn(2, 10 * C, D)
+    with torch.no_grad():
+        layer.routing_log = parallel = []
+        _, state = layer(x[:, : 7 * C + 1])
+        layer(x[:, 7 * C + 1 :], state)
+        layer.routing_log = None
+    steps = logged_steps(layer, x)
+    logs = {"parallel": parallel, "steps": steps}
+    chunks = {name: torch.cat([e["chunks"] for e in log], dim=2) for name, log in logs.items()}
+    valid = {name: torch.cat([e["valid"] for e in log], dim=2) for name, log in logs.items()}
+    assert torch.equal(valid["steps"], valid["parallel"])
+    assert torch.equal(chunks["steps"][valid["steps"]], chunks["parallel"][valid["parallel"]])
+
+
+def test_decode_steps_never_log_evicted_chunks():
+    torch.manual_seed(0)
+    layer = memory_layer(pool_size=C)  # 2 compressed chunks: chunk c - 5 and older are evicted
+    steps = logged_steps(layer, torch.randn(2, 10 * C, D))
+    for entry in steps:
+        own = int(entry["positions"][0]) // C
+        assert entry["first_chunk"] == max(0, own - 4)
+        picks = entry["chunks"][entry["valid"]]
+        assert bool(((picks >= entry["first_chunk"]) & (picks <= own - 2)).all())
+    assert steps[-1]["valid"].any()
 
 
 def test_queries_outside_the_log_fail_clearly():

@@ -28,8 +28,7 @@ def test_static_decoding_gives_step_logits_through_compression_eviction_and_the_
     decoder = StaticDecoder(model, out["state"])
     worst, state = decode_both(model, decoder, clone_state(out["state"]), out["logits"][:, -1].argmax(-1), 120)
     assert worst < 1e-5  # fp32; the same arithmetic up to masked-vs-sliced softmax
-    counts = decoder.buffers[2]["counts"]
-    assert counts == {key: state[2][key] for key in counts} and counts["evicted"] > 0
+    assert decoder.state[2].counters() == state[2].counters() and state[2].evicted > 0
     assert states_equal(out["state"], snapshot)  # the decoder works on its own copies
 
 

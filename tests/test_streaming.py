@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import LAYER_SETS, tiny  # noqa: F401
+from helpers import LAYER_SETS, assert_states_close, tiny  # noqa: F401
 from helpers import TINY_BASE as BASE
 
 from hydralm import HydraConfig, HydraLM
@@ -22,12 +22,7 @@ def test_chunked_stream_equals_one_parallel_forward(layers):
     with torch.no_grad():
         full = model(tokens, return_state=True)
     torch.testing.assert_close(engine.last_logits, full["logits"][:, -1], rtol=0, atol=1e-4)
-    for a, b in zip(clone_state(engine.state), clone_state(full["state"])):
-        for key in a:
-            if torch.is_tensor(a[key]):
-                torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-4)
-            else:
-                assert a[key] == b[key]
+    assert_states_close(engine.state, full["state"], atol=1e-4)
     assert stats.tokens_processed == 50 and stats.total_tokens == 50 and stats.chunks == 8  # ceil(50 / 7)
     assert stats.peak_state_bytes >= state_bytes(engine.state) > 0
     assert stats.elapsed_seconds > 0 and stats.tokens_per_second == pytest.approx(50 / stats.elapsed_seconds)

@@ -1,4 +1,4 @@
-"""The claim suite C1-C10 (SPEC §6): each claim is a function that measures, next to its threshold.
+"""The claim suite C1-C10 (docs/claims.md): each claim is a function that measures, next to its threshold.
 
 A claim runs at a budget: ``smoke`` (CPU, seconds to a minute; the lengths and task sizes are scaled down
 and every result says which settings it used) or ``full`` (the settings the claim states; GPU for the
@@ -38,7 +38,7 @@ class ClaimResult:
         return asdict(self)
 
 
-CLAIM_TEXT = {  # SPEC §6: statement, threshold
+CLAIM_TEXT = {  # statement, threshold (docs/claims.md)
     "C1": (
         "parallel forward = step-by-step decode = chunked prefill, every layer type incl. retrieval and MTP",
         "max abs logit diff < 1e-4 (fp32)",
@@ -122,7 +122,7 @@ BUDGETS = {
             steps=300,
         ),
         # The task sizes are the claims'; the model (d256, 6 layers, ~5-7M parameters), the steps and a
-        # wall-clock cap (Lightning's max_time, HH:MM:SS) fit what one GPU session can spend per model.
+        # wall-clock cap (Lightning's max_time, HH:MM:SS) keep each model within a few GPU minutes.
         # A length curriculum first: at short lengths every chunk is inside the retrieval layer's reach, so the
         # routing learns to match queries to keys before it has to find one chunk among hundreds.
         "c7": dict(

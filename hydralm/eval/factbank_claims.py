@@ -1,4 +1,4 @@
-"""Measurements behind the FactBank claims (SPEC §6), for the claim suite and the tests.
+"""Measurements behind the FactBank claims (C3, C9; docs/claims.md), for the claim suite and the tests.
 
 C3: write -> query round trip returns the written values (cosine >= 1 - 1e-6).
 C9: after 10x rotations of a capacity-K bank, precision@1 on the newest 10% of keys >= 0.95.

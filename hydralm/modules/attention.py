@@ -5,7 +5,15 @@ from typing import Tuple
 import torch
 from torch import nn
 
-from hydralm.config import HydraConfig
+from hydralm.config import HydraConfig, config_error
+
+
+def check_rotary_head_dim(cfg: HydraConfig, layer_type: str) -> None:
+    """Rotary embeddings rotate pairs of channels: the head size must be even."""
+    if cfg.resolved_head_dim % 2:
+        raise config_error(
+            "head_dim", cfg.resolved_head_dim, f"an even head size: {layer_type} layers use rotary embeddings"
+        )
 
 
 class AttentionProjections(nn.Module):

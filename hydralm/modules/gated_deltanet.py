@@ -9,14 +9,16 @@ projection's dtype (bf16 under autocast): no fp32 copies of (B, T, H, D) tensors
 On CUDA with fla importable (HYDRALM_GDN_MODULES, kernels/backend.py), the short conv, L2 norm and gated
 RMSNorm run as fla's Triton kernels (kernels/fla_modules.py) on the same parameters.
 
-State: {"S": (B, H, D, D) fp32 delta-rule state, "conv": (B, kernel - 1, 3 H D) short-conv cache}.
+State: DeltaNetState(S (B, H, D, D) fp32 delta-rule state, conv (B, kernel - 1, 3 H D) short-conv cache); both
+keep one shape while decoding.
 
 Checkpoints from before the fused projection (separate ``qkv``, ``a_proj``, ``b_proj``, ``gate`` weights)
 load: ``_load_from_state_dict`` stacks them into ``in_proj``.
 """
 
 import math
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,7 @@ from hydralm.config import HydraConfig
 from hydralm.kernels.backend import gdn_modules_backend
 from hydralm.kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
 from hydralm.kernels.fla_modules import fla_gated_rms_norm, fla_l2norm
+from hydralm.modules.mixer import LayerState
 from hydralm.modules.rmsnorm import GatedRMSNorm, RMSNorm
 from hydralm.modules.short_conv import ShortConv
 
@@ -34,7 +37,17 @@ LEGACY_PROJECTIONS = ("qkv", "a_proj", "b_proj", "gate")
 L2_EPS = 1e-6
 
 
+@dataclass
+class DeltaNetState(LayerState):
+    S: torch.Tensor  # (B, H, D, D) delta-rule state, fp32 at least
+    conv: torch.Tensor  # (B, kernel - 1, 3 H D) the short conv's last inputs
+
+    FP32_FIELDS: ClassVar[Tuple[str, ...]] = ("S",)
+
+
 class GatedDeltaNet(nn.Module):
+    state_class = DeltaNetState
+
     def __init__(self, cfg: HydraConfig):
         super().__init__()
         self.n_heads, self.head_dim = cfg.n_heads, cfg.resolved_head_dim
@@ -54,10 +67,10 @@ class GatedDeltaNet(nn.Module):
         self.out = nn.Linear(inner, cfg.d_model, bias=False)
         self.out.residual_out = True  # scaled init, see HydraLM._init_weights
 
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> DeltaNetState:
         inner = self.n_heads * self.head_dim
-        return {
-            "S": torch.zeros(
+        return DeltaNetState(
+            S=torch.zeros(
                 batch_size,
                 self.n_heads,
                 self.head_dim,
@@ -65,8 +78,11 @@ class GatedDeltaNet(nn.Module):
                 device=device,
                 dtype=torch.promote_types(dtype, torch.float32),
             ),
-            "conv": torch.zeros(batch_size, self.conv.kernel_size - 1, 3 * inner, device=device, dtype=dtype),
-        }
+            conv=torch.zeros(batch_size, self.conv.kernel_size - 1, 3 * inner, device=device, dtype=dtype),
+        )
+
+    def state_growth(self) -> Optional[str]:
+        return None  # S and the conv cache keep their shapes
 
     def _project(self, x: torch.Tensor):
         """(qkv, a, b, gate or None): views of one matmul's output."""
@@ -99,24 +115,24 @@ class GatedDeltaNet(nn.Module):
                 o = self.out_norm(o, gate)
         return self.out(o.flatten(-2))
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
+    def forward(self, x: torch.Tensor, state: Optional[DeltaNetState] = None) -> Tuple[torch.Tensor, DeltaNetState]:
         fla = gdn_modules_backend(x.is_cuda) == "fla"
         qkv, a, b, gate = self._project(x)
-        qkv, conv_cache = self.conv(qkv, None if state is None else state["conv"], use_fla=fla)
+        qkv, conv_cache = self.conv(qkv, None if state is None else state.conv, use_fla=fla)
         q, k, v = self._split_heads(qkv, fla)  # (B, N, H, D)
         g, beta = self._gates(a, b)  # (B, N, H)
-        initial = None if state is None else state["S"]
+        initial = None if state is None else state.S
         o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial, chunk_size=self.chunk_size)
-        return self._output(o, gate, fla), {"S": S, "conv": conv_cache}
+        return self._output(o, gate, fla), DeltaNetState(S=S, conv=conv_cache)
 
-    def step(self, x_t: torch.Tensor, state: dict):
+    def step(self, x_t: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, DeltaNetState]:
         """x_t (B, d_model) -> (B, d_model); O(1) in the sequence length."""
         qkv, a, b, gate = self._project(x_t)
-        qkv, conv_cache = self.conv.step(qkv, state["conv"])
+        qkv, conv_cache = self.conv.step(qkv, state.conv)
         q, k, v = self._split_heads(qkv, fla=False)  # (B, H, D)
         g, beta = self._gates(a, b)
-        o, S = delta_rule_step(q, k, v, g, beta, state["S"])
-        return self._output(o.to(x_t.dtype), gate, fla=False), {"S": S, "conv": conv_cache}
+        o, S = delta_rule_step(q, k, v, g, beta, state.S)
+        return self._output(o.to(x_t.dtype), gate, fla=False), DeltaNetState(S=S, conv=conv_cache)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Old checkpoints hold the input projections as separate weights: stack them into ``in_proj``."""

@@ -3,39 +3,43 @@
 No positional encoding (NoPE): a chunk summary is the mean of its keys, and rotating keys by position would
 make means of distant chunks incomparable; position information comes from the DeltaNet and SWA layers.
 
-Decode state (one dict):
-  bank_k, bank_v  (B, H_kv, capacity, C, D)  keys / values of the n_chunks newest completed chunks
-  summaries       (B, H_kv, capacity, D)     mean key of each of them (fp32)
-  n_chunks        completed chunks in the bank; capacity >= n_chunks grows by doubling
-  buf_k, buf_v    (B, H_kv, C, D)            the chunk in progress (pos % C tokens filled)
-  pos             tokens seen
-With ``HydraConfig.memory`` (a CompressiveMemory per layer) the bank keeps only the chunks of the last
-``exact_window`` tokens; older chunks are compressed to C / compress_every slots each and move to
-  pool_k, pool_v  (B, H_kv, P, C / compress_every, D), pool_summaries (B, H_kv, P, D), n_pool
-(P = pool_size * compress_every / C chunks); when the pool is full the oldest compressed chunks are
-evicted and counted in ``evicted``. Compressed chunks keep their exact routing summary, so tokens still
-route to them and read their compressed slots; evicted chunks are gone. State bytes are then constant.
-
-Bank appends write into spare capacity in place; an older state object only reads its own first
-n_chunks, so keeping an old state and continuing from it later (rollback) is exact. Two continuations
-from one state that are both still in use need an independent copy (hydralm.state.clone_state).
+Decode state (RetrievalState):
+  buf_k, buf_v    (B, H_kv, C, D)             the chunk in progress (pos % C tokens filled)
+  bank_k, bank_v  (B, H_kv, S, C, D)          completed chunks: chunk j in slot j % S
+  summaries       (B, H_kv, S, D)             mean key of each of them (fp32)
+  pool_k, pool_v  (B, H_kv, P, C / r, D)      compressed chunks (memory only): compressed chunk j in slot j % P
+  pool_summaries  (B, H_kv, P, D)             their exact mean keys (fp32)
+  pos             tokens seen; every count (completed, compressed, evicted chunks) follows from it
+Without ``HydraConfig.memory`` nothing is compressed (P = 0) and the bank keeps every chunk: S >= completed
+chunks grows by doubling, and completed chunks are written into spare capacity in place. An older state only
+reads its own completed chunks, so keeping an old state and continuing from it later (rollback) is exact; two
+continuations from one state that are both still in use need an independent copy (``LayerState.clone``).
+With memory (a CompressiveMemory per layer) the bank is a ring of S = exact_window / C chunks: a chunk that
+leaves the exact window is compressed to C / compress_every slots (r = compress_every) and written to the
+pool, a ring of P = pool_size * r / C chunks whose oldest entries are overwritten (evicted). Compressed chunks
+keep their exact routing summary, so tokens still route to them and read their compressed slots; evicted chunks
+are gone. Every shape is then fixed: ``step`` reads the rings under masks, so it compiles and captures.
 """
 
-from typing import List, Optional, Tuple
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hydralm.config import HydraConfig
+from hydralm.config import HydraConfig, config_error
 from hydralm.kernels.attention.local import repeat_kv
 from hydralm.kernels.backend import retrieval_backend
 from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attention, union_of_selections
-from hydralm.kernels.retrieval.routing import route_tokens
+from hydralm.kernels.retrieval.routing import route_tokens, topk_lowest_id
 from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.compressive_memory import CompressiveMemory
-from hydralm.modules.routing_log import routing_entry
+from hydralm.modules.mixer import Counter, LayerState
+from hydralm.modules.routing_log import ring_routing_entry, routing_entry
 from hydralm.modules.routing_loss import answer_routing_loss
+from hydralm.modules.slots import read_slot, where, write_slot
 
 # Largest gathered key block (elements) the parallel path materialises at once; bounds prefill memory.
 # Each block also costs one host sync and ~60 kernel launches: on a GPU, whose memory is large and whose
@@ -43,7 +47,98 @@ from hydralm.modules.routing_loss import answer_routing_loss
 GATHER_BUDGET = {"cpu": 1 << 24, "cuda": 1 << 28}
 
 
+@dataclass
+class RetrievalState(LayerState):
+    buf_k: torch.Tensor
+    buf_v: torch.Tensor
+    bank_k: torch.Tensor
+    bank_v: torch.Tensor
+    summaries: torch.Tensor
+    pool_k: torch.Tensor
+    pool_v: torch.Tensor
+    pool_summaries: torch.Tensor
+    pos: Counter
+
+    COUNTERS: ClassVar[Tuple[str, ...]] = ("pos",)
+    FP32_FIELDS: ClassVar[Tuple[str, ...]] = ("summaries", "pool_summaries")
+
+    # -- counts (all follow from pos) --------------------------------------------------------------------
+    @property
+    def chunk_size(self) -> int:
+        return self.buf_k.shape[2]
+
+    @property
+    def has_memory(self) -> bool:
+        return self.pool_k.shape[2] > 0
+
+    @property
+    def completed(self) -> int:
+        """Chunks completed since the stream began."""
+        return int(self.pos) // self.chunk_size
+
+    @property
+    def n_chunks(self) -> int:
+        """Completed chunks held exactly in the bank."""
+        return min(self.completed, self.bank_k.shape[2]) if self.has_memory else self.completed
+
+    @property
+    def compressed(self) -> int:
+        """Chunks compressed so far (pooled or evicted since)."""
+        return self.completed - self.n_chunks
+
+    @property
+    def n_pool(self) -> int:
+        """Compressed chunks held in the pool."""
+        return min(self.compressed, self.pool_k.shape[2])
+
+    @property
+    def evicted(self) -> int:
+        """Compressed chunks evicted from the full pool."""
+        return self.compressed - self.n_pool
+
+    # -- the state in stream order -------------------------------------------------------------------------
+    def exact_chunks(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values and summaries of the exact chunks, oldest first: (B, H_kv, n_chunks, ...)."""
+        n, end = self.n_chunks, self.completed
+        if not self.has_memory:  # chunk j in slot j: a view, no copy
+            return self.bank_k[:, :, :n], self.bank_v[:, :, :n], self.summaries[:, :, :n]
+        slots = torch.arange(end - n, end, device=self.bank_k.device) % self.bank_k.shape[2]
+        return tuple(t.index_select(2, slots) for t in (self.bank_k, self.bank_v, self.summaries))
+
+    def pooled_chunks(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compressed keys, values and summaries of the pooled chunks, oldest first: (B, H_kv, n_pool, ...)."""
+        n, end, P = self.n_pool, self.compressed, self.pool_k.shape[2]
+        slots = torch.arange(end - n, end, device=self.pool_k.device) % max(P, 1)
+        return tuple(t.index_select(2, slots) for t in (self.pool_k, self.pool_v, self.pool_summaries))
+
+    def contents(self) -> Dict[str, object]:
+        """Valid entries in stream order: stale ring slots and spare capacity are not part of the state."""
+        filled = int(self.pos) % self.chunk_size
+        exact, pooled = self.exact_chunks(), self.pooled_chunks()
+        return {
+            "buf_k": self.buf_k[:, :, :filled],
+            "buf_v": self.buf_v[:, :, :filled],
+            **dict(zip(("bank_k", "bank_v", "summaries"), exact)),
+            **dict(zip(("pool_k", "pool_v", "pool_summaries"), pooled)),
+            "pos": int(self.pos),
+        }
+
+    @classmethod
+    def stack(cls, states):
+        # banks without memory may differ in spare capacity: stack their used prefixes
+        states = [s if s.has_memory else s._trimmed() for s in states]
+        return super().stack(states)
+
+    def _trimmed(self) -> "RetrievalState":
+        n = self.n_chunks
+        return dataclasses.replace(
+            self, bank_k=self.bank_k[:, :, :n], bank_v=self.bank_v[:, :, :n], summaries=self.summaries[:, :, :n]
+        )
+
+
 class RetrievalAttention(nn.Module):
+    state_class = RetrievalState
+
     def __init__(self, cfg: HydraConfig):
         super().__init__()
         self.proj = AttentionProjections(cfg)
@@ -66,48 +161,69 @@ class RetrievalAttention(nn.Module):
             self.slots_per_compressed = self.chunk_size // m["compress_every"]
             self.pool_chunks = m["pool_size"] // self.slots_per_compressed
 
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
+    @staticmethod
+    def check_config(cfg: HydraConfig) -> None:
+        """Retrieval layers compress whole chunks: the memory sizes must line up with retrieval_chunk_size."""
+        if cfg.memory is None:
+            return
+        C, m = cfg.retrieval_chunk_size, cfg.memory
+        if m["exact_window"] % C or m["exact_window"] < C:
+            raise config_error("memory.exact_window", m["exact_window"], f"a multiple of retrieval_chunk_size={C}")
+        if C % m["compress_every"]:
+            raise config_error("memory.compress_every", m["compress_every"], f"a divisor of retrieval_chunk_size={C}")
+        if m["pool_size"] < C // m["compress_every"]:
+            raise config_error(
+                "memory.pool_size",
+                m["pool_size"],
+                f">= retrieval_chunk_size / compress_every = {C // m['compress_every']} (one compressed chunk)",
+            )
+
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> RetrievalState:
         B, h_kv, D, C = batch_size, self.proj.n_kv_heads, self.proj.head_dim, self.chunk_size
         summary_dtype = torch.promote_types(dtype, torch.float32)
-        capacity = self.exact_chunks + 1 if self.memory is not None else 0
-        state = {
-            "bank_k": torch.zeros(B, h_kv, capacity, C, D, device=device, dtype=dtype),
-            "bank_v": torch.zeros(B, h_kv, capacity, C, D, device=device, dtype=dtype),
-            "summaries": torch.zeros(B, h_kv, capacity, D, device=device, dtype=summary_dtype),
-            "n_chunks": 0,
-            "buf_k": torch.zeros(B, h_kv, C, D, device=device, dtype=dtype),
-            "buf_v": torch.zeros(B, h_kv, C, D, device=device, dtype=dtype),
-            "pos": 0,
-        }
-        if self.memory is not None:
-            P, Cr = self.pool_chunks, self.slots_per_compressed
-            state.update(
-                pool_k=torch.zeros(B, h_kv, P, Cr, D, device=device, dtype=dtype),
-                pool_v=torch.zeros(B, h_kv, P, Cr, D, device=device, dtype=dtype),
-                pool_summaries=torch.zeros(B, h_kv, P, D, device=device, dtype=summary_dtype),
-                n_pool=0,
-                compressed=0,
-                evicted=0,
-            )
-        return state
+        S = self.exact_chunks if self.memory is not None else 0
+        P = self.pool_chunks if self.memory is not None else 0
+        Cr = self.slots_per_compressed if self.memory is not None else C
+        return RetrievalState(
+            buf_k=torch.zeros(B, h_kv, C, D, device=device, dtype=dtype),
+            buf_v=torch.zeros(B, h_kv, C, D, device=device, dtype=dtype),
+            bank_k=torch.zeros(B, h_kv, S, C, D, device=device, dtype=dtype),
+            bank_v=torch.zeros(B, h_kv, S, C, D, device=device, dtype=dtype),
+            summaries=torch.zeros(B, h_kv, S, D, device=device, dtype=summary_dtype),
+            pool_k=torch.zeros(B, h_kv, P, Cr, D, device=device, dtype=dtype),
+            pool_v=torch.zeros(B, h_kv, P, Cr, D, device=device, dtype=dtype),
+            pool_summaries=torch.zeros(B, h_kv, P, D, device=device, dtype=summary_dtype),
+            pos=0,
+        )
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
+    def state_growth(self) -> Optional[str]:
+        if self.memory is None:
+            return "without HydraConfig.memory their chunk banks grow with the stream"
+        return None
+
+    def forward(self, x: torch.Tensor, state: Optional[RetrievalState] = None) -> Tuple[torch.Tensor, RetrievalState]:
         q, k, v = self.proj.split(x)
         y, state = self.attend(q, k, v, state)
         return self.proj.merge(y), state
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[dict] = None):
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[RetrievalState] = None
+    ) -> Tuple[torch.Tensor, RetrievalState]:
         """The parallel path on projected heads: q (B, H, N, D), k/v (B, H_kv, N, D) -> (B, H, N, D), state."""
         B, H, N, D = q.shape
         st = state if state is not None else self.init_state(B, q.device, k.dtype)
         if N == 0:
             return q.new_zeros(B, H, 0, D), st
         C, groups, device = self.chunk_size, self.proj.kv_groups, q.device
-        n0, filled, n_pool = st["n_chunks"], st["pos"] % C, st.get("n_pool", 0)
+        pos0 = int(st.pos)
+        filled = pos0 % C
+        bank_k, bank_v, bank_sum = st.exact_chunks()  # oldest first
+        pool_k, pool_v, pool_sum = st.pooled_chunks()
+        n0, n_pool = bank_k.shape[2], pool_k.shape[2]
         # Lay the new tokens on the chunk grid that starts at chunk n0: the `filled` buffered tokens of
         # the chunk in progress come first (their queries are placeholders whose outputs are dropped).
-        k = torch.cat([st["buf_k"][:, :, :filled].to(k.dtype), k], dim=2)
-        v = torch.cat([st["buf_v"][:, :, :filled].to(v.dtype), v], dim=2)
+        k = torch.cat([st.buf_k[:, :, :filled].to(k.dtype), k], dim=2)
+        v = torch.cat([st.buf_v[:, :, :filled].to(v.dtype), v], dim=2)
         q = F.pad(q, (0, 0, filled, 0))
         length = filled + N
         M, n_full = -(-length // C), length // C  # local chunks, completed local chunks
@@ -117,15 +233,15 @@ class RetrievalAttention(nn.Module):
         vc = F.pad(v, (0, 0, 0, pad)).unflatten(2, (M, C))
         summaries_new = _summarise(kc[:, :, :n_full])
         # Retrievable chunks, oldest first: compressed pool, exact bank, completed local chunks.
-        summary_parts = [st["summaries"][:, :, :n0], summaries_new]
+        summary_parts = [bank_sum, summaries_new]
         if n_pool:
-            summary_parts.insert(0, st["pool_summaries"][:, :, :n_pool])
-        exact_sources = [(st["bank_k"][:, :, :n0], st["bank_v"][:, :, :n0], n_pool), (kc, vc, n_pool + n0)]
+            summary_parts.insert(0, pool_sum)
+        exact_sources = [(bank_k, bank_v, n_pool), (kc, vc, n_pool + n0)]
 
         # Local context of local chunk m: [chunk m-1 | chunk m], the first taken from the bank.
         if n0 > 0:
-            prev_k = torch.cat([st["bank_k"][:, :, n0 - 1 : n0].to(kc.dtype), kc[:, :, : M - 1]], dim=2)
-            prev_v = torch.cat([st["bank_v"][:, :, n0 - 1 : n0].to(vc.dtype), vc[:, :, : M - 1]], dim=2)
+            prev_k = torch.cat([bank_k[:, :, n0 - 1 : n0].to(kc.dtype), kc[:, :, : M - 1]], dim=2)
+            prev_v = torch.cat([bank_v[:, :, n0 - 1 : n0].to(vc.dtype), vc[:, :, : M - 1]], dim=2)
         else:
             prev_k = F.pad(kc[:, :, : M - 1], (0, 0, 0, 0, 1, 0))
             prev_v = F.pad(vc[:, :, : M - 1], (0, 0, 0, 0, 1, 0))
@@ -146,8 +262,8 @@ class RetrievalAttention(nn.Module):
         if 0 < n0 <= gathered:
             exact_sources = [
                 (
-                    torch.cat([st["bank_k"][:, :, :n0].to(kc.dtype), kc], dim=2),
-                    torch.cat([st["bank_v"][:, :, :n0].to(vc.dtype), vc], dim=2),
+                    torch.cat([bank_k.to(kc.dtype), kc], dim=2),
+                    torch.cat([bank_v.to(vc.dtype), vc], dim=2),
                     n_pool,
                 )
             ]
@@ -177,9 +293,9 @@ class RetrievalAttention(nn.Module):
             exact_k, exact_v = _gather_exact(union, exact_sources)
             extra_k, extra_v, extra_mask = local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b]
             if n_pool:
-                pool_k, pool_v, pool_reads = self._gather_pool(union, reads, st, n_pool, groups)
-                extra_k = torch.cat([pool_k, extra_k], dim=-2)
-                extra_v = torch.cat([pool_v, extra_v], dim=-2)
+                read_k, read_v, pool_reads = self._gather_pool(union, reads, pool_k, pool_v)
+                extra_k = torch.cat([read_k, extra_k], dim=-2)
+                extra_v = torch.cat([read_v, extra_v], dim=-2)
                 extra_mask = torch.cat([pool_reads, extra_mask.expand(*pool_reads.shape[:-1], -1)], dim=-1)
                 reads = reads & (union >= n_pool)[..., None, :]
             outputs.append(sparse_chunk_attention(q_blk, exact_k, exact_v, reads, extra_k, extra_v, extra_mask))
@@ -195,115 +311,163 @@ class RetrievalAttention(nn.Module):
 
         # New state: completed chunks join the bank; the remainder becomes the chunk in progress.
         remainder = length - n_full * C
-        new = dict(
-            st,
-            bank_k=_append(st["bank_k"], n0, kc[:, :, :n_full]),
-            bank_v=_append(st["bank_v"], n0, vc[:, :, :n_full]),
-            summaries=_append(st["summaries"], n0, summaries_new),
-            n_chunks=n0 + n_full,
-            # clones: views would keep this call's whole key/value tensors alive inside the state
-            buf_k=kc[:, :, n_full].clone() if remainder else torch.zeros_like(st["buf_k"]),
-            buf_v=vc[:, :, n_full].clone() if remainder else torch.zeros_like(st["buf_v"]),
-            pos=st["pos"] + N,
-        )
-        return y, self._enforce_memory(new)
+        buf_k = kc[:, :, n_full].clone() if remainder else torch.zeros_like(st.buf_k)
+        buf_v = vc[:, :, n_full].clone() if remainder else torch.zeros_like(st.buf_v)
+        pos = pos0 + N
+        if self.memory is None:  # chunk j in slot j: appended into spare capacity
+            new = RetrievalState(
+                buf_k=buf_k,
+                buf_v=buf_v,
+                bank_k=_append(st.bank_k, n0, kc[:, :, :n_full]),
+                bank_v=_append(st.bank_v, n0, vc[:, :, :n_full]),
+                summaries=_append(st.summaries, n0, summaries_new),
+                pool_k=st.pool_k,
+                pool_v=st.pool_v,
+                pool_summaries=st.pool_summaries,
+                pos=pos,
+            )
+            return y, new
+        exact = [
+            torch.cat([old.to(new.dtype), new], dim=2)
+            for old, new in ((bank_k, kc[:, :, :n_full]), (bank_v, vc[:, :, :n_full]), (bank_sum, summaries_new))
+        ]
+        return y, self._memory_state(st, exact, (pool_k, pool_v, pool_sum), buf_k, buf_v, pos)
 
-    def step(self, x_t: torch.Tensor, st: dict):
-        """x_t (B, d_model) -> (B, d_model); O(retrievable chunks * D) routing + O(k * C * D) attention."""
-        C, groups = self.chunk_size, self.proj.kv_groups
-        n, filled, n_pool = st["n_chunks"], st["pos"] % C, st.get("n_pool", 0)
+    def _memory_state(self, st: RetrievalState, exact, pooled, buf_k, buf_v, pos: int) -> RetrievalState:
+        """The state after `pos` tokens from its exact chunks and pooled chunks in stream order (the exact ones
+        may include chunks that have left the window: they are compressed into the pool here)."""
+        completed, E, P = pos // self.chunk_size, self.exact_chunks, self.pool_chunks
+        n = exact[0].shape[2]
+        leaving = max(0, n - E)  # the oldest exact chunks, ids completed - n ..
+        with torch.no_grad():
+            if leaving:
+                old_k, old_v = exact[0][:, :, :leaving], exact[1][:, :, :leaving]
+                ck, cv = self.memory.compress(old_k.flatten(2, 3), old_v.flatten(2, 3))
+                Cr = self.slots_per_compressed
+                pooled = [
+                    torch.cat([p.to(new.dtype), new], dim=2)
+                    for p, new in zip(
+                        pooled,
+                        (ck.unflatten(2, (leaving, Cr)), cv.unflatten(2, (leaving, Cr)), exact[2][:, :, :leaving]),
+                    )
+                ]
+            exact = [t[:, :, leaving:] for t in exact]
+            pooled = [t[:, :, max(0, t.shape[2] - P) :] for t in pooled]
+            compressed = completed - exact[0].shape[2]
+            bank = [
+                _ring(t.to(like.dtype), completed - t.shape[2], E)
+                for t, like in zip(exact, (st.bank_k, st.bank_v, st.summaries))
+            ]
+            pool = [
+                _ring(t.to(like.dtype), compressed - t.shape[2], P)
+                for t, like in zip(pooled, (st.pool_k, st.pool_v, st.pool_summaries))
+            ]
+        return RetrievalState(
+            buf_k=buf_k,
+            buf_v=buf_v,
+            bank_k=bank[0],
+            bank_v=bank[1],
+            summaries=bank[2],
+            pool_k=pool[0],
+            pool_v=pool[1],
+            pool_summaries=pool[2],
+            pos=pos,
+        )
+
+    def step(self, x_t: torch.Tensor, st: RetrievalState) -> Tuple[torch.Tensor, RetrievalState]:
+        """x_t (B, d_model) -> (B, d_model); O(retrievable chunks * D) routing + O(k * C * D) attention.
+
+        Reads the bank and pool rings whole under masks of the chunks each slot holds, so with memory every
+        shape is fixed and ``pos`` may be a device counter (StaticDecoder). A chunk completes inside the step:
+        it joins the bank, and the chunk leaving the exact window is compressed into the pool."""
+        C, groups, device = self.chunk_size, self.proj.kv_groups, x_t.device
+        pos = st.pos
+        c, filled = pos // C, pos % C  # the chunk in progress, tokens already in it
         q, k, v = self.proj.split(x_t[:, None])  # (B, H, 1, D), (B, H_kv, 1, D)
-        # a copy, not in place (callers may roll back to the old state); Python-int indices and scalars keep
-        # the step free of host-device synchronisation on a GPU
-        buf_k, buf_v = st["buf_k"].clone(), st["buf_v"].clone()
-        buf_k[:, :, filled] = k[:, :, 0].to(buf_k.dtype)
-        buf_v[:, :, filled] = v[:, :, 0].to(buf_v.dtype)
-        bank_k, bank_v = st["bank_k"][:, :, :n], st["bank_v"][:, :, :n]
-        parts = [st["summaries"][:, :, :n]]
-        if n_pool:
-            parts.insert(0, st["pool_summaries"][:, :, :n_pool])
-        eligible = torch.full((), max(n_pool + n - 1, 0), device=x_t.device)  # all but the previous chunk
-        selected, valid = route_tokens(q, parts, eligible, self.top_k)  # (B, H, 1, k)
+        buf_k = write_slot(st.buf_k, 2, filled, k[:, :, 0])
+        buf_v = write_slot(st.buf_v, 2, filled, v[:, :, 0])
+        bank_k, bank_v, summaries = st.bank_k, st.bank_v, st.summaries
+        if self.memory is None and bank_k.shape[2] < c + 1:  # room for the chunk in progress (host int c)
+            bank_k, bank_v, summaries = (_grow(t, max(c + 1, 2 * t.shape[2])) for t in (bank_k, bank_v, summaries))
+        S, P = bank_k.shape[2], st.pool_k.shape[2]
+
+        # Routing over [pool | bank] slots: a token of chunk c may pick chunks 0 .. c - 2 still held.
+        slot_ids = _ring_ids(c - 1, S, device)  # the chunk each bank slot holds (< 0: none)
+        routable = (slot_ids >= 0) & (slot_ids <= c - 2)
+        if P:  # compressed chunk j sits in pool slot j % P
+            pool_ids = _ring_ids(c - self.exact_chunks - 1, P, device)
+            routable = torch.cat([pool_ids >= 0, routable])
+            slot_ids = torch.cat([pool_ids, slot_ids])
+        B, H = q.shape[:2]
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        rows = q.to(dtype).reshape(B, H // groups, groups, 1, -1)
+        parts = [st.pool_summaries, summaries] if P else [summaries]
+        scores = torch.cat([rows @ s.to(dtype).transpose(-1, -2)[:, :, None] for s in parts], dim=-1)
+        scores = scores.reshape(B, H, 1, P + S).masked_fill(~routable, float("-inf"))
+        # ties go to the lowest chunk id, as in the parallel path: rank the slots by the chunk each one holds
+        by_id = slot_ids.argsort()
+        top, rank = topk_lowest_id(scores[..., by_id], min(self.top_k, P + S))
+        selected = by_id[rank]  # (B, H, 1, k) slots of [pool | bank]
+        valid = torch.isfinite(top)
         if self.routing_log is not None:
-            self.routing_log.append(routing_entry(selected, valid, st, C))
-        if n > 0:
-            exact_k, exact_v = _gather_exact(selected[:, :, 0], [(bank_k, bank_v, n_pool)])
-            prev_k, prev_v = bank_k[:, :, n - 1], bank_v[:, :, n - 1]
-        else:  # nothing completed yet: placeholders, all masked
-            exact_k = exact_v = buf_k.new_zeros(*selected[:, :, 0].shape, C, buf_k.shape[-1])
-            prev_k, prev_v = torch.zeros_like(buf_k), torch.zeros_like(buf_v)
-        local_k = repeat_kv(torch.cat([prev_k, buf_k], dim=2), groups)  # (B, H, 2C, D)
-        local_v = repeat_kv(torch.cat([prev_v, buf_v], dim=2), groups)
-        slots = torch.arange(C, device=x_t.device)
-        local_mask = torch.cat([torch.full((C,), n > 0, device=x_t.device), slots <= filled])[None]
-        local_mask = local_mask.expand(*q.shape[:2], 1, 2 * C)
-        reads = valid
-        if n_pool:
-            pool_k, pool_v, pool_reads = self._gather_pool(selected[:, :, 0], valid, st, n_pool, groups)
-            local_k, local_v = torch.cat([pool_k, local_k], dim=-2), torch.cat([pool_v, local_v], dim=-2)
+            self.routing_log.append(ring_routing_entry(slot_ids[selected], valid, st, self.top_k))
+        exact_k = gather_chunks(bank_k, selected[:, :, 0], offset=P)  # pool picks are clamped, then masked
+        exact_v = gather_chunks(bank_v, selected[:, :, 0], offset=P)
+        reads = valid & (selected >= P)
+        # local context: the previous chunk (slot (c - 1) % S, none before the first) and the chunk in progress
+        previous = (c - 1) % S
+        local_k = repeat_kv(torch.cat([read_slot(bank_k, 2, previous), buf_k], dim=2), groups)  # (B, H, 2C, D)
+        local_v = repeat_kv(torch.cat([read_slot(bank_v, 2, previous), buf_v], dim=2), groups)
+        in_chunk = torch.arange(C, device=device)
+        local_mask = torch.cat([(in_chunk < C) & (c > 0), in_chunk <= filled]).expand(B, H, 1, 2 * C)
+        if P:
+            read_k, read_v, pool_reads = self._gather_pool(selected[:, :, 0], valid, st.pool_k, st.pool_v)
+            local_k, local_v = torch.cat([read_k, local_k], dim=-2), torch.cat([read_v, local_v], dim=-2)
             local_mask = torch.cat([pool_reads, local_mask], dim=-1)
-            reads = valid & (selected >= n_pool)
         y = sparse_chunk_attention(q, exact_k, exact_v, reads, local_k, local_v, local_mask)
-        new = dict(st, buf_k=buf_k, buf_v=buf_v, pos=st["pos"] + 1)
-        if filled == C - 1:  # the chunk just completed: it joins the bank
-            new = self.complete_chunk(new)
+
+        # The chunk completes with this token: it joins the bank in slot c % S.
+        complete = filled == C - 1
+        slot = c % S
+        pool_k, pool_v, pool_summaries = st.pool_k, st.pool_v, st.pool_summaries
+        if self.memory is None:
+            if complete:  # into spare capacity, in place: older states never read slot c
+                bank_k = _append(bank_k, c, buf_k[:, :, None])
+                bank_v = _append(bank_v, c, buf_v[:, :, None])
+                summaries = _append(summaries, c, _summarise(buf_k[:, :, None]))
+        else:
+            # slot c % S holds chunk c - S, which leaves the exact window now: compressed into the pool
+            leaving = complete & (c >= S)
+            if torch.is_tensor(leaving) or leaving:  # a known False skips the compression
+                ck, cv = self.memory.compress(read_slot(bank_k, 2, slot), read_slot(bank_v, 2, slot))
+                pool_slot = (c - S) % P
+                pool_k = write_slot(pool_k, 2, pool_slot, ck, leaving)
+                pool_v = write_slot(pool_v, 2, pool_slot, cv, leaving)
+                pool_summaries = write_slot(pool_summaries, 2, pool_slot, read_slot(summaries, 2, slot), leaving)
+            bank_k = write_slot(bank_k, 2, slot, buf_k, complete)
+            bank_v = write_slot(bank_v, 2, slot, buf_v, complete)
+            summaries = write_slot(summaries, 2, slot, _summarise(buf_k[:, :, None])[:, :, 0], complete)
+        new = RetrievalState(
+            buf_k=where(complete, torch.zeros_like(buf_k), buf_k),
+            buf_v=where(complete, torch.zeros_like(buf_v), buf_v),
+            bank_k=bank_k,
+            bank_v=bank_v,
+            summaries=summaries,
+            pool_k=pool_k,
+            pool_v=pool_v,
+            pool_summaries=pool_summaries,
+            pos=pos + 1,
+        )
         return self.proj.merge(y)[:, 0], new
 
-    def complete_chunk(self, st: dict) -> dict:
-        """The state once its full buffer joins the bank as a completed chunk (memory enforced)."""
-        n, buf_k, buf_v = st["n_chunks"], st["buf_k"], st["buf_v"]
-        new = dict(
-            st,
-            bank_k=_append(st["bank_k"], n, buf_k[:, :, None]),
-            bank_v=_append(st["bank_v"], n, buf_v[:, :, None]),
-            summaries=_append(st["summaries"], n, _summarise(buf_k[:, :, None])),
-            n_chunks=n + 1,
-            buf_k=torch.zeros_like(buf_k),
-            buf_v=torch.zeros_like(buf_v),
-        )
-        return self._enforce_memory(new)
-
     # -- compressive memory ----------------------------------------------------------------------
-    def _gather_pool(self, union: torch.Tensor, reads: torch.Tensor, st: dict, n_pool: int, groups: int):
-        """Compressed slots of the selected pool chunks, flattened, and which queries may read them."""
-        Cr = self.slots_per_compressed
-        pool_k = gather_chunks(st["pool_k"][:, :, :n_pool], union).flatten(-3, -2)  # (..., u * Cr, D)
-        pool_v = gather_chunks(st["pool_v"][:, :, :n_pool], union).flatten(-3, -2)
+    def _gather_pool(self, union: torch.Tensor, reads: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor):
+        """Compressed slots of the selected pool chunks (ids < P), flattened, and which queries may read them."""
+        n_pool, Cr = pool_k.shape[2], pool_k.shape[3]
+        read_k = gather_chunks(pool_k, union).flatten(-3, -2)  # (..., u * Cr, D)
+        read_v = gather_chunks(pool_v, union).flatten(-3, -2)
         pool_reads = (reads & (union < n_pool)[..., None, :]).repeat_interleave(Cr, dim=-1)
-        return pool_k, pool_v, pool_reads
-
-    def _enforce_memory(self, st: dict) -> dict:
-        """Keep exact_window tokens exact; compress older chunks into the pool; evict past pool_size."""
-        if self.memory is None:
-            return st
-        n, E = st["n_chunks"], self.exact_chunks
-        overflow = max(0, n - E)
-        with torch.no_grad():
-            old_k, old_v = st["bank_k"][:, :, :overflow], st["bank_v"][:, :, :overflow]
-            B, h_kv, _, C, D = old_k.shape
-            ck, cv = self.memory.compress(
-                old_k.reshape(B, h_kv, overflow * C, D), old_v.reshape(B, h_kv, overflow * C, D)
-            )
-            ck = ck.reshape(B, h_kv, overflow, self.slots_per_compressed, D)
-            cv = cv.reshape(B, h_kv, overflow, self.slots_per_compressed, D)
-            pool = {
-                name: torch.cat([st[name][:, :, : st["n_pool"]], new.to(st[name].dtype)], dim=2)
-                for name, new in (("pool_k", ck), ("pool_v", cv), ("pool_summaries", st["summaries"][:, :, :overflow]))
-            }
-            n_pool = st["n_pool"] + overflow
-            evict = max(0, n_pool - self.pool_chunks)
-            new = dict(
-                st,
-                n_pool=n_pool - evict,
-                compressed=st["compressed"] + overflow,
-                evicted=st["evicted"] + evict,
-                n_chunks=n - overflow,
-            )
-            for name, value in pool.items():  # fixed capacity: state bytes do not grow with the stream
-                new[name] = _fit(value[:, :, evict:], self.pool_chunks)
-            for name in ("bank_k", "bank_v", "summaries"):
-                new[name] = _fit(st[name][:, :, overflow:n], E + 1)
-        return new
+        return read_k, read_v, pool_reads
 
     def _memory_loss(self, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_full: int) -> torch.Tensor:
         """Attention reconstruction of each completed chunk as read by the queries of the chunk after it."""
@@ -339,11 +503,29 @@ def _summarise(chunks: torch.Tensor) -> torch.Tensor:
     return chunks.to(torch.promote_types(chunks.dtype, torch.float32)).mean(-2)
 
 
-def _fit(x: torch.Tensor, capacity: int) -> torch.Tensor:
-    """x (B, H, n, ...) copied into a zero tensor of `capacity` entries along axis 2 (n <= capacity)."""
-    out = x.new_zeros(*x.shape[:2], capacity, *x.shape[3:])
-    out[:, :, : x.shape[2]] = x
-    return out
+def _ring(seq: torch.Tensor, first: int, capacity: int) -> torch.Tensor:
+    """A ring of `capacity` entries (axis 2) holding seq's entries, ids first .. first + n - 1, id j in slot
+    j % capacity (n <= capacity; the other slots are zero)."""
+    n = seq.shape[2]
+    out = seq.new_zeros(*seq.shape[:2], capacity, *seq.shape[3:])
+    if n == 0:
+        return out
+    slots = torch.arange(first, first + n, device=seq.device) % capacity
+    return out.index_copy(2, slots, seq)
+
+
+def _ring_ids(last: Counter, capacity: int, device: torch.device) -> torch.Tensor:
+    """(capacity,) the id each slot of a ring holds when ids up to `last` were written in turn (id j in slot
+    j % capacity): the largest j <= last in the slot's class; negative where no id was written."""
+    slots = torch.arange(capacity, device=device)
+    return last - torch.remainder(last - slots, capacity)
+
+
+def _grow(bank: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A copy of bank with `capacity` entries on axis 2 (the new ones zero): older states keep the old tensor."""
+    grown = bank.new_zeros(*bank.shape[:2], capacity, *bank.shape[3:])
+    grown[:, :, : bank.shape[2]] = bank
+    return grown
 
 
 def _append(bank: torch.Tensor, n: int, new: torch.Tensor) -> torch.Tensor:

@@ -7,30 +7,44 @@ hydralm/eval/routing_recall.py turns it into routing recall.
 """
 
 from contextlib import contextmanager
-from typing import Dict, Iterator, List
+from typing import Any, Dict, Iterator, List
 
 import torch
 from torch import nn
 
 
-def routing_entry(selected: torch.Tensor, valid: torch.Tensor, state: dict, chunk_size: int) -> dict:
-    """One call's routing in absolute terms.
+def routing_entry(selected: torch.Tensor, valid: torch.Tensor, state: Any, chunk_size: int) -> Dict[str, Any]:
+    """One parallel call's routing in absolute terms.
 
-    selected / valid (B, H, N, k): the layer's chunk ids (compressed pool first, then the exact bank) for the
-    call's N tokens; state: the layer state *before* the call. Returns positions (N,) of the tokens in the
-    stream, chunks (B, H, N, k) as absolute chunk ids (chunk j holds stream tokens j*C .. j*C + C - 1), valid,
-    first_chunk (the oldest chunk still retrievable: older ones were evicted by the compressive memory) and
-    chunk_size.
+    selected / valid (B, H, N, k): the layer's chunk ids (compressed pool first, then the exact bank, each
+    oldest first) for the call's N tokens; state: the layer's RetrievalState *before* the call. Returns
+    positions (N,) of the tokens in the stream, chunks (B, H, N, k) as absolute chunk ids (chunk j holds stream
+    tokens j*C .. j*C + C - 1), valid, first_chunk (the oldest chunk still retrievable: older ones were evicted
+    by the compressive memory) and chunk_size.
     """
-    n_pool = state.get("n_pool", 0)
+    n_pool = state.n_pool
     in_pool = selected < n_pool
-    chunks = torch.where(in_pool, selected + state.get("evicted", 0), selected - n_pool + state.get("compressed", 0))
-    positions = state["pos"] + torch.arange(selected.shape[2], device=selected.device)
+    chunks = torch.where(in_pool, selected + state.evicted, selected - n_pool + state.compressed)
+    return _entry(chunks, valid, state.pos, state.evicted, chunk_size)
+
+
+def ring_routing_entry(chunks: torch.Tensor, valid: torch.Tensor, state: Any, top_k: int) -> Dict[str, Any]:
+    """One decode step's routing: chunks / valid (B, H, 1, k <= top_k) already absolute chunk ids (the step
+    reads the bank and pool as rings and maps their slots to chunks itself); padded to top_k picks like the
+    parallel path's. state: the layer's RetrievalState before the step."""
+    missing = top_k - chunks.shape[-1]
+    if missing:
+        chunks = torch.cat([chunks, chunks.new_zeros(*chunks.shape[:-1], missing)], dim=-1)
+        valid = torch.cat([valid, valid.new_zeros(*valid.shape[:-1], missing)], dim=-1)
+    return _entry(chunks, valid, state.pos, state.evicted, state.chunk_size)
+
+
+def _entry(chunks: torch.Tensor, valid: torch.Tensor, pos: Any, first_chunk: int, chunk_size: int) -> Dict[str, Any]:
     return {
-        "positions": positions,
+        "positions": pos + torch.arange(chunks.shape[2], device=chunks.device),
         "chunks": chunks.detach(),
         "valid": valid.detach(),
-        "first_chunk": state.get("evicted", 0),
+        "first_chunk": first_chunk,
         "chunk_size": chunk_size,
     }
 

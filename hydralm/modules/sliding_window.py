@@ -1,10 +1,12 @@
 """Sliding-window attention with RoPE and a ring KV cache of exactly `swa_window` entries.
 
-State: {"k", "v": (B, H_kv, window, D) ring buffers of rotated keys / values, "pos": tokens seen}.
-Token p lives in slot p % window; softmax is order-free, so the ring never needs to be unrolled to decode.
+State: SlidingWindowState(k, v (B, H_kv, window, D) ring buffers of rotated keys / values, pos tokens seen).
+Token p lives in slot p % window; softmax is order-free, so the ring never needs to be unrolled to decode. The
+step reads the whole ring under a mask of the slots written so far: one shape at every step.
 """
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,34 +15,59 @@ from torch import nn
 from hydralm.config import HydraConfig
 from hydralm.kernels.attention.local import repeat_kv, sliding_window_attention
 from hydralm.kernels.backend import attention_backend
-from hydralm.modules.attention import AttentionProjections
+from hydralm.modules.attention import AttentionProjections, check_rotary_head_dim
+from hydralm.modules.mixer import Counter, LayerState
 from hydralm.modules.rotary import Rotary
+from hydralm.modules.slots import positions, write_slot
+
+
+@dataclass
+class SlidingWindowState(LayerState):
+    k: torch.Tensor  # (B, H_kv, window, D) rotated keys, token p in slot p % window
+    v: torch.Tensor  # (B, H_kv, window, D)
+    pos: Counter  # tokens seen
+
+    COUNTERS: ClassVar[Tuple[str, ...]] = ("pos",)
+
+    def contents(self) -> Dict[str, object]:
+        """Only the written slots: slots the stream has not reached yet hold nothing."""
+        valid = min(int(self.pos), self.k.shape[2])
+        return {"k": self.k[:, :, :valid], "v": self.v[:, :, :valid], "pos": int(self.pos)}
 
 
 class SlidingWindowAttention(nn.Module):
+    state_class = SlidingWindowState
+
     def __init__(self, cfg: HydraConfig):
         super().__init__()
         self.window = cfg.swa_window
         self.proj = AttentionProjections(cfg)
         self.rotary = Rotary(cfg.resolved_head_dim, cfg.rope_base)
 
-    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> dict:
-        shape = (batch_size, self.proj.n_kv_heads, self.window, self.proj.head_dim)
-        return {
-            "k": torch.zeros(shape, device=device, dtype=dtype),
-            "v": torch.zeros(shape, device=device, dtype=dtype),
-            "pos": 0,
-        }
+    @staticmethod
+    def check_config(cfg: HydraConfig) -> None:
+        check_rotary_head_dim(cfg, "swa")
 
-    def forward(self, x: torch.Tensor, state: Optional[dict] = None):
+    def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> SlidingWindowState:
+        shape = (batch_size, self.proj.n_kv_heads, self.window, self.proj.head_dim)
+        return SlidingWindowState(
+            k=torch.zeros(shape, device=device, dtype=dtype), v=torch.zeros(shape, device=device, dtype=dtype), pos=0
+        )
+
+    def state_growth(self) -> Optional[str]:
+        return None  # the ring holds exactly `window` slots
+
+    def forward(
+        self, x: torch.Tensor, state: Optional[SlidingWindowState] = None
+    ) -> Tuple[torch.Tensor, SlidingWindowState]:
         B, N, _ = x.shape
-        pos0 = 0 if state is None else state["pos"]
+        pos0 = 0 if state is None else int(state.pos)
         q, k, v = self.proj.split(x)
         positions = torch.arange(pos0, pos0 + N, device=x.device)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
-        if pos0 > 0:
-            k = torch.cat([_ring_to_sequence(state["k"], pos0).to(k.dtype), k], dim=2)
-            v = torch.cat([_ring_to_sequence(state["v"], pos0).to(v.dtype), v], dim=2)
+        if state is not None and pos0 > 0:
+            k = torch.cat([_ring_to_sequence(state.k, pos0).to(k.dtype), k], dim=2)
+            v = torch.cat([_ring_to_sequence(state.v, pos0).to(v.dtype), v], dim=2)
         cached = k.shape[2] - N
         groups = self.proj.kv_groups
         if cached == 0 and attention_backend(x.is_cuda) == "flex":
@@ -50,30 +77,29 @@ class SlidingWindowAttention(nn.Module):
         else:
             y = sliding_window_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), self.window, q_offset=cached)
         end = pos0 + N
-        new_state = {
-            "k": _sequence_to_ring(k, end, self.window),
-            "v": _sequence_to_ring(v, end, self.window),
-            "pos": end,
-        }
+        new_state = SlidingWindowState(
+            k=_sequence_to_ring(k, end, self.window), v=_sequence_to_ring(v, end, self.window), pos=end
+        )
         return self.proj.merge(y), new_state
 
-    def step(self, x_t: torch.Tensor, state: dict):
-        """x_t (B, d_model) -> (B, d_model); O(window) work, O(window) memory."""
-        pos = state["pos"]
+    def step(self, x_t: torch.Tensor, state: SlidingWindowState) -> Tuple[torch.Tensor, SlidingWindowState]:
+        """x_t (B, d_model) -> (B, d_model); O(window) work, O(window) memory, one shape at every step."""
+        pos = state.pos
         q, k, v = self.proj.split(x_t[:, None])
-        # Python ints only: a tensor made from host data on a GPU would synchronise host and device per token.
-        position = torch.arange(pos, pos + 1, device=x_t.device)
+        position = positions(pos, 1, x_t.device)
         q, k = self.rotary(q, position), self.rotary(k, position)
-        # write into a copy (not in place): the old state stays intact, callers may roll back to it.
-        ring_k, ring_v = state["k"].clone(), state["v"].clone()
-        ring_k[:, :, pos % self.window] = k[:, :, 0].to(ring_k.dtype)
-        ring_v[:, :, pos % self.window] = v[:, :, 0].to(ring_v.dtype)
-        valid = min(pos + 1, self.window)  # before the first wrap only slots 0..pos are filled
+        # written into copies (states are values: callers may roll back to the old one)
+        ring_k = write_slot(state.k, 2, pos % self.window, k[:, :, 0])
+        ring_v = write_slot(state.v, 2, pos % self.window, v[:, :, 0])
+        written = torch.arange(self.window, device=x_t.device) <= pos  # all slots once the ring has wrapped
         groups = self.proj.kv_groups
         y = F.scaled_dot_product_attention(
-            q, repeat_kv(ring_k[:, :, :valid].to(q.dtype), groups), repeat_kv(ring_v[:, :, :valid].to(q.dtype), groups)
+            q,
+            repeat_kv(ring_k.to(q.dtype), groups),
+            repeat_kv(ring_v.to(q.dtype), groups),
+            attn_mask=written.view(1, 1, 1, self.window),
         )
-        return self.proj.merge(y)[:, 0], {"k": ring_k, "v": ring_v, "pos": pos + 1}
+        return self.proj.merge(y)[:, 0], SlidingWindowState(k=ring_k, v=ring_v, pos=pos + 1)
 
 
 def _ring_to_sequence(ring: torch.Tensor, pos: int) -> torch.Tensor:

@@ -9,7 +9,7 @@ from typing import Optional
 
 def git_sha(cwd: Optional[str] = None) -> str:
     """HEAD (+ "-dirty"), or $HYDRALM_GIT_SHA when set: a copied tree on a remote GPU machine can carry a stale
-    .git (seen 2026-11-28: a run of c4ef886 recorded the previous session's HEAD), so the sender names the commit."""
+    .git (seen 2026-11-28: a run of c4ef886 recorded an older HEAD), so the sender names the commit."""
     if os.environ.get("HYDRALM_GIT_SHA"):
         return os.environ["HYDRALM_GIT_SHA"]
     try:
