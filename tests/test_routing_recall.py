@@ -262,15 +262,3 @@ def test_routing_loss_leaves_the_forward_unchanged_and_is_off_by_default():
     assert torch.equal(layer(x)[0], plain)
     with pytest.raises(ValueError, match="retrieval_routing_loss"):
         HydraConfig(retrieval_routing_loss=-1.0)
-
-
-def test_training_with_the_routing_loss_logs_it(tmp_path):
-    from helpers import FAST, composed
-
-    from hydralm.training.pipeline import train
-
-    overrides = [o for o in FAST if not o.startswith("trainer.max_steps")]
-    overrides += ["trainer.max_steps=2", "test=false", "model.retrieval_routing_loss=0.5"]
-    with composed(tmp_path, overrides) as cfg:
-        metrics, _ = train(cfg)
-    assert metrics["train/routing_loss"] > 0
