@@ -56,7 +56,10 @@ def test_fast_dev_run_for_every_experiment(tmp_path, experiment):
 
 
 def test_train_writes_artifacts_and_checkpoints_load_with_weights_only(tmp_path, caplog):
-    with caplog.at_level(logging.INFO), composed(tmp_path, FAST + ["test=true", "progress=text"]) as cfg:
+    with (
+        caplog.at_level(logging.INFO),
+        composed(tmp_path, FAST + ["test=true", "progress=text", "model.retrieval_routing_loss=0.5"]) as cfg,
+    ):
         metrics, objects = train(cfg)
     assert {"val/loss", "val/acc", "test/acc", "test/acc_depth_0_25"} <= set(metrics)
     # Plain-text progress instead of a bar, validation metrics in the log, and a closing summary.
@@ -68,8 +71,10 @@ def test_train_writes_artifacts_and_checkpoints_load_with_weights_only(tmp_path,
     assert f"run folder: {tmp_path}" in caplog.text and "best checkpoint: " in caplog.text
     assert f"last checkpoint: {tmp_path / 'checkpoints' / 'last.ckpt'}" in caplog.text
     assert re.search(r"final metrics: test/acc [\d.]+ .*val/loss", caplog.text)
-    # FAST is [deltanet, retrieval, swa]: the retrieval layer (block 1) reports its routing recall
+    # FAST is [deltanet, retrieval, swa]: the retrieval layer (block 1) reports its routing recall, and the
+    # routing loss (on here) reaches the training loss
     assert 0.0 <= metrics["val/routing_recall/layer1"] <= 1.0 and "val/routing_recall_far/layer1" in metrics
+    assert metrics["train/routing_loss"] > 0
     assert (tmp_path / "run_info.json").exists() and (tmp_path / "csv" / "metrics.csv").exists()
     last = tmp_path / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(last, weights_only=True, map_location="cpu")

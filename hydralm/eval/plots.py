@@ -53,8 +53,12 @@ def draw_depth_accuracy(ax, by_depth: dict, chance: Optional[float] = None) -> N
     heights = [v if v is not None else 0.0 for v in values]
     ax.bar(labels, heights, color="#4C72B0", label="accuracy")
     if all("ci95" in by_depth[b] for b in labels):
-        lows = [h - by_depth[b]["ci95"][0] if v is not None else 0.0 for b, v, h in zip(labels, values, heights)]
-        highs = [by_depth[b]["ci95"][1] - h if v is not None else 0.0 for b, v, h in zip(labels, values, heights)]
+        lows = [
+            max(0.0, h - by_depth[b]["ci95"][0]) if v is not None else 0.0 for b, v, h in zip(labels, values, heights)
+        ]
+        highs = [
+            max(0.0, by_depth[b]["ci95"][1] - h) if v is not None else 0.0 for b, v, h in zip(labels, values, heights)
+        ]
         ax.errorbar(
             range(len(labels)),
             heights,

@@ -23,7 +23,10 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> Tuple[float
     denom = 1 + z * z / trials
     centre = (p + z * z / (2 * trials)) / denom
     half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # exact at the ends (p = 0 or 1), where rounding would otherwise leave the bound a hair inside
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == trials else min(1.0, centre + half)
+    return low, high
 
 
 @torch.no_grad()
