@@ -54,7 +54,7 @@ class StaticDecoder:
     def load(self, state: DecodeState) -> None:
         """Continue from another state with the same shapes (another prompt, a later point of a stream),
         reusing the compiled step: its tensors are copied into the buffers."""
-        self.model._check_state(state)
+        self.model._check_state(state, self.batch_size)
         for i, (mine, other) in enumerate(zip(self.state, state)):
             for name, value in other.tensors().items():
                 if value.shape != getattr(mine, name).shape:

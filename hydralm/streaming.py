@@ -161,9 +161,10 @@ class StreamingEngine:
         """Read `tokens` (may be None or empty), then sample up to max_new_tokens from the stream's state.
 
         Returns the new tokens (B, T), same rules as ``generate`` (rows that emitted eos are padded with
-        pad_token_id, default eos; T < max_new_tokens when every row finished). keep_generated=True makes
-        exactly these tokens part of the stream (the state then continues after them; padding included);
-        False leaves the engine where `tokens` left it (use ``fork`` to keep several branches).
+        pad_token_id, default eos, which may be any int; T < max_new_tokens when every row finished).
+        keep_generated=True makes these tokens part of the stream (the state then continues after them), except
+        that a finished row's padding enters the stream as its eos token repeated (the padding may be no token
+        at all, e.g. -1); False leaves the engine where `tokens` left it (use ``fork`` to keep several branches).
         """
         check_sampling(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:

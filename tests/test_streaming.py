@@ -70,6 +70,21 @@ def test_extend_and_generate_equals_generate_on_the_concatenation(layers):
     assert torch.equal(more, expected[:, -6:]) and engine.total_tokens == 37 + 5 + 12 + 2 + 6
 
 
+def test_extend_and_generate_with_eos_and_a_pad_id_that_is_no_token():
+    """Rows that finished stay in the batch and are fed eos internally: pad_token_id=-1 works for batch >= 2,
+    and the tokens are generate's."""
+    model = tiny()
+    document = torch.randint(0, 64, (3, 20))
+    free = generate(model, document, 12, temperature=0)[:, 20:]
+    eos = int(free[0, 2])  # row 0 finishes early
+    engine = StreamingEngine(model, chunk_size=8)
+    engine.process(document)
+    new = engine.extend_and_generate(None, 12, temperature=0, eos_token_id=eos, pad_token_id=-1)
+    expected = generate(model, document, 12, temperature=0, eos_token_id=eos, pad_token_id=-1)[:, 20:]
+    assert torch.equal(new, expected) and (new == -1).any()
+    assert engine.total_tokens == 20 + new.shape[1]
+
+
 def test_sampled_generation_matches_generate_with_the_same_seed():
     model = tiny()
     document = torch.randint(0, 64, (1, 30))
