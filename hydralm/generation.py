@@ -149,8 +149,8 @@ def _as_rows(
             if prompt_lengths is not None:
                 raise ValueError("prompt_lengths needs a 2-D (batch, max_len) prompt_ids tensor")
             return [prompt_ids.to(device=device, dtype=torch.long)], True, False
-        if prompt_ids.dim() != 2:
-            raise ValueError(f"prompt_ids must be 1-D or (batch, seq_len), got shape {tuple(prompt_ids.shape)}")
+        if prompt_ids.dim() != 2 or prompt_ids.shape[0] == 0:
+            raise ValueError(f"prompt_ids must be 1-D or (batch >= 1, seq_len), got shape {tuple(prompt_ids.shape)}")
         ids = prompt_ids.to(device=device, dtype=torch.long)
         if prompt_lengths is None:
             return list(ids), False, False

@@ -13,7 +13,7 @@ Mixer classes come from the registry (hydralm/modules/registry.py).
 """
 
 import math
-from typing import Any, Dict, Iterator, Optional, Tuple, cast
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -128,8 +128,6 @@ class HydraLM(nn.Module):
             )
         if logits_to_keep is not None and not 1 <= logits_to_keep <= input_ids.shape[1]:
             raise ValueError(f"logits_to_keep={logits_to_keep!r} must be in [1, seq_len={input_ids.shape[1]}]")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         if logits_at is not None and (logits_at.dim() != 2 or logits_at.shape[0] != input_ids.shape[0]):
             raise ValueError(f"logits_at must be (batch={input_ids.shape[0]}, Q), got shape {tuple(logits_at.shape)}")
         self._clear_memory_losses()
@@ -256,6 +254,18 @@ class HydraLM(nn.Module):
         return cast(Iterator[Block], iter(self.blocks))
 
     # -- input checks ----------------------------------------------------------------------------
+    def _state_shapes(self) -> List[Dict[str, Tuple[int, ...]]]:
+        """Per layer, the shape of each state tensor without its batch dim (0: a dim that grows with the stream),
+        read once from an empty state on the meta device (nothing allocated)."""
+        shapes = getattr(self, "_state_shapes_cache", None)
+        if shapes is None:
+            shapes = [
+                {name: tuple(t.shape[1:]) for name, t in block.mixer.init_state(1, device="meta").tensors().items()}
+                for block in self._blocks()
+            ]
+            self._state_shapes_cache = shapes
+        return shapes
+
     def _checked_ids(self, ids: torch.Tensor, check_range: bool = True) -> torch.Tensor:
         """Token ids of any integer dtype, checked, as the embedding takes them (int64 unless int32)."""
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
@@ -281,6 +291,14 @@ class HydraLM(nn.Module):
                     f"state[{i}] is a {type(layer_state).__name__}, but layer {i} is {block.layer_type!r} and "
                     f"takes a {expected.__name__}: a state belongs to the model (layer types) that made it"
                 )
+            for name, tensor in layer_state.tensors().items():
+                held = self._state_shapes()[i][name]
+                if tensor.dim() != len(held) + 1 or any(e and n != e for n, e in zip(tensor.shape[1:], held)):
+                    shape = ", ".join(["batch"] + [str(e) if e else "any" for e in held])
+                    raise ValueError(
+                        f"state[{i}].{name} has shape {tuple(tensor.shape)}, but layer {i} ({block.layer_type!r}) "
+                        f"of this model holds ({shape}): a state belongs to the model (layer sizes) that made it"
+                    )
             if batch_size is not None and layer_state.batch_size != batch_size:
                 raise ValueError(
                     f"state[{i}] holds {layer_state.batch_size} rows but the input has {batch_size}: a state "

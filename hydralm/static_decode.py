@@ -73,7 +73,8 @@ class StaticDecoder:
                 f"token_ids must have shape ({self.batch_size},), one token per row of the state; "
                 f"got {tuple(token_ids.shape)}"
             )
-        return self.step_fn(token_ids)
+        # any integer dtype, as model.step takes; the id range is checked on the CPU only (no host read on a GPU)
+        return self.step_fn(self.model._checked_ids(token_ids, check_range=not token_ids.is_cuda))
 
     def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
         logits, new_state, _ = self.model.decode_step(token_ids, self.state)

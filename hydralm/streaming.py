@@ -126,8 +126,8 @@ class StreamingEngine:
             check_integer(chunk)
         ids = torch.as_tensor(chunk if torch.is_tensor(chunk) else list(chunk), dtype=torch.long, device=self.device)
         ids = ids.reshape(1, -1) if ids.dim() <= 1 else ids
-        if ids.dim() != 2:
-            raise ValueError(f"a chunk must be 1-D or (batch, n), got shape {tuple(ids.shape)}")
+        if ids.dim() != 2 or ids.shape[0] == 0:
+            raise ValueError(f"a chunk must be 1-D or (batch >= 1, n), got shape {tuple(ids.shape)}")
         batch = self.batch_size if self.batch_size is not None else ids.shape[0]
         if ids.shape[0] != batch:
             raise ValueError(
