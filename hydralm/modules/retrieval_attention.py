@@ -19,6 +19,9 @@ leaves the exact window is compressed to C / compress_every slots (r = compress_
 pool, a ring of P = pool_size * r / C chunks whose oldest entries are overwritten (evicted). Compressed chunks
 keep their exact routing summary, so tokens still route to them and read their compressed slots; evicted chunks
 are gone. Every shape is then fixed: ``step`` reads the rings under masks, so it compiles and captures.
+What a token reads depends on its position only (the chunk schedule), never on how the stream was cut into
+calls: the parallel path compresses on the fly the chunks a token must read compressed (docs/architecture.md,
+section 3.3.1).
 """
 
 import dataclasses
