@@ -3,7 +3,7 @@
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [retrieval] [gdn_block]`
+`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [retrieval] [exactness] [gdn_block]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only).
 """
@@ -29,9 +29,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-30))
 
 
-def _record(name: str, err: float, tol: float) -> None:
-    ROWS.append({"check": name, "rel_err": err, "tol": tol, "ok": err <= tol})
-    print(f"{'PASS' if err <= tol else 'FAIL'}  {name:58s} rel err {err:.2e}  (tol {tol:.0e})", flush=True)
+def _record(name: str, err: float, tol: float, measure: str = "rel err") -> None:
+    ROWS.append({"check": name, measure.replace(" ", "_"): err, "tol": tol, "ok": err <= tol})
+    print(f"{'PASS' if err <= tol else 'FAIL'}  {name:58s} {measure} {err:.2e}  (tol {tol:.0e})", flush=True)
 
 
 def _grads(fn, inputs, weight):
@@ -323,6 +323,55 @@ def check_static_decode(device: str) -> None:
         _record(f"StaticDecoder {name} logits vs model.step (max abs / max |logit|)", worst / scale, 1e-4)
 
 
+@torch.no_grad()
+def check_exactness(device: str) -> None:
+    """Claims C1 and C2 on the GPU's default paths (HYDRALM_* = auto), fp32 with IEEE matmuls: parallel forward vs
+    chunked prefill vs step, at 2048 tokens (deltanet/swa/retrieval, 64-token chunks), with compressive memory (the
+    fused retrieval kernels hand calls with compressed reads to the gather path) and for the full budget's
+    20-layer model; retrieval picks that differ between the paths (routing near-ties); batch row 0 bit-identical
+    when the other rows change; greedy speculative decoding with memory = greedy generate."""
+    from hydralm import HydraConfig, HydraLM
+    from hydralm.eval.claims import (
+        BUDGETS,
+        LONG_C1_MODEL,
+        c1_bound,
+        c1_max_diff,
+        equivalence_configs,
+        random_splits,
+        speculative_mismatches,
+    )
+
+    torch.set_float32_matmul_precision("highest")
+    gen = torch.Generator().manual_seed(0)
+    configs = equivalence_configs(BUDGETS["full"]["c1"])
+    for name, cfg, N in (
+        ("long", HydraConfig(**LONG_C1_MODEL), 2048),
+        ("memory+gqa", configs["memory+gqa"], 512),
+        ("mixed-20-layer", configs["mixed-20-layer"], 300),
+    ):
+        torch.manual_seed(0)
+        model = HydraLM(cfg).to(device).eval()
+        ids = torch.randint(0, cfg.vocab_size, (2, N), generator=gen).to(device)
+        c1 = c1_max_diff(model, ids, random_splits(N, gen))
+        bound = c1_bound(c1["max_abs_logit"])
+        _record(f"C1 {name} N{N}: parallel / chunked / step logits", c1["max_abs_diff"], bound, "max abs")
+        _record(
+            f"C1 {name} N{N}: retrieval picks parallel vs step", float(c1["routing_picks_differing"]), 0.0, "differing"
+        )
+        ids = torch.full((3, N), 7, device=device)
+        other = ids.clone()
+        other[1:] = torch.randint(0, cfg.vocab_size, (2, N), generator=gen).to(device)
+        diff = float((model(ids)["logits"][0] - model(other)["logits"][0]).abs().max())
+        sa, sb = model.init_state(3), model.init_state(3)
+        for t in range(min(N, 256)):
+            la, sa = model.step(ids[:, t], sa)
+            lb, sb = model.step(other[:, t], sb)
+            diff = max(diff, float((la[0] - lb[0]).abs().max()))
+        _record(f"C2 {name} N{N}: row 0 when the other rows change", diff, 0.0, "max abs")
+    differing = speculative_mismatches(8, gen, device)
+    _record("C1 greedy speculative (memory) vs generate: tokens differing", float(differing), 0.0, "count")
+
+
 def check_gdn_block(device: str) -> None:
     """The 160m preset's Gated DeltaNet block with fla's short conv, L2 norm and gated RMSNorm
     (HYDRALM_GDN_MODULES=fla, kernels/fla_modules.py) vs its PyTorch modules in fp32 (the reference), same
@@ -389,13 +438,14 @@ def main() -> int:
         return 1
     torch.manual_seed(0)
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
-    names = sys.argv[1:] or ["delta_rule", "fla", "flex", "static_decode", "retrieval", "gdn_block"]
+    names = sys.argv[1:] or ["delta_rule", "fla", "flex", "static_decode", "retrieval", "exactness", "gdn_block"]
     checks = {
         "delta_rule": check_delta_rule,
         "fla": check_fla,
         "flex": check_flex,
         "static_decode": check_static_decode,
         "retrieval": check_retrieval,
+        "exactness": check_exactness,
         "gdn_block": check_gdn_block,
     }
     for name in names:

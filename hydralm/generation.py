@@ -91,10 +91,12 @@ def decode(
     Returns (new tokens (B, T), state, logits (B, V)). T = max_new_tokens, or fewer when every row has
     emitted eos_token_id; a row that finished is filled with pad_token_id (default: eos) from then on.
     drop_finished: finished rows leave the batch (less work; the returned state is then meaningless).
-    feed_last: also step the last token, so the returned state and logits continue after all T tokens
-    (finished rows are fed their pad tokens, keeping every row of the state at the same position).
+    feed_last: also step the last token, so the returned state and logits continue after all T tokens.
+    Rows that stay in the batch after finishing (drop_finished=False, or a decoder) are fed eos, an id the
+    model emitted, in place of their padding (pad_token_id may be any int, e.g. -1), so every row of the
+    state stays at the same position.
     decoder: a StaticDecoder loaded with `state` steps instead of model.step. Its batch is fixed, so rows
-    never leave it (finished ones are fed eos); the state lives in the decoder and None is returned for it.
+    never leave it; the state lives in the decoder and None is returned for it.
     """
     B, device = logits.shape[0], logits.device
     pad = eos_token_id if pad_token_id is None else pad_token_id
@@ -118,11 +120,12 @@ def decode(
             keep = (~finished[active]).nonzero()[:, 0]
             assert state is not None, "dropping finished rows needs the state"
             active, token, state = active[keep], token[keep], select_rows(state, keep)
+        if eos_token_id is not None:  # finished rows still in the batch are fed eos, never their padding
+            token = token.masked_fill(finished[active], eos_token_id)
         if decoder is None:
             logits, state = model.step(token, state)
         else:  # logits may be the CUDA graph's output buffer: sampled above, before this step overwrites it
-            # finished rows are fed eos, an id the model emitted (pad_token_id may be any int, e.g. -1)
-            logits = decoder.step(token if eos_token_id is None else token.masked_fill(finished, eos_token_id))
+            logits = decoder.step(token)
         if all_done:
             break
     if decoder is not None:
@@ -146,8 +149,8 @@ def _as_rows(
             if prompt_lengths is not None:
                 raise ValueError("prompt_lengths needs a 2-D (batch, max_len) prompt_ids tensor")
             return [prompt_ids.to(device=device, dtype=torch.long)], True, False
-        if prompt_ids.dim() != 2:
-            raise ValueError(f"prompt_ids must be 1-D or (batch, seq_len), got shape {tuple(prompt_ids.shape)}")
+        if prompt_ids.dim() != 2 or prompt_ids.shape[0] == 0:
+            raise ValueError(f"prompt_ids must be 1-D or (batch >= 1, seq_len), got shape {tuple(prompt_ids.shape)}")
         ids = prompt_ids.to(device=device, dtype=torch.long)
         if prompt_lengths is None:
             return list(ids), False, False

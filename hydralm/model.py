@@ -13,7 +13,7 @@ Mixer classes come from the registry (hydralm/modules/registry.py).
 """
 
 import math
-from typing import Any, Dict, Iterator, Optional, Tuple, cast
+from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -117,14 +117,17 @@ class HydraLM(nn.Module):
         ``logits_to_keep=k`` computes logits for the last k positions only (prefill and streaming need one
         row, not (B, N, V)).
         """
-        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-            raise ValueError(f"input_ids must be (batch, seq_len >= 1), got shape {tuple(input_ids.shape)}")
-        self._check_ids(input_ids)
-        self._check_state(state)
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must be (batch >= 1, seq_len >= 1), got shape {tuple(input_ids.shape)}")
+        input_ids = self._checked_ids(input_ids)
+        self._check_state(state, input_ids.shape[0])
+        if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"labels must have input_ids' shape {tuple(input_ids.shape)} (labels[:, t] is the token after t, "
+                f"-100 = no loss), got shape {tuple(labels.shape)}"
+            )
         if logits_to_keep is not None and not 1 <= logits_to_keep <= input_ids.shape[1]:
             raise ValueError(f"logits_to_keep={logits_to_keep!r} must be in [1, seq_len={input_ids.shape[1]}]")
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(labels.shape)}")
         if logits_at is not None and (logits_at.dim() != 2 or logits_at.shape[0] != input_ids.shape[0]):
             raise ValueError(f"logits_at must be (batch={input_ids.shape[0]}, Q), got shape {tuple(logits_at.shape)}")
         self._clear_memory_losses()
@@ -196,16 +199,19 @@ class HydraLM(nn.Module):
         self, input_ids_t: torch.Tensor, state: Optional[DecodeState] = None
     ) -> Tuple[torch.Tensor, DecodeState, torch.Tensor]:
         """Like ``step`` but also returns the last hidden state (B, d) that the MTP head drafts from."""
-        if input_ids_t.dim() == 2:
-            if input_ids_t.shape[1] != 1:
-                raise ValueError(f"step takes one token per row, got shape {tuple(input_ids_t.shape)}")
-            input_ids_t = input_ids_t[:, 0]
+        shape = tuple(input_ids_t.shape)
+        if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] == 0:
+            raise ValueError(
+                f"step takes one token per row: input_ids_t of shape (batch,) or (batch, 1) with batch >= 1, "
+                f"got shape {shape}" + (" (a 0-d tensor: pass ids.view(1) for one row)" if not shape else "")
+            )
+        input_ids_t = input_ids_t.reshape(shape[0])
         # On a GPU the id range is checked by forward (the prompt), not per decoded token: reading min/max back
         # would synchronise host and device every step. CPU steps check it.
-        self._check_ids(input_ids_t, check_range=not input_ids_t.is_cuda)
+        input_ids_t = self._checked_ids(input_ids_t, check_range=not input_ids_t.is_cuda)
         if state is None:
             state = self.init_state(input_ids_t.shape[0], input_ids_t.device)
-        self._check_state(state)
+        self._check_state(state, input_ids_t.shape[0])
         return self.decode_step(input_ids_t, state)
 
     def decode_step(
@@ -248,24 +254,53 @@ class HydraLM(nn.Module):
         return cast(Iterator[Block], iter(self.blocks))
 
     # -- input checks ----------------------------------------------------------------------------
-    def _check_ids(self, ids: torch.Tensor, check_range: bool = True) -> None:
-        if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+    def _state_shapes(self) -> List[Dict[str, Tuple[int, ...]]]:
+        """Per layer, the shape of each state tensor without its batch dim (0: a dim that grows with the stream),
+        read once from an empty state on the meta device (nothing allocated)."""
+        shapes = getattr(self, "_state_shapes_cache", None)
+        if shapes is None:
+            shapes = [
+                {name: tuple(t.shape[1:]) for name, t in block.mixer.init_state(1, device="meta").tensors().items()}
+                for block in self._blocks()
+            ]
+            self._state_shapes_cache = shapes
+        return shapes
+
+    def _checked_ids(self, ids: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """Token ids of any integer dtype, checked, as the embedding takes them (int64 unless int32)."""
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
         if check_range and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
             raise ValueError(
                 f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}); got values in "
                 f"[{int(ids.min())}, {int(ids.max())}]"
             )
+        return ids if ids.dtype in (torch.int64, torch.int32) else ids.long()
 
-    def _check_state(self, state: Optional[DecodeState]) -> None:
+    def _check_state(self, state: Optional[DecodeState], batch_size: Optional[int] = None) -> None:
+        """A state made by this model (one entry of each layer's state type) for a batch of batch_size rows."""
         if state is None:
             return
-        if len(state) != len(self.blocks):
-            raise ValueError(f"state must have one entry per layer ({len(self.blocks)}), got {len(state)}")
+        if not isinstance(state, (list, tuple)) or len(state) != len(self.blocks):
+            length = len(state) if isinstance(state, (list, tuple)) else type(state).__name__
+            raise ValueError(f"state must have one entry per layer ({len(self.blocks)}), got {length}")
         for i, (block, layer_state) in enumerate(zip(self._blocks(), state)):
             expected = block.mixer.state_class
             if type(layer_state) is not expected:
                 raise ValueError(
                     f"state[{i}] is a {type(layer_state).__name__}, but layer {i} is {block.layer_type!r} and "
                     f"takes a {expected.__name__}: a state belongs to the model (layer types) that made it"
+                )
+            for name, tensor in layer_state.tensors().items():
+                held = self._state_shapes()[i][name]
+                if tensor.dim() != len(held) + 1 or any(e and n != e for n, e in zip(tensor.shape[1:], held)):
+                    shape = ", ".join(["batch"] + [str(e) if e else "any" for e in held])
+                    raise ValueError(
+                        f"state[{i}].{name} has shape {tuple(tensor.shape)}, but layer {i} ({block.layer_type!r}) "
+                        f"of this model holds ({shape}): a state belongs to the model (layer sizes) that made it"
+                    )
+            if batch_size is not None and layer_state.batch_size != batch_size:
+                raise ValueError(
+                    f"state[{i}] holds {layer_state.batch_size} rows but the input has {batch_size}: a state "
+                    f"belongs to the batch that made it (select_rows / stack_states change its rows)"
                 )

@@ -54,7 +54,7 @@ class StaticDecoder:
     def load(self, state: DecodeState) -> None:
         """Continue from another state with the same shapes (another prompt, a later point of a stream),
         reusing the compiled step: its tensors are copied into the buffers."""
-        self.model._check_state(state)
+        self.model._check_state(state, self.batch_size)
         for i, (mine, other) in enumerate(zip(self.state, state)):
             for name, value in other.tensors().items():
                 if value.shape != getattr(mine, name).shape:
@@ -73,7 +73,8 @@ class StaticDecoder:
                 f"token_ids must have shape ({self.batch_size},), one token per row of the state; "
                 f"got {tuple(token_ids.shape)}"
             )
-        return self.step_fn(token_ids)
+        # any integer dtype, as model.step takes; the id range is checked on the CPU only (no host read on a GPU)
+        return self.step_fn(self.model._checked_ids(token_ids, check_range=not token_ids.is_cuda))
 
     def _step(self, token_ids: torch.Tensor) -> torch.Tensor:
         logits, new_state, _ = self.model.decode_step(token_ids, self.state)

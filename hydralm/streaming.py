@@ -126,8 +126,8 @@ class StreamingEngine:
             check_integer(chunk)
         ids = torch.as_tensor(chunk if torch.is_tensor(chunk) else list(chunk), dtype=torch.long, device=self.device)
         ids = ids.reshape(1, -1) if ids.dim() <= 1 else ids
-        if ids.dim() != 2:
-            raise ValueError(f"a chunk must be 1-D or (batch, n), got shape {tuple(ids.shape)}")
+        if ids.dim() != 2 or ids.shape[0] == 0:
+            raise ValueError(f"a chunk must be 1-D or (batch >= 1, n), got shape {tuple(ids.shape)}")
         batch = self.batch_size if self.batch_size is not None else ids.shape[0]
         if ids.shape[0] != batch:
             raise ValueError(
@@ -161,9 +161,10 @@ class StreamingEngine:
         """Read `tokens` (may be None or empty), then sample up to max_new_tokens from the stream's state.
 
         Returns the new tokens (B, T), same rules as ``generate`` (rows that emitted eos are padded with
-        pad_token_id, default eos; T < max_new_tokens when every row finished). keep_generated=True makes
-        exactly these tokens part of the stream (the state then continues after them; padding included);
-        False leaves the engine where `tokens` left it (use ``fork`` to keep several branches).
+        pad_token_id, default eos, which may be any int; T < max_new_tokens when every row finished).
+        keep_generated=True makes these tokens part of the stream (the state then continues after them), except
+        that a finished row's padding enters the stream as its eos token repeated (the padding may be no token
+        at all, e.g. -1); False leaves the engine where `tokens` left it (use ``fork`` to keep several branches).
         """
         check_sampling(temperature, top_k, top_p)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:

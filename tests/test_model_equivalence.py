@@ -9,7 +9,8 @@ import random
 import pytest
 import torch
 
-from hydralm import DenseTransformer, HydraConfig, HydraLM
+from hydralm import DenseTransformer, HydraConfig, HydraLM, StaticDecoder, StreamingEngine
+from hydralm.generation import generate
 from hydralm.modules.registry import LAYER_TYPES
 
 SMALL = dict(
@@ -28,6 +29,13 @@ CONFIGS = {
     "mixed-20-layer": HydraConfig(**SMALL, n_layers=20, swa_every=4, retrieval_every=3),
     "gqa-mtp": HydraConfig(
         **{**SMALL, "n_kv_heads": 2}, n_layers=3, layer_types=["deltanet", "retrieval", "swa"], mtp_depth=2
+    ),
+    # compressive memory: 4 exact chunks, a pool of 4 compressed chunks; 45 tokens compress 7 chunks and evict 3
+    "gqa-memory": HydraConfig(
+        **{**SMALL, "n_kv_heads": 2},
+        n_layers=3,
+        layer_types=["deltanet", "retrieval", "swa"],
+        memory=dict(exact_window=16, compress_every=2, pool_size=8),
     ),
 }
 TOLERANCE = 1e-4  # claim C1, fp32
@@ -62,6 +70,30 @@ def test_c1_parallel_chunked_and_stepwise_logits_agree(name):
     assert (parallel - steps).abs().max() < TOLERANCE
 
 
+def test_c1_holds_at_2048_tokens():
+    """C1 does not loosen with length: 2048 tokens through DeltaNet (chunks of 64, its state stepped 2048 times),
+    SWA (window 100) and retrieval (32 chunks of 64, top 4), parallel vs uneven prefill pieces vs steps."""
+    cfg = HydraConfig(
+        vocab_size=97,
+        d_model=64,
+        n_heads=4,
+        n_layers=3,
+        layer_types=["deltanet", "swa", "retrieval"],
+        dn_chunk_size=64,
+        swa_window=100,
+        retrieval_chunk_size=64,
+        retrieval_top_k=4,
+        initializer_range=0.2,
+    )
+    model = HydraLM(cfg).eval()
+    N = 2048
+    ids = torch.randint(0, cfg.vocab_size, (1, N))
+    parallel, chunked, steps = _three_ways(model, ids, [0, 1, 700, 701, 1500, N])
+    assert parallel.abs().max() > 0.5
+    assert (parallel - chunked).abs().max() < TOLERANCE
+    assert (parallel - steps).abs().max() < TOLERANCE
+
+
 def test_c1_dense_baseline_agrees_too():
     model = DenseTransformer(HydraConfig(**SMALL, n_layers=2)).eval()
     ids = torch.randint(0, 101, (2, 30))
@@ -85,21 +117,21 @@ def test_c1_mtp_drafts_from_decode_state_match_parallel_mtp_logits():
             assert (logits2 - out["mtp_logits"][1][:, t]).abs().max() < TOLERANCE
 
 
-@pytest.mark.parametrize("name", ["mixed-20-layer", "gqa-mtp"])
+@pytest.mark.parametrize("name", ["mixed-20-layer", "gqa-mtp", "gqa-memory"])
 def test_c2_rows_do_not_leak_into_each_other(name):
+    """A row's outputs are bit-identical whatever the other rows hold: parallel, chunked and step by step.
+
+    Every row first repeats one token, so the tokens of a chunk route alike and the retrieval unions are small;
+    then rows 1 and 2 are random (large unions). Row 0 attending over the padding of another row's larger union
+    would round differently."""
     cfg = CONFIGS[name]
     model = HydraLM(cfg).eval()
-    ids = torch.randint(0, cfg.vocab_size, (3, 33))
+    N = 48
+    ids = torch.full((3, N), 7)
     other = ids.clone()
-    other[1:] = torch.randint(0, cfg.vocab_size, (2, 33))  # change every row but the first
-    with torch.no_grad():
-        a, b = model(ids)["logits"][0], model(other)["logits"][0]
-        sa, sb = model.init_state(3), model.init_state(3)
-        for t in range(33):
-            la, sa = model.step(ids[:, t], sa)
-            lb, sb = model.step(other[:, t], sb)
-            torch.testing.assert_close(la[0], lb[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    other[1:] = torch.randint(0, cfg.vocab_size, (2, N))  # change every row but the first
+    for a, b in zip(_three_ways(model, ids, [0, 13, N]), _three_ways(model, other, [0, 13, N])):
+        assert torch.equal(a[0], b[0])
 
 
 def test_rollback_to_an_earlier_state_is_exact():
@@ -129,6 +161,67 @@ def test_out_of_range_ids_raise_value_error():
         model(torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="one entry per layer"):
         model(torch.zeros(1, 3, dtype=torch.long), state=[{}])
+
+
+def test_bad_inputs_and_foreign_states_raise_one_clear_error():
+    model = HydraLM(CONFIGS["gqa-mtp"]).eval()  # deltanet, retrieval, swa
+    ids = torch.randint(0, 101, (2, 6))
+    with torch.no_grad():
+        state = model(ids, return_state=True)["state"]
+        with pytest.raises(ValueError, match=r"state\[0\] holds 2 rows but the input has 3"):
+            model(torch.randint(0, 101, (3, 4)), state=state)
+        with pytest.raises(ValueError, match=r"state\[0\] holds 2 rows but the input has 3"):
+            model.step(torch.zeros(3, dtype=torch.long), state)
+        reordered = HydraLM(HydraConfig(**SMALL, n_layers=3, layer_types=["swa", "retrieval", "deltanet"])).eval()
+        with pytest.raises(ValueError, match=r"state\[0\] is a DeltaNetState, but layer 0 is 'swa'"):
+            reordered.step(ids[:, 0], state)
+        with pytest.raises(ValueError, match=r"one entry per layer \(2\), got 3"):
+            HydraLM(HydraConfig(**SMALL, n_layers=2, layer_types=["deltanet", "retrieval"])).step(ids[:, 0], state)
+        wider = HydraLM(
+            HydraConfig(**{**SMALL, "d_model": 64}, n_layers=3, layer_types=["deltanet", "retrieval", "swa"])
+        )
+        with pytest.raises(
+            ValueError, match=r"state\[0\]\.S has shape \(2, 4, 8, 8\), but layer 0 \('deltanet'\) of this"
+        ):
+            wider(ids, state=state)
+        with pytest.raises(ValueError, match=r"batch >= 1, seq_len >= 1\), got shape \(0, 5\)"):
+            model(torch.zeros(0, 5, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"batch >= 1, seq_len\), got shape \(0, 5\)"):
+            generate(model, torch.zeros(0, 5, dtype=torch.long), 2)
+        with pytest.raises(ValueError, match=r"batch >= 1, n\), got shape \(0, 5\)"):
+            StreamingEngine(model, chunk_size=4).process(torch.zeros(0, 5, dtype=torch.long))
+        with pytest.raises(ValueError, match="0-d tensor"):
+            model.step(torch.tensor(3))
+        with pytest.raises(ValueError, match=r"with batch >= 1, got shape \(0,\)"):
+            model.step(torch.zeros(0, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"labels must have input_ids' shape \(2, 6\)"):
+            model(ids, compute_mtp=True, labels=ids[:, :-1])
+
+
+def test_every_integer_id_dtype_is_accepted_in_every_entry_point():
+    """int8 .. int64 ids give the same logits in forward, step, generate and a StaticDecoder; bool and float are
+    refused with one message."""
+    model = HydraLM(CONFIGS["gqa-memory"]).eval()
+    ids = torch.randint(0, 101, (2, 6))
+    with torch.no_grad():
+        state = model(ids, return_state=True)["state"]
+        expected, decoder = model(ids)["logits"], StaticDecoder(model, state)
+        for dtype in (torch.int8, torch.uint8, torch.int16, torch.int32):
+            assert torch.equal(model(ids.to(dtype))["logits"], expected)
+            assert torch.equal(model.step(ids[:, 0].to(dtype))[0], model.step(ids[:, 0])[0])
+            assert torch.equal(generate(model, ids.to(dtype), 3, temperature=0), generate(model, ids, 3, temperature=0))
+            decoder.load(state)
+            assert torch.equal(decoder.step(ids[:, 0].to(dtype)), model.step(ids[:, 0], state)[0])
+        for dtype in (torch.bool, torch.float32):
+            calls = (
+                lambda: model(ids.to(dtype)),
+                lambda: model.step(ids[:, 0].to(dtype)),
+                lambda: decoder.step(ids[:, 0].to(dtype)),
+                lambda: generate(model, ids.to(dtype), 3),
+            )
+            for call in calls:
+                with pytest.raises(ValueError, match=f"integer tensor, got dtype {dtype}"):
+                    call()
 
 
 def test_forward_contract_keys_and_shapes():

@@ -246,3 +246,43 @@ def test_a_model_trains_the_same_with_the_triton_kernel_as_with_the_gather_path(
     assert grads_triton.keys() == grads_torch.keys()
     for name in grads_torch:
         torch.testing.assert_close(grads_triton[name], grads_torch[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_with_memory_the_kernel_runs_until_a_token_reads_a_compressed_chunk(monkeypatch):
+    """The fused kernel reads every chunk exactly. With compressive memory (chunks of 8, 2 exact chunks) a forward
+    of up to 24 tokens reads nothing compressed and runs the kernel; a longer one, whose late tokens read chunks
+    compressed, takes the gather path (the same result as HYDRALM_RETRIEVAL=torch, bit for bit)."""
+    from hydralm import HydraConfig, HydraLM
+
+    cfg = HydraConfig(
+        vocab_size=50,
+        d_model=32,
+        n_layers=1,
+        n_heads=2,
+        layer_types=["retrieval"],
+        retrieval_chunk_size=8,
+        retrieval_top_k=2,
+        memory=dict(exact_window=16, compress_every=4, pool_size=8),
+    )
+    torch.manual_seed(0)
+    model = HydraLM(cfg).eval()
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return retrieval_attention_triton(*args, **kwargs)
+
+    monkeypatch.setattr(triton_sparse, "retrieval_attention_triton", counted)
+    for N, kernel_runs in ((24, True), (40, False)):
+        ids = torch.randint(0, cfg.vocab_size, (2, N))
+        with torch.no_grad():
+            monkeypatch.setenv("HYDRALM_RETRIEVAL", "torch")
+            expected = model(ids)["logits"]
+            monkeypatch.setenv("HYDRALM_RETRIEVAL", "triton")
+            calls.clear()
+            got = model(ids)["logits"]
+        assert calls == ([N] if kernel_runs else [])
+        if kernel_runs:
+            torch.testing.assert_close(got, expected, **TOL)
+        else:
+            assert torch.equal(got, expected)

@@ -50,6 +50,20 @@ def test_greedy_speculative_equals_greedy_generate(layers, k, drafter):
     assert stats.rounds <= stats.target_forwards <= 2 * stats.rounds  # verify (+ rebuild on rejection)
 
 
+def test_greedy_speculative_equals_greedy_generate_with_compressive_memory():
+    """Memory compresses on the chunk schedule in every path, so the verify forward over [pending, drafts]
+    reads what step decoding reads: the outputs agree past the exact window, through compression and eviction
+    (40-token prompts, chunks of 8, 2 exact chunks, a pool of 4)."""
+    memory = dict(exact_window=16, compress_every=4, pool_size=8)
+    one_layer = dict(n_layers=1, layer_types=["retrieval"], retrieval_chunk_size=8, retrieval_top_k=1)
+    target = tiny("retrieval", memory=memory, **one_layer)
+    prompts = torch.randint(0, 64, (6, 40))
+    expected = generate(target, prompts, 40, temperature=0)
+    for prompt, tokens in zip(prompts, expected):
+        out, stats = speculative_generate(target, None, prompt, 40, k=2, temperature=0)
+        assert torch.equal(out, tokens) and stats.accepted < stats.proposed  # rejections: rollbacks happen
+
+
 def test_greedy_with_a_perfect_draft_accepts_everything():
     """A draft identical to the target: every draft accepted, every round ends with a bonus token."""
     target = tiny("mixed")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import LAYER_SETS, assert_states_close, tiny  # noqa: F401
+from helpers import LAYER_SETS, assert_states_close, static_model, tiny  # noqa: F401
 from helpers import TINY_BASE as BASE
 
 from hydralm import HydraConfig, HydraLM
@@ -68,6 +68,38 @@ def test_extend_and_generate_equals_generate_on_the_concatenation(layers):
     more = engine.extend_and_generate(question[:, :2], 6, temperature=0)
     expected = generate(model, torch.cat([document, question, new, question[:, :2]], 1), 6, temperature=0)
     assert torch.equal(more, expected[:, -6:]) and engine.total_tokens == 37 + 5 + 12 + 2 + 6
+
+
+def test_extend_and_generate_with_eos_and_a_pad_id_that_is_no_token():
+    """Rows that finished stay in the batch and are fed eos internally: pad_token_id=-1 works for batch >= 2,
+    and the tokens are generate's."""
+    model = tiny()
+    document = torch.randint(0, 64, (3, 20))
+    free = generate(model, document, 12, temperature=0)[:, 20:]
+    eos = int(free[0, 2])  # row 0 finishes early
+    engine = StreamingEngine(model, chunk_size=8)
+    engine.process(document)
+    new = engine.extend_and_generate(None, 12, temperature=0, eos_token_id=eos, pad_token_id=-1)
+    expected = generate(model, document, 12, temperature=0, eos_token_id=eos, pad_token_id=-1)[:, 20:]
+    assert torch.equal(new, expected) and (new == -1).any()
+    assert engine.total_tokens == 20 + new.shape[1]
+
+
+def test_a_stream_with_compressive_memory_does_not_depend_on_how_it_is_cut():
+    """Memory compresses on the chunk schedule, not the call schedule: pieces of 5 or 16 tokens, one parallel
+    forward and generate's prefill read the same chunks exactly / compressed / not at all (90 tokens, chunks of
+    8, 2 exact chunks, a pool of 4: chunks compress and are evicted)."""
+    model = static_model()
+    tokens = torch.randint(0, 64, (2, 90))
+    with torch.no_grad():
+        full = model(tokens, return_state=True)
+    engines = [StreamingEngine(model, chunk_size=n) for n in (5, 16)]
+    for engine in engines:
+        engine.process(tokens)
+        torch.testing.assert_close(engine.last_logits, full["logits"][:, -1], rtol=0, atol=1e-4)
+        assert_states_close(engine.state, full["state"], atol=1e-4)
+        new = engine.extend_and_generate(None, 10, temperature=0)
+        assert torch.equal(new, generate(model, tokens, 10, temperature=0)[:, 90:])
 
 
 def test_sampled_generation_matches_generate_with_the_same_seed():

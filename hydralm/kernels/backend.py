@@ -7,9 +7,11 @@ HYDRALM_ATTENTION = auto | torch | flex
 HYDRALM_RETRIEVAL = auto | torch | flex | triton
     the parallel retrieval path from scratch: triton = our query-grouped sparse kernels
     (kernels/retrieval/triton_sparse.py, forward and backward); auto = triton on CUDA (flex without triton),
-    the gather path on CPU or with HYDRALM_ATTENTION=torch. `python -m benchmarks.gpu_check retrieval` passed
-    on an H200 at 002f736 (router rows, fp32 IEEE / TF32 / bf16 outputs and gradients at B2 H4/2 N2048 D64 C64
-    k8, bit-identical reruns, C2 exactly 0) and, at 3005247, at ragged N 3000 / C 32 / MHA too (39/39).
+    the gather path on CPU or with HYDRALM_ATTENTION=torch. The fused paths read every chunk exactly: with
+    compressive memory, a call whose tokens read a compressed chunk takes the gather path whatever is chosen.
+    `python -m benchmarks.gpu_check retrieval` passed on an H200 at 002f736 (router rows, fp32 IEEE / TF32 /
+    bf16 outputs and gradients at B2 H4/2 N2048 D64 C64 k8, bit-identical reruns, C2 exactly 0) and, at 3005247,
+    at ragged N 3000 / C 32 / MHA too (39/39).
 HYDRALM_DELTANET = auto | torch | triton | fused | fla
     torch: the PyTorch chunkwise kernel (a Python loop over chunks). triton: the same chunkwise algorithm with
     the pass over chunks in our Triton kernels (kernels/delta_rule/triton_state_pass.py), forward and backward.

@@ -19,6 +19,9 @@ leaves the exact window is compressed to C / compress_every slots (r = compress_
 pool, a ring of P = pool_size * r / C chunks whose oldest entries are overwritten (evicted). Compressed chunks
 keep their exact routing summary, so tokens still route to them and read their compressed slots; evicted chunks
 are gone. Every shape is then fixed: ``step`` reads the rings under masks, so it compiles and captures.
+What a token reads depends on its position only (the chunk schedule), never on how the stream was cut into
+calls: the parallel path compresses on the fly the chunks a token must read compressed (docs/architecture.md,
+section 3.3.1).
 """
 
 import dataclasses
@@ -209,18 +212,23 @@ class RetrievalAttention(nn.Module):
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: Optional[RetrievalState] = None
     ) -> Tuple[torch.Tensor, RetrievalState]:
-        """The parallel path on projected heads: q (B, H, N, D), k/v (B, H_kv, N, D) -> (B, H, N, D), state."""
+        """The parallel path on projected heads: q (B, H, N, D), k/v (B, H_kv, N, D) -> (B, H, N, D), state.
+
+        Every token reads what ``step`` would read at its position: with memory, a chunk older than the
+        token's exact window is read compressed and an evicted chunk not at all, however the stream is cut
+        into calls (the chunk schedule, not the call schedule)."""
         B, H, N, D = q.shape
         st = state if state is not None else self.init_state(B, q.device, k.dtype)
         if N == 0:
             return q.new_zeros(B, H, 0, D), st
         C, groups, device = self.chunk_size, self.proj.kv_groups, q.device
         pos0 = int(st.pos)
-        filled = pos0 % C
+        c0, filled = pos0 // C, pos0 % C
         bank_k, bank_v, bank_sum = st.exact_chunks()  # oldest first
         pool_k, pool_v, pool_sum = st.pooled_chunks()
         n0, n_pool = bank_k.shape[2], pool_k.shape[2]
-        # Lay the new tokens on the chunk grid that starts at chunk n0: the `filled` buffered tokens of
+        first = c0 - n0 - n_pool  # global id of the oldest retrievable chunk (local index 0 below)
+        # Lay the new tokens on the chunk grid that continues the state: the `filled` buffered tokens of
         # the chunk in progress come first (their queries are placeholders whose outputs are dropped).
         k = torch.cat([st.buf_k[:, :, :filled].to(k.dtype), k], dim=2)
         v = torch.cat([st.buf_v[:, :, :filled].to(v.dtype), v], dim=2)
@@ -232,10 +240,8 @@ class RetrievalAttention(nn.Module):
         kc = F.pad(k, (0, 0, 0, pad)).unflatten(2, (M, C))  # (B, H_kv, M, C, D)
         vc = F.pad(v, (0, 0, 0, pad)).unflatten(2, (M, C))
         summaries_new = _summarise(kc[:, :, :n_full])
-        # Retrievable chunks, oldest first: compressed pool, exact bank, completed local chunks.
-        summary_parts = [bank_sum, summaries_new]
-        if n_pool:
-            summary_parts.insert(0, pool_sum)
+        # Retrievable chunks by local index, oldest first: pool, exact bank, completed new chunks.
+        summary_parts = [s for s in (pool_sum, bank_sum, summaries_new) if s.shape[2]] or [summaries_new]
         exact_sources = [(bank_k, bank_v, n_pool), (kc, vc, n_pool + n0)]
 
         # Local context of local chunk m: [chunk m-1 | chunk m], the first taken from the bank.
@@ -247,13 +253,27 @@ class RetrievalAttention(nn.Module):
             prev_v = F.pad(vc[:, :, : M - 1], (0, 0, 0, 0, 1, 0))
         local_k = repeat_kv(torch.cat([prev_k, kc], dim=3), groups)  # (B, H, M, 2C, D)
         local_v = repeat_kv(torch.cat([prev_v, vc], dim=3), groups)
-        chunk_ids = n0 + torch.arange(M, device=device)  # index in the exact stream (bank + local)
+        chunk_ids = c0 + torch.arange(M, device=device)  # global id of each local chunk
         causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
         prev_ok = (chunk_ids >= 1)[:, None, None].expand(M, C, C)
         local_mask = torch.cat([prev_ok, causal.expand(M, C, C)], dim=-1)  # (M, C, 2C)
 
+        # A token of global chunk i picks among the chunks older than its previous chunk that are still held
+        # (with memory: i - E - P .. i - 2, older ones are evicted) and reads those below i - E compressed, as
+        # `step` does. Local index j is global chunk first + j.
+        routable_end = chunk_ids - 1 - first  # exclusive
+        window = self._memory_window(chunk_ids, c0 + M - 1, first)
+        compressed_sources = []
+        if window is not None:  # every chunk a token may read compressed, compressed as the pool holds it
+            compressed_sources = [(pool_k, pool_v, 0)]
+            if n0:
+                compressed_sources.append((*self._compress_chunks(bank_k, bank_v), n_pool))
+            if n_full:
+                compressed_sources.append((*self._compress_chunks(kc[:, :, :n_full], vc[:, :, :n_full]), n_pool + n0))
+
         n_total = n_pool + n0 + n_full
-        per_chunk = max(1, B * H * min(C * self.top_k, max(n_total, 1)) * C * D)
+        slots = C + (self.slots_per_compressed if window is not None else 0)  # gathered slots per chunk read
+        per_chunk = max(1, B * H * min(C * self.top_k, max(n_total, 1)) * slots * D)
         block = max(1, GATHER_BUDGET.get(device.type, GATHER_BUDGET["cpu"]) // per_chunk)
         # Gathering from bank and new chunks separately reads both and merges with torch.where per block;
         # one copy of the bank next to the new chunks is cheaper once the blocks gather more chunks than the
@@ -261,14 +281,11 @@ class RetrievalAttention(nn.Module):
         gathered = -(-M // block) * min(C * self.top_k, max(n_total, 1))
         if 0 < n0 <= gathered:
             exact_sources = [
-                (
-                    torch.cat([bank_k.to(kc.dtype), kc], dim=2),
-                    torch.cat([bank_v.to(vc.dtype), vc], dim=2),
-                    n_pool,
-                )
+                (torch.cat([bank_k.to(kc.dtype), kc], dim=2), torch.cat([bank_v.to(vc.dtype), vc], dim=2), n_pool)
             ]
         outputs, routing = [], [] if self.routing_log is not None else None
-        backend = retrieval_backend(q.is_cuda) if state is None else "torch"
+        # The fused kernels read every chunk exactly: a call whose tokens read compressed chunks takes the gather path.
+        backend = retrieval_backend(q.is_cuda) if state is None and window is None else "torch"
         if backend == "triton":
             from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
 
@@ -280,25 +297,25 @@ class RetrievalAttention(nn.Module):
             if flex_retrieval_supported(N, C):
                 outputs, block = [retrieval_flex(q, k, v, C, self.top_k).unflatten(2, (M, C))], M
         if outputs and routing is not None:  # the fused kernels route inside themselves: the same routing, for the log
-            routing.append(route_tokens(qc, summary_parts, (chunk_ids - 1).clamp(min=0)[:, None], self.top_k))
+            routing.append(route_tokens(qc, summary_parts, routable_end.clamp(min=0)[:, None], self.top_k))
         for a in range(0 if not outputs else M, M, block):
             b = min(M, a + block)
             q_blk = qc[:, :, a:b]
-            # a token of local chunk m may pick any retrievable chunk older than its previous chunk
-            n_eligible = (n_pool + chunk_ids[a:b] - 1).clamp(min=0)[:, None]
-            selected, valid = route_tokens(q_blk, summary_parts, n_eligible, self.top_k)  # (B, H, m, C, k)
+            end = routable_end[a:b, None].clamp(min=0)
+            start = None if window is None else window[0][a:b, None]
+            selected, valid = route_tokens(q_blk, summary_parts, end, self.top_k, start)  # (B, H, m, C, k)
             if routing is not None:
                 routing.append((selected, valid))
             union, union_valid, reads = union_of_selections(selected, valid, max(n_total, 1))
             exact_k, exact_v = _gather_exact(union, exact_sources)
-            extra_k, extra_v, extra_mask = local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b]
-            if n_pool:
-                read_k, read_v, pool_reads = self._gather_pool(union, reads, pool_k, pool_v)
-                extra_k = torch.cat([read_k, extra_k], dim=-2)
-                extra_v = torch.cat([read_v, extra_v], dim=-2)
-                extra_mask = torch.cat([pool_reads, extra_mask.expand(*pool_reads.shape[:-1], -1)], dim=-1)
-                reads = reads & (union >= n_pool)[..., None, :]
-            outputs.append(sparse_chunk_attention(q_blk, exact_k, exact_v, reads, extra_k, extra_v, extra_mask))
+            local = (local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b].expand(B, H, -1, -1, -1))
+            compressed = None
+            if compressed_sources:
+                comp_k, comp_v = _gather_exact(union, compressed_sources)  # (B, H, m, u, C / r, D)
+                below = union[..., None, :] < window[1][a:b, None, None]  # (B, H, m, 1, u): read compressed
+                compressed = (comp_k, comp_v, reads & below)
+                reads = reads & ~below
+            outputs.append(_attention_by_row(q_blk, (exact_k, exact_v, reads), compressed, local, union_valid))
         y = torch.cat(outputs, dim=2).flatten(2, 3)[:, :, filled:length]
         if routing is not None:
             picks = [torch.cat(part, dim=2).flatten(2, 3)[:, :, filled:length] for part in zip(*routing)]
@@ -421,7 +438,9 @@ class RetrievalAttention(nn.Module):
         in_chunk = torch.arange(C, device=device)
         local_mask = torch.cat([(in_chunk < C) & (c > 0), in_chunk <= filled]).expand(B, H, 1, 2 * C)
         if P:
-            read_k, read_v, pool_reads = self._gather_pool(selected[:, :, 0], valid, st.pool_k, st.pool_v)
+            read_k = gather_chunks(st.pool_k, selected[:, :, 0]).flatten(-3, -2)  # bank picks clamped, then masked
+            read_v = gather_chunks(st.pool_v, selected[:, :, 0]).flatten(-3, -2)
+            pool_reads = (valid & (selected < P)).repeat_interleave(st.pool_k.shape[3], dim=-1)
             local_k, local_v = torch.cat([read_k, local_k], dim=-2), torch.cat([read_v, local_v], dim=-2)
             local_mask = torch.cat([pool_reads, local_mask], dim=-1)
         y = sparse_chunk_attention(q, exact_k, exact_v, reads, local_k, local_v, local_mask)
@@ -461,13 +480,24 @@ class RetrievalAttention(nn.Module):
         return self.proj.merge(y)[:, 0], new
 
     # -- compressive memory ----------------------------------------------------------------------
-    def _gather_pool(self, union: torch.Tensor, reads: torch.Tensor, pool_k: torch.Tensor, pool_v: torch.Tensor):
-        """Compressed slots of the selected pool chunks (ids < P), flattened, and which queries may read them."""
-        n_pool, Cr = pool_k.shape[2], pool_k.shape[3]
-        read_k = gather_chunks(pool_k, union).flatten(-3, -2)  # (..., u * Cr, D)
-        read_v = gather_chunks(pool_v, union).flatten(-3, -2)
-        pool_reads = (reads & (union < n_pool)[..., None, :]).repeat_interleave(Cr, dim=-1)
-        return read_k, read_v, pool_reads
+    def _memory_window(
+        self, chunk_ids: torch.Tensor, last: int, first: int
+    ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """Per local chunk (global ids `chunk_ids`, the newest `last`; local index j is global chunk first + j): the
+        first local index its tokens may pick (older chunks are evicted) and the local index below which they read
+        chunks compressed. None when no token of the call reads a chunk compressed (memory off, or every token's exact
+        window reaches back to the oldest chunk held)."""
+        if self.memory is None or last - self.exact_chunks <= first:
+            return None
+        E, P = self.exact_chunks, self.pool_chunks
+        return (chunk_ids - E - P - first).clamp(min=0), chunk_ids - E - first
+
+    def _compress_chunks(self, chunks_k: torch.Tensor, chunks_v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, H_kv, n, C, D) exact chunks -> (B, H_kv, n, C / compress_every, D) compressed, as the pool holds them."""
+        assert self.memory is not None
+        n = chunks_k.shape[2]
+        ck, cv = self.memory.compress(chunks_k.flatten(2, 3), chunks_v.flatten(2, 3))
+        return ck.unflatten(2, (n, self.slots_per_compressed)), cv.unflatten(2, (n, self.slots_per_compressed))
 
     def _memory_loss(self, qc: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, n_full: int) -> torch.Tensor:
         """Attention reconstruction of each completed chunk as read by the queries of the chunk after it."""
@@ -479,6 +509,37 @@ class RetrievalAttention(nn.Module):
         k = kc[:, :, : n_full - 1].transpose(1, 2).reshape(-1, h_kv, C, D)
         v = vc[:, :, : n_full - 1].transpose(1, 2).reshape(-1, h_kv, C, D)
         return self.memory.reconstruction_loss(q, k, v)
+
+
+def _attention_by_row(
+    q: torch.Tensor,
+    exact: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    compressed: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    local: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    union_valid: torch.Tensor,
+) -> torch.Tensor:
+    """sparse_chunk_attention of a block of chunks, one batch row at a time on that row's own union size.
+
+    q (B, H, m, C, D); exact = (keys, values (B, H, m, u, C, D), reads (B, H, m, C, u)); compressed = the same with
+    C / r slots per chunk, or None; local = (keys, values (B, H, m, L, D), mask (B, H, m, C, L)); union_valid
+    (B, H, m, u). The union is padded to the largest in the batch; a row attending over another row's padding
+    would round differently as the other rows change, so each row gets exactly its own keys (claim C2 holds
+    bit for bit)."""
+    B, u = q.shape[0], union_valid.shape[-1]
+    sizes = [u] if B == 1 else union_valid.sum(-1).flatten(1).amax(1).clamp(min=1).tolist()  # one host read
+    out = []
+    for r, size in enumerate(sizes):
+        row = slice(r, r + 1)
+        chunk_k, chunk_v = (t[row, :, :, :size] for t in exact[:2])
+        reads = exact[2][row, ..., :size]
+        extra_k, extra_v, extra_mask = (t[row] for t in local)
+        if compressed is not None:
+            comp_k, comp_v = (t[row, :, :, :size].flatten(-3, -2) for t in compressed[:2])
+            comp_mask = compressed[2][row, ..., :size].repeat_interleave(compressed[0].shape[-2], dim=-1)
+            extra_k, extra_v = torch.cat([comp_k, extra_k], dim=-2), torch.cat([comp_v, extra_v], dim=-2)
+            extra_mask = torch.cat([comp_mask, extra_mask], dim=-1)
+        out.append(sparse_chunk_attention(q[row], chunk_k, chunk_v, reads, extra_k, extra_v, extra_mask))
+    return out[0] if B == 1 else torch.cat(out, dim=0)
 
 
 def _gather_exact(union: torch.Tensor, sources: List[Tuple[torch.Tensor, torch.Tensor, int]]):

@@ -15,7 +15,7 @@ kernel of triton_routing.py on CUDA (the same selections, without any score tens
 `route_tokens_blocked` elsewhere.
 """
 
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -57,13 +57,18 @@ def _topk_lowest_id_packed(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, 
 
 
 def route_tokens(
-    q: torch.Tensor, summary_parts: List[torch.Tensor], n_eligible: torch.Tensor, top_k: int
+    q: torch.Tensor,
+    summary_parts: List[torch.Tensor],
+    n_eligible: torch.Tensor,
+    top_k: int,
+    first_eligible: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Top-k past chunks for every query.
 
     q: (B, H, ..., D) queries; summary_parts: chunk summaries (B, H_kv, n_p, D) in global chunk order
     (kept as parts so the caller's bank is never copied); n_eligible: broadcastable to q's middle dims
-    (...,): a query may pick chunks j < n_eligible.
+    (...,): a query may pick chunks j < n_eligible; first_eligible (same shape, optional): and j >= first_eligible
+    (the compressive memory has evicted the older ones).
     Returns chunk ids (B, H, ..., top_k) and a validity mask of the same shape.
     """
     B, H = q.shape[:2]
@@ -76,7 +81,10 @@ def route_tokens(
     k = min(top_k, n_total)
     if k == 0:
         return selected, valid
-    eligible = torch.arange(n_total, device=q.device) < n_eligible[..., None]
+    ids = torch.arange(n_total, device=q.device)
+    eligible = ids < n_eligible[..., None]
+    if first_eligible is not None:
+        eligible = eligible & (ids >= first_eligible[..., None])
     top, idx = topk_lowest_id(scores.masked_fill(~eligible, float("-inf")), k)
     selected[..., :k] = idx
     valid[..., :k] = torch.isfinite(top)
