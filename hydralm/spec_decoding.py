@@ -22,7 +22,7 @@ mismatch, so it produces greedy ``generate``'s tokens. Batch size 1.
 """
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -54,6 +54,12 @@ class SpeculativeStats:
     target_forwards: int = 0  # target passes over the weights after prefill: one verify step per round
     draft_calls: int = 0  # draft-model forwards/steps, or MTP module calls for self-draft
     elapsed_seconds: float = 0.0
+    proposed_by_depth: List[int] = field(default_factory=list)  # [i]: rounds that verified an (i+1)-th draft
+    accepted_by_depth: List[int] = field(default_factory=list)  # [i]: rounds that accepted it (and all before it)
+
+    def acceptance_by_depth(self) -> List[float]:
+        """Per draft position: accepted / verified (the (i+1)-th draft is accepted only with all before it)."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_by_depth, self.proposed_by_depth)]
 
     @property
     def acceptance_rate(self) -> float:
@@ -65,7 +71,12 @@ class SpeculativeStats:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "acceptance_rate": self.acceptance_rate, "tokens_per_round": self.tokens_per_round}
+        return {
+            **asdict(self),
+            "acceptance_rate": self.acceptance_rate,
+            "tokens_per_round": self.tokens_per_round,
+            "acceptance_by_depth": self.acceptance_by_depth(),
+        }
 
 
 class RoundResult(NamedTuple):
@@ -321,7 +332,7 @@ def speculative_generate(
             f"shape {tuple(prompt.shape)}; call it once per row, or use hydralm.generate for batches"
         )
     sampling: Dict[str, Any] = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    stats = SpeculativeStats(k=k)
+    stats = SpeculativeStats(k=k, proposed_by_depth=[0] * k, accepted_by_depth=[0] * k)
     started = time.perf_counter()
     emitted = []
     with inference_mode(target, draft):
@@ -351,6 +362,9 @@ def speculative_generate(
                 stats.rounds += 1
                 stats.proposed += usable
                 stats.accepted += n
+                for depth in range(usable):
+                    stats.proposed_by_depth[depth] += 1
+                    stats.accepted_by_depth[depth] += int(depth < n)
                 stats.target_forwards += 1
                 pending = next_token
                 done = eos_token_id is not None and bool((new == eos_token_id).any())
