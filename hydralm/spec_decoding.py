@@ -200,7 +200,8 @@ class MTPDrafter:
     `step`: ``StaticDecoder.mtp_step`` (compiled / a CUDA graph with the decoder), else the module itself."""
 
     def __init__(self, model, step: Optional[Callable] = None):
-        self.model, self.hidden, self.calls = model, None, 0
+        self.model, self.calls = model, 0
+        self.hidden: Optional[torch.Tensor] = None  # set by start, then by every commit
         self.step = step if step is not None else self._eager_step
 
     def _eager_step(self, depth: int, hidden: torch.Tensor, token: torch.Tensor):
@@ -210,6 +211,7 @@ class MTPDrafter:
         self.hidden = hidden
 
     def propose(self, pending: torch.Tensor, k: int, sampling: dict, generator):
+        assert self.hidden is not None, "propose before start"
         h, token = self.hidden, pending
         drafts, probs = [], []
         for i in range(1, k + 1):
