@@ -341,7 +341,7 @@ def speculative_generate(
         if max_new_tokens > 0:
             logits, hidden, state = prefill(target, prompt, chunk_size=prefill_chunk_size)
             verifier: Verifier = StateVerifier(target, state)
-            if decoder != "step":
+            if decoder != "step" and max_new_tokens > 1:  # one new token needs no verification, nor a compile
                 verifier = _static_decoder(target, state, decoder, 1)
             if draft is None:
                 drafter: Any = MTPDrafter(target, verifier.mtp_step if isinstance(verifier, StaticDecoder) else None)
