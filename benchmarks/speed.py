@@ -411,7 +411,7 @@ def _mtp_speedup(model, kind: str, new_tokens: int, prompt, sync) -> dict:
         if os.environ.get("BENCH_TEXT"):
             from hydralm.data import byte_level_tokenizer
 
-            text = open(os.environ["BENCH_TEXT"], encoding="utf-8").read()
+            text = open(os.environ["BENCH_TEXT"], encoding="utf-8").read(4096)  # byte-level: enough for 512 ids
             prompt = torch.tensor(byte_level_tokenizer().encode(text).ids[:512], device=device)[None]
         else:
             prompt = torch.randint(0, model.cfg.vocab_size, (1, 512), device=device)
