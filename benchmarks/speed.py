@@ -22,7 +22,7 @@ decode_batched  graph decode of HydraLM-160m (compressive memory, mtp_depth=2) a
         on what the rows hold), then greedy MTP self-draft (k = 2) vs greedy graph `generate` at batch 1, both
         on CUDA graphs, prefill subtracted. BENCH_CKPT: a trained checkpoint (mtp_depth >= 2, memory on) instead
         of random weights (then only mtp_speedup is recorded: the decode figures are the 160m preset's;
-        BENCH_DECODE_BATCHES= skips their timing), BENCH_TEXT: a text file its prompts come from (byte-level);
+        BENCH_DECODE_BATCHES= skips their timing), BENCH_TEXT: a text file, prompt = 512 bytes of its last 4 KB;
         random weights and random prompts measure the machinery, not a trained model's acceptance rate.
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
 Results also go to $OUT/speed.json when OUT is set.
@@ -411,7 +411,9 @@ def _mtp_speedup(model, kind: str, new_tokens: int, prompt, sync) -> dict:
         if os.environ.get("BENCH_TEXT"):
             from hydralm.data import byte_level_tokenizer
 
-            text = open(os.environ["BENCH_TEXT"], encoding="utf-8").read(4096)  # byte-level: enough for 512 ids
+            with open(os.environ["BENCH_TEXT"], "rb") as f:  # the file's end: a single-document corpus's test split
+                f.seek(max(0, os.path.getsize(os.environ["BENCH_TEXT"]) - 4096))
+                text = f.read().decode("utf-8", errors="ignore")
             prompt = torch.tensor(byte_level_tokenizer().encode(text).ids[:512], device=device)[None]
         else:
             prompt = torch.randint(0, model.cfg.vocab_size, (1, 512), device=device)
