@@ -3,7 +3,8 @@
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [retrieval] [exactness] [gdn_block]`
+`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [spec_decode] [retrieval] [exactness]
+[gdn_block]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only).
 """
@@ -372,6 +373,63 @@ def check_exactness(device: str) -> None:
     _record("C1 greedy speculative (memory) vs generate: tokens differing", float(differing), 0.0, "count")
 
 
+def check_spec_decode(device: str) -> None:
+    """Speculative decoding on CUDA graphs, fp32: the StaticDecoder's verify (3 tokens) and commit (a random kept
+    prefix) captured as graphs vs decode steps over 60 rounds, through chunk completion, compression, eviction
+    and the SWA ring's wrap; its MTP draft step vs the eager module; greedy self-draft with decoder="graph" vs
+    greedy generate with decoder="step" (identical tokens)."""
+    from hydralm import HydraConfig, HydraLM, StaticDecoder, generate, speculative_generate
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = HydraConfig(
+        vocab_size=256,
+        d_model=128,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        layer_types=["deltanet", "swa", "retrieval"],
+        swa_window=32,
+        retrieval_chunk_size=16,
+        retrieval_top_k=2,
+        memory=dict(exact_window=32, compress_every=4, pool_size=16),
+        mtp_depth=2,
+        initializer_range=0.1,
+    )
+    model = HydraLM(cfg).to(device).eval()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    with torch.no_grad():
+        out = model(torch.randint(0, 256, (1, 40), device=device), return_state=True, return_hidden=True)
+        decoder = StaticDecoder(model, out["state"], compile=True, compile_mode="reduce-overhead")
+        state, worst, scale, state_gap = out["state"], 0.0, 0.0, 0.0
+        for _ in range(60):
+            ids = torch.randint(0, 256, (1, 3), generator=gen).to(device)
+            kept = int(torch.randint(1, 4, (1,), generator=gen))
+            logits = decoder.verify(ids)[0].clone()
+            stepped, kept_state = state, None
+            for t in range(3):
+                expected, stepped, _ = model.decode_step(ids[:, t], stepped)
+                worst = max(worst, float((logits[:, t] - expected).abs().max()))
+                scale = max(scale, float(expected.abs().max()))
+                kept_state = stepped if t + 1 == kept else kept_state
+            decoder.commit(kept)
+            state = kept_state
+            for mine, ref in zip(decoder.state, state):
+                for name, value in ref.contents().items():
+                    if torch.is_tensor(value) and value.numel():
+                        state_gap = max(state_gap, float((mine.contents()[name] - value).abs().max()))
+        _record("StaticDecoder verify graph logits vs decode steps (max abs / max |logit|)", worst / scale, 1e-4)
+        _record("StaticDecoder commit graph state vs decode steps (max abs)", state_gap, 1e-4)
+        hidden, token = out["hidden"][:, -1], out["logits"][:, -1].argmax(-1)
+        eager = model.mtp.draft_step(1, hidden, token, model.embed, model._head)[1]
+        gap = float((decoder.mtp_step(1, hidden, token)[1] - eager).abs().max())
+        _record("StaticDecoder mtp_step graph vs MTPHead.draft_step (max abs)", gap, 1e-4)
+    prompt = torch.randint(0, 256, (1, 50), generator=gen).to(device)
+    plain = generate(model, prompt, 120, temperature=0, decoder="step")
+    spec, stats = speculative_generate(model, None, prompt, 120, k=2, temperature=0, decoder="graph")
+    print(f"      self-draft on graphs: {stats.to_dict()}", flush=True)
+    _record("speculative_generate(decoder='graph') greedy == generate greedy", float(not torch.equal(plain, spec)), 0)
+
+
 def check_gdn_block(device: str) -> None:
     """The 160m preset's Gated DeltaNet block with fla's short conv, L2 norm and gated RMSNorm
     (HYDRALM_GDN_MODULES=fla, kernels/fla_modules.py) vs its PyTorch modules in fp32 (the reference), same
@@ -438,12 +496,22 @@ def main() -> int:
         return 1
     torch.manual_seed(0)
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
-    names = sys.argv[1:] or ["delta_rule", "fla", "flex", "static_decode", "retrieval", "exactness", "gdn_block"]
+    names = sys.argv[1:] or [
+        "delta_rule",
+        "fla",
+        "flex",
+        "static_decode",
+        "spec_decode",
+        "retrieval",
+        "exactness",
+        "gdn_block",
+    ]
     checks = {
         "delta_rule": check_delta_rule,
         "fla": check_fla,
         "flex": check_flex,
         "static_decode": check_static_decode,
+        "spec_decode": check_spec_decode,
         "retrieval": check_retrieval,
         "exactness": check_exactness,
         "gdn_block": check_gdn_block,

@@ -1,12 +1,14 @@
 """MTP self-draft speculative decoding vs plain decoding, on a trained checkpoint:
 
     python -m benchmarks.speculative --ckpt <last.ckpt or folder> --text <file> \\
-        [--prompts 8] [--new 128] [--k 2] [--device cuda]
+        [--prompts 8] [--new 128] [--k 2] [--device cuda] [--decoder step|static|graph]
 
 Prompts are byte-level-tokenised slices of the text file (the model must be trained on byte-level text with
 mtp_depth >= k). For each prompt: greedy `generate` and greedy `speculative_generate(draft=None)`; prints
 whether the tokens are identical, acceptance rate, tokens per round and the wall-clock speedup. The first
-prompt is run once untimed (warm-up: CUDA context, kernel caches).
+prompt is run once untimed (warm-up: CUDA context, kernel caches, compiles). --decoder is what both decode with
+(`generate`'s and `speculative_generate`'s `decoder=`; "graph" = CUDA graphs for the step, the verify step, the
+commit and the MTP draft steps).
 """
 
 import argparse
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--decoder", default="step", choices=["step", "static", "graph"])
     args = parser.parse_args()
     model = load_model(args.ckpt).to(args.device).eval()
     sync = torch.cuda.synchronize if model_device(model).type == "cuda" else (lambda: None)
@@ -46,14 +49,14 @@ def main() -> None:
     prompts = [
         torch.tensor(ids[i * step : i * step + args.prompt_len], device=args.device)[None] for i in range(args.prompts)
     ]
-    # the baseline is model.step, the loop speculative decoding also runs (decoder="graph" is docs/inference.md's)
-    generate(model, prompts[0], args.new, temperature=0, decoder="step")  # warm-up
-    speculative_generate(model, None, prompts[0], args.new, k=args.k, temperature=0)
+    decoder = args.decoder  # the same kind of decoder on both sides
+    generate(model, prompts[0], args.new, temperature=0, decoder=decoder)  # warm-up
+    speculative_generate(model, None, prompts[0], args.new, k=args.k, temperature=0, decoder=decoder)
     for prompt in prompts:
-        plain, seconds = timed(lambda: generate(model, prompt, args.new, temperature=0, decoder="step"))
+        plain, seconds = timed(lambda: generate(model, prompt, args.new, temperature=0, decoder=decoder))
         totals["plain"] += seconds
         (spec, stats), seconds = timed(
-            lambda: speculative_generate(model, None, prompt, args.new, k=args.k, temperature=0)
+            lambda: speculative_generate(model, None, prompt, args.new, k=args.k, temperature=0, decoder=decoder)
         )
         totals["spec"] += seconds
         totals["same"] += int(torch.equal(plain, spec))
@@ -61,7 +64,7 @@ def main() -> None:
             totals[key] += getattr(stats, key)
         totals["tokens"] += stats.new_tokens
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads"
-    print(f"model: {model.cfg.summary()}; torch {torch.__version__}, {where}")
+    print(f"model: {model.cfg.summary()}; torch {torch.__version__}, {where}, decoder={decoder}")
     print(
         "| prompts | new tokens | identical to greedy generate | acceptance | tokens/round | generate s "
         "| self-draft s | speedup |"

@@ -1,7 +1,7 @@
 """GPU speed benchmarks; each prints a table. Time the peers on the same machine in the same sitting so
 that ratios compare like with like:
 
-    python -m benchmarks.speed [layers] [models] [decode] [claim_models]
+    python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models]
 
 layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16
         fwd+bwd: our GDN kernel (PyTorch loop, Triton pass over chunks, fully fused Triton; BENCH_COMPILE=1
@@ -16,6 +16,14 @@ decode  batch-1 decode latency of HydraLM-160m (compressive memory on) after 4k,
         state's MiB and the peak GPU memory so far printed too).
         BENCH_DECODE_STATIC=1 adds the StaticDecoder step captured as a CUDA graph (static_graph_ms) and
         the seconds to build it or load a new state into it, compile and capture included (static_setup_s).
+decode_batched  graph decode of HydraLM-160m (compressive memory, mtp_depth=2) as `generate(decoder="graph")` runs
+        it: tokens/s over all rows at batch 1, 8 and 64 (BENCH_DECODE_BATCHES) after 4k and 1M tokens
+        (BENCH_DECODE_CONTEXTS; the state of one streamed row, repeated per row: decoding cost does not depend
+        on what the rows hold), then greedy MTP self-draft (k = 2) vs greedy graph `generate` at batch 1, both
+        on CUDA graphs, prefill subtracted. BENCH_CKPT: a trained checkpoint (mtp_depth >= 2, memory on) instead
+        of random weights (then only mtp_speedup is recorded: the decode figures are the 160m preset's;
+        BENCH_DECODE_BATCHES= skips their timing), BENCH_TEXT: a text file, prompt = 512 bytes of its last 4 KB;
+        random weights and random prompts measure the machinery, not a trained model's acceptance rate.
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
 Results also go to $OUT/speed.json when OUT is set.
 """
@@ -321,6 +329,120 @@ def decode() -> None:
     )
 
 
+@torch.no_grad()
+def decode_batched(
+    model=None,
+    contexts=None,
+    batches=None,
+    kind: str = "graph",
+    mtp_new_tokens: int = 256,
+    prompt=None,
+    subject: str = "160m",
+    run=None,
+) -> dict:
+    """Batched graph decode tokens/s and the MTP self-draft speed-up (module docstring). Every argument has the
+    GPU default; a CPU smoke test passes a tiny memory model, small contexts and kind="static". Figures go to
+    `run` (default: this process's record run, written after each context)."""
+    from hydralm import HydraConfig, HydraLM, StreamingEngine
+    from hydralm.generation import _static_decoder
+    from hydralm.state import select_rows
+
+    run = record.RUN if run is None else run
+    # a checkpoint is for the speed-up of its trained head; the decode figures belong to the 160m preset
+    decode_figures = model is not None or not os.environ.get("BENCH_CKPT")
+    if model is None:
+        if os.environ.get("BENCH_CKPT"):
+            from hydralm import load_model
+
+            model = load_model(os.environ["BENCH_CKPT"])
+        else:
+            model = HydraLM(HydraConfig.from_preset("160m", memory=DECODE_MEMORY, mtp_depth=2))
+        model = model.cuda().bfloat16().eval()
+    device = model.embed.weight.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    env_list = lambda name, default: [int(x) for x in os.environ.get(name, default).split(",") if x]  # noqa: E731
+    contexts = contexts or env_list("BENCH_DECODE_CONTEXTS", "4096,1048576")
+    batches = batches or env_list("BENCH_DECODE_BATCHES", "1,8,64")
+    vocab = model.cfg.vocab_size
+    rows, engine, done, mtp = [], StreamingEngine(model, chunk_size=8192), 0, None
+    for context in contexts:
+        sync()
+        started = time.perf_counter()
+        engine.process(torch.randint(0, vocab, (1, context - done), device=device))
+        sync()
+        prefill_ktok_s = (context - done) / (time.perf_counter() - started) / 1e3
+        print({"context": context, "streaming_prefill_ktok_s": prefill_ktok_s}, flush=True)
+        if decode_figures:
+            run.record(f"streaming_prefill_ktok_s/{subject}-memory/{context}", prefill_ktok_s, "ktok/s")
+        done = context
+        for batch in batches:
+            state = select_rows(engine.state, [0] * batch)  # one stream per row, at the same position
+            started = time.perf_counter()
+            decoder = _static_decoder(model, state, kind, batch)  # generate's cache: compiled once per batch size
+            token = torch.randint(0, vocab, (batch,), device=device)
+            decoder.step(token)  # the first call compiles and captures
+            sync()
+            setup_s = time.perf_counter() - started
+            ms = sorted(timed_windows(lambda: decoder.step(token), warmup=10, sync=sync))[2]
+            rows.append({"context": context, "batch": batch, "ms_per_step": ms, "tok_s": batch * 1e3 / ms})
+            rows[-1]["setup_s"] = setup_s
+            print(rows[-1], flush=True)
+            if decode_figures:
+                run.record(f"decode_tok_s/{subject}-memory-bs{batch}/{context}", batch * 1e3 / ms, "tok/s")
+        RESULTS["decode_batched"] = rows
+        if mtp is None:  # after the first context: the long one comes last, so a cut-short run keeps this
+            RESULTS["mtp"] = mtp = _mtp_speedup(model, kind, mtp_new_tokens, prompt, sync)
+            print(mtp, flush=True)
+            run.record(f"mtp_speedup/{subject}-k2", mtp["speedup"], "×")
+        if run is record.RUN:
+            record.write()
+    _print_table("graph decode, tokens/s over all rows", rows, ["context", "batch", "ms_per_step", "tok_s", "setup_s"])
+    return {"decode": rows, "mtp": mtp}
+
+
+def _mtp_speedup(model, kind: str, new_tokens: int, prompt, sync) -> dict:
+    """Greedy self-draft (k = 2) vs greedy generate, both through `kind` decoders at batch 1: decode seconds
+    (the call minus its prefill), second of two calls (the first compiles)."""
+    from hydralm import generate, speculative_generate
+    from hydralm.generation import prefill
+
+    device = model.embed.weight.device
+    if prompt is None:
+        if os.environ.get("BENCH_TEXT"):
+            from hydralm.data import byte_level_tokenizer
+
+            with open(os.environ["BENCH_TEXT"], "rb") as f:  # the file's end: a single-document corpus's test split
+                f.seek(max(0, os.path.getsize(os.environ["BENCH_TEXT"]) - 4096))
+                text = f.read().decode("utf-8", errors="ignore")
+            prompt = torch.tensor(byte_level_tokenizer().encode(text).ids[:512], device=device)[None]
+        else:
+            prompt = torch.randint(0, model.cfg.vocab_size, (1, 512), device=device)
+
+    def seconds(fn):
+        for _ in range(2):  # the second call: compiled and captured
+            sync()
+            started = time.perf_counter()
+            out = fn()
+            sync()
+        return out, time.perf_counter() - started
+
+    _, prefill_s = seconds(lambda: prefill(model, prompt))
+    plain, plain_s = seconds(lambda: generate(model, prompt, new_tokens, temperature=0, decoder=kind))
+    (spec, stats), spec_s = seconds(
+        lambda: speculative_generate(model, None, prompt, new_tokens, k=2, temperature=0, decoder=kind)
+    )
+    plain_decode, spec_decode = max(plain_s - prefill_s, 1e-9), max(spec_s - prefill_s, 1e-9)
+    return {
+        "new_tokens": new_tokens,
+        "identical_to_generate": bool(torch.equal(plain, spec)),
+        "acceptance": stats.acceptance_rate,
+        "tokens_per_round": stats.tokens_per_round,
+        "generate_tok_s": new_tokens / plain_decode,
+        "self_draft_tok_s": new_tokens / spec_decode,
+        "speedup": plain_decode / spec_decode,
+    }
+
+
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
     """ms per call of `fn` in 5 windows of `calls` calls, after `warmup` untimed calls. Decoding is host-bound
     and host load varies, so callers report the median with the spread rather than one mean."""
@@ -342,7 +464,8 @@ def main(argv: list) -> int:
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
     for name in sections:
         try:
-            {"layers": layers, "models": models, "decode": decode, "claim_models": claim_models}[name]()
+            runs = {"layers": layers, "models": models, "decode": decode, "claim_models": claim_models}
+            {**runs, "decode_batched": decode_batched}[name]()
         except Exception as err:  # a failed section is reported, the others still run
             import traceback
 

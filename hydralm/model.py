@@ -22,8 +22,9 @@ from torch.utils.checkpoint import checkpoint
 
 from hydralm.config import HydraConfig
 from hydralm.kernels.cross_entropy import linear_cross_entropy
-from hydralm.modules.mixer import DecodeState, LayerState, Mixer
+from hydralm.modules.mixer import Counter, DecodeState, DecodeTrail, LayerState, Mixer, Trail
 from hydralm.modules.mtp_head import MTPHead, mtp_linear_loss
+from hydralm.modules.multi_token import check_kept
 from hydralm.modules.registry import mixer_class
 from hydralm.modules.rmsnorm import RMSNorm
 from hydralm.modules.swiglu import SwiGLU
@@ -47,6 +48,11 @@ class Block(nn.Module):
         y, state = self.mixer.step(self.mixer_norm(x_t), state)
         x_t = x_t + y
         return x_t + self.mlp(self.mlp_norm(x_t)), state
+
+    def step_many(self, x: torch.Tensor, state: LayerState) -> Tuple[torch.Tensor, Trail]:
+        y, trail = self.mixer.step_many(self.mixer_norm(x), state)
+        x = x + y
+        return x + self.mlp(self.mlp_norm(x)), trail
 
 
 class HydraLM(nn.Module):
@@ -225,6 +231,43 @@ class HydraLM(nn.Module):
             x, layer_state = block.step(x, layer_state)
             new_state.append(layer_state)
         return self.lm_head(self.norm(x)), new_state, x
+
+    def step_many(
+        self, input_ids: torch.Tensor, state: Optional[DecodeState] = None
+    ) -> Tuple[torch.Tensor, DecodeTrail, torch.Tensor]:
+        """T tokens per row after `state` in one pass over the weights: input_ids (B, T) -> (logits (B, T, V),
+        trail, hidden (B, T, d)), equal to T ``step`` calls (claim C1). `state` is left as it was;
+        ``state_after(state, trail, kept)`` is the state after the first `kept` tokens (speculative decoding
+        verifies drafts this way and keeps the accepted prefix)."""
+        if input_ids.dim() != 2 or 0 in input_ids.shape:
+            raise ValueError(f"step_many takes (batch >= 1, tokens >= 1) ids, got shape {tuple(input_ids.shape)}")
+        input_ids = self._checked_ids(input_ids, check_range=not input_ids.is_cuda)
+        if state is None:
+            state = self.init_state(input_ids.shape[0], input_ids.device)
+        self._check_state(state, input_ids.shape[0])
+        return self.decode_many(input_ids, state)
+
+    def decode_many(
+        self, input_ids: torch.Tensor, state: DecodeState
+    ) -> Tuple[torch.Tensor, DecodeTrail, torch.Tensor]:
+        """``step_many`` without its input checks: what a StaticDecoder compiles and captures to verify drafts.
+        Every layer takes the T tokens against its decode state (the buffers ``step`` uses, fixed shapes)."""
+        x = self.embed(input_ids)
+        trails = []
+        for block, layer_state in zip(self._blocks(), state):
+            x, trail = block.step_many(x, layer_state)
+            trails.append(trail)
+        return self.lm_head(self.norm(x)), DecodeTrail(input_ids.shape[1], trails), x
+
+    def state_after(self, state: DecodeState, trail: DecodeTrail, kept: Counter) -> DecodeState:
+        """The state after the first `kept` (1 .. T) tokens of the ``step_many`` / ``decode_many`` call that left
+        `trail` from `state`: an int, or a 0-dim device tensor inside a compiled step (same shapes for every
+        value). Nothing of the other tokens remains in it."""
+        check_kept(kept, trail.tokens)
+        return [
+            block.mixer.state_after(layer_state, layer_trail, kept)
+            for block, layer_state, layer_trail in zip(self._blocks(), state, trail.layers)
+        ]
 
     def _clear_memory_losses(self) -> None:
         """Drop a reconstruction loss no forward of this model will read: the one an activation-checkpointed

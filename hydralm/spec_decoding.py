@@ -3,30 +3,42 @@
 One round, with the target state covering every emitted token except the last one (``pending``):
   1. the drafter proposes d_1..d_k with distributions q_1..q_k: either the target's own MTP head
      (self-draft, k <= mtp_depth) or a second, smaller HydraLM with its own state;
-  2. one parallel target forward over [pending, d_1..d_k], starting from the kept state, gives the target
-     distributions p_0..p_k (p_{i-1} is the distribution of the token d_i stands for);
+  2. one multi-token decode step of the target over [pending, d_1..d_k] (``HydraLM.decode_many``: one pass over
+     the weights, fixed shapes), from the kept state, gives the target distributions p_0..p_k (p_{i-1} is the
+     distribution of the token d_i stands for);
   3. d_i is accepted with probability min(1, p_{i-1}(d_i) / q_i(d_i)); at the first rejection the round
      emits a token from normalize(max(0, p_{i-1} - q_i)); when all k are accepted it emits a bonus token
      from p_k. Every emitted token is then distributed exactly as under plain sampling from the target;
-  4. the new state: the verify forward's state if all drafts were accepted, otherwise a second forward
-     (one step when no draft was accepted) over [pending, accepted drafts] from the kept pre-round state.
-     States are values (a forward never changes what an older state holds), so keeping the pre-round state
-     is a free, exact checkpoint: no trace of a rejected token can remain in any layer (DeltaNet S, conv
-     caches, SWA ring, retrieval bank). See docs/inference.md.
+  4. the new state: ``HydraLM.state_after`` builds the state after [pending, accepted drafts] from the
+     untouched pre-round state and the verify step's trail (the recurrent state after each token, the new keys
+     and values), so no trace of a rejected token can remain in any layer (DeltaNet S, conv caches, SWA ring,
+     retrieval bank and pool) and no second pass over the weights is needed. See docs/inference.md.
+
+With ``decoder="graph"`` on CUDA the verify step, the commit of the accepted prefix and the MTP draft steps run
+as CUDA graphs on a StaticDecoder's buffers (hydralm/static_decode.py).
 
 Greedy (temperature <= 0) accepts d_i iff it is the argmax of p_{i-1} and emits the argmax at the first
 mismatch, so it produces greedy ``generate``'s tokens. Batch size 1.
 """
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from hydralm.generation import PREFILL_CHUNK_SIZE, check_integer, inference_mode, model_device, prefill
+from hydralm.generation import (
+    PREFILL_CHUNK_SIZE,
+    _pick_decoder,
+    _static_decoder,
+    check_integer,
+    inference_mode,
+    model_device,
+    prefill,
+)
 from hydralm.model import HydraLM
-from hydralm.modules.mixer import DecodeState
+from hydralm.modules.mixer import DecodeState, DecodeTrail
+from hydralm.static_decode import StaticDecoder
 from hydralm.token_sampling import check_sampling, filtered_probs, sample_from_probs, sample_next
 
 
@@ -39,9 +51,15 @@ class SpeculativeStats:
     rounds: int = 0
     proposed: int = 0  # draft tokens verified
     accepted: int = 0  # draft tokens accepted
-    target_forwards: int = 0  # target forwards after prefill: one verify per round + one rebuild per rejection
+    target_forwards: int = 0  # target passes over the weights after prefill: one verify step per round
     draft_calls: int = 0  # draft-model forwards/steps, or MTP module calls for self-draft
     elapsed_seconds: float = 0.0
+    proposed_by_depth: List[int] = field(default_factory=list)  # [i]: rounds that verified an (i+1)-th draft
+    accepted_by_depth: List[int] = field(default_factory=list)  # [i]: rounds that accepted it (and all before it)
+
+    def acceptance_by_depth(self) -> List[float]:
+        """Per draft position: accepted / verified (the (i+1)-th draft is accepted only with all before it)."""
+        return [a / p if p else 0.0 for a, p in zip(self.accepted_by_depth, self.proposed_by_depth)]
 
     @property
     def acceptance_rate(self) -> float:
@@ -53,7 +71,12 @@ class SpeculativeStats:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "acceptance_rate": self.acceptance_rate, "tokens_per_round": self.tokens_per_round}
+        return {
+            **asdict(self),
+            "acceptance_rate": self.acceptance_rate,
+            "tokens_per_round": self.tokens_per_round,
+            "acceptance_by_depth": self.acceptance_by_depth(),
+        }
 
 
 class RoundResult(NamedTuple):
@@ -61,7 +84,27 @@ class RoundResult(NamedTuple):
     next_token: torch.Tensor  # (1,): the corrected or bonus token, not yet fed to the target
     state: DecodeState  # target state after [pending, accepted drafts]
     hidden: torch.Tensor  # (1, d) target hidden state at the last fed token (what the MTP head drafts from)
-    rebuilt: bool  # a rejection forced the second forward from the pre-round state
+
+
+class StateVerifier:
+    """Verification on a state value: ``HydraLM.decode_many``, then ``state_after``. The eager counterpart of
+    ``StaticDecoder.verify`` / ``commit`` (same interface), for models and devices that run no graph."""
+
+    def __init__(self, model: HydraLM, state: DecodeState):
+        self.model, self.state = model, state
+        self._trail: Optional[DecodeTrail] = None
+
+    def verify(self, token_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits, self._trail, hidden = self.model.decode_many(token_ids, self.state)
+        return logits, hidden
+
+    def commit(self, kept: int) -> None:
+        if self._trail is None:
+            raise ValueError("commit needs a verify first (and applies it once)")
+        self.state, self._trail = self.model.state_after(self.state, self._trail, kept), None
+
+
+Verifier = Union[StateVerifier, StaticDecoder]
 
 
 def accept_drafts(
@@ -113,22 +156,34 @@ def verify_drafts(
 ) -> RoundResult:
     """One verification: `state` covers the stream up to (excluding) pending (1,); drafts (k,) follow it.
 
-    The parallel forward over [pending, drafts] scores all k drafts and the bonus position at once. On a
-    rejection its state has consumed rejected tokens, so the state is rebuilt by a forward over
-    [pending, accepted drafts] from `state`, which that first forward left intact; when no draft was
-    accepted that is one `step` over pending (the same state, claim C1, at a third of a short forward's host
-    time: `python -m benchmarks.profile_decode`).
+    One multi-token step over [pending, drafts] scores all k drafts and the bonus position at once; the new
+    state is built from `state` (left intact) and that step's trail for [pending, accepted drafts] only.
     """
-    ids = torch.cat([pending, drafts])[None]
-    out = target(ids, state=state, return_state=True, return_hidden=True)
-    n, next_token = accept_drafts(drafts, draft_probs, out["logits"][0], temperature, top_k, top_p, generator)
-    if n == drafts.numel():
-        return RoundResult(n, next_token, out["state"], out["hidden"][:, -1], False)
-    if n == 0:  # only `pending` is kept: one decode step rebuilds the state, with far fewer calls than a forward
-        _, kept_state, hidden = target.step_hidden(pending, state)
-        return RoundResult(0, next_token, kept_state, hidden, True)
-    kept = target(ids[:, : n + 1], state=state, return_state=True, return_hidden=True)
-    return RoundResult(n, next_token, kept["state"], kept["hidden"][:, -1], True)
+    verifier = StateVerifier(target, state)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    n, next_token, hidden = verify_round(verifier, pending, drafts, draft_probs, drafts.numel(), sampling, generator)
+    return RoundResult(n, next_token, verifier.state, hidden)
+
+
+def verify_round(
+    verifier: Verifier,
+    pending: torch.Tensor,
+    drafts: torch.Tensor,
+    draft_probs: Optional[torch.Tensor],
+    usable: int,
+    sampling: dict,
+    generator: Optional[torch.Generator],
+) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """Verify [pending, drafts] and commit the accepted prefix. Only the first `usable` drafts may be accepted
+    (the last round of a generation needs fewer than were drafted): the logits up to them depend on nothing
+    after them, so this is the decision over those drafts alone. Returns (accepted count n, next token (1,),
+    hidden state (1, d) at the last kept token)."""
+    logits, hidden = verifier.verify(torch.cat([pending, drafts])[None])
+    probs = None if draft_probs is None else draft_probs[:usable]
+    n, next_token = accept_drafts(drafts[:usable], probs, logits[0, : usable + 1], generator=generator, **sampling)
+    hidden = hidden[:, n].clone()  # a copy: a StaticDecoder's next verify overwrites its buffer
+    verifier.commit(n + 1)
+    return n, next_token, hidden
 
 
 def _draw(logits: torch.Tensor, sampling: dict, generator) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -141,19 +196,26 @@ def _draw(logits: torch.Tensor, sampling: dict, generator) -> Tuple[torch.Tensor
 
 class MTPDrafter:
     """Self-draft: MTP module i turns (h^{i-1}, the token i ahead of the last fed position) into the
-    distribution of the token i + 1 ahead. No state of its own: the target's last hidden state is enough."""
+    distribution of the token i + 1 ahead. No state of its own: the target's last hidden state is enough.
+    `step`: ``StaticDecoder.mtp_step`` (compiled / a CUDA graph with the decoder), else the module itself."""
 
-    def __init__(self, model):
-        self.model, self.hidden, self.calls = model, None, 0
+    def __init__(self, model, step: Optional[Callable] = None):
+        self.model, self.calls = model, 0
+        self.hidden: Optional[torch.Tensor] = None  # set by start, then by every commit
+        self.step = step if step is not None else self._eager_step
+
+    def _eager_step(self, depth: int, hidden: torch.Tensor, token: torch.Tensor):
+        return self.model.mtp.draft_step(depth, hidden, token, self.model.embed, self.model._head)
 
     def start(self, first_token: torch.Tensor, hidden: torch.Tensor) -> None:
         self.hidden = hidden
 
     def propose(self, pending: torch.Tensor, k: int, sampling: dict, generator):
-        m, h, token = self.model, self.hidden, pending
+        assert self.hidden is not None, "propose before start"
+        h, token = self.hidden, pending
         drafts, probs = [], []
         for i in range(1, k + 1):
-            h, logits = m.mtp.draft_step(i, h, token, m.embed, m._head)
+            h, logits = self.step(i, h, token)
             token, q = _draw(logits, sampling, generator)
             drafts.append(token)
             probs.append(q)
@@ -227,12 +289,18 @@ def speculative_generate(
     eos_token_id: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     prefill_chunk_size: Optional[int] = PREFILL_CHUNK_SIZE,
+    decoder: str = "auto",
 ) -> Tuple[torch.Tensor, SpeculativeStats]:
     """Speculative decoding of one sequence. draft: a HydraLM with the target's vocabulary, or None to
     self-draft with the target's MTP head (needs target.cfg.mtp_depth > 0; k is capped at mtp_depth).
 
     prompt_ids: 1-D, (1, L) or a list of ints. Returns (prompt + new tokens, same rank as a tensor
     prompt, 2-D for a list; the new tokens stop after eos_token_id or max_new_tokens, stats).
+
+    decoder: what verifies the drafts, as in ``generate``: "step" (``decode_many`` on state values), "static"
+    (a StaticDecoder's fixed-shape buffers), "graph" (that, compiled: CUDA graphs on a GPU, the MTP draft steps
+    too), "auto" ("graph" when ``generate`` would take it, else "step"). The decoder is the one ``generate``
+    caches on the model for batch 1; each number of verified tokens (k + 1) compiles its own verify step.
     """
     check_sampling(temperature, top_k, top_p)
     for name, value, low in (("max_new_tokens", max_new_tokens, 0), ("k", k, 1)):
@@ -252,6 +320,7 @@ def speculative_generate(
             f"{target.cfg.vocab_size}; speculative sampling compares their distributions token by token"
         )
     device = model_device(target)
+    decoder = _pick_decoder(target, decoder, max_new_tokens, device)
     if draft is not None and model_device(draft) != device:
         raise ValueError(f"draft is on {model_device(draft)} but the target is on {device}")
     if torch.is_tensor(prompt_ids):
@@ -265,30 +334,41 @@ def speculative_generate(
             f"shape {tuple(prompt.shape)}; call it once per row, or use hydralm.generate for batches"
         )
     sampling: Dict[str, Any] = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-    stats = SpeculativeStats(k=k)
+    stats = SpeculativeStats(k=k, proposed_by_depth=[0] * k, accepted_by_depth=[0] * k)
     started = time.perf_counter()
     emitted = []
     with inference_mode(target, draft):
         if max_new_tokens > 0:
             logits, hidden, state = prefill(target, prompt, chunk_size=prefill_chunk_size)
-            drafter = MTPDrafter(target) if draft is None else ModelDrafter(draft, prompt, prefill_chunk_size)
+            verifier: Verifier = StateVerifier(target, state)
+            if decoder != "step" and max_new_tokens > 1:  # one new token needs no verification, nor a compile
+                verifier = _static_decoder(target, state, decoder, 1)
+            if draft is None:
+                drafter: Any = MTPDrafter(target, verifier.mtp_step if isinstance(verifier, StaticDecoder) else None)
+            else:
+                drafter = ModelDrafter(draft, prompt, prefill_chunk_size)
             pending = sample_next(logits, generator=generator, **sampling)
             drafter.start(pending, hidden)
             emitted.append(pending)
             n_new, done = 1, eos_token_id is not None and int(pending) == eos_token_id
             while n_new < max_new_tokens and not done:
-                k_round = min(k, max_new_tokens - n_new - 1)
-                drafts, draft_probs = drafter.propose(pending, k_round, sampling, generator)
-                result = verify_drafts(target, state, pending, drafts, draft_probs, generator=generator, **sampling)
-                drafter.commit(result.n_accepted, result.next_token, result.hidden)
-                new = torch.cat([drafts[: result.n_accepted], result.next_token])
+                usable = min(k, max_new_tokens - n_new - 1)
+                # a static decoder verifies k + 1 tokens every round: one shape, one compiled graph
+                drafted = k if isinstance(verifier, StaticDecoder) else usable
+                drafts, draft_probs = drafter.propose(pending, drafted, sampling, generator)
+                n, next_token, h = verify_round(verifier, pending, drafts, draft_probs, usable, sampling, generator)
+                drafter.commit(n, next_token, h)
+                new = torch.cat([drafts[:n], next_token])
                 emitted.append(new)
                 n_new += new.numel()
                 stats.rounds += 1
-                stats.proposed += k_round
-                stats.accepted += result.n_accepted
-                stats.target_forwards += 1 + int(result.rebuilt)
-                state, pending = result.state, result.next_token
+                stats.proposed += usable
+                stats.accepted += n
+                for depth in range(usable):
+                    stats.proposed_by_depth[depth] += 1
+                    stats.accepted_by_depth[depth] += int(depth < n)
+                stats.target_forwards += 1
+                pending = next_token
                 done = eos_token_id is not None and bool((new == eos_token_id).any())
             stats.draft_calls = drafter.calls
     tokens = torch.cat(emitted) if emitted else prompt.new_zeros(0)

@@ -9,21 +9,28 @@ happen inside the step (masked writes), so every step has the same shapes and ke
 the step in ``torch.compile(fullgraph=True)``, and on CUDA ``compile_mode="reduce-overhead"`` captures it as a
 CUDA graph that reads and writes the buffers in place.
 
+Speculative decoding runs on the same buffers: ``verify`` scores T tokens in one pass (``model.decode_many``,
+fixed shapes for a fixed T) without moving the state and keeps its trail in buffers of its own; ``commit(kept)``
+then advances the state by the accepted prefix (``model.state_after`` with `kept` a device counter, one graph
+whatever its value). ``mtp_step`` runs one MTP module on a draft. Each is compiled and captured like ``step``.
+
 Layers whose state grows (full attention; retrieval without ``HydraConfig.memory``) are refused: each mixer's
 ``state_growth()`` says why.
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from hydralm.modules.mixer import DecodeState
+from hydralm.modules.mixer import DecodeState, DecodeTrail
 
 
 class StaticDecoder:
     """decoder = StaticDecoder(model, state)   # state: from a prefill (model(..., return_state=True))
     logits = decoder.step(token_ids)           # (B,) -> (B, vocab); model.step's logits
     decoder.load(other_state)                  # same shapes: reuses the compiled step
+    logits, hidden = decoder.verify(ids)       # (B, T) -> (B, T, vocab), (B, T, d); the state does not move
+    decoder.commit(kept)                       # the state after the first `kept` of those T tokens
 
     The decoder owns copies of the state's tensors; `state` itself is left as it was."""
 
@@ -36,14 +43,22 @@ class StaticDecoder:
         device = model.embed.weight.device
         self.state: DecodeState = [layer.with_device_counters(device) for layer in state]
         self.batch_size = self.state[0].batch_size
+        self.compile, self.compile_mode = compile, compile_mode
+        self.kept = torch.zeros((), dtype=torch.long, device=device)  # commit's count, a device counter
+        self._verify: Dict[int, "_Verifier"] = {}  # per number of tokens T
+        self._verified: Optional[int] = None  # T of the verify that commit applies
         self.step_fn = self._step
+        self.mtp_step_fn = self._mtp_step
         if compile:
             # fixed addresses: a CUDA graph (mode="reduce-overhead") then reads and writes the buffers in place
             # instead of skipping capture because its inputs are mutated
             for layer in self.state:
                 for tensor in [*layer.tensors().values(), *(getattr(layer, c) for c in layer.COUNTERS)]:
                     torch._dynamo.mark_static_address(tensor)
+            torch._dynamo.mark_static_address(self.kept)
             self.step_fn = torch.compile(self._step, fullgraph=True, mode=compile_mode)
+            # dynamic=False: one graph per MTP depth (an int argument), never a symbolic one
+            self.mtp_step_fn = torch.compile(self._mtp_step, fullgraph=True, mode=compile_mode, dynamic=False)
 
     @property
     def pos(self) -> int:
@@ -81,6 +96,81 @@ class StaticDecoder:
         for buffers, new in zip(self.state, new_state):
             buffers.copy_(new)  # in place: the addresses a compiled / captured step reads stay fixed
         return logits
+
+    # -- speculative decoding ----------------------------------------------------------------------
+    @torch.no_grad()
+    def verify(self, token_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """T tokens per row after the state, in one pass over the weights: token_ids (B, T) -> (logits (B, T, V),
+        hidden (B, T, d)), what T ``step`` calls would give (claim C1). The state does not move until
+        ``commit``. The outputs are the decoder's buffers for this T, overwritten by its next verify."""
+        if token_ids.dim() != 2 or token_ids.shape[0] != self.batch_size or token_ids.shape[1] == 0:
+            raise ValueError(
+                f"token_ids must have shape ({self.batch_size}, T >= 1), T tokens per row of the state; "
+                f"got {tuple(token_ids.shape)}"
+            )
+        tokens = token_ids.shape[1]
+        if tokens not in self._verify:
+            self._verify[tokens] = _Verifier(self, token_ids)
+        verifier = self._verify[tokens]
+        verifier.verify_fn(token_ids)
+        self._verified = tokens
+        return verifier.logits, verifier.hidden
+
+    @torch.no_grad()
+    def commit(self, kept: int) -> None:
+        """Advance the state by the first `kept` (1 .. T) tokens of the last ``verify``: the state after them,
+        bit for bit what eager ``model.state_after`` gives; nothing of the other tokens remains."""
+        if self._verified is None:
+            raise ValueError("commit needs a verify first (and applies it once)")
+        tokens = self._verified
+        if isinstance(kept, bool) or not isinstance(kept, int) or not 1 <= kept <= tokens:
+            raise ValueError(f"kept={kept!r} must be an int in [1, {tokens}], the tokens of the last verify")
+        self.kept.fill_(kept)  # a fill kernel: no host-to-device copy, no synchronisation
+        self._verify[tokens].commit_fn()
+        self._verified = None
+
+    @torch.no_grad()
+    def mtp_step(self, depth: int, hidden: torch.Tensor, token: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """MTP module `depth` (1-based) on a draft: (h^depth (B, d), logits (B, V)), compiled with the decoder.
+        Under a CUDA graph the outputs are the graph's buffers: the next call for this depth overwrites them."""
+        return self.mtp_step_fn(depth, hidden, token)
+
+    def _mtp_step(self, depth: int, hidden: torch.Tensor, token: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return self.model.mtp.draft_step(depth, hidden, token, self.model.embed, self.model._head)
+
+
+class _Verifier:
+    """A StaticDecoder's verify and commit for one number of tokens T: the trail, logits and hidden states live
+    in buffers of fixed addresses, written in place by the (compiled) verify and read by the (compiled) commit."""
+
+    def __init__(self, decoder: StaticDecoder, token_ids: torch.Tensor):
+        self.decoder = decoder
+        model = decoder.model
+        # one eager call sizes the buffers (its values are overwritten by the first verify)
+        logits, trail, hidden = model.decode_many(token_ids, decoder.state)
+        self.logits, self.hidden = logits.clone(), hidden.clone()
+        self.trail = DecodeTrail(trail.tokens, [{n: t.clone() for n, t in layer.items()} for layer in trail.layers])
+        self.verify_fn, self.commit_fn = self._verify, self._commit
+        if decoder.compile:
+            for tensor in [self.logits, self.hidden, *(t for layer in self.trail.layers for t in layer.values())]:
+                torch._dynamo.mark_static_address(tensor)
+            mode = decoder.compile_mode
+            self.verify_fn = torch.compile(self._verify, fullgraph=True, mode=mode, dynamic=False)
+            self.commit_fn = torch.compile(self._commit, fullgraph=True, mode=mode, dynamic=False)
+
+    def _verify(self, token_ids: torch.Tensor) -> None:
+        logits, trail, hidden = self.decoder.model.decode_many(token_ids, self.decoder.state)
+        self.logits.copy_(logits)
+        self.hidden.copy_(hidden)
+        for buffers, new in zip(self.trail.layers, trail.layers):
+            for name, value in new.items():
+                buffers[name].copy_(value)
+
+    def _commit(self) -> None:
+        decoder = self.decoder
+        new_state = decoder.model.state_after(decoder.state, self.trail, decoder.kept)
+        for buffers, new in zip(decoder.state, new_state):
+            buffers.copy_(new)
 
 
 def unsupported(model) -> Optional[str]:

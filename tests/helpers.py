@@ -100,7 +100,7 @@ def tiny(layers="mixed", seed=0, **overrides):
 STATIC_MEMORY = dict(exact_window=16, compress_every=4, pool_size=8)
 
 
-def static_model(memory=STATIC_MEMORY, layer_types=("deltanet", "swa", "retrieval")):
+def static_model(memory=STATIC_MEMORY, layer_types=("deltanet", "swa", "retrieval"), **overrides):
     import torch
 
     from hydralm import HydraConfig, HydraLM
@@ -118,6 +118,7 @@ def static_model(memory=STATIC_MEMORY, layer_types=("deltanet", "swa", "retrieva
         retrieval_top_k=2,
         initializer_range=0.2,
         memory=memory,
+        **overrides,
     )
     return HydraLM(cfg).eval()
 

@@ -23,10 +23,16 @@ from hydralm.eval import tasks
 
 log = logging.getLogger(__name__)
 
-TASKS = ("long_context_qa", "mqar", "needle", "perplexity", "claims")
+TASKS = ("long_context_qa", "mqar", "needle", "perplexity", "mtp_acceptance", "claims")
 # Eval task -> the training data it measures, and the settings that define that task (taken from the
 # checkpoint). Sweep axes (mqar n_pairs, needle lengths and depths) stay as configured.
-TRAINED_AS = {"long_context_qa": "retrieval_qa", "mqar": "mqar", "needle": "needle", "perplexity": "text"}
+TRAINED_AS = {
+    "long_context_qa": "retrieval_qa",
+    "mqar": "mqar",
+    "needle": "needle",
+    "perplexity": "text",
+    "mtp_acceptance": "text",
+}
 TASK_SETTINGS = {"long_context_qa": ("seq_len", "num_facts", "num_queries", "key_len"), "mqar": ("seq_len",)}
 
 
@@ -195,6 +201,10 @@ def evaluate(cfg: DictConfig) -> Dict:
     settings, taken = task_settings(name, configured, trained, command_line_keys(), model.cfg.vocab_size)
     if name == "perplexity":
         report = tasks.perplexity(model, instantiate(cfg.eval.data), cfg.eval.max_batches)
+    elif name == "mtp_acceptance":
+        from hydralm.eval.mtp_acceptance import mtp_acceptance
+
+        report = mtp_acceptance(model, instantiate(cfg.eval.data), cfg.eval.max_batches, **settings)
     else:
         report = getattr(tasks, name)(model, out_dir, seed=cfg.seed, **settings)
     report = {
@@ -238,6 +248,15 @@ def summary_rows(report: Dict) -> List[Tuple[str, str, str]]:
         ]
     if name == "perplexity":
         return [(k, _fmt(report[k]), "") for k in ("loss", "perplexity", "tokens")]
+    if name == "mtp_acceptance":
+        forced, decoding = report["teacher_forced"], report["decoding"]
+        rows = []
+        for i in range(report["mtp_depth"]):
+            rows.append((f"depth {i + 1} greedy match", _fmt(forced["greedy_match"][i]), "teacher-forced"))
+            rows.append((f"depth {i + 1} sampled acceptance", _fmt(forced["sampled_acceptance"][i]), "1 - TV(p, q)"))
+            rows.append((f"depth {i + 1} decoding acceptance", _fmt(decoding["acceptance_by_depth"][i]), "greedy"))
+        note = f"{decoding['prompts']} prompts x {decoding['new_tokens']} tokens"
+        return rows + [("tokens per round", _fmt(decoding["tokens_per_round"]), note)]
     return [(k, _fmt(v), "") for k, v in report.items() if isinstance(v, (int, float))]
 
 

@@ -9,7 +9,7 @@ from torch import nn
 from hydralm.config import HydraConfig
 from hydralm.kernels.attention.local import causal_attention, repeat_kv
 from hydralm.modules.attention import AttentionProjections, check_rotary_head_dim
-from hydralm.modules.mixer import LayerState
+from hydralm.modules.mixer import Counter, LayerState, Trail
 from hydralm.modules.rotary import Rotary
 
 
@@ -65,3 +65,15 @@ class FullAttention(nn.Module):
     def step(self, x_t: torch.Tensor, state: FullAttentionState) -> Tuple[torch.Tensor, FullAttentionState]:
         y, state = self.forward(x_t[:, None], state)
         return y[:, 0], state
+
+    def step_many(self, x: torch.Tensor, state: FullAttentionState) -> Tuple[torch.Tensor, Trail]:
+        """x (B, T, d_model): the parallel forward from the cache; the trail holds the T new keys and values."""
+        y, new = self.forward(x, state)
+        return y, {"k": new.k[:, :, state.pos :], "v": new.v[:, :, state.pos :]}
+
+    def state_after(self, state: FullAttentionState, trail: Trail, kept: Counter) -> FullAttentionState:
+        kept = int(kept)  # the cache grows: its length is a host number
+        return FullAttentionState(
+            k=torch.cat([state.k, trail["k"][:, :, :kept].to(state.k.dtype)], dim=2),
+            v=torch.cat([state.v, trail["v"][:, :, :kept].to(state.v.dtype)], dim=2),
+        )

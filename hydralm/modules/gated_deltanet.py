@@ -28,9 +28,10 @@ from hydralm.config import HydraConfig
 from hydralm.kernels.backend import gdn_modules_backend
 from hydralm.kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
 from hydralm.kernels.fla_modules import fla_gated_rms_norm, fla_l2norm
-from hydralm.modules.mixer import LayerState
+from hydralm.modules.mixer import Counter, LayerState, Trail
 from hydralm.modules.rmsnorm import GatedRMSNorm, RMSNorm
 from hydralm.modules.short_conv import ShortConv
+from hydralm.modules.slots import read_slot
 
 # The rows of in_proj, in order, as they were named when each was its own nn.Linear.
 LEGACY_PROJECTIONS = ("qkv", "a_proj", "b_proj", "gate")
@@ -133,6 +134,29 @@ class GatedDeltaNet(nn.Module):
         g, beta = self._gates(a, b)
         o, S = delta_rule_step(q, k, v, g, beta, state.S)
         return self._output(o.to(x_t.dtype), gate, fla=False), DeltaNetState(S=S, conv=conv_cache)
+
+    def step_many(self, x: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, Trail]:
+        """x (B, T, d_model) -> (y (B, T, d_model), trail): T steps with one pass over the projections. The
+        delta rule still runs token by token (a (B, H, D, D) update each); the trail keeps S after every token
+        (T copies of a state that is small next to the weights) and the short conv's inputs, so any prefix's
+        state is a read, not a recomputation."""
+        qkv, a, b, gate = self._project(x)
+        qkv, conv_inputs = self.conv.step_many(qkv, state.conv)
+        q, k, v = self._split_heads(qkv, fla=False)  # (B, T, H, D)
+        g, beta = self._gates(a, b)
+        S, outputs, states = state.S, [], []
+        for t in range(x.shape[1]):
+            o, S = delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S)
+            outputs.append(o)
+            states.append(S)
+        y = self._output(torch.stack(outputs, dim=1).to(x.dtype), gate, fla=False)
+        return y, {"S": torch.stack(states, dim=1), "conv": conv_inputs}
+
+    def state_after(self, state: DeltaNetState, trail: Trail, kept: Counter) -> DeltaNetState:
+        S = read_slot(trail["S"], 1, kept - 1)
+        return DeltaNetState(
+            S=S if torch.is_tensor(kept) else S.clone(), conv=self.conv.cache_after(trail["conv"], kept)
+        )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Old checkpoints hold the input projections as separate weights: stack them into ``in_proj``."""

@@ -6,7 +6,15 @@ A mixer (one file under hydralm/modules/, one line in registry.py) is an ``nn.Mo
     init_state(batch_size, device, dtype)        an empty decode state
     forward(x (B, N, d), state=None)             -> (y (B, N, d), new state)   parallel; a state continues a stream
     step(x_t (B, d), state)                      -> (y_t (B, d), new state)    one token
+    step_many(x (B, T, d), state)                -> (y (B, T, d), trail)       T tokens, one pass over the weights
+    state_after(state, trail, kept)              -> the state after the first `kept` of those T tokens
     state_growth()                               None when its state keeps one shape while decoding, else why not
+
+``step_many`` is what speculative decoding verifies drafts with: it equals T ``step`` calls (claim C1) but reads
+each weight once, and it leaves `state` as it was. Its trail (a dict of tensors: what the T tokens add, e.g.
+their keys and values, or the recurrent state after each of them) lets ``state_after`` build the state after
+any accepted prefix, 1 <= kept <= T, where `kept` is an int or a 0-dim device tensor: rollback is choosing
+`kept`, with the same shapes whatever it is (hydralm/modules/multi_token.py, docs/inference.md).
 
 States are values: ``forward`` and ``step`` never change what a state they were given holds (except writes
 into spare capacity it cannot see, documented per layer), so keeping an old state and continuing from it later
@@ -181,7 +189,20 @@ class Mixer(Protocol):
 
     def step(self, x_t: torch.Tensor, state: Any) -> Tuple[torch.Tensor, LayerState]: ...
 
+    def step_many(self, x: torch.Tensor, state: Any) -> Tuple[torch.Tensor, "Trail"]: ...
+
+    def state_after(self, state: Any, trail: "Trail", kept: Counter) -> LayerState: ...
+
     def state_growth(self) -> Optional[str]: ...
 
 
 DecodeState = List[LayerState]  # one entry per layer, in block order
+Trail = Dict[str, torch.Tensor]  # what one layer's step_many adds to its state (the layer's own keys)
+
+
+@dataclasses.dataclass
+class DecodeTrail:
+    """What ``HydraLM.decode_many`` leaves: the number of tokens it stepped and one trail per layer."""
+
+    tokens: int
+    layers: List[Trail]

@@ -22,6 +22,11 @@ are gone. Every shape is then fixed: ``step`` reads the rings under masks, so it
 What a token reads depends on its position only (the chunk schedule), never on how the stream was cut into
 calls: the parallel path compresses on the fly the chunks a token must read compressed (docs/architecture.md,
 section 3.3.1).
+
+``step_many`` (T tokens, speculative verification) takes at most C tokens at a time, so at most one chunk completes
+among them: queries after the completion see the state it leads to (the next chunk's local context, the chunk that
+left the exact window in compressed form) through masks over the old rings plus that one compressed chunk, and
+nothing is written; ``state_after`` then applies the kept tokens exactly as ``step`` would.
 """
 
 import dataclasses
@@ -39,10 +44,11 @@ from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attenti
 from hydralm.kernels.retrieval.routing import route_tokens, topk_lowest_id
 from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.compressive_memory import CompressiveMemory
-from hydralm.modules.mixer import Counter, LayerState
+from hydralm.modules.mixer import Counter, LayerState, Trail
+from hydralm.modules.multi_token import kept_in_piece, pieces, ring_ids
 from hydralm.modules.routing_log import ring_routing_entry, routing_entry
 from hydralm.modules.routing_loss import answer_routing_loss
-from hydralm.modules.slots import read_slot, where, write_slot
+from hydralm.modules.slots import positions, read_slot, where, write_slot
 
 # Largest gathered key block (elements) the parallel path materialises at once; bounds prefill memory.
 # Each block also costs one host sync and ~60 kernel launches: on a GPU, whose memory is large and whose
@@ -478,6 +484,165 @@ class RetrievalAttention(nn.Module):
             pos=pos + 1,
         )
         return self.proj.merge(y)[:, 0], new
+
+    # -- several tokens at once (speculative verification) ----------------------------------------
+    def step_many(self, x: torch.Tensor, st: RetrievalState) -> Tuple[torch.Tensor, Trail]:
+        """x (B, T, d_model) -> (y (B, T, d_model), trail of the new keys and values (B, H_kv, T, D)): T steps
+        with one pass over the projections; `st` is left as it was."""
+        q, k, v = self.proj.split(x)
+        outputs = []
+        for start, n in pieces(x.shape[1], self.chunk_size):
+            part = slice(start, start + n)
+            outputs.append(self._attend_next(q[:, :, part], k[:, :, part], v[:, :, part], st))
+            if start + n < x.shape[1]:
+                st = self._advance(st, k[:, :, part], v[:, :, part], n)
+        return self.proj.merge(torch.cat(outputs, dim=2)), {"k": k, "v": v}
+
+    def state_after(self, state: RetrievalState, trail: Trail, kept: Counter) -> RetrievalState:
+        for start, n in pieces(trail["k"].shape[2], self.chunk_size):
+            part = slice(start, start + n)
+            state = self._advance(state, trail["k"][:, :, part], trail["v"][:, :, part], kept_in_piece(kept, start, n))
+        return state
+
+    def _attend_next(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st: RetrievalState) -> torch.Tensor:
+        """The n <= C tokens right after `st`: q (B, H, n, D), k/v (B, H_kv, n, D) -> (B, H, n, D), what n
+        ``step`` calls would give, from `st` without writing it.
+
+        Token j belongs to chunk c or, once chunk c completes before it (`crossed`), to chunk c + 1. Then its
+        routable chunks are those up to c - 1 (chunk c - 1 moves from its local context to the bank), the chunk
+        that left the exact window when chunk c completed is read compressed (one extra candidate, compressed
+        here), the pool chunk that completion evicted is gone, and its local context is [chunk c | chunk c + 1].
+        """
+        C, groups, device = self.chunk_size, self.proj.kv_groups, q.device
+        B, H, n, D = q.shape
+        c, filled = st.pos // C, st.pos % C
+        bank_k, bank_v, summaries = st.bank_k, st.bank_v, st.summaries
+        if self.memory is None and bank_k.shape[2] < c + 1:  # as in step: room for chunk c (host int c)
+            bank_k, bank_v, summaries = (_grow(t, max(c + 1, 2 * t.shape[2])) for t in (bank_k, bank_v, summaries))
+        S, P = bank_k.shape[2], st.pool_k.shape[2]
+        crossed = positions(filled, n, device) >= C  # (n,)
+        chunk = c + crossed.long()  # the chunk each token is in
+
+        # Routing candidates: [pool slots | bank slots | the chunk compressed when chunk c completes].
+        bank_ids = ring_ids(c - 1, S, device)
+        routable = [(bank_ids >= 0) & (bank_ids <= chunk[:, None] - 2)]
+        if self.memory is not None:
+            routable[0] = routable[0] & (bank_ids >= chunk[:, None] - S)  # chunk c - S leaves the exact window
+        ids, parts = [bank_ids], [summaries]
+        leaving = None
+        may_cross = torch.is_tensor(filled) or filled + n > C  # a known "no" skips the compressed candidate
+        if P:
+            pool_ids = ring_ids(c - self.exact_chunks - 1, P, device)
+            routable.insert(0, (pool_ids >= 0) & (pool_ids >= chunk[:, None] - self.exact_chunks - P))
+            ids.insert(0, pool_ids)
+            parts.insert(0, st.pool_summaries)
+            if may_cross:
+                slot = c % S  # holds chunk c - S, compressed into the pool when chunk c completes
+                leaving = self.memory.compress(read_slot(bank_k, 2, slot), read_slot(bank_v, 2, slot))
+                routable.append(crossed[:, None] & (c >= S))
+                ids.append(positions(c - S, 1, device))
+                parts.append(read_slot(summaries, 2, slot)[:, :, None])
+        slot_ids, routable_mask = torch.cat(ids), torch.cat(routable, dim=-1)  # (N,), (n, N)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        rows = q.to(dtype).reshape(B, H // groups, groups, n, D)
+        scores = torch.cat([rows @ s.to(dtype).transpose(-1, -2)[:, :, None] for s in parts], dim=-1)
+        scores = scores.reshape(B, H, n, -1).masked_fill(~routable_mask, float("-inf"))
+        by_id = slot_ids.argsort()  # ties go to the lowest chunk id, as in step and the parallel path
+        top, rank = topk_lowest_id(scores[..., by_id], min(self.top_k, slot_ids.shape[0]))
+        selected = by_id[rank]  # (B, H, n, k) candidate indices
+        valid = torch.isfinite(top)
+        exact_k = gather_chunks(bank_k, selected, offset=P)  # (B, H, n, k, C, D); other picks masked
+        exact_v = gather_chunks(bank_v, selected, offset=P)
+        reads = valid & (selected >= P) & (selected < P + S)
+
+        # Local context on one axis: [chunk c - 1 (bank) | chunk c so far, then the new tokens (C + n)].
+        new_slots = positions(filled, n, device)
+        current_k = torch.cat([st.buf_k, st.buf_k.new_zeros(B, k.shape[1], n, D)], 2)
+        current_k = current_k.index_copy(2, new_slots, k.to(st.buf_k.dtype))
+        current_v = torch.cat([st.buf_v, st.buf_v.new_zeros(B, v.shape[1], n, v.shape[-1])], 2)
+        current_v = current_v.index_copy(2, new_slots, v.to(st.buf_v.dtype))
+        previous = (c - 1) % S
+        local_k = repeat_kv(torch.cat([read_slot(bank_k, 2, previous), current_k], dim=2), groups)[:, :, None]
+        local_v = repeat_kv(torch.cat([read_slot(bank_v, 2, previous), current_v], dim=2), groups)[:, :, None]
+        entry = torch.arange(2 * C + n, device=device)
+        rel_chunk = entry // C  # 0: chunk c - 1, 1: chunk c, 2: chunk c + 1
+        query_entry = C + new_slots  # where each token sits on that axis
+        local_mask = (
+            (entry[None] <= query_entry[:, None])
+            & (rel_chunk[None] >= crossed.long()[:, None])  # its previous chunk and its own
+            & ((rel_chunk >= 1) | (c > 0))[None]  # there is no chunk before chunk 0
+        )[:, None]  # (n, 1, 2C + n)
+        if P:
+            pool_k, pool_v, in_pool = st.pool_k, st.pool_v, selected < P
+            if leaving is not None:
+                pool_k = torch.cat([pool_k, leaving[0][:, :, None].to(pool_k.dtype)], dim=2)
+                pool_v = torch.cat([pool_v, leaving[1][:, :, None].to(pool_v.dtype)], dim=2)
+                in_pool = in_pool | (selected == P + S)
+            index = torch.where(selected < P, selected, P)  # the compressed candidate is entry P
+            Cr = pool_k.shape[3]
+            read_k = gather_chunks(pool_k, index).flatten(-3, -2)  # (B, H, n, k * Cr, D)
+            read_v = gather_chunks(pool_v, index).flatten(-3, -2)
+            pool_reads = (valid & in_pool).repeat_interleave(Cr, dim=-1)[:, :, :, None]
+            local_k = torch.cat([read_k, local_k.expand(-1, -1, n, -1, -1)], dim=-2)
+            local_v = torch.cat([read_v, local_v.expand(-1, -1, n, -1, -1)], dim=-2)
+            local_mask = torch.cat([pool_reads, local_mask.expand(B, H, n, 1, -1)], dim=-1)
+        queries = q[:, :, :, None]  # each token is its own block of one query: (B, H, n, 1, D)
+        y = sparse_chunk_attention(queries, exact_k, exact_v, reads[:, :, :, None], local_k, local_v, local_mask)
+        return y[:, :, :, 0]
+
+    def _advance(self, st: RetrievalState, k: torch.Tensor, v: torch.Tensor, kept: Counter) -> RetrievalState:
+        """The state after the first `kept` of n <= C new tokens: what ``step`` leaves after them (their keys
+        in the chunk in progress; chunk c, if it completes, into the bank and the chunk it displaces into the
+        pool), with the same writes whatever `kept` is when it is a device counter."""
+        if not torch.is_tensor(kept) and kept == 0:
+            return st
+        C, device = self.chunk_size, k.device
+        B, h_kv, n, D = k.shape
+        c, filled = st.pos // C, st.pos % C
+        new_slots = positions(filled, n, device)
+        current_k = torch.cat([st.buf_k, st.buf_k.new_zeros(B, h_kv, n, D)], 2)
+        current_k = current_k.index_copy(2, new_slots, k.to(st.buf_k.dtype))  # chunk c, then chunk c + 1
+        current_v = torch.cat([st.buf_v, st.buf_v.new_zeros(B, h_kv, n, v.shape[-1])], 2)
+        current_v = current_v.index_copy(2, new_slots, v.to(st.buf_v.dtype))
+        end = filled + kept  # tokens of chunk c held after the kept ones (> C: some are in chunk c + 1)
+        complete = end >= C
+        slot_index = torch.arange(C, device=device)[:, None]
+        next_k, next_v = (F.pad(t[:, :, C:], (0, 0, 0, C - n)) for t in (current_k, current_v))
+        # slots past the kept tokens are zero, as step leaves them: no trace of a token that was not kept
+        buf_k = where(complete, next_k.where(slot_index < end - C, 0), current_k[:, :, :C].where(slot_index < end, 0))
+        buf_v = where(complete, next_v.where(slot_index < end - C, 0), current_v[:, :, :C].where(slot_index < end, 0))
+        chunk_k, chunk_v = current_k[:, :, :C], current_v[:, :, :C]
+        bank_k, bank_v, summaries = st.bank_k, st.bank_v, st.summaries
+        pool_k, pool_v, pool_summaries = st.pool_k, st.pool_v, st.pool_summaries
+        if self.memory is None:
+            if complete:  # host ints without memory; into spare capacity, in place, as in step
+                bank_k = _append(bank_k, c, chunk_k[:, :, None])
+                bank_v = _append(bank_v, c, chunk_v[:, :, None])
+                summaries = _append(summaries, c, _summarise(chunk_k[:, :, None]))
+        else:
+            S, P = bank_k.shape[2], pool_k.shape[2]
+            slot = c % S
+            leaving = complete & (c >= S)
+            if torch.is_tensor(leaving) or leaving:
+                ck, cv = self.memory.compress(read_slot(bank_k, 2, slot), read_slot(bank_v, 2, slot))
+                pool_slot = (c - S) % P
+                pool_k = write_slot(pool_k, 2, pool_slot, ck, leaving)
+                pool_v = write_slot(pool_v, 2, pool_slot, cv, leaving)
+                pool_summaries = write_slot(pool_summaries, 2, pool_slot, read_slot(summaries, 2, slot), leaving)
+            bank_k = write_slot(bank_k, 2, slot, chunk_k, complete)
+            bank_v = write_slot(bank_v, 2, slot, chunk_v, complete)
+            summaries = write_slot(summaries, 2, slot, _summarise(chunk_k[:, :, None])[:, :, 0], complete)
+        return RetrievalState(
+            buf_k=buf_k,
+            buf_v=buf_v,
+            bank_k=bank_k,
+            bank_v=bank_v,
+            summaries=summaries,
+            pool_k=pool_k,
+            pool_v=pool_v,
+            pool_summaries=pool_summaries,
+            pos=st.pos + kept,
+        )
 
     # -- compressive memory ----------------------------------------------------------------------
     def _memory_window(

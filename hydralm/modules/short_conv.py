@@ -1,12 +1,13 @@
 """Depthwise causal 1-D convolution with a streaming cache (the "short conv" of DeltaNet layers)."""
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hydralm.kernels.fla_modules import fla_short_conv
+from hydralm.modules.mixer import Counter
 
 
 class ShortConv(nn.Module):
@@ -42,3 +43,17 @@ class ShortConv(nn.Module):
         full = torch.cat([cache.to(x_t.dtype), x_t[:, None]], dim=1)  # (B, K, C)
         y = torch.einsum("bkc,ck->bc", full, self.weight[:, 0].to(x_t.dtype))
         return F.silu(y), full[:, 1:]
+
+    def step_many(self, x: torch.Tensor, cache: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """T tokens: x (B, T, C) -> (silu(conv) (B, T, C), the inputs seen (B, K - 1 + T, C), which hold the cache
+        after any prefix: ``cache_after``). Each output is ``step``'s dot product over its window."""
+        full = torch.cat([cache.to(x.dtype), x], dim=1)
+        windows = full.unfold(1, self.kernel_size, 1)  # (B, T, C, K): window t is full[:, t : t + K]
+        y = torch.einsum("btck,ck->btc", windows, self.weight[:, 0].to(x.dtype))
+        return F.silu(y), full
+
+    def cache_after(self, full: torch.Tensor, kept: Counter) -> torch.Tensor:
+        """The cache after the first `kept` tokens of a ``step_many`` call, from its ``full`` inputs."""
+        if torch.is_tensor(kept):
+            return full.index_select(1, kept + torch.arange(self.kernel_size - 1, device=full.device))
+        return full[:, kept : kept + self.kernel_size - 1].clone()  # a copy: the cache holds no view of `full`

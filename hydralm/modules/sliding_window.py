@@ -2,7 +2,9 @@
 
 State: SlidingWindowState(k, v (B, H_kv, window, D) ring buffers of rotated keys / values, pos tokens seen).
 Token p lives in slot p % window; softmax is order-free, so the ring never needs to be unrolled to decode. The
-step reads the whole ring under a mask of the slots written so far: one shape at every step.
+step reads the whole ring under a mask of the slots written so far: one shape at every step. ``step_many`` reads
+the ring and the T new keys under a per-query mask of the positions in its window and writes nothing; the ring
+slots of the kept tokens are written by ``state_after`` (at most `window` tokens per piece, so no slot twice).
 """
 
 from dataclasses import dataclass
@@ -16,7 +18,8 @@ from hydralm.config import HydraConfig
 from hydralm.kernels.attention.local import repeat_kv, sliding_window_attention
 from hydralm.kernels.backend import attention_backend
 from hydralm.modules.attention import AttentionProjections, check_rotary_head_dim
-from hydralm.modules.mixer import Counter, LayerState
+from hydralm.modules.mixer import Counter, LayerState, Trail
+from hydralm.modules.multi_token import kept_in_piece, pieces, ring_ids
 from hydralm.modules.rotary import Rotary
 from hydralm.modules.slots import positions, write_slot
 
@@ -100,6 +103,55 @@ class SlidingWindowAttention(nn.Module):
             attn_mask=written.view(1, 1, 1, self.window),
         )
         return self.proj.merge(y)[:, 0], SlidingWindowState(k=ring_k, v=ring_v, pos=pos + 1)
+
+    def step_many(self, x: torch.Tensor, state: SlidingWindowState) -> Tuple[torch.Tensor, Trail]:
+        """x (B, T, d_model) -> (y (B, T, d_model), trail of the rotated keys and values (B, H_kv, T, D))."""
+        q, k, v = self.proj.split(x)
+        position = positions(state.pos, x.shape[1], x.device)
+        q, k = self.rotary(q, position), self.rotary(k, position)
+        outputs, st = [], state
+        for start, n in pieces(x.shape[1], self.window):
+            part = slice(start, start + n)
+            outputs.append(self._attend(q[:, :, part], k[:, :, part], v[:, :, part], st))
+            if start + n < x.shape[1]:
+                st = self._advance(st, k[:, :, part], v[:, :, part], n)
+        return self.proj.merge(torch.cat(outputs, dim=2)), {"k": k, "v": v}
+
+    def state_after(self, state: SlidingWindowState, trail: Trail, kept: Counter) -> SlidingWindowState:
+        for start, n in pieces(trail["k"].shape[2], self.window):
+            part = slice(start, start + n)
+            state = self._advance(state, trail["k"][:, :, part], trail["v"][:, :, part], kept_in_piece(kept, start, n))
+        return state
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st: SlidingWindowState) -> torch.Tensor:
+        """n <= window queries at positions pos .. pos + n - 1 over [ring | their own keys]: query j sees the ring
+        slots whose token is within its window and the new keys up to itself. (B, H, n, D)."""
+        n, device = q.shape[2], q.device
+        held = ring_ids(st.pos - 1, self.window, device)  # the position each ring slot holds (< 0: none)
+        lowest = positions(st.pos, n, device) - self.window + 1  # the oldest position each query sees
+        in_window = (held >= 0)[None, :] & (held[None, :] >= lowest[:, None])
+        mask = torch.cat([in_window, torch.ones(n, n, dtype=torch.bool, device=device).tril()], dim=-1)
+        groups = self.proj.kv_groups
+        keys = repeat_kv(torch.cat([st.k.to(q.dtype), k], dim=2), groups)
+        values = repeat_kv(torch.cat([st.v.to(q.dtype), v.to(q.dtype)], dim=2), groups)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+
+    def _advance(self, st: SlidingWindowState, k: torch.Tensor, v: torch.Tensor, kept: Counter) -> SlidingWindowState:
+        """The state after the first `kept` of n <= window new keys: their ring slots written."""
+        n = k.shape[2]
+        if not torch.is_tensor(kept):
+            if kept == 0:
+                return st
+            slots = positions(st.pos, kept, k.device) % self.window
+            ring_k = st.k.index_copy(2, slots, k[:, :, :kept].to(st.k.dtype))
+            ring_v = st.v.index_copy(2, slots, v[:, :, :kept].to(st.v.dtype))
+            return SlidingWindowState(k=ring_k, v=ring_v, pos=st.pos + kept)
+        # every slot is written, the old value where the token was not kept: one shape whatever `kept` is
+        slots = positions(st.pos, n, k.device) % self.window
+        keep = (torch.arange(n, device=k.device) < kept).view(1, 1, n, 1)
+        ring_k = st.k.index_copy(2, slots, torch.where(keep, k.to(st.k.dtype), st.k.index_select(2, slots)))
+        ring_v = st.v.index_copy(2, slots, torch.where(keep, v.to(st.v.dtype), st.v.index_select(2, slots)))
+        return SlidingWindowState(k=ring_k, v=ring_v, pos=st.pos + kept)
 
 
 def _ring_to_sequence(ring: torch.Tensor, pos: int) -> torch.Tensor:

@@ -135,3 +135,32 @@ class ProgressLog(L.Callback):
     def on_test_end(self, trainer, pl_module):
         if trainer.is_global_zero:
             self._emit(f"test: {metrics_text(trainer.callback_metrics, 'test/')}")
+
+
+class CallTimeLimit(L.Callback):
+    """Stop this call's training after `seconds` of wall time (from the start of fit, validation included) and
+    write ``<dirpath>/last.ckpt`` at that step, so ``python train.py ... ckpt_path=last`` continues exactly where
+    it stopped: a long run in calls of bounded length. Unlike ``trainer.max_time``, whose elapsed time is stored
+    in the checkpoint and restored on resume (a total over all calls), this limit is per call."""
+
+    def __init__(self, seconds: float, dirpath: str):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+            raise ValueError(f"CallTimeLimit.seconds={seconds!r} is invalid: expected a number of seconds > 0")
+        self.seconds, self.dirpath = float(seconds), dirpath
+        self._started = 0.0
+
+    def on_fit_start(self, trainer, pl_module):
+        self._started = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        out_of_time = trainer.strategy.broadcast(time.monotonic() - self._started >= self.seconds)  # rank 0 decides
+        if out_of_time and not trainer.should_stop:
+            trainer.save_checkpoint(os.path.join(self.dirpath, "last.ckpt"))
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                log.info(
+                    "call time limit of %s reached at step %d: checkpoints/last.ckpt written; continue with "
+                    "ckpt_path=last",
+                    _duration(self.seconds),
+                    trainer.global_step,
+                )
