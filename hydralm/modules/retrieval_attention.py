@@ -31,7 +31,7 @@ nothing is written; ``state_after`` then applies the kept tokens exactly as ``st
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Dict, List, Optional, Tuple
+from typing import ClassVar, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -453,25 +453,8 @@ class RetrievalAttention(nn.Module):
 
         # The chunk completes with this token: it joins the bank in slot c % S.
         complete = filled == C - 1
-        slot = c % S
-        pool_k, pool_v, pool_summaries = st.pool_k, st.pool_v, st.pool_summaries
-        if self.memory is None:
-            if complete:  # into spare capacity, in place: older states never read slot c
-                bank_k = _append(bank_k, c, buf_k[:, :, None])
-                bank_v = _append(bank_v, c, buf_v[:, :, None])
-                summaries = _append(summaries, c, _summarise(buf_k[:, :, None]))
-        else:
-            # slot c % S holds chunk c - S, which leaves the exact window now: compressed into the pool
-            leaving = complete & (c >= S)
-            if torch.is_tensor(leaving) or leaving:  # a known False skips the compression
-                ck, cv = self.memory.compress(read_slot(bank_k, 2, slot), read_slot(bank_v, 2, slot))
-                pool_slot = (c - S) % P
-                pool_k = write_slot(pool_k, 2, pool_slot, ck, leaving)
-                pool_v = write_slot(pool_v, 2, pool_slot, cv, leaving)
-                pool_summaries = write_slot(pool_summaries, 2, pool_slot, read_slot(summaries, 2, slot), leaving)
-            bank_k = write_slot(bank_k, 2, slot, buf_k, complete)
-            bank_v = write_slot(bank_v, 2, slot, buf_v, complete)
-            summaries = write_slot(summaries, 2, slot, _summarise(buf_k[:, :, None])[:, :, 0], complete)
+        rings = self._complete_chunk(st, bank_k, bank_v, summaries, c, buf_k, buf_v, complete)
+        bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries = rings
         new = RetrievalState(
             buf_k=where(complete, torch.zeros_like(buf_k), buf_k),
             buf_v=where(complete, torch.zeros_like(buf_v), buf_v),
@@ -612,26 +595,8 @@ class RetrievalAttention(nn.Module):
         buf_k = where(complete, next_k.where(slot_index < end - C, 0), current_k[:, :, :C].where(slot_index < end, 0))
         buf_v = where(complete, next_v.where(slot_index < end - C, 0), current_v[:, :, :C].where(slot_index < end, 0))
         chunk_k, chunk_v = current_k[:, :, :C], current_v[:, :, :C]
-        bank_k, bank_v, summaries = st.bank_k, st.bank_v, st.summaries
-        pool_k, pool_v, pool_summaries = st.pool_k, st.pool_v, st.pool_summaries
-        if self.memory is None:
-            if complete:  # host ints without memory; into spare capacity, in place, as in step
-                bank_k = _append(bank_k, c, chunk_k[:, :, None])
-                bank_v = _append(bank_v, c, chunk_v[:, :, None])
-                summaries = _append(summaries, c, _summarise(chunk_k[:, :, None]))
-        else:
-            S, P = bank_k.shape[2], pool_k.shape[2]
-            slot = c % S
-            leaving = complete & (c >= S)
-            if torch.is_tensor(leaving) or leaving:
-                ck, cv = self.memory.compress(read_slot(bank_k, 2, slot), read_slot(bank_v, 2, slot))
-                pool_slot = (c - S) % P
-                pool_k = write_slot(pool_k, 2, pool_slot, ck, leaving)
-                pool_v = write_slot(pool_v, 2, pool_slot, cv, leaving)
-                pool_summaries = write_slot(pool_summaries, 2, pool_slot, read_slot(summaries, 2, slot), leaving)
-            bank_k = write_slot(bank_k, 2, slot, chunk_k, complete)
-            bank_v = write_slot(bank_v, 2, slot, chunk_v, complete)
-            summaries = write_slot(summaries, 2, slot, _summarise(chunk_k[:, :, None])[:, :, 0], complete)
+        rings = self._complete_chunk(st, st.bank_k, st.bank_v, st.summaries, c, chunk_k, chunk_v, complete)
+        bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries = rings
         return RetrievalState(
             buf_k=buf_k,
             buf_v=buf_v,
@@ -643,6 +608,41 @@ class RetrievalAttention(nn.Module):
             pool_summaries=pool_summaries,
             pos=st.pos + kept,
         )
+
+    def _complete_chunk(
+        self,
+        st: RetrievalState,
+        bank_k: torch.Tensor,
+        bank_v: torch.Tensor,
+        summaries: torch.Tensor,
+        c: Counter,
+        chunk_k: torch.Tensor,
+        chunk_v: torch.Tensor,
+        complete: Union[bool, torch.Tensor],
+    ) -> Tuple[torch.Tensor, ...]:
+        """Chunk c (B, H_kv, C, D) joins the bank when `complete` (a bool, or a device flag: the writes are then
+        masked); with memory the chunk it displaces from slot c % S leaves the exact window, compressed into the
+        pool. Returns (bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries)."""
+        pool_k, pool_v, pool_summaries = st.pool_k, st.pool_v, st.pool_summaries
+        if self.memory is None:
+            if complete:  # host ints without memory; into spare capacity, in place: older states never read slot c
+                bank_k = _append(bank_k, c, chunk_k[:, :, None])
+                bank_v = _append(bank_v, c, chunk_v[:, :, None])
+                summaries = _append(summaries, c, _summarise(chunk_k[:, :, None]))
+            return bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries
+        S, P = bank_k.shape[2], pool_k.shape[2]
+        slot = c % S  # holds chunk c - S
+        leaving = complete & (c >= S)
+        if torch.is_tensor(leaving) or leaving:  # a known False skips the compression
+            ck, cv = self.memory.compress(read_slot(bank_k, 2, slot), read_slot(bank_v, 2, slot))
+            pool_slot = (c - S) % P
+            pool_k = write_slot(pool_k, 2, pool_slot, ck, leaving)
+            pool_v = write_slot(pool_v, 2, pool_slot, cv, leaving)
+            pool_summaries = write_slot(pool_summaries, 2, pool_slot, read_slot(summaries, 2, slot), leaving)
+        bank_k = write_slot(bank_k, 2, slot, chunk_k, complete)
+        bank_v = write_slot(bank_v, 2, slot, chunk_v, complete)
+        summaries = write_slot(summaries, 2, slot, _summarise(chunk_k[:, :, None])[:, :, 0], complete)
+        return bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries
 
     # -- compressive memory ----------------------------------------------------------------------
     def _memory_window(
