@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from hydralm import DenseTransformer, HydraConfig, HydraLM, StaticDecoder, StreamingEngine
+from hydralm.eval.claims import LONG_C1_MODEL
 from hydralm.generation import generate
 from hydralm.modules.registry import LAYER_TYPES
 
@@ -73,18 +74,7 @@ def test_c1_parallel_chunked_and_stepwise_logits_agree(name):
 def test_c1_holds_at_2048_tokens():
     """C1 does not loosen with length: 2048 tokens through DeltaNet (chunks of 64, its state stepped 2048 times),
     SWA (window 100) and retrieval (32 chunks of 64, top 4), parallel vs uneven prefill pieces vs steps."""
-    cfg = HydraConfig(
-        vocab_size=97,
-        d_model=64,
-        n_heads=4,
-        n_layers=3,
-        layer_types=["deltanet", "swa", "retrieval"],
-        dn_chunk_size=64,
-        swa_window=100,
-        retrieval_chunk_size=64,
-        retrieval_top_k=4,
-        initializer_range=0.2,
-    )
+    cfg = HydraConfig(**LONG_C1_MODEL)  # the claim suite's long C1 model
     model = HydraLM(cfg).eval()
     N = 2048
     ids = torch.randint(0, cfg.vocab_size, (1, N))
