@@ -454,18 +454,8 @@ class RetrievalAttention(nn.Module):
         # The chunk completes with this token: it joins the bank in slot c % S.
         complete = filled == C - 1
         rings = self._complete_chunk(st, bank_k, bank_v, summaries, c, buf_k, buf_v, complete)
-        bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries = rings
-        new = RetrievalState(
-            buf_k=where(complete, torch.zeros_like(buf_k), buf_k),
-            buf_v=where(complete, torch.zeros_like(buf_v), buf_v),
-            bank_k=bank_k,
-            bank_v=bank_v,
-            summaries=summaries,
-            pool_k=pool_k,
-            pool_v=pool_v,
-            pool_summaries=pool_summaries,
-            pos=pos + 1,
-        )
+        buf_k, buf_v = where(complete, torch.zeros_like(buf_k), buf_k), where(complete, torch.zeros_like(buf_v), buf_v)
+        new = RetrievalState(buf_k, buf_v, *rings, pos=pos + 1)
         return self.proj.merge(y)[:, 0], new
 
     # -- several tokens at once (speculative verification) ----------------------------------------
@@ -596,18 +586,7 @@ class RetrievalAttention(nn.Module):
         buf_v = where(complete, next_v.where(slot_index < end - C, 0), current_v[:, :, :C].where(slot_index < end, 0))
         chunk_k, chunk_v = current_k[:, :, :C], current_v[:, :, :C]
         rings = self._complete_chunk(st, st.bank_k, st.bank_v, st.summaries, c, chunk_k, chunk_v, complete)
-        bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries = rings
-        return RetrievalState(
-            buf_k=buf_k,
-            buf_v=buf_v,
-            bank_k=bank_k,
-            bank_v=bank_v,
-            summaries=summaries,
-            pool_k=pool_k,
-            pool_v=pool_v,
-            pool_summaries=pool_summaries,
-            pos=st.pos + kept,
-        )
+        return RetrievalState(buf_k, buf_v, *rings, pos=st.pos + kept)
 
     def _complete_chunk(
         self,
