@@ -1,8 +1,10 @@
 """Speed of the Triton retrieval-attention kernel against the flex paths: `python -m benchmarks.retrieval_kernel`.
 
 bf16 forward + backward of the attention alone (no projections), at the 160m preset's widths (H 12, D 64) with
-C 64 and top_k 8, at 16k x 4 and 64k x 1 tokens (BENCH_RETRIEVAL_SHAPES=4x16384,1x65536 picks them), random and
-coherent queries (`coherent_queries`: a 128-token tile's queries ask about one thing, so they route alike).
+C 64 and top_k 8, at 16k x 4 and 64k x 1 tokens (BENCH_RETRIEVAL_SHAPES=4x16384,1x65536 picks them), with
+random, coherent (`coherent_queries`: a 128-token tile's queries ask about one thing, so they route alike) and
+hot queries (every token of a head picks the same first chunks, as with a sink: the longest per-chunk lists);
+BENCH_RETRIEVAL_QUERIES=random,coherent,hot picks them.
 Columns (ms, median of triton.testing.do_bench):
   swa_flex            sliding-window attention through flex_attention, window 512 (the layer it is measured against)
   retrieval_flex      retrieval through flex_attention with the routed block mask (kernels/retrieval/flex.py)
@@ -43,10 +45,14 @@ def fwd_bwd(attention, q, k, v):
     return step
 
 
-def row(B: int, T: int, coherent: bool) -> dict:
+def row(B: int, T: int, queries: str) -> dict:
     q, k, v = (torch.randn(B, H, T, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    if coherent:
+    if queries == "coherent":
         q = coherent_queries(q.float()).bfloat16()
+    if queries == "hot":  # every token of a head picks the first TOP_K chunks: lists of T slots each
+        shared = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        q = shared + 0.1 * q
+        k[:, :, : TOP_K * C] += 3 * shared
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def triton_path(a, b, c):
@@ -57,7 +63,7 @@ def row(B: int, T: int, coherent: bool) -> dict:
         entries, offsets = selection_csr(selected, k.shape[1], T // C)
         return tile_work_list(offsets, entries.numel(), 64)
 
-    result = {"shape": f"B{B} T{T} H{H} D{D} C{C} k{TOP_K}", "queries": "coherent" if coherent else "random"}
+    result = {"shape": f"B{B} T{T} H{H} D{D} C{C} k{TOP_K}", "queries": queries}
     result["swa_flex"] = bench(fwd_bwd(lambda a, b, c: sliding_window_flex(a, b, c, WINDOW), q, k, v))
     result["retrieval_flex"] = bench(fwd_bwd(lambda a, b, c: retrieval_flex(a, b, c, C, TOP_K), q, k, v), 20)
     torch.cuda.reset_peak_memory_stats()
@@ -78,7 +84,8 @@ def main() -> None:
     torch.manual_seed(0)
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
     shapes = os.environ.get("BENCH_RETRIEVAL_SHAPES", "4x16384,1x65536").split(",")
-    rows = [row(int(b), int(t), coherent) for b, t in (s.split("x") for s in shapes) for coherent in (False, True)]
+    modes = os.environ.get("BENCH_RETRIEVAL_QUERIES", "random,coherent,hot").split(",")
+    rows = [row(int(b), int(t), mode) for b, t in (s.split("x") for s in shapes) for mode in modes]
     columns = ["shape", "queries", "swa_flex", "retrieval_flex", "retrieval_triton", "triton_fwd", "triton_routing"]
     columns += ["triton/swa", "triton/flex", "triton_peak_GiB", "rel_diff_vs_flex"]
     _print_table("retrieval attention, bf16 fwd+bwd (ms)", rows, columns)

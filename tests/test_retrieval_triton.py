@@ -70,7 +70,9 @@ def _assert_matches_reference(got, expected):
 
 # Ragged N (last chunk partial), GQA and MHA, chunk sizes 16 .. 128 (48: not a power of two, so masked key
 # tiles and three 16-row dK/dV blocks per chunk), D not a power of two, top_k 1 .. 16 (16: more than any token
-# has chunks to pick), the first chunks alone (N <= 3C: few or no selections) and q/k/v as strided views.
+# has chunks to pick), the first chunks alone (N <= 3C: few or no selections) and q/k/v as strided views. In the
+# interpreter a tile holds 16 query slots and a dK/dV segment 32, so lists span several tiles and the longer
+# ones are split into segments.
 @pytest.mark.parametrize(
     "B,H,H_kv,N,D,C,top_k,strided",
     [

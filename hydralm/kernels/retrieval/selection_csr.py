@@ -51,3 +51,27 @@ def tile_work_list(offsets: torch.Tensor, n_entries: int, tile: int) -> Tuple[to
     first_tile = tiles_end[owner] - tiles[owner]
     start = offsets[owner] + (slot - first_tile) * tile
     return torch.where(in_range, owner, -1).to(torch.int32), start.to(torch.int32)
+
+
+class ListSegments:
+    """The lists cut into segments of up to `segment` entries, the unit of one dK/dV program in the backward, so
+    that a chunk which very many query slots chose is not one long serial loop.
+
+    Per segment slot (the grid of `tile_work_list`): list id (-1: unused), first entry, and where its partial
+    dK/dV goes: -1 when the list has one segment (straight into the list's rows), else a row block of a
+    buffer that a second pass sums per list in segment order (deterministic). Per list: its number of segments
+    and the buffer index of its first one. Multi-segment lists hold more than `segment` entries each, so the
+    buffer needs fewer than 2 * n_entries / segment row blocks."""
+
+    def __init__(self, offsets: torch.Tensor, n_entries: int, segment: int):
+        n_lists = offsets.numel() - 1
+        self.slot_list, self.slot_start = tile_work_list(offsets, n_entries, segment)
+        counts = offsets[1:] - offsets[:-1]
+        self.list_segments = ((counts + segment - 1) // segment).to(torch.int32)
+        split = torch.cat([self.list_segments > 1, torch.zeros(1, dtype=torch.bool, device=offsets.device)])
+        in_buffer = split[torch.where(self.slot_list >= 0, self.slot_list, n_lists).long()]
+        self.slot_buffer = torch.where(in_buffer, torch.cumsum(in_buffer, 0) - 1, -1).to(torch.int32)
+        first_slot = (torch.cumsum(self.list_segments, 0) - self.list_segments).long()
+        first_buffer = self.slot_buffer[first_slot.clamp(max=self.slot_buffer.numel() - 1)]
+        self.list_first_buffer = torch.where(self.list_segments > 1, first_buffer, -1).to(torch.int32)
+        self.buffer_blocks = 2 * -(-n_entries // segment)

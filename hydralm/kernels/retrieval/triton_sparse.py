@@ -14,10 +14,11 @@ How the work is laid out (cost O(N * (k + 2) * C * D) per head, whatever the rou
 4. local part (triton_local.py): a flash-attention pass over chunk i-1 and chunk i per query tile, whose
    online softmax then takes in the token's k partial results, writing the output and the log-sum-exp.
 Backward, with P recomputed from the saved log-sum-exp: the retrieved part's dK/dV by a program per (list,
-key block) that loops over the whole list (it owns those rows: no atomics), its dQ per (query, slot) by the
-tile programs; the local part as in flash attention, adding the retrieved dK/dV and the per-slot dQ in a
-fixed order. No float atomics anywhere, so gradients are bit-for-bit reproducible, and each batch row is
-computed from its own lists and tiles only, so a row's result does not depend on the other rows.
+key block) that loops over the list (it owns those rows: no atomics; a list longer than 2048 slots is split
+into segments whose results a second pass adds up in order), its dQ per (query, slot) by the tile programs;
+the local part as in flash attention, adding the retrieved dK/dV and the per-slot dQ in a fixed order. No
+float atomics anywhere, so gradients are bit-for-bit reproducible, and each batch row is computed from its
+own lists and tiles only, so a row's result does not depend on the other rows.
 
 The kernels run under TRITON_INTERPRET=1 on CPU tensors (how the tests check them) and compile for CUDA.
 """
@@ -27,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from hydralm.kernels.retrieval.routing import route_sequence
-from hydralm.kernels.retrieval.selection_csr import selection_csr, tile_work_list
+from hydralm.kernels.retrieval.selection_csr import ListSegments, selection_csr, tile_work_list
 from hydralm.kernels.retrieval.triton_local import (
     LOG2E,
     _local_bwd_dkdv_kernel,
@@ -204,8 +205,13 @@ if triton is not None:
         delta_ptr,
         entries_ptr,
         offsets_ptr,
+        slot_list_ptr,
+        slot_start_ptr,
+        slot_buffer_ptr,
         dk_ptr,
         dv_ptr,
+        dk_buffer_ptr,
+        dv_buffer_ptr,
         stride_qb,
         stride_qh,
         stride_qn,
@@ -227,12 +233,16 @@ if triton is not None:
         BM: tl.constexpr,
         BN: tl.constexpr,
         BD: tl.constexpr,
+        SEGMENT: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        """dK/dV of BN rows of one chunk from every query slot of its list (all query heads of the group), in
-        the list's order; the program owns those rows, so it writes them without atomics (zeros when no query
-        chose the chunk)."""
-        lst, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        """dK/dV of BN rows of one chunk from one segment of its list (query slots of any query head of the
+        group), in the list's order. A one-segment list's program owns those rows and writes them; a longer
+        list's segments write row blocks of a buffer that `_sparse_dkdv_sum_kernel` adds up. No atomics."""
+        slot, pid_n = tl.program_id(0), tl.program_id(1)
+        lst = tl.load(slot_list_ptr + slot).to(tl.int64)
+        if lst < 0:  # past the last segment
+            return
         chunk, bhk = lst % N_CHUNKS, lst // N_CHUNKS
         b, hk = bhk // H_KV, bhk % H_KV
         rc, rd = pid_n * BN + tl.arange(0, BN), tl.arange(0, BD)
@@ -251,8 +261,8 @@ if triton is not None:
         )
         dk = tl.zeros([BN, BD], dtype=tl.float32)
         dv = tl.zeros([BN, BD], dtype=tl.float32)
-        lo = tl.load(offsets_ptr + lst)
-        hi = tl.load(offsets_ptr + lst + 1)
+        lo = tl.load(slot_start_ptr + slot)
+        hi = tl.minimum(lo + SEGMENT, tl.load(offsets_ptr + lst + 1))
         for start in range(lo, hi, BM):
             rm = start + tl.arange(0, BM)
             m_ok = rm < hi
@@ -271,9 +281,49 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-        out_off = (bhk * N + key_rows)[:, None] * D + rd[None, :]
-        tl.store(dk_ptr + out_off, dk * scale, mask=kv_mask)
-        tl.store(dv_ptr + out_off, dv, mask=kv_mask)
+        buffer = tl.load(slot_buffer_ptr + slot).to(tl.int64)
+        if buffer < 0:
+            out_off = (bhk * N + key_rows)[:, None] * D + rd[None, :]
+            tl.store(dk_ptr + out_off, dk * scale, mask=kv_mask)
+            tl.store(dv_ptr + out_off, dv, mask=kv_mask)
+        else:
+            out_off = (buffer * C + rc)[:, None] * D + rd[None, :]
+            tl.store(dk_buffer_ptr + out_off, dk * scale, mask=kv_mask)
+            tl.store(dv_buffer_ptr + out_off, dv, mask=kv_mask)
+
+    @triton.jit
+    def _sparse_dkdv_sum_kernel(
+        list_segments_ptr,
+        list_first_buffer_ptr,
+        dk_buffer_ptr,
+        dv_buffer_ptr,
+        dk_ptr,
+        dv_ptr,
+        N,
+        N_CHUNKS,
+        C: tl.constexpr,
+        D: tl.constexpr,
+        BN: tl.constexpr,
+        BD: tl.constexpr,
+    ):
+        """A long list's dK/dV: its segments' row blocks summed in segment order into the chunk's rows."""
+        lst, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        n_segments = tl.load(list_segments_ptr + lst)
+        if n_segments < 2:  # written directly, or nobody chose the chunk (rows stay zero)
+            return
+        first = tl.load(list_first_buffer_ptr + lst).to(tl.int64)
+        rc, rd = pid_n * BN + tl.arange(0, BN), tl.arange(0, BD)
+        mask = (rc < C)[:, None] & (rd < D)[None, :]
+        dk = tl.zeros([BN, BD], dtype=tl.float32)
+        dv = tl.zeros([BN, BD], dtype=tl.float32)
+        for segment in range(n_segments):
+            off = ((first + segment) * C + rc)[:, None] * D + rd[None, :]
+            dk += tl.load(dk_buffer_ptr + off, mask=mask, other=0.0)
+            dv += tl.load(dv_buffer_ptr + off, mask=mask, other=0.0)
+        chunk, bhk = lst % N_CHUNKS, lst // N_CHUNKS
+        out_off = (bhk * N + chunk * C + rc)[:, None] * D + rd[None, :]
+        tl.store(dk_ptr + out_off, dk, mask=mask)
+        tl.store(dv_ptr + out_off, dv, mask=mask)
 
 
 def _query_tile(D: int, dtype: torch.dtype) -> int:
@@ -283,6 +333,12 @@ def _query_tile(D: int, dtype: torch.dtype) -> int:
     if interpreting():
         return 16
     return 32 if dtype == torch.float32 and D > 64 else 64
+
+
+def _list_segment() -> int:
+    """Query slots per dK/dV program of the retrieved part: a list longer than this (a chunk that very many
+    tokens chose) is split, its parts summed in a fixed order. 32 in the CPU interpreter, so tests split."""
+    return 32 if interpreting() else 2048
 
 
 def _strides(*tensors: torch.Tensor) -> list:
@@ -333,12 +389,22 @@ class _RetrievalAttention(torch.autograd.Function):
         dk_sparse = dv_sparse = dq_part = lse_part  # placeholders when nothing is retrieved
         if has_sparse:
             entries, offsets, tile_list, tile_start = lists
-            # dK/dV of the retrieved part, rows of completed chunks (the rest is never read)
-            dk_sparse = torch.empty(B, h_kv, N, D, device=q.device)
-            dv_sparse = torch.empty_like(dk_sparse)
-            _sparse_bwd_dkdv_kernel[lambda meta: (B * h_kv * n_chunks, triton.cdiv(C, meta["BN"]))](
-                q, k, v, do, lse, delta, entries, offsets, dk_sparse, dv_sparse, *_strides(q, k, v),
-                H, h_kv, N, n_chunks, *scales, TOP_K=top_k, **shape,
+            # dK/dV of the retrieved part, on the rows of completed chunks (the rest is never read); rows of
+            # chunks nobody chose stay zero
+            segment = _list_segment()
+            segments = ListSegments(offsets, entries.numel(), segment)
+            dk_sparse = torch.zeros(B, h_kv, N, D, device=q.device)
+            dv_sparse = torch.zeros_like(dk_sparse)
+            dk_buffer = torch.empty(segments.buffer_blocks * C, D, device=q.device)
+            dv_buffer = torch.empty_like(dk_buffer)
+            _sparse_bwd_dkdv_kernel[lambda meta: (segments.slot_list.numel(), triton.cdiv(C, meta["BN"]))](
+                q, k, v, do, lse, delta, entries, offsets, segments.slot_list, segments.slot_start,
+                segments.slot_buffer, dk_sparse, dv_sparse, dk_buffer, dv_buffer, *_strides(q, k, v),
+                H, h_kv, N, n_chunks, *scales, TOP_K=top_k, SEGMENT=segment, **shape,
+            )  # fmt: skip
+            _sparse_dkdv_sum_kernel[(B * h_kv * n_chunks, triton.cdiv(C, 32))](
+                segments.list_segments, segments.list_first_buffer, dk_buffer, dv_buffer, dk_sparse, dv_sparse,
+                N, n_chunks, C=C, D=D, BN=32, BD=shape["BD"],
             )  # fmt: skip
             dq_part = torch.empty(lse_part.numel(), D, device=q.device)  # per (query, slot), summed below
             _sparse_bwd_dq_kernel[(tile_list.numel(),)](
