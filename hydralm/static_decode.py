@@ -132,8 +132,10 @@ class StaticDecoder:
     @torch.no_grad()
     def mtp_step(self, depth: int, hidden: torch.Tensor, token: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """MTP module `depth` (1-based) on a draft: (h^depth (B, d), logits (B, V)), compiled with the decoder.
-        Under a CUDA graph the outputs are the graph's buffers: the next call for this depth overwrites them."""
-        return self.mtp_step_fn(depth, hidden, token)
+        Returns copies: under CUDA graphs (cudagraph trees) a graph's outputs may be reused by the next graph
+        run, and depth i's output is depth i + 1's input."""
+        hidden, logits = self.mtp_step_fn(depth, hidden, token)
+        return hidden.clone(), logits.clone()
 
     def _mtp_step(self, depth: int, hidden: torch.Tensor, token: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.model.mtp.draft_step(depth, hidden, token, self.model.embed, self.model._head)

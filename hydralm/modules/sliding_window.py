@@ -23,6 +23,8 @@ from hydralm.modules.multi_token import kept_in_piece, pieces, ring_ids
 from hydralm.modules.rotary import Rotary
 from hydralm.modules.slots import positions, write_slot
 
+FLEX_MIN_QUERIES = 128  # one flex tile (kernels/attention/flex.py)
+
 
 @dataclass
 class SlidingWindowState(LayerState):
@@ -73,7 +75,9 @@ class SlidingWindowAttention(nn.Module):
             v = torch.cat([_ring_to_sequence(state.v, pos0).to(v.dtype), v], dim=2)
         cached = k.shape[2] - N
         groups = self.proj.kv_groups
-        if cached == 0 and attention_backend(x.is_cuda) == "flex":
+        # flex for calls of at least one tile: below it torch compiles flex's decoding kernel, which has no
+        # valid config for some shapes (fp32, head dim 32 on torch 2.11) and saves nothing over SDPA there
+        if cached == 0 and N >= FLEX_MIN_QUERIES and attention_backend(x.is_cuda) == "flex":
             from hydralm.kernels.attention.flex import sliding_window_flex
 
             y = sliding_window_flex(q, k, v, self.window)
