@@ -439,6 +439,7 @@ def _mtp_speedup(model, kind: str, new_tokens: int, prompt, sync) -> dict:
         "new_tokens": new_tokens,
         "identical_to_generate": bool(torch.equal(plain, spec)),
         "acceptance": stats.acceptance_rate,
+        "acceptance_by_depth": stats.acceptance_by_depth(),
         "tokens_per_round": stats.tokens_per_round,
         "generate_tok_s": new_tokens / plain_decode,
         "self_draft_tok_s": new_tokens / spec_decode,
