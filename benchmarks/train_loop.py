@@ -6,7 +6,9 @@ csv/metrics.csv: peak GPU memory (`train/peak_mem_gib`, weights + optimizer stat
 tokens/s (`train/tokens_per_sec`, median over the logged steps after the first tenth, i.e. with the
 dataloader, logging and Lightning's own overhead). Both go to the benchmark record:
     peak_gib/train-160m/<T>x<B>, train_loop_ktok_s/HydraLM-160m/<T>x<B> (peer: the benchmark step,
-    train_ktok_s/HydraLM-160m/<T>, when the record has it).
+    train_ktok_s/HydraLM-160m/<T>, when the record has it); with `activation_checkpointing=true` among the
+    overrides the keys are peak_gib/train-160m-checkpointing/<T>x<B> and
+    train_loop_ktok_s/HydraLM-160m-checkpointing/<T>x<B>.
 """
 
 import csv
@@ -44,9 +46,11 @@ def main(argv: list) -> int:
     rates = [float(r["train/tokens_per_sec"]) for r in rows if r.get("train/tokens_per_sec")]
     rate = statistics.median(rates[len(rates) // 10 + 1 :] or rates)
     print(f"train.py 160m {shape}: peak {peak:.1f} GiB, {rate / 1e3:.1f} ktok/s (median of {len(rates)} steps)")
-    record.record(f"peak_gib/train-160m/{shape}", peak, "GiB")
+    # checkpointing trades time for memory: its figures get their own keys beside the default run's
+    variant = "-checkpointing" if "activation_checkpointing=true" in argv[2:] else ""
+    record.record(f"peak_gib/train-160m{variant}/{shape}", peak, "GiB")
     record.record(
-        f"train_loop_ktok_s/HydraLM-160m/{shape}", rate / 1e3, "ktok/s", peer=f"train_ktok_s/HydraLM-160m/{T}"
+        f"train_loop_ktok_s/HydraLM-160m{variant}/{shape}", rate / 1e3, "ktok/s", peer=f"train_ktok_s/HydraLM-160m/{T}"
     )
     record.write()
     return 0
