@@ -250,10 +250,11 @@ def test_a_model_trains_the_same_with_the_triton_kernel_as_with_the_gather_path(
         torch.testing.assert_close(grads_triton[name], grads_torch[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_with_memory_the_kernel_runs_until_a_token_reads_a_compressed_chunk(monkeypatch):
-    """The fused kernel reads every chunk exactly. With compressive memory (chunks of 8, 2 exact chunks) a forward
-    of up to 24 tokens reads nothing compressed and runs the kernel; a longer one, whose late tokens read chunks
-    compressed, takes the gather path (the same result as HYDRALM_RETRIEVAL=torch, bit for bit)."""
+def test_with_memory_compressed_reads_take_the_kernels_forward_or_with_gradients_the_gather_path(monkeypatch):
+    """With compressive memory (chunks of 8, 2 exact chunks) a forward of up to 24 tokens reads nothing compressed and
+    runs the from-scratch kernel. A longer one, whose late tokens read chunks compressed, runs the forward from
+    sources without gradients (equal to HYDRALM_RETRIEVAL=torch within tolerance) and the gather path with them
+    (bit for bit: that path has no Triton backward)."""
     from hydralm import HydraConfig, HydraLM
 
     cfg = HydraConfig(
@@ -268,23 +269,84 @@ def test_with_memory_the_kernel_runs_until_a_token_reads_a_compressed_chunk(monk
     )
     torch.manual_seed(0)
     model = HydraLM(cfg).eval()
-    calls = []
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].shape[2])
-        return retrieval_attention_triton(*args, **kwargs)
-
-    monkeypatch.setattr(triton_sparse, "retrieval_attention_triton", counted)
-    for N, kernel_runs in ((24, True), (40, False)):
+    scratch, sources = [], []
+    monkeypatch.setattr(triton_sparse, "retrieval_attention_triton", _counting(scratch, retrieval_attention_triton))
+    monkeypatch.setattr(
+        triton_sparse,
+        "retrieval_forward_from_sources",
+        _counting(sources, triton_sparse.retrieval_forward_from_sources),
+    )
+    for N, grad, path in ((24, False, "scratch"), (40, False, "sources"), (40, True, "gather")):
         ids = torch.randint(0, cfg.vocab_size, (2, N))
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             monkeypatch.setenv("HYDRALM_RETRIEVAL", "torch")
             expected = model(ids)["logits"]
             monkeypatch.setenv("HYDRALM_RETRIEVAL", "triton")
-            calls.clear()
+            scratch.clear(), sources.clear()
             got = model(ids)["logits"]
-        assert calls == ([N] if kernel_runs else [])
-        if kernel_runs:
-            torch.testing.assert_close(got, expected, **TOL)
-        else:
+        assert (bool(scratch), bool(sources)) == (path == "scratch", path == "sources")
+        if path == "gather":
             assert torch.equal(got, expected)
+        else:
+            torch.testing.assert_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize(
+    "memory, n_kv_heads",
+    [
+        (None, 1),
+        (dict(exact_window=16, compress_every=4, pool_size=8), 1),
+        (dict(exact_window=16, compress_every=4, pool_size=8), 2),
+    ],
+    ids=["bank-gqa", "memory-gqa", "memory-mha"],
+)
+def test_calls_with_a_state_run_the_kernels_and_match_the_gather_path(monkeypatch, memory, n_kv_heads):
+    """A stream cut into uneven pieces (chunk in progress, chunk completions, compressed reads, evictions) through
+    the kernels' forward from sources (HYDRALM_RETRIEVAL=triton) equals the gather path piece by piece."""
+    from hydralm import HydraConfig, HydraLM
+
+    cfg = HydraConfig(
+        vocab_size=50, d_model=32, n_layers=1, n_heads=2, n_kv_heads=n_kv_heads, layer_types=["retrieval"],
+        retrieval_chunk_size=8, retrieval_top_k=2, memory=memory,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = HydraLM(cfg).eval()
+    calls = []
+    monkeypatch.setattr(
+        triton_sparse, "retrieval_forward_from_sources", _counting(calls, triton_sparse.retrieval_forward_from_sources)
+    )
+    ids = torch.randint(0, cfg.vocab_size, (2, 150))
+    states = {}
+    with torch.no_grad():
+        for backend in ("torch", "triton"):
+            monkeypatch.setenv("HYDRALM_RETRIEVAL", backend)
+            state, outs = None, []
+            for a, b in ((0, 13), (13, 40), (40, 41), (41, 97), (97, 150)):
+                out = model(ids[:, a:b], state=state, return_state=True)
+                state = out["state"]
+                outs.append(out["logits"])
+            states[backend] = torch.cat(outs, dim=1)
+    assert len(calls) == 4  # every piece after the first (the first has no state: the from-scratch kernel)
+    torch.testing.assert_close(states["triton"], states["torch"], **TOL)
+
+
+def test_the_stream_comparison_fails_when_the_compressed_reads_are_dropped(monkeypatch):
+    """Sabotage check of the test above: without the compressed source the outputs differ."""
+    original = triton_sparse.retrieval_forward_from_sources
+
+    def exact_only(q, k_local, v_local, chunk_size, sources):
+        return original(q, k_local, v_local, chunk_size, sources[:1])
+
+    monkeypatch.setattr(triton_sparse, "retrieval_forward_from_sources", exact_only)
+    with pytest.raises(AssertionError):
+        test_calls_with_a_state_run_the_kernels_and_match_the_gather_path(
+            monkeypatch, dict(exact_window=16, compress_every=4, pool_size=8), 1
+        )
+
+
+def _counting(calls: list, fn):
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return fn(*args, **kwargs)
+
+    return counted

@@ -290,19 +290,30 @@ class RetrievalAttention(nn.Module):
                 (torch.cat([bank_k.to(kc.dtype), kc], dim=2), torch.cat([bank_v.to(vc.dtype), vc], dim=2), n_pool)
             ]
         outputs, routing = [], [] if self.routing_log is not None else None
-        # The fused kernels read every chunk exactly: a call whose tokens read compressed chunks takes the gather path.
-        backend = retrieval_backend(q.is_cuda) if state is None and window is None else "torch"
-        if backend == "triton":
+        backend = retrieval_backend(q.is_cuda)
+        from_scratch = state is None and window is None
+        # A call with a state or compressed reads (prefill, streaming) runs the kernels' forward on the routing
+        # computed here; it has no backward, so such a call that needs gradients takes the gather path.
+        with_sources = backend == "triton" and not from_scratch and (c0 == 0 or n0 >= 1)
+        if with_sources and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            with_sources = False
+        if with_sources:
+            y = self._attend_from_sources(
+                qc, kc, vc, (bank_k, bank_v), compressed_sources, summary_parts, routable_end, window, routing,
+                (n_pool, n0, n_full, filled, length),
+            )  # fmt: skip
+            outputs, block = [F.pad(y, (0, 0, 0, M * C - length)).unflatten(2, (M, C))], M
+        elif backend == "triton" and from_scratch:
             from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
 
             y = retrieval_attention_triton(q, k, v, C, self.top_k)
             outputs, block = [F.pad(y, (0, 0, 0, pad)).unflatten(2, (M, C))], M
-        elif backend == "flex":
+        elif backend == "flex" and from_scratch:
             from hydralm.kernels.retrieval.flex import flex_retrieval_supported, retrieval_flex
 
             if flex_retrieval_supported(N, C):
                 outputs, block = [retrieval_flex(q, k, v, C, self.top_k).unflatten(2, (M, C))], M
-        if outputs and routing is not None:  # the fused kernels route inside themselves: the same routing, for the log
+        if outputs and routing is not None and not with_sources:  # the fused kernels route inside themselves
             routing.append(route_tokens(qc, summary_parts, routable_end.clamp(min=0)[:, None], self.top_k))
         for a in range(0 if not outputs else M, M, block):
             b = min(M, a + block)
@@ -355,6 +366,64 @@ class RetrievalAttention(nn.Module):
             for old, new in ((bank_k, kc[:, :, :n_full]), (bank_v, vc[:, :, :n_full]), (bank_sum, summaries_new))
         ]
         return y, self._memory_state(st, exact, (pool_k, pool_v, pool_sum), buf_k, buf_v, pos)
+
+    def _attend_from_sources(
+        self, qc, kc, vc, bank, compressed_sources, summary_parts, routable_end, window, routing, counts
+    ) -> torch.Tensor:
+        """The Triton kernels' forward for a call with a state or compressed reads: routing as the gather path
+        routes, each pick read from the exact chunks (bank, then this call's completed chunks) or from their
+        compressed form, the local context [chunk i-1 | chunk i] laid out as from scratch (the previous chunk from
+        the bank prepended). Returns (B, H, filled + N, D) on the call's chunk grid."""
+        from hydralm.kernels.retrieval.triton_sparse import retrieval_forward_from_sources
+
+        n_pool, n0, n_full, filled, length = counts
+        B, H, M, C, D = qc.shape
+        n_total = max(n_pool + n0 + n_full, 1)
+        picks = []
+        step = max(1, (1 << 28) // (B * H * C * n_total))  # routing scores of at most 2^28 elements at a time
+        for a in range(0, M, step):
+            b = min(M, a + step)
+            start = None if window is None else window[0][a:b, None]
+            selected, valid = route_tokens(
+                qc[:, :, a:b], summary_parts, routable_end[a:b, None].clamp(min=0), self.top_k, start
+            )
+            if routing is not None:
+                routing.append((selected, valid))
+            picks.append(torch.where(valid, selected, -1))
+        picks = torch.cat(picks, dim=2)  # (B, H, M, C, k) local chunk ids, -1 = none
+        if window is None:
+            exact_ids, compressed_ids = picks - n_pool, None  # nothing pooled: no chunk is read compressed
+        else:
+            below = picks < window[1][:, None, None]  # read compressed
+            exact_ids = torch.where(below, -1, picks - n_pool)
+            compressed_ids = torch.where(below, picks, -1)
+        exact_ids = torch.where(picks >= 0, exact_ids, -1)
+        bank_k, bank_v = bank
+        prev = 1 if n0 else 0  # chunk i-1 of the call's first chunk comes from the bank
+        # rows of the previous chunk and of the `filled` buffered tokens are placeholders: they pick nothing and
+        # their outputs are dropped
+        placeholder = torch.arange(prev * C + length, device=qc.device) < prev * C + filled
+
+        def rows_of(ids: torch.Tensor) -> torch.Tensor:
+            ids = F.pad(ids.flatten(2, 3)[:, :, :length], (0, 0, prev * C, 0), value=-1)
+            return torch.where(placeholder[:, None], -1, ids)
+
+        chunks = lambda t: t.flatten(2, 3)  # noqa: E731
+        exact_k = torch.cat([chunks(bank_k).to(kc.dtype), chunks(kc[:, :, :n_full])], dim=2)
+        exact_v = torch.cat([chunks(bank_v).to(vc.dtype), chunks(vc[:, :, :n_full])], dim=2)
+        sources = [(rows_of(exact_ids), exact_k, exact_v, C)]
+        if compressed_ids is not None:
+            comp_k = torch.cat([chunks(k_) for k_, _, _ in compressed_sources], dim=2)
+            comp_v = torch.cat([chunks(v_) for _, v_, _ in compressed_sources], dim=2)
+            sources.append((rows_of(compressed_ids), comp_k, comp_v, self.slots_per_compressed))
+        q_local = F.pad(qc.flatten(2, 3)[:, :, :length], (0, 0, prev * C, 0))
+        k_local = chunks(kc)[:, :, :length]
+        v_local = chunks(vc)[:, :, :length]
+        if prev:
+            k_local = torch.cat([bank_k[:, :, n0 - 1].to(kc.dtype), k_local], dim=2)
+            v_local = torch.cat([bank_v[:, :, n0 - 1].to(vc.dtype), v_local], dim=2)
+        y = retrieval_forward_from_sources(q_local, k_local, v_local, C, sources)
+        return y[:, :, prev * C :]
 
     def _memory_state(self, st: RetrievalState, exact, pooled, buf_k, buf_v, pos: int) -> RetrievalState:
         """The state after `pos` tokens from its exact chunks and pooled chunks in stream order (the exact ones

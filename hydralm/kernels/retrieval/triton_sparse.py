@@ -23,7 +23,7 @@ own lists and tiles only, so a row's result does not depend on the other rows.
 The kernels run under TRITON_INTERPRET=1 on CPU tensors (how the tests check them) and compile for CUDA.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -471,6 +471,53 @@ def retrieval_attention_triton(
     if interpreting() and q.dtype != torch.float32:  # the CPU interpreter multiplies 16-bit operands wrongly
         return _RetrievalAttention.apply(q.float(), k.float(), v.float(), selected, C).to(q.dtype)
     return _RetrievalAttention.apply(q, k, v, selected, C)
+
+
+@torch.no_grad()
+def retrieval_forward_from_sources(
+    q: torch.Tensor,
+    k_local: torch.Tensor,
+    v_local: torch.Tensor,
+    chunk_size: int,
+    sources: List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]],
+) -> torch.Tensor:
+    """Retrieval attention given the routing and where the picked chunks live: the forward of a call with a state
+    (chunked prefill, streaming, compressed reads), with the kernels of the parallel path. No autograd.
+
+    q (B, H, N, D) and k_local / v_local (B, H_kv, N, D) lie on the chunk grid (row 0 starts a chunk): row t
+    reads chunk t // C - 1 in full and its own chunk up to itself, as from scratch, plus the chunks its
+    selections name. sources: (selected (B, H, N, top_k) ids into this source, -1 = none; keys, values
+    (B, H_kv, n * L, D); L keys per chunk) per source, e.g. exact chunks (L = C) and compressed ones (L = C / r);
+    a (row, slot) names a chunk in at most one source. One softmax over all of it per row."""
+    B, H, N, D = q.shape
+    h_kv, top_k = k_local.shape[1], sources[0][0].shape[-1]
+    if interpreting() and q.dtype != torch.float32:  # the CPU interpreter multiplies 16-bit operands wrongly
+        up = [(sel, keys.float(), values.float(), length) for sel, keys, values, length in sources]
+        return retrieval_forward_from_sources(q.float(), k_local.float(), v_local.float(), chunk_size, up).to(q.dtype)
+    shape = dict(D=D, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype))
+    scale_log2 = D**-0.5 * LOG2E
+    tile = _query_tile(D, q.dtype)
+    lse_part = torch.full((B * H * N * top_k,), float("-inf"), device=q.device)
+    o_part = torch.empty(B * H * N * top_k, D, device=q.device)
+    q, k_local, v_local = (t.contiguous() for t in (q, k_local, v_local))
+    for selected, keys, values, length in sources:
+        n_chunks = keys.shape[2] // length
+        if n_chunks == 0:
+            continue
+        keys, values = keys.to(q.dtype).contiguous(), values.to(q.dtype).contiguous()
+        lists = _SparseLists(selected.to(torch.int32).contiguous(), h_kv, n_chunks, tile)
+        _sparse_fwd_kernel[(lists.tile_list.numel(),)](
+            q, keys, values, lists.entries, lists.tile_list, lists.tile_start, lists.offsets, o_part, lse_part,
+            *_strides(q, keys, values), H, h_kv, N, n_chunks, scale_log2, C=length, TOP_K=top_k, BM=tile,
+            **shape,
+        )  # fmt: skip
+    out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
+    _local_fwd_kernel[lambda meta: (triton.cdiv(N, meta["BM"]), B * H)](
+        q, k_local, v_local, lse_part, o_part, out, lse, *_strides(q, k_local, v_local), H, N, scale_log2,
+        GROUP=H // h_kv, C=chunk_size, TOP_K=top_k, HAS_SPARSE=True, **shape,
+    )  # fmt: skip
+    return out
 
 
 def _check_inputs(q, k, v, chunk_size: int, top_k: int, selected: Optional[torch.Tensor]) -> None:
