@@ -365,9 +365,11 @@ def decode_batched(
     batches = batches or env_list("BENCH_DECODE_BATCHES", "1,8,64")
     vocab = model.cfg.vocab_size
     rows, engine, done, mtp = [], StreamingEngine(model, chunk_size=8192), 0, None
-    # a throwaway stream over the first context and one more chunk compiles the prefill paths (from scratch and
-    # with a state), so the rates below are streaming, not compilation
-    StreamingEngine(model, chunk_size=8192).process(torch.randint(0, vocab, (1, contexts[0] + 8192), device=device))
+    # a throwaway stream over the first context and then one more chunk compiles the prefill paths (from scratch
+    # and with a state), so the rates below are streaming, not compilation
+    warm = StreamingEngine(model, chunk_size=8192)
+    for length in (contexts[0], 8192):
+        warm.process(torch.randint(0, vocab, (1, length), device=device))
     for context in contexts:
         sync()
         started = time.perf_counter()
