@@ -292,13 +292,11 @@ def _retrieval_given_routing(q, k, v, selected, C, block=512):
 
 
 @torch.no_grad()
-def check_static_decode(device: str) -> None:
-    """StaticDecoder eager and as a CUDA graph (compile_mode="reduce-overhead") vs model.step, fp32, 150 steps
-    through chunk completion, compression, eviction and the SWA ring's wrap."""
-    from hydralm import HydraConfig, HydraLM, StaticDecoder
-    from hydralm.state import clone_state
+def _decode_model(device: str, **overrides):
+    """The decode checks' model: every layer type, GQA and compressive memory small enough that 150 steps go through
+    chunk completion, compression, eviction and the SWA ring's wrap."""
+    from hydralm import HydraConfig, HydraLM
 
-    torch.backends.cuda.matmul.allow_tf32 = False
     cfg = HydraConfig(
         vocab_size=256,
         d_model=128,
@@ -310,8 +308,19 @@ def check_static_decode(device: str) -> None:
         retrieval_chunk_size=16,
         retrieval_top_k=2,
         memory=dict(exact_window=32, compress_every=4, pool_size=16),
+        **overrides,
     )
-    model = HydraLM(cfg).to(device).eval()
+    return HydraLM(cfg).to(device).eval()
+
+
+def check_static_decode(device: str) -> None:
+    """StaticDecoder eager and as a CUDA graph (compile_mode="reduce-overhead") vs model.step, fp32, 150 steps
+    through chunk completion, compression, eviction and the SWA ring's wrap."""
+    from hydralm import StaticDecoder
+    from hydralm.state import clone_state
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = _decode_model(device)
     out = model(torch.randint(0, 256, (2, 40), device=device), return_state=True)
     for name, kwargs in (("eager", {}), ("CUDA graph", dict(compile=True, compile_mode="reduce-overhead"))):
         decoder, state = StaticDecoder(model, out["state"], **kwargs), clone_state(out["state"])
@@ -378,24 +387,10 @@ def check_spec_decode(device: str) -> None:
     prefix) captured as graphs vs decode steps over 60 rounds, through chunk completion, compression, eviction
     and the SWA ring's wrap; its MTP draft step vs the eager module; greedy self-draft with decoder="graph" vs
     greedy generate with decoder="step" (identical tokens)."""
-    from hydralm import HydraConfig, HydraLM, StaticDecoder, generate, speculative_generate
+    from hydralm import StaticDecoder, generate, speculative_generate
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    cfg = HydraConfig(
-        vocab_size=256,
-        d_model=128,
-        n_layers=3,
-        n_heads=4,
-        n_kv_heads=2,
-        layer_types=["deltanet", "swa", "retrieval"],
-        swa_window=32,
-        retrieval_chunk_size=16,
-        retrieval_top_k=2,
-        memory=dict(exact_window=32, compress_every=4, pool_size=16),
-        mtp_depth=2,
-        initializer_range=0.1,
-    )
-    model = HydraLM(cfg).to(device).eval()
+    model = _decode_model(device, mtp_depth=2, initializer_range=0.1)
     gen = torch.Generator(device="cpu").manual_seed(0)
     with torch.no_grad():
         out = model(torch.randint(0, 256, (1, 40), device=device), return_state=True, return_hidden=True)
