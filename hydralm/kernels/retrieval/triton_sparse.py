@@ -348,31 +348,13 @@ def _strides(*tensors: torch.Tensor) -> list:
 class _RetrievalAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, selected, chunk_size):
-        B, H, N, D = q.shape
-        h_kv, C, top_k = k.shape[1], chunk_size, selected.shape[-1]
-        n_chunks = N // C
-        shape = dict(C=C, D=D, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype))
-        scale_log2 = D**-0.5 * LOG2E
-        has_sparse = N > 2 * C  # some token of chunk >= 2 has a chunk to pick
-        tile = _query_tile(D, q.dtype)
-        lists = _SparseLists(selected, h_kv, n_chunks, tile) if has_sparse else None
-        n_slots = B * H * N * top_k if has_sparse else 1
-        # per (query, slot): the retrieved chunk's normalised output and log-sum-exp (-inf: no selection)
-        lse_part = torch.full((n_slots,), float("-inf"), device=q.device)
-        o_part = torch.empty(n_slots, D, device=q.device)
-        if has_sparse:
-            _sparse_fwd_kernel[(lists.tile_list.numel(),)](
-                q, k, v, lists.entries, lists.tile_list, lists.tile_start, lists.offsets, o_part, lse_part,
-                *_strides(q, k, v), H, h_kv, N, n_chunks, scale_log2, TOP_K=top_k, BM=tile, **shape,
-            )  # fmt: skip
-        out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-        lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
-        _local_fwd_kernel[lambda meta: (triton.cdiv(N, meta["BM"]), B * H)](
-            q, k, v, lse_part, o_part, out, lse, *_strides(q, k, v), H, N, scale_log2,
-            GROUP=H // h_kv, TOP_K=top_k, HAS_SPARSE=has_sparse, **shape,
-        )  # fmt: skip
-        ctx.save_for_backward(q, k, v, out, lse, lse_part, *(lists.tensors() if has_sparse else ()))
-        ctx.meta = (C, top_k, n_chunks, has_sparse, tile)
+        C, top_k = chunk_size, selected.shape[-1]
+        n_chunks = q.shape[2] // C
+        has_sparse = q.shape[2] > 2 * C  # some token of chunk >= 2 has a chunk to pick
+        sources = [(selected, k, v, C)] if has_sparse else []
+        out, lse, lse_part, lists = _forward(q, k, v, C, top_k, sources)
+        ctx.save_for_backward(q, k, v, out, lse, lse_part, *(lists[0].tensors() if has_sparse else ()))
+        ctx.meta = (C, top_k, n_chunks, has_sparse, _query_tile(q.shape[-1], q.dtype))
         return out
 
     @staticmethod
@@ -489,35 +471,46 @@ def retrieval_forward_from_sources(
     selections name. sources: (selected (B, H, N, top_k) ids into this source, -1 = none; keys, values
     (B, H_kv, n * L, D); L keys per chunk) per source, e.g. exact chunks (L = C) and compressed ones (L = C / r);
     a (row, slot) names a chunk in at most one source. One softmax over all of it per row."""
-    B, H, N, D = q.shape
-    h_kv, top_k = k_local.shape[1], sources[0][0].shape[-1]
+    top_k = sources[0][0].shape[-1]
     if interpreting() and q.dtype != torch.float32:  # the CPU interpreter multiplies 16-bit operands wrongly
         up = [(sel, keys.float(), values.float(), length) for sel, keys, values, length in sources]
         return retrieval_forward_from_sources(q.float(), k_local.float(), v_local.float(), chunk_size, up).to(q.dtype)
+    q, k_local, v_local = (t.contiguous() for t in (q, k_local, v_local))
+    sources = [
+        (sel, keys.to(q.dtype).contiguous(), values.to(q.dtype).contiguous(), n) for sel, keys, values, n in sources
+    ]
+    return _forward(q, k_local, v_local, chunk_size, top_k, [s for s in sources if s[1].shape[2] >= s[3]])[0]
+
+
+def _forward(q, k_local, v_local, chunk_size: int, top_k: int, sources: list) -> tuple:
+    """The retrieved part, one launch per source (selected, keys, values, keys per chunk), into per-(query, slot)
+    partial outputs and log-sum-exps, then the local part merging them. Returns (out, lse, lse_part, the
+    sources' lists)."""
+    B, H, N, D = q.shape
+    h_kv = k_local.shape[1]
     shape = dict(D=D, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype))
     scale_log2 = D**-0.5 * LOG2E
     tile = _query_tile(D, q.dtype)
-    lse_part = torch.full((B * H * N * top_k,), float("-inf"), device=q.device)
-    o_part = torch.empty(B * H * N * top_k, D, device=q.device)
-    q, k_local, v_local = (t.contiguous() for t in (q, k_local, v_local))
+    n_slots = B * H * N * top_k if sources else 1
+    # per (query, slot): the retrieved chunk's normalised output and log-sum-exp (-inf: no selection)
+    lse_part = torch.full((n_slots,), float("-inf"), device=q.device)
+    o_part = torch.empty(n_slots, D, device=q.device)
+    all_lists = []
     for selected, keys, values, length in sources:
         n_chunks = keys.shape[2] // length
-        if n_chunks == 0:
-            continue
-        keys, values = keys.to(q.dtype).contiguous(), values.to(q.dtype).contiguous()
         lists = _SparseLists(selected.to(torch.int32).contiguous(), h_kv, n_chunks, tile)
+        all_lists.append(lists)
         _sparse_fwd_kernel[(lists.tile_list.numel(),)](
             q, keys, values, lists.entries, lists.tile_list, lists.tile_start, lists.offsets, o_part, lse_part,
-            *_strides(q, keys, values), H, h_kv, N, n_chunks, scale_log2, C=length, TOP_K=top_k, BM=tile,
-            **shape,
+            *_strides(q, keys, values), H, h_kv, N, n_chunks, scale_log2, C=length, TOP_K=top_k, BM=tile, **shape,
         )  # fmt: skip
     out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)
     _local_fwd_kernel[lambda meta: (triton.cdiv(N, meta["BM"]), B * H)](
         q, k_local, v_local, lse_part, o_part, out, lse, *_strides(q, k_local, v_local), H, N, scale_log2,
-        GROUP=H // h_kv, C=chunk_size, TOP_K=top_k, HAS_SPARSE=True, **shape,
+        GROUP=H // h_kv, C=chunk_size, TOP_K=top_k, HAS_SPARSE=bool(sources), **shape,
     )  # fmt: skip
-    return out
+    return out, lse, lse_part, all_lists
 
 
 def _check_inputs(q, k, v, chunk_size: int, top_k: int, selected: Optional[torch.Tensor]) -> None:
