@@ -20,3 +20,20 @@ def test_smoke_claim_suite_measures_every_claim_and_c1_to_c3_pass(tmp_path):
     table = (tmp_path / "RESULTS.md").read_text()
     assert all(f"| {claim_id} |" in table for claim_id in CLAIMS)
     assert json.loads((tmp_path / "results.json").read_text())["claims"][0]["id"] == "C1"
+
+
+def test_a_claim_the_call_limit_stops_says_so_and_the_next_call_continues_it(tmp_path, monkeypatch):
+    """eval.call_minutes / eval.workdir: a trained claim stopped by the call's time limit reports its progress
+    (no verdict), keeps its checkpoint, and the next call with the same workdir resumes it to the end."""
+    from hydralm.eval import claims
+
+    monkeypatch.setitem(claims.BUDGETS["smoke"], "c7", {**claims.BUDGETS["smoke"]["c7"], "steps": 12})
+    workdir = str(tmp_path / "runs")
+    (first,) = run_claims("smoke", workdir, only=["C7"], call_seconds=0.0)
+    assert first.passed is None and "training in progress" in first.note, first
+    assert first.values["model"]["train_steps"] < 12
+    (second,) = run_claims("smoke", workdir, only=["C7"])
+    assert second.passed in (True, False) and second.values["train_steps"] == 12, second
+    run = tmp_path / "runs" / "c7"
+    assert json.loads((run / "metrics.json").read_text())["finished"] is True
+    assert (run / "csv" / "metrics.csv").is_file() and (run / "csv" / "call2" / "metrics.csv").is_file()  # both kept

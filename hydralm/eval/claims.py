@@ -471,7 +471,38 @@ def _run_overrides(entry: dict) -> List[str]:
     return overrides + ([f"++trainer.max_time={entry['max_time']}"] if entry.get("max_time") else [])
 
 
-def claim_c6(budget: str, workdir: str) -> ClaimResult:
+@dataclass
+class ClaimRuns:
+    """Where the trained claims' models live and until when this call may train them. With a persistent workdir
+    and a deadline, a budget larger than one call trains over several: each model stops at the deadline with
+    its last.ckpt and the next call continues it (finished models are only loaded)."""
+
+    workdir: str
+    deadline: Optional[float] = None  # time.monotonic() after which this call trains no further
+
+    def train(self, overrides: List[str], name: str) -> Dict:
+        seconds = None if self.deadline is None else max(1e-3, self.deadline - time.monotonic())  # >= 1 step
+        return train_model(overrides, f"{self.workdir}/{name}", seconds=seconds, resume=True)
+
+
+def _in_progress(claim_id: str, budget: str, runs: Dict[str, Dict], settings: dict) -> Optional[ClaimResult]:
+    """The result of a claim whose models the call's time limit stopped before their end, else None."""
+    unfinished = {name: run for name, run in runs.items() if not run["finished"]}
+    if not unfinished:
+        return None
+    at = ", ".join(f"{name} at step {run['steps']} of {run['max_steps']}" for name, run in unfinished.items())
+    return _result(
+        claim_id,
+        budget,
+        None,
+        {name: {"train_steps": run["steps"], "max_steps": run["max_steps"]} for name, run in runs.items()},
+        settings,
+        f"training in progress ({at}): the call's time limit stopped it; the same command with the same "
+        "eval.workdir continues",
+    )
+
+
+def claim_c6(budget: str, runs: ClaimRuns) -> ClaimResult:
     b, trainer = BUDGETS[budget]["c6"], BUDGETS[budget]["trainer"]
     common = (
         _run_overrides(b)
@@ -486,7 +517,8 @@ def claim_c6(budget: str, workdir: str) -> ClaimResult:
     )
     curves = {}
     for name in ("adamw", "muon"):
-        run = train_model(common + [f"optimizer={name}"], f"{workdir}/c6_{name}", record_val_curve=True)
+        # one call each, never resumed: the time-to-target curve is the call's own
+        run = train_model(common + [f"optimizer={name}"], f"{runs.workdir}/c6_{name}", record_val_curve=True)
         curves[name] = run["val_curve"]  # [(seconds, val_loss)]
     target = min(loss for _, loss in curves["adamw"])
 
@@ -511,9 +543,9 @@ def claim_c6(budget: str, workdir: str) -> ClaimResult:
     )
 
 
-def claim_c7(budget: str, workdir: str) -> ClaimResult:
+def claim_c7(budget: str, runs: ClaimRuns) -> ClaimResult:
     b, trainer = BUDGETS[budget]["c7"], BUDGETS[budget]["trainer"]
-    run = train_model(
+    run = runs.train(
         _run_overrides(b)
         + [
             "data=mqar",
@@ -525,8 +557,11 @@ def claim_c7(budget: str, workdir: str) -> ClaimResult:
             f"trainer.val_check_interval={max(1, b['steps'] // 4)}",
             "trainer.limit_val_batches=4",
         ],
-        f"{workdir}/c7",
+        "c7",
     )
+    unfinished = _in_progress("C7", budget, {"model": run}, b)
+    if unfinished is not None:
+        return unfinished
     from hydralm.data import MQAR
 
     task = MQAR(seq_len=b["seq_len"], num_kv_pairs=b["pairs"], vocab=run["model"].cfg.vocab_size)
@@ -547,7 +582,7 @@ def claim_c7(budget: str, workdir: str) -> ClaimResult:
 _c10_cache: Dict[str, dict] = {}
 
 
-def _c10_models(budget: str, workdir: str) -> dict:
+def _c10_models(budget: str, runs: ClaimRuns) -> dict:
     if budget in _c10_cache:
         return _c10_cache[budget]
     b, trainer = BUDGETS[budget]["c10"], BUDGETS[budget]["trainer"]
@@ -563,14 +598,14 @@ def _c10_models(budget: str, workdir: str) -> dict:
         f"trainer.val_check_interval={max(1, b['steps'] // 4)}",
         "trainer.limit_val_batches=4",
     ]
-    runs = {"retrieval": train_model(common, f"{workdir}/c10_retrieval")}
-    cfg = runs["retrieval"]["model"].cfg
+    trained = {"retrieval": runs.train(common, "c10_retrieval")}
+    cfg = trained["retrieval"]["model"].cfg
     no_retrieval = ["deltanet" if t == "retrieval" else t for t in cfg.layer_types]
-    runs["no_retrieval"] = train_model(
-        common + [f"model.layer_types=[{','.join(no_retrieval)}]"], f"{workdir}/c10_no_retrieval"
-    )
+    trained["no_retrieval"] = runs.train(common + [f"model.layer_types=[{','.join(no_retrieval)}]"], "c10_no_retrieval")
     if b["dense"]:
-        runs["dense"] = train_model(common + ["architecture=dense"], f"{workdir}/c10_dense")
+        trained["dense"] = runs.train(common + ["architecture=dense"], "c10_dense")
+    if any(not run["finished"] for run in trained.values()):  # scored once every model has finished
+        return {"runs": trained, "results": None}
     from hydralm.data import RetrievalQA
 
     task = RetrievalQA(
@@ -584,15 +619,18 @@ def _c10_models(budget: str, workdir: str) -> dict:
             "train_seconds": run["seconds"],
             "train_steps": run["steps"],
         }
-        for name, run in runs.items()
+        for name, run in trained.items()
     }
-    _c10_cache[budget] = {"runs": runs, "results": results}
+    _c10_cache[budget] = {"runs": trained, "results": results}
     return _c10_cache[budget]
 
 
-def claim_c10(budget: str, workdir: str) -> ClaimResult:
+def claim_c10(budget: str, runs: ClaimRuns) -> ClaimResult:
     b = BUDGETS[budget]["c10"]
-    results = _c10_models(budget, workdir)["results"]
+    models = _c10_models(budget, runs)
+    results = models["results"]
+    if results is None:
+        return _in_progress("C10", budget, models["runs"], b)
     with_r, without = results["retrieval"], results["no_retrieval"]
     early_with, early_without = with_r["by_depth"]["0-25"]["accuracy"], without["by_depth"]["0-25"]["accuracy"]
     lifted = early_with is not None and early_without is not None and early_with > early_without
@@ -624,9 +662,12 @@ def claim_c10(budget: str, workdir: str) -> ClaimResult:
     return _result("C10", budget, with_r["accuracy"] >= 0.90 and lifted, values, b, note="; ".join(notes))
 
 
-def claim_c8(budget: str, workdir: str) -> ClaimResult:
+def claim_c8(budget: str, runs: ClaimRuns) -> ClaimResult:
     b = BUDGETS[budget]["c8"]
-    model = _c10_models(budget, workdir)["runs"]["retrieval"]["model"]
+    models = _c10_models(budget, runs)
+    if models["results"] is None:
+        return _in_progress("C8", budget, models["runs"], b)
+    model = models["runs"]["retrieval"]["model"]
     from hydralm.data import Needle
 
     key_len = BUDGETS[budget]["c10"]["key_len"]  # the format the C10 model was trained on
@@ -662,13 +703,17 @@ def run_claims(
     workdir: str,
     only: Optional[List[str]] = None,
     on_result: Optional[Callable[[List[ClaimResult]], None]] = None,
+    call_seconds: Optional[float] = None,
 ) -> List[ClaimResult]:
-    """Runs the claims in order; ``on_result(results_so_far)`` after each one (a long run keeps what it measured)."""
+    """Runs the claims in order; ``on_result(results_so_far)`` after each one (a long run keeps what it measured).
+    workdir holds the trained claims' runs; call_seconds bounds this call's training (``ClaimRuns``): models the
+    limit stops continue from workdir in the next call, and their claims say so."""
     if budget not in BUDGETS:
         raise ValueError(f"eval.budget={budget!r} is unknown; allowed: {sorted(BUDGETS)}")
     unknown = sorted(set(only or []) - set(CLAIMS))
     if unknown:
         raise ValueError(f"eval.claims={unknown} unknown; allowed: {list(CLAIMS)}")
+    runs = ClaimRuns(workdir, None if call_seconds is None else time.monotonic() + call_seconds)
     results = []
     for claim_id in execution_order(only):
         fn = CLAIMS[claim_id]
@@ -676,7 +721,7 @@ def run_claims(
         if claim_id in TRAINED and BUDGETS[budget]["trainer"] == "gpu" and not torch.cuda.is_available():
             result = _result(claim_id, budget, None, {}, {}, "not measured at this budget: needs a GPU")
         else:
-            result = fn(budget, workdir) if claim_id in TRAINED else fn(budget)
+            result = fn(budget, runs) if claim_id in TRAINED else fn(budget)
         result.seconds = time.perf_counter() - started
         results.append(result)
         results.sort(key=lambda r: list(CLAIMS).index(r.id))  # reports list claims in CLAIMS order

@@ -289,11 +289,13 @@ def _claims(cfg: DictConfig, out_dir: str) -> Dict:
     only = list(cfg.eval.only) if cfg.eval.only else None
     command = "python " + " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))
     sha = git_sha(cfg.paths.root_dir)
+    minutes = cfg.eval.get("call_minutes")
     results = run_claims(
         cfg.eval.budget,
-        os.path.join(out_dir, "claim_runs"),
+        cfg.eval.get("workdir") or os.path.join(out_dir, "claim_runs"),
         only,
         on_result=lambda so_far: write_reports(so_far, out_dir, command, sha),
+        call_seconds=None if minutes is None else 60.0 * float(minutes),
     )
     payload = write_reports(results, out_dir, command, sha)
     if cfg.eval.publish:

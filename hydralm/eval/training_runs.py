@@ -1,10 +1,11 @@
 """Train a model for a claim or an evaluation through the same code path as `train.py`."""
 
+import glob
 import json
 import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import lightning as L
 from hydra import compose, initialize_config_dir
@@ -62,26 +63,49 @@ def compose_train_config(overrides: List[str], output_dir: str) -> DictConfig:
         return compose(config_name="train", overrides=overrides)
 
 
-def train_model(overrides: List[str], output_dir: str, record_val_curve: bool = False) -> Dict:
-    """Train with `python train.py <overrides>` semantics; returns the trained model (eval mode) and timing."""
+def train_model(
+    overrides: List[str],
+    output_dir: str,
+    record_val_curve: bool = False,
+    seconds: Optional[float] = None,
+    resume: bool = False,
+) -> Dict:
+    """Train with `python train.py <overrides>` semantics; returns the trained model (eval mode) and timing.
+
+    seconds: stop this call's training after that much wall time (at a step boundary, `CallTimeLimit`), writing
+    output_dir/checkpoints/last.ckpt. resume: continue from that file when it exists (optimizer, schedule and data
+    position restored; a run that already finished is only loaded). "finished" in the result is False when the
+    time limit stopped the run before its end."""
+    from hydralm.training.callbacks import CallTimeLimit
     from hydralm.training.pipeline import train
 
     os.makedirs(output_dir, exist_ok=True)
-    cfg = compose_train_config(overrides, output_dir)
+    last = os.path.join(output_dir, "checkpoints", "last.ckpt")
+    cfg = compose_train_config(
+        overrides + ([f"ckpt_path={last}"] if resume and os.path.isfile(last) else []), output_dir
+    )
     timer = ValLossTimer()
+    limit = None if seconds is None else CallTimeLimit(seconds, os.path.dirname(last))
     with open_dict(cfg):
         cfg.paths.root_dir = str(Path(conf_dir()).parent)
+        csv_logger = (cfg.get("logger") or {}).get("csv")
+        if cfg.get("ckpt_path") and csv_logger is not None:  # a resumed call logs beside the earlier calls' logs
+            csv_logger.version = f"call{len(glob.glob(os.path.join(output_dir, 'csv', 'call*'))) + 2}"
     started = time.perf_counter()
-    metrics, objects = train(cfg, extra_callbacks=[timer] if record_val_curve else [])
-    seconds = time.perf_counter() - started
+    metrics, objects = train(cfg, extra_callbacks=[c for c in (timer if record_val_curve else None, limit) if c])
+    seconds_taken = time.perf_counter() - started
+    steps, max_steps = int(objects["trainer"].global_step), int(cfg.trainer.max_steps)
+    finished = limit is None or not limit.stopped or steps >= max_steps
     with open(os.path.join(output_dir, "metrics.json"), "w") as f:
-        json.dump({"metrics": metrics, "seconds": seconds, "val_curve": timer.curve}, f, indent=2)
+        json.dump({"metrics": metrics, "seconds": seconds_taken, "val_curve": timer.curve, "finished": finished}, f)
     # Lightning's teardown moves the model to the CPU after fit; evaluate it where it trained.
     net = objects["model"].net.to(objects["trainer"].strategy.root_device).eval()
     return {
         "model": net,
         "metrics": metrics,
-        "seconds": seconds,
+        "seconds": seconds_taken,
         "val_curve": timer.curve,
-        "steps": int(objects["trainer"].global_step),
+        "steps": steps,
+        "max_steps": max_steps,
+        "finished": finished,
     }

@@ -148,6 +148,7 @@ class CallTimeLimit(L.Callback):
             raise ValueError(f"CallTimeLimit.seconds={seconds!r} is invalid: expected a number of seconds > 0")
         self.seconds, self.dirpath = float(seconds), dirpath
         self._started = 0.0
+        self.stopped = False  # True once this callback ended the fit before its own end
 
     def on_fit_start(self, trainer, pl_module):
         self._started = time.monotonic()
@@ -156,7 +157,7 @@ class CallTimeLimit(L.Callback):
         out_of_time = trainer.strategy.broadcast(time.monotonic() - self._started >= self.seconds)  # rank 0 decides
         if out_of_time and not trainer.should_stop:
             trainer.save_checkpoint(os.path.join(self.dirpath, "last.ckpt"))
-            trainer.should_stop = True
+            trainer.should_stop = self.stopped = True
             if trainer.is_global_zero:
                 log.info(
                     "call time limit of %s reached at step %d: checkpoints/last.ckpt written; continue with "
