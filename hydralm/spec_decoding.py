@@ -194,6 +194,47 @@ def _draw(logits: torch.Tensor, sampling: dict, generator) -> Tuple[torch.Tensor
     return sample_from_probs(q, generator), q
 
 
+def _greedy_self_draft(
+    decoder: StaticDecoder,
+    pending: torch.Tensor,
+    hidden: torch.Tensor,
+    k: int,
+    max_new_tokens: int,
+    eos_token_id: Optional[int],
+    emitted: List[torch.Tensor],
+    stats: "SpeculativeStats",
+) -> None:
+    """Greedy self-draft rounds fused on the device (``StaticDecoder.greedy_round``: drafts, verify, acceptance
+    and commit in one graph). The host reads the accepted counts once per burst of rounds, sized so that the
+    burst cannot pass max_new_tokens by a whole round (each round emits 1 .. k + 1 tokens). Tokens and stats are
+    the round-by-round loop's: a round keeps only the drafts that fit before max_new_tokens (greedy decisions
+    do not depend on later drafts), and nothing after the round that emits eos counts."""
+    n_new, done = 1, False
+    while n_new < max_new_tokens and not done:
+        outputs = []
+        for _ in range(-(-(max_new_tokens - n_new) // (k + 1))):
+            tokens, count, pending, hidden = decoder.greedy_round(pending, hidden, k)
+            outputs.append((tokens, count))
+        counts = torch.stack([count for _, count in outputs]).tolist()  # the burst's one host read
+        for (tokens, _), count in zip(outputs, counts):
+            if n_new >= max_new_tokens or done:
+                break
+            usable = min(k, max_new_tokens - n_new - 1)
+            n = min(count - 1, usable)
+            new = tokens[: n + 1]
+            emitted.append(new)
+            n_new += n + 1
+            stats.rounds += 1
+            stats.proposed += usable
+            stats.accepted += n
+            for depth in range(usable):
+                stats.proposed_by_depth[depth] += 1
+                stats.accepted_by_depth[depth] += int(depth < n)
+            stats.target_forwards += 1
+            stats.draft_calls += k
+            done = eos_token_id is not None and bool((new == eos_token_id).any())
+
+
 class MTPDrafter:
     """Self-draft: MTP module i turns (h^{i-1}, the token i ahead of the last fed position) into the
     distribution of the token i + 1 ahead. No state of its own: the target's last hidden state is enough.
@@ -351,6 +392,9 @@ def speculative_generate(
             drafter.start(pending, hidden)
             emitted.append(pending)
             n_new, done = 1, eos_token_id is not None and int(pending) == eos_token_id
+            if draft is None and temperature <= 0 and isinstance(verifier, StaticDecoder) and not done:
+                _greedy_self_draft(verifier, pending, hidden, k, max_new_tokens, eos_token_id, emitted, stats)
+                n_new = max_new_tokens  # the rounds ran on the device; the tokens are in `emitted`
             while n_new < max_new_tokens and not done:
                 usable = min(k, max_new_tokens - n_new - 1)
                 # a static decoder verifies k + 1 tokens every round: one shape, one compiled graph
@@ -370,7 +414,7 @@ def speculative_generate(
                 stats.target_forwards += 1
                 pending = next_token
                 done = eos_token_id is not None and bool((new == eos_token_id).any())
-            stats.draft_calls = drafter.calls
+            stats.draft_calls += drafter.calls
     tokens = torch.cat(emitted) if emitted else prompt.new_zeros(0)
     if eos_token_id is not None:
         hits = (tokens == eos_token_id).nonzero()

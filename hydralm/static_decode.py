@@ -13,12 +13,14 @@ Speculative decoding runs on the same buffers: ``verify`` scores T tokens in one
 fixed shapes for a fixed T) without moving the state and keeps its trail in buffers of its own; ``commit(kept)``
 then advances the state by the accepted prefix (``model.state_after`` with `kept` a device counter, one graph
 whatever its value). ``mtp_step`` runs one MTP module on a draft. Each is compiled and captured like ``step``.
+``greedy_round`` fuses a whole greedy self-draft round (drafts, verify, acceptance, commit) into one graph whose
+accepted count stays on the device, so rounds follow each other without a host read.
 
 Layers whose state grows (full attention; retrieval without ``HydraConfig.memory``) are refused: each mixer's
 ``state_growth()`` says why.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -47,6 +49,7 @@ class StaticDecoder:
         self.kept = torch.zeros((), dtype=torch.long, device=device)  # commit's count, a device counter
         self._verify: Dict[int, "_Verifier"] = {}  # per number of tokens T
         self._verified: Optional[int] = None  # T of the verify that commit applies
+        self._rounds: Dict[int, Callable] = {}  # greedy_round per number of drafts k
         self.step_fn = self._step
         self.mtp_step_fn = self._mtp_step
         if compile:
@@ -139,6 +142,48 @@ class StaticDecoder:
 
     def _mtp_step(self, depth: int, hidden: torch.Tensor, token: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         return self.model.mtp.draft_step(depth, hidden, token, self.model.embed, self.model._head)
+
+    @torch.no_grad()
+    def greedy_round(
+        self, pending: torch.Tensor, hidden: torch.Tensor, k: int
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One round of greedy MTP self-drafting at batch 1, on the device from start to end (one graph when
+        compiled, no host read): draft k tokens with the MTP modules, verify [pending, drafts] in one pass, keep
+        the drafts up to the first one the target's argmax disagrees with, append the target's next token and
+        advance the state by them. pending (1,) the last emitted token, not yet fed; hidden (1, d) the hidden
+        state that predicted it. Returns copies of (emitted (k + 1,): the kept drafts, then the next token
+        repeated; count (): 1 + kept drafts; next token (1,); hidden (1, d) at the last kept token)."""
+        if self.batch_size != 1 or not 1 <= k <= self.model.cfg.mtp_depth:
+            raise ValueError(
+                f"greedy_round drafts one row with the MTP modules: batch size 1 (got {self.batch_size}) and "
+                f"1 <= k <= mtp_depth={self.model.cfg.mtp_depth} (got k={k})"
+            )
+        if k not in self._rounds:
+            self._rounds[k] = self._greedy_round
+            if self.compile:
+                self._rounds[k] = torch.compile(
+                    self._greedy_round, fullgraph=True, mode=self.compile_mode, dynamic=False
+                )
+        return tuple(t.clone() for t in self._rounds[k](pending, hidden, k))  # graph outputs are reused by the next run
+
+    def _greedy_round(self, pending: torch.Tensor, hidden: torch.Tensor, k: int):
+        model = self.model
+        h, token, drafts = hidden, pending, []
+        for depth in range(1, k + 1):
+            h, logits = model.mtp.draft_step(depth, h, token, model.embed, model._head)
+            token = logits.argmax(-1)
+            drafts.append(token)
+        drafted = torch.cat(drafts)  # (k,)
+        logits, trail, verified_hidden = model.decode_many(torch.cat([pending, drafted])[None], self.state)
+        best = logits[0].argmax(-1)  # (k + 1,) the target's greedy token after each fed token
+        n = (best[:k] == drafted).long().cumprod(0).sum()  # drafts kept: up to the first disagreement
+        self.kept.copy_(n + 1)
+        for buffers, new in zip(self.state, model.state_after(self.state, trail, self.kept)):
+            buffers.copy_(new)
+        next_token = best.gather(0, n[None])
+        slots = torch.arange(k + 1, device=best.device)
+        emitted = torch.where(slots < n, torch.cat([drafted, next_token]), next_token)
+        return emitted, n + 1, next_token, verified_hidden[0].index_select(0, n[None])
 
 
 class _Verifier:

@@ -65,6 +65,47 @@ def test_greedy_speculative_on_a_static_decoder_equals_greedy_generate(drafter):
     assert (1, "static", torch.device("cpu"), torch.float32) in target._static_decoders  # generate's cache
 
 
+@pytest.mark.parametrize("stop", ["max_new_tokens", "eos"])
+def test_fused_greedy_rounds_give_the_loops_tokens_and_stats(stop):
+    """Greedy self-draft on a StaticDecoder runs each round on the device (StaticDecoder.greedy_round) and reads
+    the accepted counts once per burst of rounds: the tokens and the acceptance stats equal the round-by-round
+    loop's (decoder="step"), when max_new_tokens cuts a round short and when eos ends the generation."""
+    target = static_model(mtp_depth=2)
+    prompt = torch.randint(0, 64, (1, 19))
+    new_tokens, eos = 53, None
+    if stop == "eos":
+        eos = int(generate(target, prompt, 40, temperature=0, decoder="step")[0, 19 + 30])  # a token of the output
+    runs = {}
+    for decoder in ("step", "static"):
+        out, stats = speculative_generate(
+            target, None, prompt, new_tokens, k=2, temperature=0, eos_token_id=eos, decoder=decoder
+        )
+        runs[decoder] = (out, stats)
+    (out_loop, loop), (out_fused, fused) = runs["step"], runs["static"]
+    assert torch.equal(out_fused, out_loop)
+    assert (fused.new_tokens, fused.rounds, fused.proposed, fused.accepted) == (
+        loop.new_tokens, loop.rounds, loop.proposed, loop.accepted
+    )  # fmt: skip
+    assert (fused.proposed_by_depth, fused.accepted_by_depth) == (loop.proposed_by_depth, loop.accepted_by_depth)
+    if stop == "eos":
+        assert int(out_fused[0, -1]) == eos and out_fused.shape[1] < 19 + new_tokens
+
+
+def test_fused_greedy_rounds_test_fails_when_a_round_keeps_one_draft_too_many(monkeypatch):
+    """Sabotage check of the comparison above: a round that keeps a draft the target disagrees with is caught."""
+    from hydralm.static_decode import StaticDecoder
+
+    original = StaticDecoder._greedy_round
+
+    def one_too_many(self, pending, hidden, k):
+        emitted, count, next_token, h = original(self, pending, hidden, k)
+        return emitted, (count + 1).clamp(max=k + 1), next_token, h
+
+    monkeypatch.setattr(StaticDecoder, "_greedy_round", one_too_many)
+    with pytest.raises(AssertionError):
+        test_fused_greedy_rounds_give_the_loops_tokens_and_stats("max_new_tokens")
+
+
 def test_greedy_speculative_equals_greedy_generate_with_compressive_memory():
     """Memory compresses on the chunk schedule in every path, so the verify forward over [pending, drafts]
     reads what step decoding reads: the outputs agree past the exact window, through compression and eviction
