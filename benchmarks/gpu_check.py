@@ -3,8 +3,8 @@
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [spec_decode] [retrieval] [exactness]
-[gdn_block]`
+`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [spec_decode] [retrieval] [retrieval_stream]
+[exactness] [gdn_block]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only).
 """
@@ -248,6 +248,48 @@ def check_retrieval(device: str) -> None:
     _record("retrieval triton bf16 fwd+bwd twice: fraction of elements differing", repeat, 0)
     row0 = max(float((a[0] != b[0]).float().mean()) for a, b in zip([out0, *g0], [out2, *g2]))
     _record("retrieval triton bf16 row 0 with rows 1-2 changed: fraction differing (C2)", row0, 0)
+
+
+@torch.no_grad()
+def check_retrieval_stream(device: str, d_model: int = 768, heads: tuple = (12, 4), tokens: int = 16384) -> None:
+    """Calls with a state on the kernels (the forward from sources: exact and compressed picks, the bank's last
+    chunk as local context) vs the gather path (HYDRALM_RETRIEVAL=torch): one retrieval layer at the 160m width
+    with compressive memory, streamed in uneven pieces (chunk in progress, compression, eviction), fp32 IEEE and
+    bf16. Both paths route with the same code, so only the attention's arithmetic differs."""
+    from hydralm import HydraConfig, HydraLM
+
+    torch.set_float32_matmul_precision("highest")
+    cfg = HydraConfig(
+        vocab_size=512,
+        d_model=d_model,
+        n_layers=1,
+        n_heads=heads[0],
+        n_kv_heads=heads[1],
+        layer_types=["retrieval"],
+        retrieval_chunk_size=64,
+        retrieval_top_k=8,
+        memory=dict(exact_window=1024, compress_every=8, pool_size=1024),
+    )
+    ids = torch.randint(0, cfg.vocab_size, (2, tokens), device=device)
+    cuts = sorted({0, tokens // 4, tokens // 4 + 1000, tokens // 2 + 7, tokens})
+    previous = os.environ.get("HYDRALM_RETRIEVAL")
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        torch.manual_seed(0)
+        model = HydraLM(cfg).to(device=device, dtype=dtype).eval()
+        logits = {}
+        for backend in ("torch", "triton"):
+            os.environ["HYDRALM_RETRIEVAL"] = backend
+            state, pieces = None, []
+            for a, b in zip(cuts, cuts[1:]):
+                out = model(ids[:, a:b], state=state, return_state=True)
+                state = out["state"]
+                pieces.append(out["logits"].float())
+            logits[backend] = torch.cat(pieces, dim=1)
+        _record(f"retrieval stream {dtype} pieces {cuts}: kernels vs gather path logits", _rel(*logits.values()), tol)
+    if previous is None:
+        os.environ.pop("HYDRALM_RETRIEVAL", None)
+    else:
+        os.environ["HYDRALM_RETRIEVAL"] = previous
 
 
 def _routings(q, k, C, K) -> dict:
@@ -498,6 +540,7 @@ def main() -> int:
         "static_decode",
         "spec_decode",
         "retrieval",
+        "retrieval_stream",
         "exactness",
         "gdn_block",
     ]
@@ -508,6 +551,7 @@ def main() -> int:
         "static_decode": check_static_decode,
         "spec_decode": check_spec_decode,
         "retrieval": check_retrieval,
+        "retrieval_stream": check_retrieval_stream,
         "exactness": check_exactness,
         "gdn_block": check_gdn_block,
     }
