@@ -227,7 +227,7 @@ class RetrievalAttention(nn.Module):
         st = state if state is not None else self.init_state(B, q.device, k.dtype)
         if N == 0:
             return q.new_zeros(B, H, 0, D), st
-        C, groups, device = self.chunk_size, self.proj.kv_groups, q.device
+        C, device = self.chunk_size, q.device
         pos0 = int(st.pos)
         c0, filled = pos0 // C, pos0 % C
         bank_k, bank_v, bank_sum = st.exact_chunks()  # oldest first
@@ -248,21 +248,7 @@ class RetrievalAttention(nn.Module):
         summaries_new = _summarise(kc[:, :, :n_full])
         # Retrievable chunks by local index, oldest first: pool, exact bank, completed new chunks.
         summary_parts = [s for s in (pool_sum, bank_sum, summaries_new) if s.shape[2]] or [summaries_new]
-        exact_sources = [(bank_k, bank_v, n_pool), (kc, vc, n_pool + n0)]
-
-        # Local context of local chunk m: [chunk m-1 | chunk m], the first taken from the bank.
-        if n0 > 0:
-            prev_k = torch.cat([bank_k[:, :, n0 - 1 : n0].to(kc.dtype), kc[:, :, : M - 1]], dim=2)
-            prev_v = torch.cat([bank_v[:, :, n0 - 1 : n0].to(vc.dtype), vc[:, :, : M - 1]], dim=2)
-        else:
-            prev_k = F.pad(kc[:, :, : M - 1], (0, 0, 0, 0, 1, 0))
-            prev_v = F.pad(vc[:, :, : M - 1], (0, 0, 0, 0, 1, 0))
-        local_k = repeat_kv(torch.cat([prev_k, kc], dim=3), groups)  # (B, H, M, 2C, D)
-        local_v = repeat_kv(torch.cat([prev_v, vc], dim=3), groups)
         chunk_ids = c0 + torch.arange(M, device=device)  # global id of each local chunk
-        causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
-        prev_ok = (chunk_ids >= 1)[:, None, None].expand(M, C, C)
-        local_mask = torch.cat([prev_ok, causal.expand(M, C, C)], dim=-1)  # (M, C, 2C)
 
         # A token of global chunk i picks among the chunks older than its previous chunk that are still held
         # (with memory: i - E - P .. i - 2, older ones are evicted) and reads those below i - E compressed, as
@@ -277,18 +263,6 @@ class RetrievalAttention(nn.Module):
             if n_full:
                 compressed_sources.append((*self._compress_chunks(kc[:, :, :n_full], vc[:, :, :n_full]), n_pool + n0))
 
-        n_total = n_pool + n0 + n_full
-        slots = C + (self.slots_per_compressed if window is not None else 0)  # gathered slots per chunk read
-        per_chunk = max(1, B * H * min(C * self.top_k, max(n_total, 1)) * slots * D)
-        block = max(1, GATHER_BUDGET.get(device.type, GATHER_BUDGET["cpu"]) // per_chunk)
-        # Gathering from bank and new chunks separately reads both and merges with torch.where per block;
-        # one copy of the bank next to the new chunks is cheaper once the blocks gather more chunks than the
-        # bank holds (a long prefill), never for small calls against a long bank.
-        gathered = -(-M // block) * min(C * self.top_k, max(n_total, 1))
-        if 0 < n0 <= gathered:
-            exact_sources = [
-                (torch.cat([bank_k.to(kc.dtype), kc], dim=2), torch.cat([bank_v.to(vc.dtype), vc], dim=2), n_pool)
-            ]
         outputs, routing = [], [] if self.routing_log is not None else None
         backend = retrieval_backend(q.is_cuda)
         from_scratch = state is None and window is None
@@ -302,37 +276,24 @@ class RetrievalAttention(nn.Module):
                 qc, kc, vc, (bank_k, bank_v), compressed_sources, summary_parts, routable_end, window, routing,
                 (n_pool, n0, n_full, filled, length),
             )  # fmt: skip
-            outputs, block = [F.pad(y, (0, 0, 0, M * C - length)).unflatten(2, (M, C))], M
+            outputs = [F.pad(y, (0, 0, 0, M * C - length)).unflatten(2, (M, C))]
         elif backend == "triton" and from_scratch:
             from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
 
             y = retrieval_attention_triton(q, k, v, C, self.top_k)
-            outputs, block = [F.pad(y, (0, 0, 0, pad)).unflatten(2, (M, C))], M
+            outputs = [F.pad(y, (0, 0, 0, pad)).unflatten(2, (M, C))]
         elif backend == "flex" and from_scratch:
             from hydralm.kernels.retrieval.flex import flex_retrieval_supported, retrieval_flex
 
             if flex_retrieval_supported(N, C):
-                outputs, block = [retrieval_flex(q, k, v, C, self.top_k).unflatten(2, (M, C))], M
+                outputs = [retrieval_flex(q, k, v, C, self.top_k).unflatten(2, (M, C))]
         if outputs and routing is not None and not with_sources:  # the fused kernels route inside themselves
             routing.append(route_tokens(qc, summary_parts, routable_end.clamp(min=0)[:, None], self.top_k))
-        for a in range(0 if not outputs else M, M, block):
-            b = min(M, a + block)
-            q_blk = qc[:, :, a:b]
-            end = routable_end[a:b, None].clamp(min=0)
-            start = None if window is None else window[0][a:b, None]
-            selected, valid = route_tokens(q_blk, summary_parts, end, self.top_k, start)  # (B, H, m, C, k)
-            if routing is not None:
-                routing.append((selected, valid))
-            union, union_valid, reads = union_of_selections(selected, valid, max(n_total, 1))
-            exact_k, exact_v = _gather_exact(union, exact_sources)
-            local = (local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b].expand(B, H, -1, -1, -1))
-            compressed = None
-            if compressed_sources:
-                comp_k, comp_v = _gather_exact(union, compressed_sources)  # (B, H, m, u, C / r, D)
-                below = union[..., None, :] < window[1][a:b, None, None]  # (B, H, m, 1, u): read compressed
-                compressed = (comp_k, comp_v, reads & below)
-                reads = reads & ~below
-            outputs.append(_attention_by_row(q_blk, (exact_k, exact_v, reads), compressed, local, union_valid))
+        if not outputs:
+            outputs = self._attend_gather(
+                qc, kc, vc, (bank_k, bank_v), compressed_sources, summary_parts, routable_end, window, routing,
+                (n_pool, n0, n_full, c0),
+            )  # fmt: skip
         y = torch.cat(outputs, dim=2).flatten(2, 3)[:, :, filled:length]
         if routing is not None:
             picks = [torch.cat(part, dim=2).flatten(2, 3)[:, :, filled:length] for part in zip(*routing)]
@@ -366,6 +327,63 @@ class RetrievalAttention(nn.Module):
             for old, new in ((bank_k, kc[:, :, :n_full]), (bank_v, vc[:, :, :n_full]), (bank_sum, summaries_new))
         ]
         return y, self._memory_state(st, exact, (pool_k, pool_v, pool_sum), buf_k, buf_v, pos)
+
+    def _attend_gather(
+        self, qc, kc, vc, bank, compressed_sources, summary_parts, routable_end, window, routing, counts
+    ) -> List[torch.Tensor]:
+        """The PyTorch path: per block of query chunks, the union of their picks gathered from the bank and the
+        call's chunks (compressed where read compressed) and one masked softmax with the local context
+        [chunk m-1 | chunk m]. Returns the outputs (B, H, m, C, D) per block."""
+        n_pool, n0, n_full, c0 = counts
+        bank_k, bank_v = bank
+        B, H, M, C, D = qc.shape
+        device, groups = qc.device, self.proj.kv_groups
+        # Local context of local chunk m: [chunk m-1 | chunk m], the first taken from the bank.
+        if n0 > 0:
+            prev_k = torch.cat([bank_k[:, :, n0 - 1 : n0].to(kc.dtype), kc[:, :, : M - 1]], dim=2)
+            prev_v = torch.cat([bank_v[:, :, n0 - 1 : n0].to(vc.dtype), vc[:, :, : M - 1]], dim=2)
+        else:
+            prev_k = F.pad(kc[:, :, : M - 1], (0, 0, 0, 0, 1, 0))
+            prev_v = F.pad(vc[:, :, : M - 1], (0, 0, 0, 0, 1, 0))
+        local_k = repeat_kv(torch.cat([prev_k, kc], dim=3), groups)  # (B, H, M, 2C, D)
+        local_v = repeat_kv(torch.cat([prev_v, vc], dim=3), groups)
+        causal = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+        prev_ok = (c0 + torch.arange(M, device=device) >= 1)[:, None, None].expand(M, C, C)
+        local_mask = torch.cat([prev_ok, causal.expand(M, C, C)], dim=-1)  # (M, C, 2C)
+
+        n_total = n_pool + n0 + n_full
+        slots = C + (self.slots_per_compressed if window is not None else 0)  # gathered slots per chunk read
+        per_chunk = max(1, B * H * min(C * self.top_k, max(n_total, 1)) * slots * D)
+        block = max(1, GATHER_BUDGET.get(device.type, GATHER_BUDGET["cpu"]) // per_chunk)
+        # Gathering from bank and new chunks separately reads both and merges with torch.where per block;
+        # one copy of the bank next to the new chunks is cheaper once the blocks gather more chunks than the
+        # bank holds (a long prefill), never for small calls against a long bank.
+        exact_sources = [(bank_k, bank_v, n_pool), (kc, vc, n_pool + n0)]
+        gathered = -(-M // block) * min(C * self.top_k, max(n_total, 1))
+        if 0 < n0 <= gathered:
+            exact_sources = [
+                (torch.cat([bank_k.to(kc.dtype), kc], dim=2), torch.cat([bank_v.to(vc.dtype), vc], dim=2), n_pool)
+            ]
+        outputs = []
+        for a in range(0, M, block):
+            b = min(M, a + block)
+            q_blk = qc[:, :, a:b]
+            end = routable_end[a:b, None].clamp(min=0)
+            start = None if window is None else window[0][a:b, None]
+            selected, valid = route_tokens(q_blk, summary_parts, end, self.top_k, start)  # (B, H, m, C, k)
+            if routing is not None:
+                routing.append((selected, valid))
+            union, union_valid, reads = union_of_selections(selected, valid, max(n_total, 1))
+            exact_k, exact_v = _gather_exact(union, exact_sources)
+            local = (local_k[:, :, a:b], local_v[:, :, a:b], local_mask[a:b].expand(B, H, -1, -1, -1))
+            compressed = None
+            if compressed_sources:
+                comp_k, comp_v = _gather_exact(union, compressed_sources)  # (B, H, m, u, C / r, D)
+                below = union[..., None, :] < window[1][a:b, None, None]  # (B, H, m, 1, u): read compressed
+                compressed = (comp_k, comp_v, reads & below)
+                reads = reads & ~below
+            outputs.append(_attention_by_row(q_blk, (exact_k, exact_v, reads), compressed, local, union_valid))
+        return outputs
 
     def _attend_from_sources(
         self, qc, kc, vc, bank, compressed_sources, summary_parts, routable_end, window, routing, counts
