@@ -57,6 +57,16 @@ class SpeculativeStats:
     proposed_by_depth: List[int] = field(default_factory=list)  # [i]: rounds that verified an (i+1)-th draft
     accepted_by_depth: List[int] = field(default_factory=list)  # [i]: rounds that accepted it (and all before it)
 
+    def count_round(self, usable: int, accepted: int) -> None:
+        """One verification round: `usable` drafts could be accepted, the first `accepted` of them were."""
+        self.rounds += 1
+        self.target_forwards += 1
+        self.proposed += usable
+        self.accepted += accepted
+        for depth in range(usable):
+            self.proposed_by_depth[depth] += 1
+            self.accepted_by_depth[depth] += int(depth < accepted)
+
     def acceptance_by_depth(self) -> List[float]:
         """Per draft position: accepted / verified (the (i+1)-th draft is accepted only with all before it)."""
         return [a / p if p else 0.0 for a, p in zip(self.accepted_by_depth, self.proposed_by_depth)]
@@ -224,13 +234,7 @@ def _greedy_self_draft(
             new = tokens[: n + 1]
             emitted.append(new)
             n_new += n + 1
-            stats.rounds += 1
-            stats.proposed += usable
-            stats.accepted += n
-            for depth in range(usable):
-                stats.proposed_by_depth[depth] += 1
-                stats.accepted_by_depth[depth] += int(depth < n)
-            stats.target_forwards += 1
+            stats.count_round(usable, n)
             stats.draft_calls += k
             done = eos_token_id is not None and bool((new == eos_token_id).any())
 
@@ -405,13 +409,7 @@ def speculative_generate(
                 new = torch.cat([drafts[:n], next_token])
                 emitted.append(new)
                 n_new += new.numel()
-                stats.rounds += 1
-                stats.proposed += usable
-                stats.accepted += n
-                for depth in range(usable):
-                    stats.proposed_by_depth[depth] += 1
-                    stats.accepted_by_depth[depth] += int(depth < n)
-                stats.target_forwards += 1
+                stats.count_round(usable, n)
                 pending = next_token
                 done = eos_token_id is not None and bool((new == eos_token_id).any())
             stats.draft_calls += drafter.calls
