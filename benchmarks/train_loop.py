@@ -8,7 +8,7 @@ dataloader, logging and Lightning's own overhead). Both go to the benchmark reco
     peak_gib/train-160m/<T>x<B>, train_loop_ktok_s/HydraLM-160m/<T>x<B> (peer: the benchmark step,
     train_ktok_s/HydraLM-160m/<T>, when the record has it); with `activation_checkpointing=true` among the
     overrides the keys are peak_gib/train-160m-checkpointing/<T>x<B> and
-    train_loop_ktok_s/HydraLM-160m-checkpointing/<T>x<B>.
+    train_loop_ktok_s/HydraLM-160m-checkpointing/<T>x<B> (`-checkpointing0.5` for a fraction of 0.5).
 """
 
 import csv
@@ -47,7 +47,8 @@ def main(argv: list) -> int:
     rate = statistics.median(rates[len(rates) // 10 + 1 :] or rates)
     print(f"train.py 160m {shape}: peak {peak:.1f} GiB, {rate / 1e3:.1f} ktok/s (median of {len(rates)} steps)")
     # checkpointing trades time for memory: its figures get their own keys beside the default run's
-    variant = "-checkpointing" if "activation_checkpointing=true" in argv[2:] else ""
+    setting = next((a.split("=", 1)[1] for a in argv[2:] if a.startswith("activation_checkpointing=")), "false")
+    variant = {"false": "", "true": "-checkpointing"}.get(setting.lower(), f"-checkpointing{setting}")
     record.record(f"peak_gib/train-160m{variant}/{shape}", peak, "GiB")
     record.record(
         f"train_loop_ktok_s/HydraLM-160m{variant}/{shape}", rate / 1e3, "ktok/s", peer=f"train_ktok_s/HydraLM-160m/{T}"

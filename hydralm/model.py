@@ -13,7 +13,7 @@ Mixer classes come from the registry (hydralm/modules/registry.py).
 """
 
 import math
-from typing import Any, Dict, Iterator, List, Optional, Tuple, cast
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -66,9 +66,10 @@ class HydraLM(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.mtp = MTPHead(cfg.d_model, cfg.mtp_depth, cfg.rms_eps) if cfg.mtp_depth > 0 else None
-        # Recompute each block's activations in backward (set by the trainer: a memory / speed trade-off, not
-        # part of the architecture, so it stays out of HydraConfig and exported configs).
-        self.activation_checkpointing = False
+        # Recompute blocks' activations in backward (set by the trainer: a memory / speed trade-off, not part of
+        # the architecture, so it stays out of HydraConfig and exported configs): True = every block, a fraction
+        # f in [0, 1] = floor(f * n_layers) blocks spread evenly over the depth.
+        self.activation_checkpointing: Union[bool, float] = False
         self._init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -140,7 +141,7 @@ class HydraLM(nn.Module):
         x = self.embed(input_ids)
         new_state = []
         for i, block in enumerate(self._blocks()):
-            x, layer_state = self._run_block(block, x, None if state is None else state[i])
+            x, layer_state = self._run_block(i, block, x, None if state is None else state[i])
             new_state.append(layer_state)
         out: Dict[str, Any] = {
             "logits": None,
@@ -188,11 +189,12 @@ class HydraLM(nn.Module):
             block.compile(**compile_kwargs)
 
     def _run_block(
-        self, block: Block, x: torch.Tensor, layer_state: Optional[LayerState]
+        self, i: int, block: Block, x: torch.Tensor, layer_state: Optional[LayerState]
     ) -> Tuple[torch.Tensor, LayerState]:
-        """One block; with ``activation_checkpointing`` in a training forward, its activations are recomputed
-        in backward instead of kept (torch.utils.checkpoint, non-reentrant)."""
-        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+        """Block i; when ``activation_checkpointing`` covers it in a training forward, its activations are
+        recomputed in backward instead of kept (torch.utils.checkpoint, non-reentrant)."""
+        f = float(self.activation_checkpointing)
+        if f > 0 and int((i + 1) * f) > int(i * f) and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, layer_state, use_reentrant=False)
         return block(x, layer_state)
 

@@ -51,6 +51,31 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     _assert_same(again, eager, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fraction", [0.5, 0.25])
+def test_a_fraction_of_blocks_checkpointed_is_spread_over_the_depth_and_changes_nothing(fraction, monkeypatch):
+    """activation_checkpointing=f checkpoints floor(f * n_layers) blocks spread evenly (a memory / speed trade-off
+    between none and all), with the same loss and gradients bit for bit."""
+    import hydralm.model
+
+    cfg = CFG.replace(n_layers=8, layer_types=None)
+    model = HydraLM(cfg).train()
+    ids = torch.randint(0, 64, (2, 48))
+    eager = _loss_and_grads(model, ids)
+    checkpointed_blocks = []
+    original = hydralm.model.checkpoint
+
+    def counted(block, *args, **kwargs):
+        checkpointed_blocks.append(next(i for i, b in enumerate(model.blocks) if b is block))
+        return original(block, *args, **kwargs)
+
+    monkeypatch.setattr(hydralm.model, "checkpoint", counted)
+    model.activation_checkpointing = fraction
+    checkpointed = _loss_and_grads(model, ids)
+    _assert_same(checkpointed, eager, rtol=0, atol=0)
+    expected = [i for i in range(8) if int((i + 1) * fraction) > int(i * fraction)]
+    assert len(expected) == int(8 * fraction) and checkpointed_blocks[: len(expected)] == expected
+
+
 def test_compiled_blocks_give_the_same_loss_and_gradients_aot_eager():
     """Dynamo capture of DeltaNet and SWA blocks (the graph break around the delta rule op included), without code
     generation. Retrieval blocks (CPU gather path: graph breaks at its data-dependent sizes) are in the slow test."""
@@ -76,8 +101,9 @@ def test_module_switches_are_validated_and_auto_compile_stays_off_on_cpu():
     model, optimizer = CFG.to_dict(), dict(name="adamw", lr=1e-3, weight_decay=0.1)
     with pytest.raises(ValueError, match="compile='yes' is invalid"):
         HydraLMModule(model=model, optimizer=optimizer, compile="yes")
-    with pytest.raises(ValueError, match="activation_checkpointing=1 is invalid"):
-        HydraLMModule(model=model, optimizer=optimizer, activation_checkpointing=1)
+    for bad in (1, 1.5, "half"):
+        with pytest.raises(ValueError, match=f"activation_checkpointing={bad!r} is invalid"):
+            HydraLMModule(model=model, optimizer=optimizer, activation_checkpointing=bad)
     module = HydraLMModule(model=model, optimizer=optimizer, compile="auto", activation_checkpointing=True)
     module.configure_model()
     assert module.net.activation_checkpointing and not module.net.blocks_compiled

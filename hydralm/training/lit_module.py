@@ -38,16 +38,18 @@ class HydraLMModule(L.LightningModule):
         compile: Union[bool, str] = False,
         nonfinite: str = "skip",
         max_consecutive_skips: int = 10,
-        activation_checkpointing: bool = False,
+        activation_checkpointing: Union[bool, float] = False,
     ):
         super().__init__()
         if architecture not in ARCHITECTURES:
             raise ValueError(f"architecture={architecture!r} is unknown; allowed: {list(ARCHITECTURES)}")
         if not (isinstance(compile, bool) or compile == "auto"):
             raise ValueError(f"compile={compile!r} is invalid: expected false, true or auto")
-        if not isinstance(activation_checkpointing, bool):
+        fraction = isinstance(activation_checkpointing, float) and 0.0 <= activation_checkpointing <= 1.0
+        if not (isinstance(activation_checkpointing, bool) or fraction):
             raise ValueError(
-                f"activation_checkpointing={activation_checkpointing!r} is invalid: expected true or false"
+                f"activation_checkpointing={activation_checkpointing!r} is invalid: expected true, false or the "
+                "fraction of blocks to checkpoint, a number in [0.0, 1.0]"
             )
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r} is unknown; allowed: {list(NONFINITE_POLICIES)}")
