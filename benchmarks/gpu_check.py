@@ -378,8 +378,8 @@ def check_static_decode(device: str) -> None:
 @torch.no_grad()
 def check_exactness(device: str) -> None:
     """Claims C1 and C2 on the GPU's default paths (HYDRALM_* = auto), fp32 with IEEE matmuls: parallel forward vs
-    chunked prefill vs step, at 2048 tokens (deltanet/swa/retrieval, 64-token chunks), with compressive memory (the
-    fused retrieval kernels hand calls with compressed reads to the gather path) and for the full budget's
+    chunked prefill vs step, at 2048 tokens (deltanet/swa/retrieval, 64-token chunks), with compressive memory (its
+    chunked calls read compressed chunks: the kernels' forward from sources) and for the full budget's
     20-layer model; retrieval picks that differ between the paths (routing near-ties); batch row 0 bit-identical
     when the other rows change; greedy speculative decoding with memory = greedy generate."""
     from hydralm import HydraConfig, HydraLM
