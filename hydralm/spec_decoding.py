@@ -398,20 +398,20 @@ def speculative_generate(
             n_new, done = 1, eos_token_id is not None and int(pending) == eos_token_id
             if draft is None and temperature <= 0 and isinstance(verifier, StaticDecoder) and not done:
                 _greedy_self_draft(verifier, pending, hidden, k, max_new_tokens, eos_token_id, emitted, stats)
-                n_new = max_new_tokens  # the rounds ran on the device; the tokens are in `emitted`
-            while n_new < max_new_tokens and not done:
-                usable = min(k, max_new_tokens - n_new - 1)
-                # a static decoder verifies k + 1 tokens every round: one shape, one compiled graph
-                drafted = k if isinstance(verifier, StaticDecoder) else usable
-                drafts, draft_probs = drafter.propose(pending, drafted, sampling, generator)
-                n, next_token, h = verify_round(verifier, pending, drafts, draft_probs, usable, sampling, generator)
-                drafter.commit(n, next_token, h)
-                new = torch.cat([drafts[:n], next_token])
-                emitted.append(new)
-                n_new += new.numel()
-                stats.count_round(usable, n)
-                pending = next_token
-                done = eos_token_id is not None and bool((new == eos_token_id).any())
+            else:
+                while n_new < max_new_tokens and not done:
+                    usable = min(k, max_new_tokens - n_new - 1)
+                    # a static decoder verifies k + 1 tokens every round: one shape, one compiled graph
+                    drafted = k if isinstance(verifier, StaticDecoder) else usable
+                    drafts, draft_probs = drafter.propose(pending, drafted, sampling, generator)
+                    n, next_token, h = verify_round(verifier, pending, drafts, draft_probs, usable, sampling, generator)
+                    drafter.commit(n, next_token, h)
+                    new = torch.cat([drafts[:n], next_token])
+                    emitted.append(new)
+                    n_new += new.numel()
+                    stats.count_round(usable, n)
+                    pending = next_token
+                    done = eos_token_id is not None and bool((new == eos_token_id).any())
             stats.draft_calls += drafter.calls
     tokens = torch.cat(emitted) if emitted else prompt.new_zeros(0)
     if eos_token_id is not None:

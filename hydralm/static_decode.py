@@ -159,11 +159,10 @@ class StaticDecoder:
                 f"1 <= k <= mtp_depth={self.model.cfg.mtp_depth} (got k={k})"
             )
         if k not in self._rounds:
-            self._rounds[k] = self._greedy_round
-            if self.compile:
-                self._rounds[k] = torch.compile(
-                    self._greedy_round, fullgraph=True, mode=self.compile_mode, dynamic=False
-                )
+            fn = self._greedy_round
+            self._rounds[k] = (
+                torch.compile(fn, fullgraph=True, mode=self.compile_mode, dynamic=False) if self.compile else fn
+            )
         return tuple(t.clone() for t in self._rounds[k](pending, hidden, k))  # graph outputs are reused by the next run
 
     def _greedy_round(self, pending: torch.Tensor, hidden: torch.Tensor, k: int):

@@ -268,15 +268,14 @@ class RetrievalAttention(nn.Module):
         from_scratch = state is None and window is None
         # A call with a state or compressed reads (prefill, streaming) runs the kernels' forward on the routing
         # computed here; it has no backward, so such a call that needs gradients takes the gather path.
-        with_sources = backend == "triton" and not from_scratch and (c0 == 0 or n0 >= 1)
-        if with_sources and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-            with_sources = False
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        with_sources = backend == "triton" and not from_scratch and (c0 == 0 or n0 >= 1) and not needs_grad
         if with_sources:
             y = self._attend_from_sources(
                 qc, kc, vc, (bank_k, bank_v), compressed_sources, summary_parts, routable_end, window, routing,
                 (n_pool, n0, n_full, filled, length),
             )  # fmt: skip
-            outputs = [F.pad(y, (0, 0, 0, M * C - length)).unflatten(2, (M, C))]
+            outputs = [F.pad(y, (0, 0, 0, pad)).unflatten(2, (M, C))]
         elif backend == "triton" and from_scratch:
             from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton
 
