@@ -146,21 +146,23 @@ BUDGETS = {
             ],
         ),
         "c8": dict(seq_len=1 << 18, eval_samples=16),
+        # The answer-chunk routing loss (docs/claims.md, "Does routing learn?") supervises the retrieval layers'
+        # routing with the answers' chunks; the model without retrieval layers has nothing it could apply to.
+        # Trained over several calls with eval.workdir + eval.call_minutes rather than capped by max_time.
         "c10": dict(
             model="tiny",
-            model_overrides=FULL_MODEL | dict(vocab_size=512),
+            model_overrides=FULL_MODEL | dict(vocab_size=512, retrieval_routing_loss=1.0),
             seq_len=16384,
             facts=32,
             queries=8,
             key_len=1,  # training and scoring use one format (scoring once used RetrievalQA's default, 2)
-            batch_size=4,
-            steps=600,
-            max_time="00:00:01:10",
+            batch_size=8,
+            steps=2000,
             eval_samples=32,
             dense=False,
             curriculum=[
-                dict(until_step=150, seq_len=2048, num_facts=8),
-                dict(until_step=300, seq_len=8192, num_facts=16),
+                dict(until_step=600, seq_len=2048, num_facts=8),
+                dict(until_step=1200, seq_len=8192, num_facts=16),
             ],
         ),
         "trainer": "gpu",
