@@ -32,8 +32,14 @@ def test_a_claim_the_call_limit_stops_says_so_and_the_next_call_continues_it(tmp
     (first,) = run_claims("smoke", workdir, only=["C7"], call_seconds=0.0)
     assert first.passed is None and "training in progress" in first.note, first
     assert first.values["model"]["train_steps"] < 12
+    run = tmp_path / "runs" / "c7"
+    first_seconds = json.loads((run / "metrics.json").read_text())["seconds"]
     (second,) = run_claims("smoke", workdir, only=["C7"])
     assert second.passed in (True, False) and second.values["train_steps"] == 12, second
-    run = tmp_path / "runs" / "c7"
-    assert json.loads((run / "metrics.json").read_text())["finished"] is True
+    assert second.values["train_seconds"] > first_seconds  # both calls' training time
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["finished"] is True
+    (third,) = run_claims("smoke", workdir, only=["C7"])  # finished: only loaded, its time and metrics kept
+    assert third.values["train_seconds"] >= second.values["train_seconds"]
+    assert json.loads((run / "metrics.json").read_text())["metrics"] == summary["metrics"]
     assert (run / "csv" / "metrics.csv").is_file() and (run / "csv" / "call2" / "metrics.csv").is_file()  # both kept

@@ -583,12 +583,15 @@ def claim_c7(budget: str, runs: ClaimRuns) -> ClaimResult:
     )
 
 
-_c10_cache: Dict[str, dict] = {}
+# C10's models, trained or stopped by the call's time limit, per (budget, workdir): C8 reuses them, and a model
+# the limit stopped is not trained again within the same call.
+_c10_cache: Dict[tuple, dict] = {}
 
 
 def _c10_models(budget: str, runs: ClaimRuns) -> dict:
-    if budget in _c10_cache:
-        return _c10_cache[budget]
+    key = (budget, runs.workdir)
+    if key in _c10_cache:
+        return _c10_cache[key]
     b, trainer = BUDGETS[budget]["c10"], BUDGETS[budget]["trainer"]
     common = _run_overrides(b) + [
         "data=retrieval_qa",
@@ -609,7 +612,8 @@ def _c10_models(budget: str, runs: ClaimRuns) -> dict:
     if b["dense"]:
         trained["dense"] = runs.train(common + ["architecture=dense"], "c10_dense")
     if any(not run["finished"] for run in trained.values()):  # scored once every model has finished
-        return {"runs": trained, "results": None}
+        _c10_cache[key] = {"runs": trained, "results": None}
+        return _c10_cache[key]
     from hydralm.data import RetrievalQA
 
     task = RetrievalQA(
@@ -625,8 +629,8 @@ def _c10_models(budget: str, runs: ClaimRuns) -> dict:
         }
         for name, run in trained.items()
     }
-    _c10_cache[budget] = {"runs": trained, "results": results}
-    return _c10_cache[budget]
+    _c10_cache[key] = {"runs": trained, "results": results}
+    return _c10_cache[key]
 
 
 def claim_c10(budget: str, runs: ClaimRuns) -> ClaimResult:

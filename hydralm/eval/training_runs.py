@@ -74,8 +74,8 @@ def train_model(
 
     seconds: stop this call's training after that much wall time (at a step boundary, `CallTimeLimit`), writing
     output_dir/checkpoints/last.ckpt. resume: continue from that file when it exists (optimizer, schedule and data
-    position restored; a run that already finished is only loaded). "finished" in the result is False when the
-    time limit stopped the run before its end."""
+    position restored; a run that already finished is only loaded). "seconds" sums the training time of every
+    call; "finished" is False when the time limit stopped the run before its end."""
     from hydralm.training.callbacks import CallTimeLimit
     from hydralm.training.pipeline import train
 
@@ -91,12 +91,19 @@ def train_model(
         csv_logger = (cfg.get("logger") or {}).get("csv")
         if cfg.get("ckpt_path") and csv_logger is not None:  # a resumed call logs beside the earlier calls' logs
             csv_logger.version = f"call{len(glob.glob(os.path.join(output_dir, 'csv', 'call*'))) + 2}"
+    # A resumed run adds this call's time to the earlier calls' (a finished run only loads: ~0 s, metrics kept).
+    summary_path = os.path.join(output_dir, "metrics.json")
+    earlier = {}
+    if cfg.get("ckpt_path") and os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            earlier = json.load(f)
     started = time.perf_counter()
     metrics, objects = train(cfg, extra_callbacks=[c for c in (timer if record_val_curve else None, limit) if c])
-    seconds_taken = time.perf_counter() - started
+    seconds_taken = earlier.get("seconds", 0.0) + time.perf_counter() - started
+    metrics = {**earlier.get("metrics", {}), **metrics}
     steps, max_steps = int(objects["trainer"].global_step), int(cfg.trainer.max_steps)
     finished = limit is None or not limit.stopped or steps >= max_steps
-    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+    with open(summary_path, "w") as f:
         json.dump({"metrics": metrics, "seconds": seconds_taken, "val_curve": timer.curve, "finished": finished}, f)
     # Lightning's teardown moves the model to the CPU after fit; evaluate it where it trained.
     net = objects["model"].net.to(objects["trainer"].strategy.root_device).eval()
