@@ -671,22 +671,30 @@ def claim_c10(budget: str, runs: ClaimRuns) -> ClaimResult:
 
 
 def claim_c8(budget: str, runs: ClaimRuns) -> ClaimResult:
+    """The verdict is the C10 retrieval model's; C10's other models answer the same needles beside it (does
+    the model without retrieval layers find them too?)."""
     b = BUDGETS[budget]["c8"]
     models = _c10_models(budget, runs)
     if models["results"] is None:
         return _in_progress("C8", budget, models["runs"], b)
-    model = models["runs"]["retrieval"]["model"]
     from hydralm.data import Needle
 
-    key_len = BUDGETS[budget]["c10"]["key_len"]  # the format the C10 model was trained on
-    task = Needle(seq_len=b["seq_len"], depth=0.5, key_len=key_len, vocab=model.cfg.vocab_size)
-    accuracy = task_accuracy(model, task, b["eval_samples"], batch_size=EVAL_BATCH, chunk_size=8192)["accuracy"]
+    key_len = BUDGETS[budget]["c10"]["key_len"]  # the format the C10 models were trained on
+    vocab = models["runs"]["retrieval"]["model"].cfg.vocab_size
+    task = Needle(seq_len=b["seq_len"], depth=0.5, key_len=key_len, vocab=vocab)
+    accuracy = {
+        name: task_accuracy(run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH, chunk_size=8192)["accuracy"]
+        for name, run in models["runs"].items()
+    }
+    values = {"accuracy": accuracy["retrieval"]} | {
+        f"accuracy_{name}": a for name, a in accuracy.items() if name != "retrieval"
+    }
     return _result(
         "C8",
         budget,
-        accuracy >= 0.90,
-        {"accuracy": accuracy},
-        {**b, "model": "the C10 retrieval model"},
+        accuracy["retrieval"] >= 0.90,
+        values,
+        {**b, "model": "the C10 retrieval model (its other models beside it)"},
         note="" if b["seq_len"] == 1 << 18 else f"smoke: {b['seq_len']} tokens stand in for 256k",
     )
 
