@@ -262,3 +262,22 @@ def test_routing_loss_leaves_the_forward_unchanged_and_is_off_by_default():
     assert torch.equal(layer(x)[0], plain)
     with pytest.raises(ValueError, match="retrieval_routing_loss"):
         HydraConfig(retrieval_routing_loss=-1.0)
+
+
+def test_routing_loss_applies_from_its_start_step():
+    """retrieval_routing_loss_from=n: the trainer hands the layers the answers' positions only from step n on."""
+    from types import SimpleNamespace
+
+    from hydralm.training.lit_module import HydraLMModule
+
+    model = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, layer_types=["swa", "retrieval"],
+                 retrieval_routing_loss=1.0, retrieval_routing_loss_from=3)  # fmt: skip
+    module = HydraLMModule(model=model, optimizer=dict(name="adamw", lr=1e-3))
+    layer = module.net.blocks[1].mixer
+    batch = {"query_positions": torch.tensor([[5]]), "source_positions": torch.tensor([[1]])}
+    for step, expected in ((0, False), (2, False), (3, True), (9, True)):
+        module._trainer = SimpleNamespace(global_step=step)  # LightningModule.global_step reads the trainer's
+        module.on_train_batch_start(batch, 0)
+        assert (layer.routing_targets is not None) is expected, step
+    with pytest.raises(ValueError, match="retrieval_routing_loss_from"):
+        HydraConfig(retrieval_routing_loss_from=-1)

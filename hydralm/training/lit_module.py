@@ -171,8 +171,10 @@ class HydraLMModule(L.LightningModule):
     # -- Lightning hooks -------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx):
         self._step_started = time.perf_counter()
-        # the routing loss (HydraConfig.retrieval_routing_loss) needs the answers' positions of this batch
-        targets = (batch["query_positions"], batch["source_positions"]) if "source_positions" in batch else None
+        # the routing loss (HydraConfig.retrieval_routing_loss, from step retrieval_routing_loss_from) needs the
+        # answers' positions of this batch
+        routed = "source_positions" in batch and self.global_step >= self.config.retrieval_routing_loss_from
+        targets = (batch["query_positions"], batch["source_positions"]) if routed else None
         for layer in retrieval_layers(self.net).values():
             layer.routing_targets = targets if layer.routing_loss_weight > 0 else None
 
