@@ -127,22 +127,24 @@ BUDGETS = {
             batch_size=16,
             steps=300,
         ),
-        # The task sizes are the claims'; the model (d256, 6 layers, ~5-7M parameters), the steps and a
-        # wall-clock cap (Lightning's max_time, HH:MM:SS) keep each model within a few GPU minutes.
-        # A length curriculum first: at short lengths every chunk is inside the retrieval layer's reach, so the
-        # routing learns to match queries to keys before it has to find one chunk among hundreds.
+        # The task sizes are the claims'; the model is d256, 6 layers (~5-7M parameters), a few GPU minutes each.
+        # A length curriculum first: at short lengths every chunk is inside the retrieval layer's reach, so reading
+        # is learned before the routing has to find one chunk among hundreds. No wall-clock cap: a budget larger
+        # than one call trains over several (eval.workdir + eval.call_minutes).
+        # C7 takes C10's lessons (docs/claims.md, "C10 on the H200"): a vocabulary sized to the task (258 keys and
+        # values), short dense phases first. Not yet run at these settings.
         "c7": dict(
             model="tiny",
-            model_overrides=FULL_MODEL | dict(vocab_size=8192),
+            model_overrides=FULL_MODEL | dict(vocab_size=1040),
             seq_len=8192,
             pairs=256,
-            batch_size=8,
-            steps=1000,
-            max_time="00:00:01:20",
+            batch_size=16,
+            steps=3000,
             eval_samples=64,
             curriculum=[
-                dict(until_step=250, seq_len=1024, num_kv_pairs=32),
-                dict(until_step=500, seq_len=4096, num_kv_pairs=128),
+                dict(until_step=750, seq_len=256, num_kv_pairs=16),
+                dict(until_step=1500, seq_len=1024, num_kv_pairs=64),
+                dict(until_step=2250, seq_len=4096, num_kv_pairs=128),
             ],
         ),
         "c8": dict(seq_len=1 << 18, eval_samples=16),
