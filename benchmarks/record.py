@@ -27,7 +27,6 @@ import os
 import platform
 import re
 import shlex
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,22 +196,9 @@ def device_slug(name: str) -> str:
 
 def commit() -> str:
     """$HYDRALM_COMMIT when set (a copied tree may carry no .git, or a stale one), else git's HEAD (+ -dirty)."""
-    if os.environ.get("HYDRALM_COMMIT"):
-        return os.environ["HYDRALM_COMMIT"]
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    if sha.returncode != 0:
-        return "unknown"
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    from hydralm.training.run_info import git_sha
+
+    return git_sha(str(ROOT))
 
 
 def command_line() -> str:

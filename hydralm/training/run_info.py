@@ -8,13 +8,17 @@ from typing import Optional
 
 
 def git_sha(cwd: Optional[str] = None) -> str:
-    """HEAD (+ "-dirty"), or $HYDRALM_GIT_SHA when set: a copied tree on a remote GPU machine can carry a stale
-    .git (seen 2026-11-28: a run of c4ef886 recorded an older HEAD), so the sender names the commit."""
-    if os.environ.get("HYDRALM_GIT_SHA"):
-        return os.environ["HYDRALM_GIT_SHA"]
+    """HEAD (+ "-dirty" when tracked files changed), or $HYDRALM_COMMIT when set: a copied tree on a remote GPU
+    machine can carry a stale .git (seen 2026-11-28: a run of c4ef886 recorded an older HEAD), so the sender
+    names the commit. $HYDRALM_GIT_SHA, its earlier name, is still read. Run directories and the benchmark
+    record (benchmarks/record.py) both take their commit from here."""
+    for name in ("HYDRALM_COMMIT", "HYDRALM_GIT_SHA"):
+        if os.environ.get(name):
+            return os.environ[name]
+    run = dict(cwd=cwd, capture_output=True, text=True, timeout=10)
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], **run)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], **run)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if sha.returncode != 0:
