@@ -3,15 +3,18 @@
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [spec_decode] [retrieval] [retrieval_stream]
-[exactness] [gdn_block]`
+`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [decode_fused] [spec_decode] [retrieval]
+[retrieval_stream] [exactness] [gdn_block]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends; GPU_CHECK_RETRIEVAL_SHAPES=n
-checks the retrieval kernels on the first n of their shapes only).
+checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
+decoder on the fused Gated DeltaNet step).
 """
 
+import contextlib
 import json
 import os
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -355,24 +358,73 @@ def _decode_model(device: str, **overrides):
     return HydraLM(cfg).to(device).eval()
 
 
+@contextlib.contextmanager
+def _env(name: str, value: Optional[str]):
+    """Set (or, for None, unset) one environment switch for the duration of the block."""
+    previous = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def check_static_decode(device: str) -> None:
     """StaticDecoder eager and as a CUDA graph (compile_mode="reduce-overhead") vs model.step, fp32, 150 steps
-    through chunk completion, compression, eviction and the SWA ring's wrap."""
+    through chunk completion, compression, eviction and the SWA ring's wrap. The decoder runs on the switches
+    given (HYDRALM_DECODE=fused: the fused Gated DeltaNet step); model.step, the reference, on the PyTorch step."""
     from hydralm import StaticDecoder
     from hydralm.state import clone_state
 
     torch.backends.cuda.matmul.allow_tf32 = False
+    decode = os.environ.get("HYDRALM_DECODE")
     model = _decode_model(device)
     out = model(torch.randint(0, 256, (2, 40), device=device), return_state=True)
     for name, kwargs in (("eager", {}), ("CUDA graph", dict(compile=True, compile_mode="reduce-overhead"))):
         decoder, state = StaticDecoder(model, out["state"], **kwargs), clone_state(out["state"])
         token, worst, scale = out["logits"][:, -1].argmax(-1), 0.0, 0.0
         for _ in range(150):
-            expected, state = model.step(token, state)
-            got = decoder.step(token)
+            with _env("HYDRALM_DECODE", "torch"):
+                expected, state = model.step(token, state)
+            with _env("HYDRALM_DECODE", decode):
+                got = decoder.step(token)
             worst, scale = max(worst, float((got - expected).abs().max())), max(scale, float(expected.abs().max()))
             token = expected.argmax(-1)
-        _record(f"StaticDecoder {name} logits vs model.step (max abs / max |logit|)", worst / scale, 1e-4)
+        label = f"StaticDecoder {name}{' (fused GDN step)' if decode == 'fused' else ''} logits vs model.step"
+        _record(f"{label} (max abs / max |logit|)", worst / scale, 1e-4)
+
+
+@torch.no_grad()
+def check_decode_fused(device: str) -> None:
+    """The fused Gated DeltaNet decode step (HYDRALM_DECODE=fused) vs the PyTorch step on one 160m-sized layer
+    (d 768, H 12, D 64), batch 4, 64 tokens from a random state, fp32 (IEEE matmuls) and bf16."""
+    from hydralm import HydraConfig
+    from hydralm.modules.gated_deltanet import GatedDeltaNet
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        layer = GatedDeltaNet(HydraConfig(d_model=768, n_heads=12, vocab_size=256)).to(device, dtype)
+        state = layer.init_state(4, device=device, dtype=dtype)
+        state.S.normal_()
+        state.conv.normal_()
+        xs = torch.randn(64, 4, 768, device=device, dtype=dtype)
+        results = {}
+        for backend in ("torch", "fused"):
+            with _env("HYDRALM_DECODE", backend):
+                s, ys = state, []
+                for x_t in xs:
+                    y, s = layer.step(x_t, s)
+                    ys.append(y)
+            results[backend] = (torch.stack(ys), s.S)
+        for i, part in enumerate(("outputs", "state")):
+            _record(f"fused GDN step vs PyTorch step, {str(dtype)[6:]} 64 tokens: {part}",
+                    _rel(results["fused"][i], results["torch"][i]), tol)  # fmt: skip
 
 
 @torch.no_grad()
@@ -538,6 +590,7 @@ def main() -> int:
         "fla",
         "flex",
         "static_decode",
+        "decode_fused",
         "spec_decode",
         "retrieval",
         "retrieval_stream",
@@ -549,6 +602,7 @@ def main() -> int:
         "fla": check_fla,
         "flex": check_flex,
         "static_decode": check_static_decode,
+        "decode_fused": check_decode_fused,
         "spec_decode": check_spec_decode,
         "retrieval": check_retrieval,
         "retrieval_stream": check_retrieval_stream,

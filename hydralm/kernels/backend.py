@@ -30,6 +30,13 @@ HYDRALM_GDN_MODULES = auto | torch | fla
     auto = torch: fla's modules are opt-in until `python -m benchmarks.gpu_check gdn_block` (which compares the
     two on the GPU) has passed; on an H200 at 002f736 it had printed no row after 115 s.
 
+HYDRALM_DECODE = auto | torch | fused
+    The one-token step of Gated DeltaNet layers (decoding, StaticDecoder graphs, speculative drafts). fused: one
+    Triton kernel per layer and token from the input projection's output to the output projection's input
+    (kernels/delta_rule/triton_decode.py) instead of a few dozen small PyTorch kernels; fp32 states only (an
+    fp64 state takes the PyTorch step). auto = torch until `HYDRALM_DECODE=fused python -m benchmarks.gpu_check
+    static_decode` has passed on the GPU.
+
 HYDRALM_CROSS_ENTROPY = auto | torch | liger | fla
     The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
     logits are recomputed in backward, never held for the whole batch). liger / fla: liger-kernel's or
@@ -55,6 +62,7 @@ ATTENTION_CHOICES = ("auto", "torch", "flex")
 RETRIEVAL_CHOICES = ("auto", "torch", "flex", "triton")
 DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
 CROSS_ENTROPY_CHOICES = ("auto", "torch", "liger", "fla")
+DECODE_CHOICES = ("auto", "torch", "fused")
 GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 
 
@@ -153,6 +161,19 @@ def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
     # auto: our fused Triton kernels on CUDA. fla's forward is not picked by auto: under bf16 autocast its
     # recompute_w_u kernel failed on the GPU machine (fp32 A against bf16 v).
     return "fused" if triton_usable and is_cuda else "torch"
+
+
+def decode_backend(is_cuda: bool) -> str:
+    """'fused' or 'torch' for the one-token step of Gated DeltaNet layers."""
+    choice = _choice("HYDRALM_DECODE", DECODE_CHOICES)
+    if choice != "fused":  # auto: the PyTorch step until the fused one passes the GPU check (module docstring)
+        return "torch"
+    if not (triton_available() and (is_cuda or interpreting())):
+        raise RuntimeError(
+            "HYDRALM_DECODE=fused needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+            "unset it to use the PyTorch step"
+        )
+    return "fused"
 
 
 def deltanet_compile() -> bool:

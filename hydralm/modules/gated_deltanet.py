@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
-from hydralm.kernels.backend import gdn_modules_backend
+from hydralm.kernels.backend import decode_backend, gdn_modules_backend
 from hydralm.kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
 from hydralm.kernels.fla_modules import fla_gated_rms_norm, fla_l2norm
 from hydralm.modules.mixer import Counter, LayerState, Trail
@@ -128,12 +128,25 @@ class GatedDeltaNet(nn.Module):
 
     def step(self, x_t: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, DeltaNetState]:
         """x_t (B, d_model) -> (B, d_model); O(1) in the sequence length."""
+        if state.S.dtype == torch.float32 and decode_backend(x_t.is_cuda) == "fused":
+            return self._step_fused(x_t, state)
         qkv, a, b, gate = self._project(x_t)
         qkv, conv_cache = self.conv.step(qkv, state.conv)
         q, k, v = self._split_heads(qkv, fla=False)  # (B, H, D)
         g, beta = self._gates(a, b)
         o, S = delta_rule_step(q, k, v, g, beta, state.S)
         return self._output(o.to(x_t.dtype), gate, fla=False), DeltaNetState(S=S, conv=conv_cache)
+
+    def _step_fused(self, x_t: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, DeltaNetState]:
+        """``step`` with everything between the two projections in one Triton kernel (HYDRALM_DECODE=fused)."""
+        from hydralm.kernels.delta_rule.triton_decode import gated_deltanet_step_fused
+
+        o, S, conv = gated_deltanet_step_fused(
+            self.in_proj(x_t), state.conv, self.conv.weight, self.A_log, self.dt_bias, state.S,
+            self.out_norm.weight, self.n_heads, self.head_dim, self.out_norm.eps, self.norm_qk, self.use_gate,
+            out_dtype=x_t.dtype,
+        )  # fmt: skip
+        return self.out(o), DeltaNetState(S=S, conv=conv)
 
     def step_many(self, x: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, Trail]:
         """x (B, T, d_model) -> (y (B, T, d_model), trail): T steps with one pass over the projections. The

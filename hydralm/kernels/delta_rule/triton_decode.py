@@ -1,0 +1,136 @@
+"""One decode step of a Gated DeltaNet layer as one Triton kernel (backend HYDRALM_DECODE=fused).
+
+The PyTorch step (``GatedDeltaNet.step``) launches a few dozen small kernels per layer and token: the short
+conv over its cache, SiLU, the q/k L2 norms, the gates, the delta-rule update and readout, the gated RMSNorm.
+At batch 1 a CUDA-graph decode step is bound by those launches, not by reading the weights. Here everything
+between the input projection's output and the output projection's input is one program per (row, head):
+
+    conv window [cache | x_t] . w  -> SiLU -> q, k L2-normalised (eps 1e-6), v
+    g = -exp(A_log) softplus(a + dt_bias), beta = sigmoid(b)
+    S <- exp(g) (S - beta k (k^T S)) + beta k v^T        (fp32, D x D in registers)
+    o = D^-1/2 q^T S, rounded to the projection's dtype, then RMSNorm * weight (* SiLU(gate))
+
+Same formulas and order as the PyTorch step (the test oracle, tests/test_gdn_decode_fused.py). The new state and
+conv cache are new tensors: callers that keep the old state (speculative rollback) still can.
+"""
+
+from typing import Tuple
+
+import torch
+
+from hydralm.kernels.triton_common import tl, triton
+
+SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus: x above it is returned as is
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_silu(
+        proj, cache, conv_w, cache_out, row, c0, d, m,
+        stride_pb, stride_cb, stride_ct, stride_ob, stride_ot,
+        K: tl.constexpr,
+    ):  # fmt: skip
+        """SiLU of the causal conv at the newest token for channels c0 + d; shifts the cache into cache_out."""
+        x = tl.load(proj + row * stride_pb + c0 + d, mask=m, other=0.0)
+        acc = x.to(tl.float32) * tl.load(conv_w + (c0 + d) * K + (K - 1), mask=m, other=0.0).to(tl.float32)
+        for j in tl.static_range(K - 1):
+            past = tl.load(cache + row * stride_cb + j * stride_ct + c0 + d, mask=m, other=0.0).to(x.dtype)
+            acc += past.to(tl.float32) * tl.load(conv_w + (c0 + d) * K + j, mask=m, other=0.0).to(tl.float32)
+            if j > 0:
+                tl.store(cache_out + row * stride_ob + (j - 1) * stride_ot + c0 + d, past, mask=m)
+        if K > 1:
+            tl.store(cache_out + row * stride_ob + (K - 2) * stride_ot + c0 + d, x, mask=m)
+        y = acc.to(x.dtype).to(tl.float32)  # the PyTorch step's conv output is in the projection's dtype
+        return (y * tl.sigmoid(y)).to(x.dtype).to(tl.float32)
+
+    @triton.jit
+    def _gdn_step_kernel(
+        proj, cache, conv_w, A_log, dt_bias, S, norm_w, out, S_out, cache_out,
+        stride_pb, stride_cb, stride_ct, stride_ob, stride_ot,
+        H, D, norm_eps, scale,
+        K: tl.constexpr, BLOCK_D: tl.constexpr, NORM_QK: tl.constexpr, USE_GATE: tl.constexpr,
+    ):  # fmt: skip
+        row, h = tl.program_id(0), tl.program_id(1)
+        d = tl.arange(0, BLOCK_D)
+        m = d < D
+        HD = H * D
+        q = _conv_silu(proj, cache, conv_w, cache_out, row, h * D, d, m,
+                       stride_pb, stride_cb, stride_ct, stride_ob, stride_ot, K)  # fmt: skip
+        k = _conv_silu(proj, cache, conv_w, cache_out, row, HD + h * D, d, m,
+                       stride_pb, stride_cb, stride_ct, stride_ob, stride_ot, K)  # fmt: skip
+        v = _conv_silu(proj, cache, conv_w, cache_out, row, 2 * HD + h * D, d, m,
+                       stride_pb, stride_cb, stride_ct, stride_ob, stride_ot, K)  # fmt: skip
+        if NORM_QK:  # F.normalize: x / max(|x|, eps), in the projection's dtype
+            dtype = proj.dtype.element_ty
+            q = (q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-6)).to(dtype).to(tl.float32)
+            k = (k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-6)).to(dtype).to(tl.float32)
+
+        a = tl.load(proj + row * stride_pb + 3 * HD + h).to(tl.float32) + tl.load(dt_bias + h).to(tl.float32)
+        softplus = tl.where(a > SOFTPLUS_THRESHOLD, a, tl.log(1.0 + tl.exp(a)))
+        decay = tl.exp(-tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus)
+        beta = tl.sigmoid(tl.load(proj + row * stride_pb + 3 * HD + H + h).to(tl.float32))
+
+        tile = ((row * H + h) * D + d[:, None]) * D + d[None, :]  # S[row, h] is (D_k, D_v), row-major
+        tile_mask = m[:, None] & m[None, :]
+        state = tl.load(S + tile, mask=tile_mask, other=0.0)
+        kS = tl.sum(k[:, None] * state, 0)  # k^T S
+        state = decay * (state - beta * k[:, None] * kS[None, :]) + beta * k[:, None] * v[None, :]
+        tl.store(S_out + tile, state, mask=tile_mask)
+
+        o = scale * tl.sum(q[:, None] * state, 0)
+        o = o.to(out.dtype.element_ty).to(tl.float32)  # the PyTorch step normalises o in the layer input's dtype
+        rstd = 1.0 / tl.sqrt(tl.sum(o * o, 0) / D + norm_eps)
+        y = o * rstd * tl.load(norm_w + d, mask=m, other=0.0).to(tl.float32)
+        if USE_GATE:
+            gate = tl.load(proj + row * stride_pb + 3 * HD + 2 * H + h * D + d, mask=m, other=0.0).to(tl.float32)
+            y = y * gate * tl.sigmoid(gate)
+        tl.store(out + row * HD + h * D + d, y, mask=m)
+
+
+@torch.library.custom_op("hydralm::gated_deltanet_step", mutates_args=())
+def gated_deltanet_step_fused(
+    proj: torch.Tensor,
+    cache: torch.Tensor,
+    conv_weight: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    S: torch.Tensor,
+    norm_weight: torch.Tensor,
+    n_heads: int,
+    head_dim: int,
+    norm_eps: float,
+    norm_qk: bool,
+    use_gate: bool,
+    out_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """proj (B, 3 H D + 2 H [+ H D]) the input projection's output for one token; cache (B, K - 1, 3 H D);
+    conv_weight (3 H D, 1, K); S (B, H, D, D) fp32; out_dtype the layer input's dtype (the PyTorch step rounds
+    the delta-rule output to it before the norm). Returns (o (B, H D) for the output projection, new S, new
+    cache), all new tensors. A custom op: torch.compile(fullgraph=True) (the StaticDecoder's graphs) keeps it as
+    one opaque call."""
+    B, H, D = proj.shape[0], n_heads, head_dim
+    K = conv_weight.shape[-1]
+    proj, cache, S = proj.contiguous(), cache.contiguous(), S.contiguous()
+    out, S_out, cache_out = _outputs(proj, S, n_heads, head_dim, K, out_dtype)
+    _gdn_step_kernel[(B, H)](
+        proj, cache, conv_weight.reshape(3 * H * D, K).contiguous(), A_log, dt_bias, S, norm_weight,
+        out, S_out, cache_out,
+        proj.stride(0), cache.stride(0), cache.stride(1), cache_out.stride(0), cache_out.stride(1),
+        H, D, norm_eps, D**-0.5,
+        K=K, BLOCK_D=triton.next_power_of_2(D), NORM_QK=norm_qk, USE_GATE=use_gate,
+    )  # fmt: skip
+    return out, S_out, cache_out
+
+
+def _outputs(proj, S, n_heads, head_dim, K, out_dtype):
+    B, inner = proj.shape[0], n_heads * head_dim
+    out = torch.empty(B, inner, device=proj.device, dtype=out_dtype)
+    cache_out = torch.empty(B, K - 1, 3 * inner, device=proj.device, dtype=proj.dtype)
+    return out, torch.empty_like(S, memory_format=torch.contiguous_format), cache_out
+
+
+@gated_deltanet_step_fused.register_fake
+def _(proj, cache, conv_weight, A_log, dt_bias, S, norm_weight, n_heads, head_dim, norm_eps, norm_qk, use_gate,
+      out_dtype):  # fmt: skip
+    return _outputs(proj, S, n_heads, head_dim, conv_weight.shape[-1], out_dtype)

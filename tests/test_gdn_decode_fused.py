@@ -1,0 +1,127 @@
+"""The fused Gated DeltaNet decode step (HYDRALM_DECODE=fused, kernels/delta_rule/triton_decode.py) against the
+PyTorch step it replaces, on fresh random weights, states and inputs. Off GPU the kernel runs in Triton's CPU
+interpreter (conftest.py). Tolerances: fp32 1e-5 relative to the largest value (the same formulas, other
+summation order); bf16 2e-2 (roundings at other places)."""
+
+import pytest
+import torch
+
+from hydralm import HydraConfig, HydraLM
+from hydralm.kernels.triton_common import triton_available
+from hydralm.modules.gated_deltanet import GatedDeltaNet
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="the `triton` package is a dev dependency")
+
+
+def _layer(n_heads, head_dim, use_gate=True, norm_qk=True, kernel=4):
+    cfg = HydraConfig(
+        d_model=40, n_heads=n_heads, head_dim=head_dim, dn_use_gate=use_gate, dn_norm_qk=norm_qk,
+        dn_short_conv_kernel=kernel, vocab_size=32,
+    )  # fmt: skip
+    layer = GatedDeltaNet(cfg)
+    with torch.no_grad():  # non-trivial norm weights and decay parameters
+        layer.out_norm.weight.uniform_(0.5, 1.5)
+        layer.A_log.uniform_(-1, 1)
+    return layer
+
+
+def _state(layer, B, dtype=torch.float32):
+    state = layer.init_state(B, dtype=dtype)
+    state.S.normal_()
+    state.conv.normal_()
+    return state
+
+
+def _steps(layer, xs, state, backend, monkeypatch):
+    monkeypatch.setenv("HYDRALM_DECODE", backend)
+    ys = []
+    for x_t in xs:
+        y, state = layer.step(x_t, state)
+        ys.append(y)
+    return torch.stack(ys), state
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize(
+    "n_heads, head_dim, use_gate, norm_qk, kernel",
+    [(2, 16, True, True, 4), (3, 24, False, True, 4), (2, 20, True, False, 2), (1, 64, True, True, 1)],
+)
+def test_fused_step_equals_the_pytorch_step_over_several_tokens(n_heads, head_dim, use_gate, norm_qk, kernel,
+                                                                  monkeypatch):  # fmt: skip
+    torch.manual_seed(0)
+    layer = _layer(n_heads, head_dim, use_gate, norm_qk, kernel)
+    state = _state(layer, B=2)
+    xs = torch.randn(3, 2, 40)
+    with torch.no_grad():
+        y_ref, s_ref = _steps(layer, xs, state, "torch", monkeypatch)
+        y, s = _steps(layer, xs, state, "fused", monkeypatch)
+    assert _rel(y, y_ref) < 1e-5
+    assert _rel(s.S, s_ref.S) < 1e-5
+    assert s.conv.shape == s_ref.conv.shape and _rel(s.conv, s_ref.conv) < 1e-6 if kernel > 1 else True
+    assert state.S.abs().max() > 0 and not torch.equal(state.S, s.S)  # the caller's state is left as it was
+
+
+def test_the_comparison_fails_when_the_gate_is_off(monkeypatch):
+    """Sabotage: a fused step with dt_bias moved by 0.05 (a wrong decay) is caught by the fp32 bound."""
+    torch.manual_seed(1)
+    layer = _layer(2, 16)
+    state = _state(layer, B=2)
+    xs = torch.randn(3, 2, 40)
+    with torch.no_grad():
+        y_ref, _ = _steps(layer, xs, state, "torch", monkeypatch)
+        layer.dt_bias += 0.05
+        y, _ = _steps(layer, xs, state, "fused", monkeypatch)
+    assert _rel(y, y_ref) > 1e-4
+
+
+def test_fused_step_in_bf16(monkeypatch):
+    torch.manual_seed(2)
+    layer = _layer(2, 32).to(torch.bfloat16)
+    state = layer.init_state(2, dtype=torch.bfloat16)
+    state.S.normal_()
+    state.conv.normal_()
+    xs = torch.randn(4, 2, 40, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y_ref, s_ref = _steps(layer, xs, state, "torch", monkeypatch)
+        y, s = _steps(layer, xs, state, "fused", monkeypatch)
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and s.S.dtype == torch.float32
+    assert _rel(y, y_ref) < 2e-2 and _rel(s.S, s_ref.S) < 2e-2
+
+
+def test_model_decoding_with_the_fused_step_gives_the_parallel_logits(monkeypatch):
+    """C1 with the fused step: a model's step-by-step logits equal its parallel forward to 1e-4 (fp32)."""
+    torch.manual_seed(3)
+    cfg = HydraConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=2, layer_types=["deltanet", "swa", "deltanet"],
+                      swa_window=8, dn_chunk_size=8, initializer_range=0.2)  # fmt: skip
+    model = HydraLM(cfg).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    monkeypatch.setenv("HYDRALM_DECODE", "fused")
+    import hydralm.kernels.delta_rule.triton_decode as fused
+
+    calls, kernel = [], fused.gated_deltanet_step_fused
+    monkeypatch.setattr(fused, "gated_deltanet_step_fused", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    with torch.no_grad():
+        parallel = model(ids)["logits"]
+        state, steps = model.init_state(2), []
+        for t in range(ids.shape[1]):
+            logits, state = model.step(ids[:, t], state)
+            steps.append(logits)
+    assert (torch.stack(steps, 1) - parallel).abs().max() < 1e-4
+    assert len(calls) == 2 * ids.shape[1]  # both DeltaNet layers took the fused step at every token
+
+
+def test_the_fused_step_compiles_in_one_graph(monkeypatch):
+    """A custom op: the StaticDecoder's torch.compile(fullgraph=True) keeps it as one call (aot_eager here; the
+    CUDA graph on a GPU is `HYDRALM_DECODE=fused python -m benchmarks.gpu_check static_decode`)."""
+    torch.manual_seed(4)
+    layer = _layer(2, 16)
+    state = _state(layer, B=2)
+    x_t = torch.randn(2, 40)
+    monkeypatch.setenv("HYDRALM_DECODE", "fused")
+    with torch.no_grad():
+        eager_y, eager_state = layer.step(x_t, state)
+        compiled_y, compiled_state = torch.compile(layer.step, fullgraph=True, backend="aot_eager")(x_t, state)
+    assert torch.equal(compiled_y, eager_y) and torch.equal(compiled_state.S, eager_state.S)
