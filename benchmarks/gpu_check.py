@@ -559,9 +559,7 @@ def check_gdn_block(device: str) -> None:
         print(f"      gdn_block {modules} {dtype} ran ({time.perf_counter() - started:.0f} s so far)", flush=True)
         return y, state.S, grads
 
-    previous_deltanet = os.environ.get("HYDRALM_DELTANET")
-    os.environ["HYDRALM_DELTANET"] = "torch"
-    try:
+    with _env("HYDRALM_DELTANET", "torch"), _env("HYDRALM_GDN_MODULES", None):  # run() sets the latter
         ref = run("torch", torch.float32)
         for key in wanted:
             modules, dtype, tol = variants[key]
@@ -571,12 +569,6 @@ def check_gdn_block(device: str) -> None:
             _record(f"{label} final state", _rel(state, ref[1]), tol)
             for name, ga, gb in zip(names, grads, ref[2]):
                 _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
-    finally:
-        os.environ.pop("HYDRALM_GDN_MODULES", None)
-        if previous_deltanet is None:
-            os.environ.pop("HYDRALM_DELTANET", None)
-        else:
-            os.environ["HYDRALM_DELTANET"] = previous_deltanet
 
 
 def main() -> int:
