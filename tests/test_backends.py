@@ -122,3 +122,17 @@ def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
     assert backend.gdn_modules_backend(is_cuda=True) == "torch"  # fla's modules: opt-in until their GPU check
     monkeypatch.setenv("HYDRALM_GDN_MODULES", "fla")
     assert backend.gdn_modules_backend(is_cuda=True) == "fla"
+
+
+def test_the_decode_switch_picks_the_fused_step_only_when_asked(monkeypatch):
+    for name in ("HYDRALM_DECODE", "TRITON_INTERPRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    assert backend.decode_backend(is_cuda=True) == "torch"  # auto: the PyTorch step until its GPU check
+    monkeypatch.setenv("HYDRALM_DECODE", "fused")
+    assert backend.decode_backend(is_cuda=True) == "fused"
+    with pytest.raises(RuntimeError, match="HYDRALM_DECODE=fused needs"):
+        backend.decode_backend(is_cuda=False)
+    monkeypatch.setenv("HYDRALM_DECODE", "fast")
+    with pytest.raises(ValueError, match="HYDRALM_DECODE='fast' is invalid"):
+        backend.decode_backend(is_cuda=True)
