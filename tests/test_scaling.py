@@ -2,9 +2,14 @@
 
 import json
 
+import pytest
+
 from benchmarks import scaling
 
 
+# ~50 s of process start-ups on 2 cores; DDP = one process and DDP resume stay in the default suite
+# (tests/test_train.py, ddp_sim).
+@pytest.mark.slow
 def test_scaling_script_compares_one_process_with_ddp_and_a_resumed_ddp_run(tmp_path):
     common = ["--cpu", "--steps", "4", "--global-batch", "4", "--out", str(tmp_path)]
     overrides = ["--", "model=tiny", "data.task_kwargs.seq_len=64"]
