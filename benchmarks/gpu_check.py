@@ -38,6 +38,23 @@ def _record(name: str, err: float, tol: float, measure: str = "rel err") -> None
     print(f"{'PASS' if err <= tol else 'FAIL'}  {name:58s} {measure} {err:.2e}  (tol {tol:.0e})", flush=True)
 
 
+@contextlib.contextmanager
+def _env(name: str, value: Optional[str]):
+    """Set (or, for None, unset) one environment switch for the duration of the block."""
+    previous = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def _grads(fn, inputs, weight):
     out = fn(*inputs)
     out = out[0] if isinstance(out, tuple) else out
@@ -167,11 +184,8 @@ def _reference_on_device(q, k, v, C, K):
             retrieval_top_k=K,
         )
     ).to(q.device)
-    os.environ["HYDRALM_ATTENTION"] = "torch"
-    try:
+    with _env("HYDRALM_ATTENTION", "torch"):
         return layer.attend(q, k, v)[0]
-    finally:
-        os.environ.pop("HYDRALM_ATTENTION")
 
 
 def check_retrieval(device: str) -> None:
@@ -275,24 +289,19 @@ def check_retrieval_stream(device: str, d_model: int = 768, heads: tuple = (12, 
     )
     ids = torch.randint(0, cfg.vocab_size, (2, tokens), device=device)
     cuts = sorted({0, tokens // 4, tokens // 4 + 1000, tokens // 2 + 7, tokens})
-    previous = os.environ.get("HYDRALM_RETRIEVAL")
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
         torch.manual_seed(0)
         model = HydraLM(cfg).to(device=device, dtype=dtype).eval()
         logits = {}
         for backend in ("torch", "triton"):
-            os.environ["HYDRALM_RETRIEVAL"] = backend
-            state, pieces = None, []
-            for a, b in zip(cuts, cuts[1:]):
-                out = model(ids[:, a:b], state=state, return_state=True)
-                state = out["state"]
-                pieces.append(out["logits"].float())
+            with _env("HYDRALM_RETRIEVAL", backend):
+                state, pieces = None, []
+                for a, b in zip(cuts, cuts[1:]):
+                    out = model(ids[:, a:b], state=state, return_state=True)
+                    state = out["state"]
+                    pieces.append(out["logits"].float())
             logits[backend] = torch.cat(pieces, dim=1)
         _record(f"retrieval stream {dtype} pieces {cuts}: kernels vs gather path logits", _rel(*logits.values()), tol)
-    if previous is None:
-        os.environ.pop("HYDRALM_RETRIEVAL", None)
-    else:
-        os.environ["HYDRALM_RETRIEVAL"] = previous
 
 
 def _routings(q, k, C, K) -> dict:
@@ -356,23 +365,6 @@ def _decode_model(device: str, **overrides):
         **overrides,
     )
     return HydraLM(cfg).to(device).eval()
-
-
-@contextlib.contextmanager
-def _env(name: str, value: Optional[str]):
-    """Set (or, for None, unset) one environment switch for the duration of the block."""
-    previous = os.environ.get(name)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = previous
 
 
 def check_static_decode(device: str) -> None:
@@ -550,16 +542,16 @@ def check_gdn_block(device: str) -> None:
     started = time.perf_counter()
 
     def run(modules: str, dtype: torch.dtype):
-        os.environ["HYDRALM_GDN_MODULES"] = modules
         inp = x.clone().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16):
+        bf16 = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype is torch.bfloat16)
+        with _env("HYDRALM_GDN_MODULES", modules), bf16:
             y, state = layer(inp)
         grads = torch.autograd.grad((y.float() * w).sum(), [inp, *layer.parameters()])
         torch.cuda.synchronize()
         print(f"      gdn_block {modules} {dtype} ran ({time.perf_counter() - started:.0f} s so far)", flush=True)
         return y, state.S, grads
 
-    with _env("HYDRALM_DELTANET", "torch"), _env("HYDRALM_GDN_MODULES", None):  # run() sets the latter
+    with _env("HYDRALM_DELTANET", "torch"):
         ref = run("torch", torch.float32)
         for key in wanted:
             modules, dtype, tol = variants[key]

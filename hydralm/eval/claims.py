@@ -474,7 +474,7 @@ def _run_overrides(entry: dict) -> List[str]:
         overrides.append(f"data.curriculum=[{phases}]")
     else:  # never the data config's default phases: they are sized for the default 128-token task
         overrides.append("data.curriculum=null")
-    return overrides + ([f"++trainer.max_time={entry['max_time']}"] if entry.get("max_time") else [])
+    return overrides
 
 
 @dataclass
