@@ -3,7 +3,8 @@
 Decoding is bound by host time per PyTorch call (docs/benchmarks.md), so this counts calls rather than
 FLOPs. After `context` random tokens (compressive memory on, as `speed decode` runs it) it prints
   * ms per `model.step` (median of 5 windows of 20 steps), and per `StaticDecoder.step` (fixed shapes;
-    with `compile`, also torch.compile'd: a CUDA graph on a GPU),
+    with `compile`, also torch.compile'd: a CUDA graph on a GPU); on a GPU (bf16) also the kernels of its
+    steps: how many per token, their GPU time against the wall time, the costliest,
   * aten calls per token, and per layer call of each mixer / MLP / RMSNorm,
   * a stateful forward over 1, 2 and 3 tokens against one step: what a speculative-decoding verification
     round costs in steps.
@@ -14,6 +15,7 @@ import collections
 import statistics
 import sys
 import time
+from typing import Dict
 
 import torch
 
@@ -29,6 +31,8 @@ def main(preset: str = "160m", context: int = 8192, d_model: int = 96, compile_s
     overrides = {} if d_model <= 0 else {"d_model": d_model}
     cfg = HydraConfig.from_preset(preset, memory=DECODE_MEMORY, **overrides)
     model = HydraLM(cfg).to(device).eval()
+    if device == "cuda":
+        model = model.bfloat16()  # as `speed decode_batched` decodes
     engine = StreamingEngine(model, chunk_size=min(context, 4096))
     token = torch.zeros(1, dtype=torch.long, device=device)
 
@@ -54,6 +58,8 @@ def main(preset: str = "160m", context: int = 8192, d_model: int = 96, compile_s
                 decoder.step(token)
             warm_s = time.perf_counter() - started
             ms = ms_per_call(lambda: decoder.step(token))
+            if device == "cuda":
+                _print_kernels(lambda: decoder.step(token), f"StaticDecoder{' compiled' if compiled else ''}")
             print(
                 f"StaticDecoder{' compiled' if compiled else ''}: {ms:.2f} ms per step = {step_ms / ms:.2f}x faster "
                 f"(warm-up {warm_s:.0f} s)",
@@ -78,6 +84,26 @@ def main(preset: str = "160m", context: int = 8192, d_model: int = 96, compile_s
     print("| part | calls per token | aten calls per call |\n|---|---|---|")
     for name in sorted(calls, key=lambda n: -aten[n] / calls[n]):
         print(f"| {name} | {calls[name] / 8:.0f} | {aten[name] / calls[name]:.0f} |", flush=True)
+
+
+def _print_kernels(step, label: str, steps: int = 10) -> None:
+    """The GPU kernels of `steps` decode steps (inside a CUDA graph too): count per step, GPU time per step
+    against the wall time, and the kernels that take the most time."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy_us = sum(e.device_time for e in kernels) / steps
+    print(f"{label}: {len(kernels) / steps:.0f} GPU kernels per step, {busy_us / 1000:.3f} ms of GPU time per step")
+    by_name: Dict[str, list] = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.device_time
+    print("| kernel | per step | us per step |\n|---|---|---|")
+    for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]:
+        print(f"| {name[:90]} | {count / steps:.0f} | {us / steps:.1f} |", flush=True)
 
 
 def _label_layers(model) -> set:

@@ -20,10 +20,10 @@ import torch
 
 from hydralm.kernels.triton_common import tl, triton
 
-SOFTPLUS_THRESHOLD = 20.0  # torch.nn.functional.softplus: x above it is returned as is
-
 
 if triton is not None:
+    # torch.nn.functional.softplus returns x as is above it; a kernel reads only constexpr globals
+    SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
     @triton.jit
     def _conv_silu(
