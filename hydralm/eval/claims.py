@@ -148,27 +148,25 @@ BUDGETS = {
             ],
         ),
         "c8": dict(seq_len=1 << 18, eval_samples=16),
-        # Recipe from two searches on the H200 (docs/claims.md, "C10 on the H200"): 34 value tokens (vocab 144),
-        # batch 32, a curriculum from 128 tokens up, and the answer-chunk routing loss only from step 1000 (reading
-        # is learned first: from step 0 it held the model near chance for 1250 steps); the model without retrieval
-        # layers trains on the same steps and data (the routing loss has nothing to apply to there).
+        # Recipe from a search on the H200 (docs/claims.md, "C10 on the H200"): 34 value tokens (vocab 144), batch 32,
+        # the answer-chunk routing loss, and a curriculum from 128 tokens up; the model without retrieval layers
+        # trains on the same steps and data (the routing loss has nothing to apply to there).
         "c10": dict(
             model="tiny",
-            model_overrides=FULL_MODEL
-            | dict(vocab_size=144, retrieval_routing_loss=1.0, retrieval_routing_loss_from=1000),
+            model_overrides=FULL_MODEL | dict(vocab_size=144, retrieval_routing_loss=1.0),
             seq_len=16384,
             facts=32,
             queries=8,
             key_len=1,  # training and scoring use one format (scoring once used RetrievalQA's default, 2)
             batch_size=32,
-            steps=2100,
+            steps=1900,
             eval_samples=32,
             dense=False,
             curriculum=[
                 dict(until_step=500, seq_len=128, num_facts=4, num_queries=4),
                 dict(until_step=1000, seq_len=512, num_facts=8),
-                dict(until_step=1700, seq_len=2048, num_facts=16),
-                dict(until_step=1900, seq_len=8192, num_facts=32),
+                dict(until_step=1500, seq_len=2048, num_facts=16),
+                dict(until_step=1700, seq_len=8192, num_facts=32),
             ],
         ),
         "trainer": "gpu",
