@@ -124,11 +124,18 @@ def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
     assert backend.gdn_modules_backend(is_cuda=True) == "fla"
 
 
-def test_the_decode_switch_picks_the_fused_step_only_when_asked(monkeypatch):
+def test_the_decode_switch_picks_the_fused_step_on_cuda(monkeypatch):
     for name in ("HYDRALM_DECODE", "TRITON_INTERPRET"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert backend.decode_backend(is_cuda=True) == "torch"  # auto: the PyTorch step until its GPU check
+    assert backend.decode_backend(is_cuda=True) == "fused"  # auto: fused on CUDA (its GPU check passed)
+    assert backend.decode_backend(is_cuda=False) == "torch"
+    monkeypatch.setenv("HYDRALM_DECODE", "torch")
+    assert backend.decode_backend(is_cuda=True) == "torch"
+    monkeypatch.setenv("HYDRALM_DECODE", "auto")
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    assert backend.decode_backend(is_cuda=True) == "torch"  # no triton: the PyTorch step
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
     monkeypatch.setenv("HYDRALM_DECODE", "fused")
     assert backend.decode_backend(is_cuda=True) == "fused"
     with pytest.raises(RuntimeError, match="HYDRALM_DECODE=fused needs"):

@@ -138,6 +138,21 @@ def test_topk_lowest_id_breaks_ties_towards_the_lowest_index():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_lowest_id_with_ids_breaks_ties_towards_the_lowest_id(dtype):
+    """Columns in ring order (the decode step's slots): ties go to the lowest id, not the lowest column; the
+    indices still point at columns. Fails if the ids are ignored (they are a shuffled, partly negative range)."""
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randint(-2, 3, (200, 23), generator=gen).to(dtype)
+    scores[:5] = float("-inf")
+    ids = torch.randperm(23, generator=gen) - 5
+    values, idx = topk_lowest_id(scores, 6, ids=ids)
+    for row in range(scores.shape[0]):
+        expected = sorted(range(23), key=lambda j: (-scores[row, j].item(), ids[j].item()))[:6]
+        assert idx[row].tolist() == expected
+        assert torch.equal(values[row], scores[row, expected])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("H,H_kv,C,top_k", [(4, 2, 4, 3), (2, 2, 8, 5)])
 def test_blocked_router_equals_route_tokens_and_the_reference_with_ties_forced(dtype, H, H_kv, C, top_k):
     """Queries and keys in {-1, 0, 1}: scores are small integers, computed exactly, with many exact ties; all

@@ -501,10 +501,10 @@ class RetrievalAttention(nn.Module):
         S, P = bank_k.shape[2], st.pool_k.shape[2]
 
         # Routing over [pool | bank] slots: a token of chunk c may pick chunks 0 .. c - 2 still held.
-        slot_ids = _ring_ids(c - 1, S, device)  # the chunk each bank slot holds (< 0: none)
+        slot_ids = ring_ids(c - 1, S, device)  # the chunk each bank slot holds (< 0: none)
         routable = (slot_ids >= 0) & (slot_ids <= c - 2)
         if P:  # compressed chunk j sits in pool slot j % P
-            pool_ids = _ring_ids(c - self.exact_chunks - 1, P, device)
+            pool_ids = ring_ids(c - self.exact_chunks - 1, P, device)
             routable = torch.cat([pool_ids >= 0, routable])
             slot_ids = torch.cat([pool_ids, slot_ids])
         B, H = q.shape[:2]
@@ -513,10 +513,8 @@ class RetrievalAttention(nn.Module):
         parts = [st.pool_summaries, summaries] if P else [summaries]
         scores = torch.cat([rows @ s.to(dtype).transpose(-1, -2)[:, :, None] for s in parts], dim=-1)
         scores = scores.reshape(B, H, 1, P + S).masked_fill(~routable, float("-inf"))
-        # ties go to the lowest chunk id, as in the parallel path: rank the slots by the chunk each one holds
-        by_id = slot_ids.argsort()
-        top, rank = topk_lowest_id(scores[..., by_id], min(self.top_k, P + S))
-        selected = by_id[rank]  # (B, H, 1, k) slots of [pool | bank]
+        # ties go to the lowest chunk id, as in the parallel path (not the lowest slot)
+        top, selected = topk_lowest_id(scores, min(self.top_k, P + S), ids=slot_ids)  # (B, H, 1, k) slots
         valid = torch.isfinite(top)
         if self.routing_log is not None:
             self.routing_log.append(ring_routing_entry(slot_ids[selected], valid, st, self.top_k))
@@ -606,9 +604,8 @@ class RetrievalAttention(nn.Module):
         rows = q.to(dtype).reshape(B, H // groups, groups, n, D)
         scores = torch.cat([rows @ s.to(dtype).transpose(-1, -2)[:, :, None] for s in parts], dim=-1)
         scores = scores.reshape(B, H, n, -1).masked_fill(~routable_mask, float("-inf"))
-        by_id = slot_ids.argsort()  # ties go to the lowest chunk id, as in step and the parallel path
-        top, rank = topk_lowest_id(scores[..., by_id], min(self.top_k, slot_ids.shape[0]))
-        selected = by_id[rank]  # (B, H, n, k) candidate indices
+        # ties go to the lowest chunk id, as in step and the parallel path
+        top, selected = topk_lowest_id(scores, min(self.top_k, slot_ids.shape[0]), ids=slot_ids)  # (B, H, n, k)
         valid = torch.isfinite(top)
         exact_k = gather_chunks(bank_k, selected, offset=P)  # (B, H, n, k, C, D); other picks masked
         exact_v = gather_chunks(bank_v, selected, offset=P)
@@ -803,13 +800,6 @@ def _ring(seq: torch.Tensor, first: int, capacity: int) -> torch.Tensor:
         return out
     slots = torch.arange(first, first + n, device=seq.device) % capacity
     return out.index_copy(2, slots, seq)
-
-
-def _ring_ids(last: Counter, capacity: int, device: torch.device) -> torch.Tensor:
-    """(capacity,) the id each slot of a ring holds when ids up to `last` were written in turn (id j in slot
-    j % capacity): the largest j <= last in the slot's class; negative where no id was written."""
-    slots = torch.arange(capacity, device=device)
-    return last - torch.remainder(last - slots, capacity)
 
 
 def _grow(bank: torch.Tensor, capacity: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ import torch
 
 from hydralm.kernels.triton_common import tl, triton
 
-
 if triton is not None:
     # torch.nn.functional.softplus returns x as is above it; a kernel reads only constexpr globals
     SOFTPLUS_THRESHOLD = tl.constexpr(20.0)

@@ -20,15 +20,25 @@ from typing import List, Optional, Tuple
 import torch
 
 
-def topk_lowest_id(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def topk_lowest_id(
+    scores: torch.Tensor, k: int, ids: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """torch.topk over the last dim with ties broken towards the lowest index: (values, indices), ordered by
     value descending, then index ascending. Needs no host synchronisation (CUDA-graph safe).
 
-    fp32 (and narrower) scores take one topk over an int64 key that orders by score, then by lowest index: the
-    score's bits mapped to an order-preserving int32 in the high half, (n - 1 - index) in the low half. Wider
-    scores take a slower exact path."""
+    ids: (n,) int64, an id per column (distinct among finite scores; e.g. the chunk each ring slot holds): ties
+    then go to the lowest id, and the order is value descending, then id ascending; indices still point into
+    `scores`. Cheaper than permuting the columns into id order (a sort per call).
+
+    fp32 (and narrower) scores take one topk over an int64 key that orders by score, then by lowest index (id):
+    the score's bits mapped to an order-preserving int32 in the high half, the reversed index (id) in the low
+    half. Wider scores take a slower exact path."""
     if scores.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return _topk_lowest_id_packed(scores.float(), k)
+        return _topk_lowest_id_packed(scores.float(), k, ids)
+    if ids is not None:
+        by_id = ids.argsort()
+        top, rank = topk_lowest_id(scores[..., by_id], k)
+        return top, by_id[rank]
     top, idx = scores.topk(k, dim=-1)
     kth = top[..., -1:]
     n_above = (top > kth).sum(-1, keepdim=True)  # every value above the k-th one is in `top`
@@ -46,13 +56,18 @@ def topk_lowest_id(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Te
     return values, idx.gather(-1, order)
 
 
-def _topk_lowest_id_packed(scores: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _topk_lowest_id_packed(
+    scores: torch.Tensor, k: int, ids: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     n = scores.shape[-1]
     bits = (scores + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0: equal scores, equal keys
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude bits (monotone int32)
-    low = n - 1 - torch.arange(n, device=scores.device, dtype=torch.int64)  # lower index, larger key
+    if ids is None:
+        low = n - 1 - torch.arange(n, device=scores.device, dtype=torch.int64)  # lower index, larger key
+    else:
+        low = 0xFFFFFFFF - (ids - ids.min())  # lower id, larger key (ids span less than 2^32)
     key = (ordered.to(torch.int64) << 32) | low
-    idx = n - 1 - (key.topk(k, dim=-1).values & 0xFFFFFFFF)
+    idx = key.topk(k, dim=-1).indices
     return scores.gather(-1, idx), idx
 
 
