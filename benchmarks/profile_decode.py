@@ -1,17 +1,20 @@
 """Profile batch-1 decoding: `python -m benchmarks.profile_decode [preset] [context] [d_model] [compile]`.
 
-Decoding is bound by host time per PyTorch call (docs/benchmarks.md), so this counts calls rather than
-FLOPs. After `context` random tokens (compressive memory on, as `speed decode` runs it) it prints
+Eager decoding is bound by host time per PyTorch call, so this counts calls; the CUDA-graph step is bound by
+its kernels' GPU time (docs/inference.md), so on a GPU it lists them. After `context` random tokens (compressive memory on, as `speed decode` runs it) it prints
   * ms per `model.step` (median of 5 windows of 20 steps), and per `StaticDecoder.step` (fixed shapes;
     with `compile`, also torch.compile'd: a CUDA graph on a GPU); on a GPU (bf16) also the kernels of its
     steps: how many per token, their GPU time against the wall time, the costliest,
   * aten calls per token, and per layer call of each mixer / MLP / RMSNorm,
   * a stateful forward over 1, 2 and 3 tokens against one step: what a speculative-decoding verification
     round costs in steps.
+`BENCH_COMPILE_MODE` (default reduce-overhead; max-autotune also graph-captures) is the compiled step's mode on
+a GPU.
 `d_model` narrows the preset (same layer schedule) so that the matmuls do not hide the host time on a CPU.
 """
 
 import collections
+import os
 import statistics
 import sys
 import time
@@ -51,7 +54,10 @@ def main(preset: str = "160m", context: int = 8192, d_model: int = 96, compile_s
                 model,
                 state,
                 compile=compiled,
-                compile_mode="reduce-overhead" if compiled and device == "cuda" else None,
+                # max-autotune also graph-captures and tunes Triton templates against cuBLAS for the one-row matmuls
+                compile_mode=os.environ.get("BENCH_COMPILE_MODE", "reduce-overhead")
+                if compiled and device == "cuda"
+                else None,
             )
             started = time.perf_counter()
             for _ in range(20):  # warm-up (and compilation)
