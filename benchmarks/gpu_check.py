@@ -3,11 +3,11 @@
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [decode_fused] [spec_decode] [retrieval]
-[retrieval_stream] [exactness] [gdn_block]`
+`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [decode_fused] [decode_linear] [spec_decode]
+[retrieval] [retrieval_stream] [exactness] [gdn_block]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
-decoder on the fused Gated DeltaNet step).
+decoder on the fused Gated DeltaNet step, HYDRALM_DECODE_LINEAR=gemv on the decode GEMV).
 """
 
 import contextlib
@@ -420,6 +420,24 @@ def check_decode_fused(device: str) -> None:
 
 
 @torch.no_grad()
+def check_decode_linear(device: str) -> None:
+    """The decode GEMV (HYDRALM_DECODE_LINEAR=gemv) vs F.linear on the 160m model's projection shapes (N x K),
+    1, 3 and 16 rows, fp32 (IEEE matmuls) and bf16."""
+    from hydralm.kernels.linear.triton_gemv import gemv
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    shapes = ((3096, 768), (4096, 768), (768, 2048), (768, 768))  # DeltaNet in, MLP up, MLP down, out
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+        worst = 0.0
+        for N, K in shapes:
+            weight = torch.randn(N, K, device=device, dtype=dtype)
+            for rows in (1, 3, 16):
+                x = torch.randn(rows, K, device=device, dtype=dtype)
+                worst = max(worst, _rel(gemv(x, weight), F.linear(x.double(), weight.double())))
+        _record(f"decode GEMV vs F.linear (fp64), {str(dtype)[6:]}, 160m shapes, 1/3/16 rows", worst, tol)
+
+
+@torch.no_grad()
 def check_exactness(device: str) -> None:
     """Claims C1 and C2 on the GPU's default paths (HYDRALM_* = auto), fp32 with IEEE matmuls: parallel forward vs
     chunked prefill vs step, at 2048 tokens (deltanet/swa/retrieval, 64-token chunks), with compressive memory (its
@@ -575,6 +593,7 @@ def main() -> int:
         "flex",
         "static_decode",
         "decode_fused",
+        "decode_linear",
         "spec_decode",
         "retrieval",
         "retrieval_stream",
@@ -587,6 +606,7 @@ def main() -> int:
         "flex": check_flex,
         "static_decode": check_static_decode,
         "decode_fused": check_decode_fused,
+        "decode_linear": check_decode_linear,
         "spec_decode": check_spec_decode,
         "retrieval": check_retrieval,
         "retrieval_stream": check_retrieval_stream,

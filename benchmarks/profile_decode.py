@@ -1,7 +1,8 @@
 """Profile batch-1 decoding: `python -m benchmarks.profile_decode [preset] [context] [d_model] [compile]`.
 
 Eager decoding is bound by host time per PyTorch call, so this counts calls; the CUDA-graph step is bound by
-its kernels' GPU time (docs/inference.md), so on a GPU it lists them. After `context` random tokens (compressive memory on, as `speed decode` runs it) it prints
+its kernels' GPU time (docs/inference.md), so on a GPU it lists them. After `context` random tokens (compressive
+memory on, as `speed decode` runs it) it prints
   * ms per `model.step` (median of 5 windows of 20 steps), and per `StaticDecoder.step` (fixed shapes;
     with `compile`, also torch.compile'd: a CUDA graph on a GPU); on a GPU (bf16) also the kernels of its
     steps: how many per token, their GPU time against the wall time, the costliest,

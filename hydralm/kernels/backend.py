@@ -38,6 +38,12 @@ HYDRALM_DECODE = auto | torch | fused
     `HYDRALM_DECODE=fused python -m benchmarks.gpu_check decode_fused static_decode spec_decode` passed on an
     H200 at 8e6833c (fp32 6.3e-7, bf16 4.9e-3; the CUDA-graph decoder within 7.2e-7 of `model.step`).
 
+HYDRALM_DECODE_LINEAR = auto | torch | gemv
+    The matmuls of a decode step (bias-free projections called without autograd on at most 16 rows): gemv runs
+    them as one Triton kernel that streams each weight once over many programs (kernels/linear/triton_gemv.py)
+    instead of cuBLAS's many-row tiles. auto = torch until `HYDRALM_DECODE_LINEAR=gemv python -m
+    benchmarks.gpu_check decode_linear static_decode` has passed on the GPU.
+
 HYDRALM_CROSS_ENTROPY = auto | torch | liger | fla
     The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
     logits are recomputed in backward, never held for the whole batch). liger / fla: liger-kernel's or
@@ -64,6 +70,7 @@ RETRIEVAL_CHOICES = ("auto", "torch", "flex", "triton")
 DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
 CROSS_ENTROPY_CHOICES = ("auto", "torch", "liger", "fla")
 DECODE_CHOICES = ("auto", "torch", "fused")
+DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv")
 GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 
 
@@ -177,6 +184,19 @@ def decode_backend(is_cuda: bool) -> str:
             "unset it to use the PyTorch step"
         )
     return "fused"
+
+
+def decode_linear_backend(is_cuda: bool) -> str:
+    """'gemv' or 'torch' for the few-row matmuls of decode steps."""
+    choice = _choice("HYDRALM_DECODE_LINEAR", DECODE_LINEAR_CHOICES)
+    if choice != "gemv":  # auto: F.linear until the GEMV passes the GPU check (module docstring)
+        return "torch"
+    if not (triton_available() and (is_cuda or interpreting())):
+        raise RuntimeError(
+            "HYDRALM_DECODE_LINEAR=gemv needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on "
+            "CPU); unset it to use F.linear"
+        )
+    return "gemv"
 
 
 def deltanet_compile() -> bool:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from hydralm.config import HydraConfig, config_error
+from hydralm.modules.linear import Linear
 
 
 def check_rotary_head_dim(cfg: HydraConfig, layer_type: str) -> None:
@@ -25,8 +26,8 @@ class AttentionProjections(nn.Module):
         self.head_dim = cfg.resolved_head_dim
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv_heads * self.head_dim
-        self.qkv = nn.Linear(cfg.d_model, self.q_size + 2 * self.kv_size, bias=False)
-        self.out = nn.Linear(self.q_size, cfg.d_model, bias=False)
+        self.qkv = Linear(cfg.d_model, self.q_size + 2 * self.kv_size, bias=False)
+        self.out = Linear(self.q_size, cfg.d_model, bias=False)
         self.out.residual_out = True  # scaled init, see HydraLM._init_weights
 
     @property

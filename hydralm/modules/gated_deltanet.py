@@ -28,6 +28,7 @@ from hydralm.config import HydraConfig
 from hydralm.kernels.backend import decode_backend, gdn_modules_backend
 from hydralm.kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
 from hydralm.kernels.fla_modules import fla_gated_rms_norm, fla_l2norm
+from hydralm.modules.linear import Linear
 from hydralm.modules.mixer import Counter, LayerState, Trail
 from hydralm.modules.rmsnorm import GatedRMSNorm, RMSNorm
 from hydralm.modules.short_conv import ShortConv
@@ -56,7 +57,7 @@ class GatedDeltaNet(nn.Module):
         inner = self.n_heads * self.head_dim
         # q k v | a (decay input) | b (write strength input) | output gate: one matmul, split after.
         self.split_sizes = [3 * inner, self.n_heads, self.n_heads] + ([inner] if self.use_gate else [])
-        self.in_proj = nn.Linear(cfg.d_model, sum(self.split_sizes), bias=False)
+        self.in_proj = Linear(cfg.d_model, sum(self.split_sizes), bias=False)
         self.conv = ShortConv(3 * inner, cfg.dn_short_conv_kernel)
         # Mamba-style decay parameters, kept out of weight decay by the optimizer (ndim 1).
         self.A_log = nn.Parameter(torch.empty(self.n_heads).uniform_(1, 16).log())
@@ -65,7 +66,7 @@ class GatedDeltaNet(nn.Module):
         self.out_norm = (
             GatedRMSNorm(self.head_dim, cfg.rms_eps) if self.use_gate else RMSNorm(self.head_dim, cfg.rms_eps)
         )
-        self.out = nn.Linear(inner, cfg.d_model, bias=False)
+        self.out = Linear(inner, cfg.d_model, bias=False)
         self.out.residual_out = True  # scaled init, see HydraLM._init_weights
 
     def init_state(self, batch_size: int, device=None, dtype=torch.float32) -> DeltaNetState:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.kernels.cross_entropy import linear_cross_entropy
+from hydralm.modules.linear import Linear
 from hydralm.modules.rmsnorm import RMSNorm
 
 
@@ -23,8 +24,8 @@ class MTPModule(nn.Module):
         rank = max(1, d_model // 4)
         self.hidden_norm = RMSNorm(d_model, eps)
         self.embed_norm = RMSNorm(d_model, eps)
-        self.gate_up = nn.Linear(2 * d_model, 2 * rank, bias=False)
-        self.down = nn.Linear(rank, d_model, bias=False)
+        self.gate_up = Linear(2 * d_model, 2 * rank, bias=False)
+        self.down = Linear(rank, d_model, bias=False)
         self.down.residual_out = True
         self.out_norm = RMSNorm(d_model, eps)  # before the shared LM head
 

@@ -1,0 +1,105 @@
+"""The decode GEMV (HYDRALM_DECODE_LINEAR=gemv, kernels/linear/triton_gemv.py) against F.linear, on fresh random
+inputs. Off GPU the kernel runs in Triton's CPU interpreter (conftest.py). Tolerances, relative to the largest
+output: fp32 1e-5 (the same products, another summation order); bf16 1e-2 (F.linear and the kernel both
+accumulate in fp32 and round the output once: they differ by about one bf16 rounding)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hydralm import HydraConfig, HydraLM
+from hydralm.kernels.triton_common import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="the `triton` package is a dev dependency")
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("shape, N", [((1, 300), 17), ((3, 64), 768), ((2, 8, 5), 40), ((16, 130), 9)])
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_gemv_equals_f_linear(shape, N, dtype, tol):
+    from hydralm.kernels.linear.triton_gemv import gemv
+
+    gen = torch.Generator().manual_seed(sum(shape) + N)
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    weight = torch.randn(N, shape[-1], generator=gen).to(dtype)
+    y = gemv(x, weight)
+    assert y.shape == (*shape[:-1], N) and y.dtype == dtype
+    assert _rel(y, F.linear(x.double(), weight.double())) < tol
+
+
+def test_the_comparison_fails_when_one_weight_row_is_off():
+    """Sabotage: a 1 % change in one of 768 weight rows is far outside the fp32 tolerance."""
+    from hydralm.kernels.linear.triton_gemv import gemv
+
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(1, 64, generator=gen), torch.randn(768, 64, generator=gen)
+    wrong = weight.clone()
+    wrong[500] *= 1.01
+    assert _rel(gemv(x, wrong), F.linear(x, weight)) > 10 * 1e-5
+
+
+def test_gemv_refuses_too_many_rows():
+    from hydralm.kernels.linear.triton_gemv import MAX_ROWS, gemv
+
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
+        gemv(torch.randn(MAX_ROWS + 1, 8), torch.randn(4, 8))
+
+
+def _model(seed=5):
+    torch.manual_seed(seed)
+    cfg = HydraConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=2, layer_types=["deltanet", "swa", "retrieval"],
+                      swa_window=8, dn_chunk_size=8, retrieval_chunk_size=4, retrieval_top_k=1, mtp_depth=1,
+                      initializer_range=0.2)  # fmt: skip
+    return HydraLM(cfg).eval()
+
+
+def test_decoding_with_the_gemv_gives_the_parallel_logits_and_training_never_takes_it(monkeypatch):
+    """C1 with every block projection on the GEMV (counted), and a training forward + backward (autograd on, many
+    rows) through F.linear with the switch set: the same loss and gradients as without it."""
+    model = _model()
+    ids = torch.randint(0, 50, (2, 10))
+    with torch.no_grad():
+        parallel = model(ids)["logits"]
+    import hydralm.kernels.linear.triton_gemv as kernel
+
+    calls, gemv = [], kernel.gemv
+    monkeypatch.setattr(kernel, "gemv", lambda *a: calls.append(1) or gemv(*a))
+    monkeypatch.setattr(kernel, "PROGRAMS", 4)  # wider column blocks: fewer programs for the CPU interpreter
+    monkeypatch.setenv("HYDRALM_DECODE_LINEAR", "gemv")
+    with torch.no_grad():
+        state, steps = model.init_state(2), []
+        for t in range(ids.shape[1]):
+            logits, state = model.step(ids[:, t], state)
+            steps.append(logits)
+    assert (torch.stack(steps, 1) - parallel).abs().max() < 1e-4
+    assert len(calls) == 3 * 4 * ids.shape[1]  # 3 blocks x (mixer in, mixer out, MLP up, MLP down) per token
+
+    model.train()
+    grads = {}
+    for backend in ("gemv", "torch"):
+        monkeypatch.setenv("HYDRALM_DECODE_LINEAR", backend)
+        model.zero_grad()
+        out = model(ids, labels=ids)
+        out["loss"].backward()
+        grads[backend] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert all(torch.equal(a, b) for a, b in zip(grads["gemv"], grads["torch"]))
+
+
+def test_the_gemv_compiles_in_one_graph(monkeypatch):
+    """A custom op: the StaticDecoder's torch.compile(fullgraph=True) keeps it as one call (aot_eager here; the
+    CUDA graph on a GPU is `gpu_check static_decode`)."""
+    from hydralm.modules.swiglu import SwiGLU
+
+    torch.manual_seed(6)
+    mlp = SwiGLU(24, 40)
+    x = torch.randn(2, 24)
+    monkeypatch.setenv("HYDRALM_DECODE_LINEAR", "gemv")
+    with torch.no_grad():
+        eager = mlp(x)
+        compiled = torch.compile(mlp, fullgraph=True, backend="aot_eager")(x)
+    assert torch.equal(compiled, eager)
+    assert _rel(eager, F.linear(F.silu(x @ mlp.gate_up.weight[:40].T) * (x @ mlp.gate_up.weight[40:].T),
+                                mlp.down.weight)) < 1e-5  # fmt: skip
