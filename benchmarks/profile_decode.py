@@ -1,4 +1,4 @@
-"""Profile batch-1 decoding: `python -m benchmarks.profile_decode [preset] [context] [d_model] [compile]`.
+"""Profile decoding: `python -m benchmarks.profile_decode [preset] [context] [d_model] [compile]`.
 
 Eager decoding is bound by host time per PyTorch call, so this counts calls; the CUDA-graph step is bound by
 its kernels' GPU time (docs/inference.md), so on a GPU it lists them. After `context` random tokens (compressive
@@ -9,8 +9,8 @@ memory on, as `speed decode` runs it) it prints
   * aten calls per token, and per layer call of each mixer / MLP / RMSNorm,
   * a stateful forward over 1, 2 and 3 tokens against one step: what a speculative-decoding verification
     round costs in steps.
-`BENCH_COMPILE_MODE` (default reduce-overhead; max-autotune also graph-captures) is the compiled step's mode on
-a GPU.
+`BENCH_DECODE_BATCH` (default 1) rows decode together; `BENCH_COMPILE_MODE` (default reduce-overhead;
+max-autotune also graph-captures) is the compiled step's mode on a GPU.
 `d_model` narrows the preset (same layer schedule) so that the matmuls do not hide the host time on a CPU.
 """
 
@@ -38,13 +38,14 @@ def main(preset: str = "160m", context: int = 8192, d_model: int = 96, compile_s
     if device == "cuda":
         model = model.bfloat16()  # as `speed decode_batched` decodes
     engine = StreamingEngine(model, chunk_size=min(context, 4096))
-    token = torch.zeros(1, dtype=torch.long, device=device)
+    batch = int(os.environ.get("BENCH_DECODE_BATCH", "1"))  # rows decoded together
+    token = torch.zeros(batch, dtype=torch.long, device=device)
 
     def ms_per_call(fn, calls: int = 20) -> float:
         return statistics.median(timed_windows(fn, calls, sync=sync))
 
     with torch.no_grad():
-        engine.process(torch.randint(0, cfg.vocab_size, (1, context), device=device))
+        engine.process(torch.randint(0, cfg.vocab_size, (batch, context), device=device))
         state = engine.state
         for _ in range(20):  # warm-up
             model.step(token, state)
@@ -73,7 +74,7 @@ def main(preset: str = "160m", context: int = 8192, d_model: int = 96, compile_s
                 flush=True,
             )
         for n in (1, 2, 3):
-            ids = torch.zeros(1, n, dtype=torch.long, device=device)
+            ids = torch.zeros(batch, n, dtype=torch.long, device=device)
             ms = ms_per_call(lambda: model(ids, state=state, return_state=True, return_hidden=True), 5)
             print(f"stateful forward over {n} token(s): {ms:.2f} ms = {ms / step_ms:.2f} steps", flush=True)
         ranges = _label_layers(model)
