@@ -137,3 +137,18 @@ def assert_states_close(a, b, atol: float) -> None:
                 torch.testing.assert_close(ca[key], cb[key], rtol=0, atol=atol, msg=f"{type(layer_a).__name__}.{key}")
             else:
                 assert ca[key] == cb[key], key
+
+
+def stored_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while fn() runs (what activation memory is)."""
+    import torch
+
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())

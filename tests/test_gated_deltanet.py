@@ -6,12 +6,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import stored_bytes
 
 from hydralm import HydraConfig, HydraLM
 from hydralm.modules import gated_deltanet, short_conv
 from hydralm.modules import rmsnorm as rmsnorm_module
 from hydralm.modules.gated_deltanet import GatedDeltaNet
-from hydralm.modules.rmsnorm import GatedRMSNorm
+from hydralm.modules.rmsnorm import GatedRMSNorm, RMSNorm
 
 LEGACY = Path(__file__).parent / "data" / "gdn_legacy_layout.pt"
 
@@ -65,11 +66,30 @@ def test_lean_gated_rmsnorm_matches_the_plain_expression_and_its_gradients():
     assert ((y.double() - expected[0]).norm() / expected[0].norm()) < 1e-2
 
 
+def test_lean_rmsnorm_matches_the_plain_expression_and_keeps_no_fp32_copy():
+    """The blocks' RMSNorm in training: the same value and gradients as the plain expression (fp64), and from an
+    fp32 residual stream it stores x and 1 / rms only (the plain expression also keeps x / rms, (..., d) fp32)."""
+    norm = RMSNorm(16).double()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(16, dtype=torch.float64))
+    x = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(3, 5, 16, dtype=torch.float64)
+    torch.testing.assert_close(norm(x), norm.reference(x), rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad((norm(x) * upstream).sum(), (x, norm.weight))
+    expected = torch.autograd.grad((norm.reference(x) * upstream).sum(), (x, norm.weight))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+    norm = norm.float()
+    x32 = x.detach().float().requires_grad_()
+    assert stored_bytes(lambda: norm.reference(x32)) - stored_bytes(lambda: norm(x32)) >= x.numel() * 4
+
+
 def test_lean_gated_rmsnorm_sabotage_is_caught(monkeypatch):
     """Dropping the mean term of the normalisation's backward must fail the gradient comparison."""
     norm, x, gate, upstream = _gated_norm_case()
     expected = _value_and_grads(norm.reference, norm, x, gate, upstream)
-    real_mean, real_function = torch.Tensor.mean, rmsnorm_module._GatedRMSNormFunction
+    real_mean, real_function = torch.Tensor.mean, rmsnorm_module._RMSNormFunction
 
     class Sabotaged(real_function):
         @staticmethod
@@ -80,7 +100,7 @@ def test_lean_gated_rmsnorm_sabotage_is_caught(monkeypatch):
             finally:
                 torch.Tensor.mean = real_mean
 
-    monkeypatch.setattr(rmsnorm_module, "_GatedRMSNormFunction", Sabotaged)
+    monkeypatch.setattr(rmsnorm_module, "_RMSNormFunction", Sabotaged)
     got = _value_and_grads(norm, norm, x, gate, upstream)
     assert not torch.allclose(got[1], expected[1], rtol=1e-6, atol=1e-8)
 
@@ -98,7 +118,7 @@ def _torch_stand_ins(monkeypatch):
     monkeypatch.setattr(
         gated_deltanet,
         "fla_gated_rms_norm",
-        lambda x, gate, weight, eps: rmsnorm_module._GatedRMSNormFunction.apply(x, gate, weight, eps),
+        lambda x, gate, weight, eps: rmsnorm_module._RMSNormFunction.apply(x, gate, weight, eps),
     )
 
 

@@ -4,6 +4,7 @@ other roundings), and 2 x hidden fewer values stored per token."""
 
 import torch
 import torch.nn.functional as F
+from helpers import stored_bytes
 
 from hydralm.modules.swiglu import SwiGLU
 
@@ -46,16 +47,5 @@ def test_backward_stores_two_hidden_widths_less_per_token():
     mlp = SwiGLU(32, hidden)
     x = torch.randn(3, 5, 32, requires_grad=True)
 
-    def stored_bytes(fn):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn(x)
-        return sum(storages.values())
-
-    saved = stored_bytes(lambda t: _plain(mlp, t)) - stored_bytes(mlp)
+    saved = stored_bytes(lambda: _plain(mlp, x)) - stored_bytes(lambda: mlp(x))
     assert saved == 2 * hidden * tokens * 4  # silu(gate) and the product, fp32
