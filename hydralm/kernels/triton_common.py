@@ -4,7 +4,6 @@ Triton is optional: without it (or off CUDA, unless ``TRITON_INTERPRET=1`` runs 
 interpreter, as the tests do) every op falls back to its PyTorch path.
 """
 
-import functools
 import os
 from typing import Tuple
 
@@ -18,8 +17,8 @@ except ImportError:  # the PyTorch paths need none of this
     tl = None
 
 
-@functools.lru_cache(maxsize=1)
 def triton_available() -> bool:
+    # a plain function, not cached: compiled decode steps call it, and dynamo warns at cached functions
     return triton is not None
 
 
