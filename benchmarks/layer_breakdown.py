@@ -103,8 +103,9 @@ def derived_rows(measured: dict, T: int, B: int) -> List[dict]:
     return rows
 
 
-def _record_layers(derived: List[dict]) -> None:
-    """layer_ms/<layer>/<T> into the benchmark record; retrieval's peer is the SWA layer of the same run."""
+def _record_layers(derived: List[dict], measured: dict, T: int) -> None:
+    """layer_ms/<layer>/<T> and the 2-layer models' peak_gib/<layer>-x2/<T> into the benchmark record;
+    retrieval's peer is the SWA layer (model) of the same run."""
     from benchmarks import record
 
     for row in derived:
@@ -112,6 +113,11 @@ def _record_layers(derived: List[dict]) -> None:
         if row["what"].endswith("layer + MLP"):
             peer = f"layer_ms/swa/{row['T']}" if layer == "retrieval" else None
             record.record(f"layer_ms/{layer}/{row['T']}", row["ms"], "ms", peer=peer)
+    for layer in ("swa", "retrieval"):
+        peak = measured.get((layer, 2), {}).get("peak_GiB")
+        if isinstance(peak, float):
+            peer = f"peak_gib/swa-x2/{T}" if layer == "retrieval" else None
+            record.record(f"peak_gib/{layer}-x2/{T}", peak, "GiB", peer=peer)
     record.write()
 
 
@@ -151,7 +157,9 @@ def main(argv: Optional[list] = None) -> int:
             torch.cuda.empty_cache()
         derived += derived_rows(measured, T, B)
         if not any(setup.values()):  # the default step is the one the record's layer_ms keys describe
-            _record_layers(derived_rows(measured, T, B))  # after each shape: a cut-off run keeps what it measured
+            _record_layers(
+                derived_rows(measured, T, B), measured, T
+            )  # after each shape: a cut-off run keeps what it measured
     _print_table(f"fwd+bwd, bf16 autocast {setup}", measured_rows, ["model", "T", "B", "ms", "peak_GiB"])
     _print_table("per layer, by difference (ms)", derived, ["what", "T", "B", "ms"])
     if os.environ.get("OUT"):

@@ -13,7 +13,8 @@ Columns (ms, median of triton.testing.do_bench):
   triton_routing      its routing and per-chunk lists alone (route_sequence + selection_csr)
 plus triton / swa, triton / flex, the Triton path's peak memory, and rel_diff_vs_flex (|triton - flex| / |flex|,
 a sanity check: bf16, and a near-tie may route one token differently in the two paths).
-Results also go to $OUT/retrieval_kernel.json when OUT is set.
+Results also go to $OUT/retrieval_kernel.json when OUT is set, and to the benchmark record:
+`kernel_ms/retrieval-triton-<queries>/<T>` (fwd+bwd, routing included) against `kernel_ms/swa-flex/<T>`.
 """
 
 import json
@@ -22,6 +23,7 @@ import os
 import torch
 from triton.testing import do_bench
 
+from benchmarks import record
 from benchmarks.speed import _print_table, coherent_queries
 from hydralm.kernels.attention.flex import sliding_window_flex
 from hydralm.kernels.retrieval.flex import retrieval_flex
@@ -77,6 +79,11 @@ def row(B: int, T: int, queries: str) -> dict:
     result["triton/flex"] = result["retrieval_triton"] / result["retrieval_flex"]
     result["rel_diff_vs_flex"] = float((triton_out - flex_out).norm() / flex_out.norm())
     print(result, flush=True)
+    size = T if B * T == 65536 else f"{T}x{B}"  # the record's sizes: tokens per sequence at 64k tokens per step
+    record.record(f"kernel_ms/retrieval-triton-{queries}/{size}", result["retrieval_triton"], "ms",
+                  peer=f"kernel_ms/swa-flex/{size}")  # fmt: skip
+    record.record(f"kernel_ms/swa-flex/{size}", result["swa_flex"], "ms")
+    record.write()  # after each row: a cut-off run keeps what it measured
     return result
 
 
