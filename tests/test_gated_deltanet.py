@@ -137,3 +137,28 @@ def test_fla_module_wiring_gives_the_torch_outputs_state_and_gradients(monkeypat
     torch.testing.assert_close(state_fla.S, state.S, rtol=1e-6, atol=1e-6)
     for a, b in zip(grads_fla, grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_short_conv_training_path_recomputes_the_conv_and_gives_autograds_gradients():
+    """ShortConv with autograd keeps x, the cache and the weight only (the padded input and the conv output are
+    recomputed in backward): the same outputs and gradients as the plain ops (fp64, to 1e-12), and it stores the
+    padded input and the conv output no more (in the layer x is a view of the input projection's output, which
+    backward keeps anyway)."""
+    from hydralm.modules.short_conv import ShortConv, _conv_silu
+
+    torch.manual_seed(0)
+    conv = ShortConv(6, 4).double()
+    x = torch.randn(2, 9, 6, dtype=torch.float64, requires_grad=True)
+    cache = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 9, 6, dtype=torch.float64)
+    y, _ = conv(x, cache)
+    plain = _conv_silu(torch.cat([cache, x], dim=1), conv.weight)
+    torch.testing.assert_close(y, plain, rtol=0, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(y, (x, cache, conv.weight), upstream),
+                    torch.autograd.grad(plain, (x, cache, conv.weight), upstream)):  # fmt: skip
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    saved = stored_bytes(lambda: _conv_silu(torch.cat([cache, x], dim=1), conv.weight)) - stored_bytes(
+        lambda: conv(x, cache)
+    )
+    full, conv_out, own = 2 * 12 * 6 * 8, 2 * 9 * 6 * 8, x.numel() * 8 + cache.numel() * 8  # bytes, fp64
+    assert saved == full + conv_out - own

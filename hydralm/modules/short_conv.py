@@ -33,10 +33,11 @@ class ShortConv(nn.Module):
         if cache is None:
             cache = x.new_zeros(B, K - 1, C)
         full = torch.cat([cache.to(x.dtype), x], dim=1)
-        y = F.conv1d(full.transpose(1, 2), self.weight.to(x.dtype), groups=C).transpose(1, 2)
         # clone: a view would keep the whole chunk's input alive inside the decode state
         new_cache = full[:, full.shape[1] - (K - 1) :].clone()
-        return F.silu(y), new_cache
+        if torch.is_grad_enabled():  # backward recomputes the padded input and the conv (_ConvSiLU)
+            return _ConvSiLU.apply(x, cache, self.weight), new_cache
+        return _conv_silu(full, self.weight), new_cache
 
     def step(self, x_t: torch.Tensor, cache: torch.Tensor):
         """One token: x_t (B, C) -> (silu(conv), new cache); a dot product over the window."""
@@ -57,3 +58,34 @@ class ShortConv(nn.Module):
         if torch.is_tensor(kept):
             return full.index_select(1, kept + torch.arange(self.kernel_size - 1, device=full.device))
         return full[:, kept : kept + self.kernel_size - 1].clone()  # a copy: the cache holds no view of `full`
+
+
+def _conv_silu(full: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(depthwise causal conv) over full = [cache | x] (B, K - 1 + N, C) -> (B, N, C)."""
+    y = F.conv1d(full.transpose(1, 2), weight.to(full.dtype), groups=full.shape[-1]).transpose(1, 2)
+    return F.silu(y)
+
+
+class _ConvSiLU(torch.autograd.Function):
+    """silu(conv([cache | x])) keeping only x, cache and the weight for backward: the padded, transposed input
+    and the conv's output (2 x C values per token, what autograd would store) are recomputed there. Backward
+    runs under forward's autocast state."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.save_for_backward(x, cache, weight)
+        return _conv_silu(torch.cat([cache.to(x.dtype), x], dim=1), weight)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        saved = ctx.saved_tensors
+        device, enabled, dtype = ctx.autocast
+        inputs = [t.detach().requires_grad_(needed) for t, needed in zip(saved, ctx.needs_input_grad)]
+        x, cache, weight = inputs
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+            out = _conv_silu(torch.cat([cache.to(x.dtype), x], dim=1), weight)
+        wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+        return tuple(next(grads) if needed else None for needed in ctx.needs_input_grad)
