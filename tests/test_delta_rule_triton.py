@@ -70,6 +70,30 @@ def test_triton_chunkwise_matches_the_recurrence_in_outputs_and_all_gradients(
         torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_fused_recompute_gives_the_same_outputs_and_gradients_and_stores_less(monkeypatch):
+    """HYDRALM_DELTANET_RECOMPUTE=1 rebuilds the per-chunk factors and states in backward with the same kernels:
+    bit-identical outputs and gradients (the path above is checked against the recurrence), and it no longer
+    stores the five fp32 per-chunk tensors."""
+    from helpers import stored_bytes
+
+    B, H, T, K, V, C, n = 1, 2, 40, 8, 12, 16, 3  # 40 tokens in 3 chunks of 16
+    inputs = [t.float() for t in _inputs(B, H, T, K, V)]
+
+    def fused(*a, **kw):
+        return delta_rule_chunkwise(*a, **kw, chunk_size=C, backend="fused")
+
+    results, stored = {}, {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("HYDRALM_DELTANET_RECOMPUTE", flag)
+        results[flag] = _outputs_and_grads(fused, inputs, with_state=True)
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        stored[flag] = stored_bytes(lambda: fused(*leaves[:5], initial_state=leaves[5]))
+    for saved, rebuilt in zip(results["0"], results["1"]):
+        assert torch.equal(saved, rebuilt)
+    per_chunk = B * H * n * 4 * (C * C + 2 * C * K + K * V + C * V + 1)  # X, W, Kd, states, delta, a (fp32)
+    assert stored["0"] - stored["1"] == per_chunk - B * H * K * V * 4  # the initial state is kept instead
+
+
 @pytest.mark.parametrize("tile", [16, 32, 64])
 def test_triton_state_pass_equals_the_pytorch_loop_with_partial_gradients(tile, monkeypatch):
     """Gradients arriving only through some outputs (None for the others) are handled like autograd does; every

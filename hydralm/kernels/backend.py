@@ -50,6 +50,12 @@ HYDRALM_CROSS_ENTROPY = auto | torch | liger | fla
     flash-linear-attention's fused Triton kernels, only when asked (optional dependencies, CUDA only;
     neither is checked here: an all-ignored batch may give NaN there, 0 here). auto = torch.
 
+HYDRALM_DELTANET_RECOMPUTE = 0 | 1
+    1: the fused delta-rule kernels keep only their inputs for backward and rebuild the per-chunk WY factors and
+    states there (one more prep and state pass per layer; fla's kernels work this way) instead of storing five
+    fp32 per-chunk tensors, about 15 KiB per token at H 12, D 64. 0 (default) until it is timed on the GPU and
+    `HYDRALM_DELTANET_RECOMPUTE=1 GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check delta_rule` passes.
+
 HYDRALM_DELTANET_COMPILE = 0 | 1
     1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
     shape; fuses the elementwise prep around the Triton pass). Off by default: the 160m model trained 1.14x /
@@ -197,6 +203,13 @@ def decode_linear_backend(is_cuda: bool) -> str:
             "CPU); unset it to use F.linear"
         )
     return "gemv"
+
+
+def deltanet_recompute() -> bool:
+    value = os.environ.get("HYDRALM_DELTANET_RECOMPUTE", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"HYDRALM_DELTANET_RECOMPUTE={value!r} is invalid: expected '0' or '1'")
+    return value == "1"
 
 
 def deltanet_compile() -> bool:

@@ -20,6 +20,7 @@ last dimension must be contiguous. Tiles are powers of two >= 16 with rows / col
 
 import torch
 
+from hydralm.kernels.backend import deltanet_recompute
 from hydralm.kernels.delta_rule.triton_state_pass import state_pass_backward, state_pass_forward
 from hydralm.kernels.triton_common import dot_precision, interpreting, tile_sizes, tl, triton
 
@@ -361,6 +362,19 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _chunk_pass(k, v, g, beta, S0, consts):
+    """The per-chunk WY factors and the pass over chunks: (X, W, Kd, a, states, delta, final), all fp32."""
+    B, H, T, K = k.shape
+    V, C = v.shape[-1], consts["C"]
+    n = triton.cdiv(T, C)
+    f32 = dict(device=k.device, dtype=torch.float32)
+    U, W, Kd = (torch.empty(B, H, n, C, d, **f32) for d in (V, K, K))
+    a, X = torch.empty(B, H, n, **f32), torch.empty(B, H, n, C, C, **f32)
+    _prep_fwd_kernel[(n, B * H)](k, v, g, beta, U, W, Kd, a, X, *_strides(k), *_strides(v), T, H, n, **consts)
+    states, delta, final = state_pass_forward(U, W, Kd, a, S0)
+    return X, W, Kd, a, states, delta, final
+
+
 class _FusedChunkwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, S0, scale, C):
@@ -370,24 +384,29 @@ class _FusedChunkwise(torch.autograd.Function):
         n = triton.cdiv(T, C)
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         g, beta = g.float().contiguous(), beta.float().contiguous()
+        S0 = None if S0 is None else S0.float().contiguous()
         BC, BK = tile_sizes(C, K)
         BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
         consts = dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision())
-        f32 = dict(device=k.device, dtype=torch.float32)
-        U, W, Kd = (torch.empty(B, H, n, C, d, **f32) for d in (V, K, K))
-        a, X = torch.empty(B, H, n, **f32), torch.empty(B, H, n, C, C, **f32)
-        _prep_fwd_kernel[(n, B * H)](k, v, g, beta, U, W, Kd, a, X, *_strides(k), *_strides(v), T, H, n, **consts)
-        states, delta, final = state_pass_forward(U, W, Kd, a, None if S0 is None else S0.float().contiguous())
-        o = torch.empty(B, H, T, V, **f32)
+        X, W, Kd, a, states, delta, final = _chunk_pass(k, v, g, beta, S0, consts)
+        o = torch.empty(B, H, T, V, device=k.device, dtype=torch.float32)
         _output_fwd_kernel[(n, B * H)](q, k, g, states, delta, o, scale, *_strides(q), *_strides(k), T, H, n, **consts)
-        ctx.save_for_backward(q, k, v, g, beta, X, W, Kd, a, states, delta)
-        ctx.meta = (scale, C, consts, S0 is not None, (q.dtype, k.dtype, v.dtype))
+        recompute = deltanet_recompute()
+        if recompute:  # five fp32 per-chunk tensors (~15 KiB per token at H 12, D 64) are rebuilt in backward
+            ctx.save_for_backward(q, k, v, g, beta, S0)
+        else:
+            ctx.save_for_backward(q, k, v, g, beta, X, W, Kd, a, states, delta)
+        ctx.meta = (scale, C, consts, S0 is not None, (q.dtype, k.dtype, v.dtype), recompute)
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, g, beta, X, W, Kd, a, states, delta = ctx.saved_tensors
-        scale, C, consts, has_s0, dtypes = ctx.meta
+        scale, C, consts, has_s0, dtypes, recompute = ctx.meta
+        if recompute:
+            q, k, v, g, beta, S0 = ctx.saved_tensors
+            X, W, Kd, a, states, delta, _ = _chunk_pass(k, v, g, beta, S0, consts)
+        else:
+            q, k, v, g, beta, X, W, Kd, a, states, delta = ctx.saved_tensors
         B, H, T, K = k.shape
         V = v.shape[-1]
         n = a.shape[-1]
