@@ -87,6 +87,28 @@ def _choice(variable: str, choices: tuple) -> str:
     return value
 
 
+def _triton_usable(is_cuda: bool) -> bool:
+    """Our Triton kernels can run: on CUDA, or off it in Triton's CPU interpreter (TRITON_INTERPRET=1, the tests)."""
+    return triton_available() and (is_cuda or interpreting())
+
+
+def _require_triton(variable: str, value: str, is_cuda: bool, fallback: str) -> None:
+    """One error for a switch that asks for a Triton path where none can run."""
+    if not _triton_usable(is_cuda):
+        raise RuntimeError(
+            f"{variable}={value} needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+            f"unset it to use {fallback}"
+        )
+
+
+def _flag(variable: str) -> bool:
+    """A 0 | 1 switch, default 0."""
+    value = os.environ.get(variable, "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"{variable}={value!r} is invalid: expected '0' or '1'")
+    return value == "1"
+
+
 def attention_backend(is_cuda: bool) -> str:
     """'flex' or 'torch' for the parallel attention paths."""
     choice = _choice("HYDRALM_ATTENTION", ATTENTION_CHOICES)
@@ -98,11 +120,8 @@ def attention_backend(is_cuda: bool) -> str:
 def retrieval_backend(is_cuda: bool) -> str:
     """'triton', 'flex' or 'torch' for the parallel retrieval path from scratch (training, fresh prefill)."""
     choice = _choice("HYDRALM_RETRIEVAL", RETRIEVAL_CHOICES)
-    if choice == "triton" and not (triton_available() and (is_cuda or interpreting())):
-        raise RuntimeError(
-            "HYDRALM_RETRIEVAL=triton needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
-            "unset it to use the default path"
-        )
+    if choice == "triton":
+        _require_triton("HYDRALM_RETRIEVAL", choice, is_cuda, "the default path")
     if choice == "auto":  # our Triton kernels on CUDA: `gpu_check retrieval` passed on an H200 at 002f736
         if attention_backend(is_cuda) != "flex":  # HYDRALM_ATTENTION=torch (or a CPU) keeps the gather path
             return "torch"
@@ -158,18 +177,14 @@ def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
     if choice == "torch":
         return "torch"
     fla_usable = is_cuda and fla_available() and (not needs_grad or fla_backward_safe())
-    # Off CUDA, Triton kernels run only in its CPU interpreter (TRITON_INTERPRET=1, used by the tests).
-    triton_usable = triton_available() and (is_cuda or interpreting())
+    triton_usable = _triton_usable(is_cuda)
     if choice == "fla" and not fla_usable:
         raise RuntimeError(
             "HYDRALM_DELTANET=fla but fla cannot run this call safely (needs CUDA, flash-linear-attention, and "
             "triton >= 3.7.1 for gradients: fla#640); unset it to use the PyTorch kernel"
         )
-    if choice in ("triton", "fused") and not triton_usable:
-        raise RuntimeError(
-            f"HYDRALM_DELTANET={choice} needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on "
-            "CPU); unset it to use the PyTorch kernel"
-        )
+    if choice in ("triton", "fused"):
+        _require_triton("HYDRALM_DELTANET", choice, is_cuda, "the PyTorch kernel")
     if choice in ("fla", "triton", "fused"):
         return choice
     # auto: our fused Triton kernels on CUDA. fla's forward is not picked by auto: under bf16 autocast its
@@ -183,12 +198,8 @@ def decode_backend(is_cuda: bool) -> str:
     if choice == "torch":
         return "torch"
     if choice == "auto":  # the fused step on CUDA once its GPU check passed (module docstring)
-        return "fused" if is_cuda and triton_available() else "torch"
-    if not (triton_available() and (is_cuda or interpreting())):
-        raise RuntimeError(
-            "HYDRALM_DECODE=fused needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
-            "unset it to use the PyTorch step"
-        )
+        return "fused" if is_cuda and _triton_usable(is_cuda) else "torch"
+    _require_triton("HYDRALM_DECODE", choice, is_cuda, "the PyTorch step")
     return "fused"
 
 
@@ -197,26 +208,16 @@ def decode_linear_backend(is_cuda: bool) -> str:
     choice = _choice("HYDRALM_DECODE_LINEAR", DECODE_LINEAR_CHOICES)
     if choice != "gemv":  # auto: F.linear until the GEMV passes the GPU check (module docstring)
         return "torch"
-    if not (triton_available() and (is_cuda or interpreting())):
-        raise RuntimeError(
-            "HYDRALM_DECODE_LINEAR=gemv needs the `triton` package and a CUDA device (or TRITON_INTERPRET=1 on "
-            "CPU); unset it to use F.linear"
-        )
+    _require_triton("HYDRALM_DECODE_LINEAR", choice, is_cuda, "F.linear")
     return "gemv"
 
 
 def deltanet_recompute() -> bool:
-    value = os.environ.get("HYDRALM_DELTANET_RECOMPUTE", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"HYDRALM_DELTANET_RECOMPUTE={value!r} is invalid: expected '0' or '1'")
-    return value == "1"
+    return _flag("HYDRALM_DELTANET_RECOMPUTE")
 
 
 def deltanet_compile() -> bool:
-    value = os.environ.get("HYDRALM_DELTANET_COMPILE", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"HYDRALM_DELTANET_COMPILE={value!r} is invalid: expected '0' or '1'")
-    return value == "1"
+    return _flag("HYDRALM_DELTANET_COMPILE")
 
 
 def cross_entropy_backend(is_cuda: bool) -> str:

@@ -8,6 +8,7 @@ from torch import nn
 
 from hydralm.kernels.fla_modules import fla_short_conv
 from hydralm.modules.mixer import Counter
+from hydralm.modules.recompute import autocast_as, autocast_state
 
 
 class ShortConv(nn.Module):
@@ -73,18 +74,16 @@ class _ConvSiLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, cache: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        device = x.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = autocast_state(x)
         ctx.save_for_backward(x, cache, weight)
         return _conv_silu(torch.cat([cache.to(x.dtype), x], dim=1), weight)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         saved = ctx.saved_tensors
-        device, enabled, dtype = ctx.autocast
         inputs = [t.detach().requires_grad_(needed) for t, needed in zip(saved, ctx.needs_input_grad)]
         x, cache, weight = inputs
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+        with torch.enable_grad(), autocast_as(ctx.autocast):
             out = _conv_silu(torch.cat([cache.to(x.dtype), x], dim=1), weight)
         wanted = [t for t, needed in zip(inputs, ctx.needs_input_grad) if needed]
         grads = iter(torch.autograd.grad(out, wanted, grad_out))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.modules.linear import Linear
+from hydralm.modules.recompute import autocast_as, autocast_state
 
 
 class SwiGLU(nn.Module):
@@ -35,19 +36,17 @@ class _SwiGLUDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        device = gate.device.type
-        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        ctx.autocast = autocast_state(gate)
         ctx.save_for_backward(gate, up, weight)
         return F.linear(F.silu(gate) * up, weight)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         gate, up, weight = ctx.saved_tensors
-        device, enabled, dtype = ctx.autocast
         gate_, up_ = gate.detach().requires_grad_(), up.detach().requires_grad_()
         with torch.enable_grad():
             product = F.silu(gate_) * up_
-        with torch.autocast(device, dtype=dtype, enabled=enabled):
+        with autocast_as(ctx.autocast):
             grad_product = grad_out @ weight  # (..., hidden)
             grad_weight = grad_out.flatten(0, -2).t() @ product.detach().flatten(0, -2)  # (d_model, hidden)
         grad_gate, grad_up = torch.autograd.grad(product, (gate_, up_), grad_product.to(product.dtype))
