@@ -5,17 +5,47 @@ import torch
 
 from hydralm import HydraConfig, HydraLM
 from hydralm.kernels import backend
-from hydralm.kernels.attention.flex import sliding_window_flex
+from hydralm.kernels.attention.flex import TILE, _sliding_window_mask, sliding_window_flex
 from hydralm.kernels.attention.local import repeat_kv, sliding_window_attention
 from hydralm.kernels.retrieval.flex import retrieval_block_mask, retrieval_flex
 from hydralm.kernels.retrieval.reference import retrieval_attention_reference, retrieval_mask_reference
 
 
-def test_flex_sliding_window_matches_the_blocked_sdpa_path():
-    q, k, v = torch.randn(2, 4, 256, 16), torch.randn(2, 2, 256, 16), torch.randn(2, 2, 256, 16)
+@pytest.mark.parametrize("length,window", [(256, 48), (300, 128), (700, 200), (520, 1000), (260, 1)])
+def test_flex_sliding_window_matches_the_blocked_sdpa_path(length, window):
+    # lengths off the 128-token tile, windows below, at and above it: the block mask is built from its block
+    # structure, and must list every tile pair (partial or full) that some query and key in the window share
+    q, k, v = torch.randn(2, 4, length, 16), torch.randn(2, 2, length, 16), torch.randn(2, 2, length, 16)
     with torch.no_grad():
-        expected = sliding_window_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), window=48)
-        torch.testing.assert_close(sliding_window_flex(q, k, v, window=48), expected, atol=2e-5, rtol=1e-4)
+        expected = sliding_window_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), window=window)
+        torch.testing.assert_close(sliding_window_flex(q, k, v, window=window), expected, atol=2e-5, rtol=1e-4)
+
+
+def _blocks(num: torch.Tensor, ids: torch.Tensor, n: int) -> torch.Tensor:
+    dense = torch.zeros(n, n, dtype=torch.bool)
+    for row in range(n):
+        dense[row, ids[0, 0, row, : num[0, 0, row]].long()] = True
+    return dense
+
+
+@pytest.mark.parametrize("length", [128, 300, 777])
+def test_sliding_window_block_mask_lists_exactly_the_tiles_the_window_touches(length):
+    # brute force over every window up to past the length: a tile pair is listed iff some in-range query sees
+    # some key in it, and listed as full iff every in-range pair of it is in the window
+    n, tile = -(-length // TILE), TILE
+    pos = torch.arange(n * tile)
+    q, kv = pos[:, None], pos[None, :]
+    in_range = (q < length) & (kv < length)
+    for window in range(1, length + 2 * tile, 7 if length > 300 else 1):
+        seen = (kv <= q) & (q - kv < window)
+        any_ = (seen & in_range).unflatten(0, (n, tile)).unflatten(2, (n, tile)).any(3).any(1)
+        all_ = (seen | ~in_range).unflatten(0, (n, tile)).unflatten(2, (n, tile)).all(3).all(1)
+        mask = _sliding_window_mask(length, window, "cpu")
+        full = _blocks(mask.full_kv_num_blocks, mask.full_kv_indices, n)
+        partial = _blocks(mask.kv_num_blocks, mask.kv_indices, n)
+        assert not (full & partial).any(), window
+        assert torch.equal(full | partial, any_), window
+        assert not (full & ~all_).any(), window  # a full tile skips the mask: it must really be full
 
 
 @pytest.mark.parametrize("chunk,top_k", [(32, 2), (64, 3), (128, 1)])
@@ -124,22 +154,26 @@ def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
     assert backend.gdn_modules_backend(is_cuda=True) == "fla"
 
 
-def test_the_decode_switch_picks_the_fused_step_on_cuda(monkeypatch):
-    for name in ("HYDRALM_DECODE", "TRITON_INTERPRET"):
-        monkeypatch.delenv(name, raising=False)
+@pytest.mark.parametrize(
+    "name,path,pick",
+    [("HYDRALM_DECODE", "fused", backend.decode_backend), ("HYDRALM_DECODE_LINEAR", "gemv", backend.decode_linear_backend)],
+)
+def test_the_decode_switches_pick_their_checked_triton_path_on_cuda(monkeypatch, name, path, pick):
+    for var in (name, "TRITON_INTERPRET"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert backend.decode_backend(is_cuda=True) == "fused"  # auto: fused on CUDA (its GPU check passed)
-    assert backend.decode_backend(is_cuda=False) == "torch"
-    monkeypatch.setenv("HYDRALM_DECODE", "torch")
-    assert backend.decode_backend(is_cuda=True) == "torch"
-    monkeypatch.setenv("HYDRALM_DECODE", "auto")
+    assert pick(is_cuda=True) == path  # auto: the Triton path on CUDA (its GPU check passed)
+    assert pick(is_cuda=False) == "torch"
+    monkeypatch.setenv(name, "torch")
+    assert pick(is_cuda=True) == "torch"
+    monkeypatch.setenv(name, "auto")
     monkeypatch.setattr(backend, "triton_available", lambda: False)
-    assert backend.decode_backend(is_cuda=True) == "torch"  # no triton: the PyTorch step
+    assert pick(is_cuda=True) == "torch"  # no triton: PyTorch
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    monkeypatch.setenv("HYDRALM_DECODE", "fused")
-    assert backend.decode_backend(is_cuda=True) == "fused"
-    with pytest.raises(RuntimeError, match="HYDRALM_DECODE=fused needs"):
-        backend.decode_backend(is_cuda=False)
-    monkeypatch.setenv("HYDRALM_DECODE", "fast")
-    with pytest.raises(ValueError, match="HYDRALM_DECODE='fast' is invalid"):
-        backend.decode_backend(is_cuda=True)
+    monkeypatch.setenv(name, path)
+    assert pick(is_cuda=True) == path
+    with pytest.raises(RuntimeError, match=f"{name}={path} needs"):
+        pick(is_cuda=False)
+    monkeypatch.setenv(name, "fast")
+    with pytest.raises(ValueError, match=f"{name}='fast' is invalid"):
+        pick(is_cuda=True)

@@ -7,7 +7,7 @@ The SWA block mask is built on the device and cached per (length, window, device
 import functools
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 TILE = 128  # flex's default block size
 
@@ -30,10 +30,27 @@ def flex(q, k, v, block_mask):
 
 @functools.lru_cache(maxsize=32)
 def _sliding_window_mask(length: int, window: int, device: str) -> BlockMask:
+    """The block mask from its block structure, O((length / TILE)^2) int32 at most: `create_block_mask` evaluates
+    the mask on a dense length x length grid (41 GiB at 64k tokens, out of memory beyond)."""
+
     def mask_mod(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-    return create_block_mask(mask_mod, None, None, length, length, device=device)
+    n = -(-length // TILE)
+    q_block = torch.arange(n, device=device)[:, None]
+    distance = q_block - torch.arange(n, device=device)[None, :]  # query block - key block
+    # some query of the block sees some key of the other: the diagonal, or a pair closer than the window
+    touched = (distance == 0) | ((distance >= 1) & ((distance - 1) * TILE + 1 < window))
+    full = (distance >= 1) & ((distance + 1) * TILE - 1 < window)  # every pair inside the window
+    partial = touched & ~full
+
+    def ordered(blocks: torch.Tensor):  # per query block: how many, and their ids first in ascending order
+        ids = torch.where(blocks, torch.arange(n, device=device), n).sort(dim=-1).values
+        return blocks.sum(-1, dtype=torch.int32)[None, None], ids.clamp(max=n - 1).to(torch.int32)[None, None]
+
+    return BlockMask.from_kv_blocks(
+        *ordered(partial), *ordered(full), BLOCK_SIZE=TILE, mask_mod=mask_mod, seq_lengths=(length, length)
+    )
 
 
 def sliding_window_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
