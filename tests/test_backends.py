@@ -149,9 +149,15 @@ def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
     with pytest.raises(RuntimeError, match="HYDRALM_RETRIEVAL=triton needs"):
         backend.retrieval_backend(is_cuda=False)
     monkeypatch.setattr(backend, "fla_modules_available", lambda: True)
-    assert backend.gdn_modules_backend(is_cuda=True) == "torch"  # fla's modules: opt-in until their GPU check
+    assert backend.gdn_modules_backend(is_cuda=True) == "fla"  # auto: fla's modules on CUDA (GPU check passed)
+    assert backend.gdn_modules_backend(is_cuda=False) == "torch"
+    monkeypatch.setenv("HYDRALM_GDN_MODULES", "torch")
+    assert backend.gdn_modules_backend(is_cuda=True) == "torch"
     monkeypatch.setenv("HYDRALM_GDN_MODULES", "fla")
     assert backend.gdn_modules_backend(is_cuda=True) == "fla"
+    monkeypatch.setattr(backend, "fla_modules_available", lambda: False)
+    monkeypatch.setenv("HYDRALM_GDN_MODULES", "auto")
+    assert backend.gdn_modules_backend(is_cuda=True) == "torch"  # no fla-core: the PyTorch modules
 
 
 @pytest.mark.parametrize(
