@@ -7,7 +7,8 @@ trusting `auto` (hydralm/kernels/backend.py). Sections:
 [retrieval] [retrieval_stream] [exactness] [gdn_block]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
-decoder on the fused Gated DeltaNet step, HYDRALM_DECODE_LINEAR=gemv on the decode GEMV).
+decoder on the fused Gated DeltaNet step, HYDRALM_DECODE_LINEAR=gemv on the decode GEMV,
+HYDRALM_DECODE_MANY=fused spec_decode's verification on the fused multi-token step).
 """
 
 import contextlib

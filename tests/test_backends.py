@@ -160,6 +160,17 @@ def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
     assert backend.gdn_modules_backend(is_cuda=True) == "torch"  # no fla-core: the PyTorch modules
 
 
+def test_the_multi_token_decode_switch_is_opt_in(monkeypatch):
+    for var in ("HYDRALM_DECODE_MANY", "TRITON_INTERPRET"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    assert backend.decode_many_backend(is_cuda=True) == "torch"  # auto: the PyTorch loop until its GPU check
+    monkeypatch.setenv("HYDRALM_DECODE_MANY", "fused")
+    assert backend.decode_many_backend(is_cuda=True) == "fused"
+    with pytest.raises(RuntimeError, match="HYDRALM_DECODE_MANY=fused needs"):
+        backend.decode_many_backend(is_cuda=False)
+
+
 @pytest.mark.parametrize(
     "name,path,pick",
     [("HYDRALM_DECODE", "fused", backend.decode_backend), ("HYDRALM_DECODE_LINEAR", "gemv", backend.decode_linear_backend)],

@@ -125,3 +125,64 @@ def test_the_fused_step_compiles_in_one_graph(monkeypatch):
         eager_y, eager_state = layer.step(x_t, state)
         compiled_y, compiled_state = torch.compile(layer.step, fullgraph=True, backend="aot_eager")(x_t, state)
     assert torch.equal(compiled_y, eager_y) and torch.equal(compiled_state.S, eager_state.S)
+
+
+def _many(layer, x, state, backend, monkeypatch):
+    monkeypatch.setenv("HYDRALM_DECODE_MANY", backend)
+    y, trail = layer.step_many(x, state)
+    return y, [layer.state_after(state, trail, kept) for kept in range(1, x.shape[1] + 1)]
+
+
+@pytest.mark.parametrize("n_heads, head_dim, use_gate, norm_qk, kernel", [(2, 16, True, True, 4), (3, 24, False, False, 1)])
+def test_fused_multi_token_step_equals_the_pytorch_one(n_heads, head_dim, use_gate, norm_qk, kernel, monkeypatch):
+    """step_many (speculative verification) through the fused kernel: outputs, and the state after every prefix
+    (state_after), as the PyTorch loop gives them."""
+    torch.manual_seed(5)
+    layer = _layer(n_heads, head_dim, use_gate, norm_qk, kernel)
+    state = _state(layer, B=2)
+    x = torch.randn(2, 3, 40)
+    with torch.no_grad():
+        y_ref, after_ref = _many(layer, x, state, "torch", monkeypatch)
+        y, after = _many(layer, x, state, "fused", monkeypatch)
+    assert _rel(y, y_ref) < 1e-5
+    for s, s_ref in zip(after, after_ref):
+        assert _rel(s.S, s_ref.S) < 1e-5 and torch.equal(s.conv, s_ref.conv)
+
+
+def test_the_multi_token_comparison_fails_when_the_conv_cache_is_not_carried(monkeypatch):
+    """Sabotage: a fused step_many that feeds every token the call's first conv cache is caught."""
+    torch.manual_seed(6)
+    layer = _layer(2, 16)
+    state = _state(layer, B=2)
+    x = torch.randn(2, 3, 40)
+    kernel = layer._fused_kernel
+    with torch.no_grad():
+        y_ref, _ = _many(layer, x, state, "torch", monkeypatch)
+        monkeypatch.setattr(layer, "_fused_kernel", lambda p, cache, S, dtype: kernel(p, state.conv, S, dtype))
+        y, _ = _many(layer, x, state, "fused", monkeypatch)
+    assert _rel(y, y_ref) > 1e-4
+
+
+def test_model_verification_with_the_fused_multi_token_step(monkeypatch):
+    """HydraLM.decode_many (what speculative decoding verifies with) takes the fused step in every DeltaNet layer
+    and gives the PyTorch loop's logits and kept states (which equal decode steps: tests/test_decode_many.py)."""
+    torch.manual_seed(7)
+    cfg = HydraConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=2, layer_types=["deltanet", "swa", "deltanet"],
+                      swa_window=8, dn_chunk_size=8, initializer_range=0.2)  # fmt: skip
+    model = HydraLM(cfg).eval()
+    import hydralm.kernels.delta_rule.triton_decode as fused
+
+    calls, kernel = [], fused.gated_deltanet_step_fused
+    monkeypatch.setattr(fused, "gated_deltanet_step_fused", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    ids = torch.randint(0, 50, (2, 3))
+    results = {}
+    with torch.no_grad():
+        state = model(torch.randint(0, 50, (2, 5)), return_state=True)["state"]
+        for backend in ("torch", "fused"):
+            monkeypatch.setenv("HYDRALM_DECODE_MANY", backend)
+            logits, trail, _ = model.decode_many(ids, state)
+            results[backend] = (logits, model.state_after(state, trail, 2))
+    assert (results["fused"][0] - results["torch"][0]).abs().max() < 1e-5
+    for layer in (0, 2):
+        assert _rel(results["fused"][1][layer].S, results["torch"][1][layer].S) < 1e-5
+    assert len(calls) == 2 * ids.shape[1]  # both DeltaNet layers, every token, only in the fused run

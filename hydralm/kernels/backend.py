@@ -40,6 +40,13 @@ HYDRALM_DECODE = auto | torch | fused
     `HYDRALM_DECODE=fused python -m benchmarks.gpu_check decode_fused static_decode spec_decode` passed on an
     H200 at 8e6833c (fp32 6.3e-7, bf16 4.9e-3; the CUDA-graph decoder within 7.2e-7 of `model.step`).
 
+HYDRALM_DECODE_MANY = auto | torch | fused
+    The multi-token step of Gated DeltaNet layers (`step_many`: verifying k + 1 tokens in speculative decoding).
+    fused: one input projection for the T tokens, then each token's conv, gates, delta rule and gated norm in
+    HYDRALM_DECODE's fused kernel (T launches per layer instead of a few dozen PyTorch ops per token); fp32
+    states only. auto = torch until `HYDRALM_DECODE_MANY=fused python -m benchmarks.gpu_check spec_decode` has
+    passed on the GPU.
+
 HYDRALM_DECODE_LINEAR = auto | torch | gemv
     The matmuls of a decode step (bias-free projections called without autograd on at most 16 rows): gemv runs
     them as one Triton kernel that streams each weight once over many programs (kernels/linear/triton_gemv.py)
@@ -81,6 +88,7 @@ DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
 CROSS_ENTROPY_CHOICES = ("auto", "torch", "liger", "fla")
 DECODE_CHOICES = ("auto", "torch", "fused")
 DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv")
+DECODE_MANY_CHOICES = ("auto", "torch", "fused")
 GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 
 
@@ -205,6 +213,15 @@ def decode_backend(is_cuda: bool) -> str:
 def decode_linear_backend(is_cuda: bool) -> str:
     """'gemv' or 'torch' for the few-row matmuls of decode steps."""
     return _checked_triton_path("HYDRALM_DECODE_LINEAR", DECODE_LINEAR_CHOICES, "gemv", is_cuda, "F.linear")
+
+
+def decode_many_backend(is_cuda: bool) -> str:
+    """'fused' or 'torch' for the multi-token step of Gated DeltaNet layers."""
+    choice = _choice("HYDRALM_DECODE_MANY", DECODE_MANY_CHOICES)
+    if choice != "fused":  # auto: the PyTorch loop until the GPU check passes (module docstring)
+        return "torch"
+    _require_triton("HYDRALM_DECODE_MANY", choice, is_cuda, "the PyTorch loop")
+    return "fused"
 
 
 def _checked_triton_path(name: str, choices: tuple, path: str, is_cuda: bool, instead: str) -> str:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.config import HydraConfig
-from hydralm.kernels.backend import decode_backend, gdn_modules_backend
+from hydralm.kernels.backend import decode_backend, decode_many_backend, gdn_modules_backend
 from hydralm.kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
 from hydralm.kernels.fla_modules import fla_gated_rms_norm, fla_l2norm
 from hydralm.modules.linear import Linear
@@ -140,20 +140,25 @@ class GatedDeltaNet(nn.Module):
 
     def _step_fused(self, x_t: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, DeltaNetState]:
         """``step`` with everything between the two projections in one Triton kernel (HYDRALM_DECODE=fused)."""
+        o, S, conv = self._fused_kernel(self.in_proj(x_t), state.conv, state.S, x_t.dtype)
+        return self.out(o), DeltaNetState(S=S, conv=conv)
+
+    def _fused_kernel(self, proj_t: torch.Tensor, cache: torch.Tensor, S: torch.Tensor, dtype: torch.dtype):
+        """One token's input projection output -> (o for the output projection, new S, new conv cache)."""
         from hydralm.kernels.delta_rule.triton_decode import gated_deltanet_step_fused
 
-        o, S, conv = gated_deltanet_step_fused(
-            self.in_proj(x_t), state.conv, self.conv.weight, self.A_log, self.dt_bias, state.S,
-            self.out_norm.weight, self.n_heads, self.head_dim, self.out_norm.eps, self.norm_qk, self.use_gate,
-            out_dtype=x_t.dtype,
+        return gated_deltanet_step_fused(
+            proj_t, cache, self.conv.weight, self.A_log, self.dt_bias, S, self.out_norm.weight, self.n_heads,
+            self.head_dim, self.out_norm.eps, self.norm_qk, self.use_gate, out_dtype=dtype,
         )  # fmt: skip
-        return self.out(o), DeltaNetState(S=S, conv=conv)
 
     def step_many(self, x: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, Trail]:
         """x (B, T, d_model) -> (y (B, T, d_model), trail): T steps with one pass over the projections. The
         delta rule still runs token by token (a (B, H, D, D) update each); the trail keeps S after every token
         (T copies of a state that is small next to the weights) and the short conv's inputs, so any prefix's
         state is a read, not a recomputation."""
+        if state.S.dtype == torch.float32 and decode_many_backend(x.is_cuda) == "fused":
+            return self._step_many_fused(x, state)
         qkv, a, b, gate = self._project(x)
         qkv, conv_inputs = self.conv.step_many(qkv, state.conv)
         q, k, v = self._split_heads(qkv, fla=False)  # (B, T, H, D)
@@ -165,6 +170,19 @@ class GatedDeltaNet(nn.Module):
             states.append(S)
         y = self._output(torch.stack(outputs, dim=1).to(x.dtype), gate, fla=False)
         return y, {"S": torch.stack(states, dim=1), "conv": conv_inputs}
+
+    def _step_many_fused(self, x: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, Trail]:
+        """``step_many`` with each token's conv, gates, delta rule and gated norm in the fused step kernel
+        (HYDRALM_DECODE_MANY=fused): one launch per token and layer after one input projection."""
+        proj = self.in_proj(x)  # (B, T, 3 H D + 2 H [+ H D])
+        S, cache, outputs, states = state.S, state.conv, [], []
+        for t in range(x.shape[1]):
+            o, S, cache = self._fused_kernel(proj[:, t], cache, S, x.dtype)
+            outputs.append(o)
+            states.append(S)
+        qkv = proj[..., : 3 * self.n_heads * self.head_dim]
+        conv_inputs = torch.cat([state.conv.to(qkv.dtype), qkv], dim=1)  # as ShortConv.step_many keeps them
+        return self.out(torch.stack(outputs, dim=1)), {"S": torch.stack(states, dim=1), "conv": conv_inputs}
 
     def state_after(self, state: DeltaNetState, trail: Trail, kept: Counter) -> DeltaNetState:
         S = read_slot(trail["S"], 1, kept - 1)
