@@ -160,20 +160,33 @@ def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
     assert backend.gdn_modules_backend(is_cuda=True) == "torch"  # no fla-core: the PyTorch modules
 
 
-def test_the_multi_token_decode_switch_is_opt_in(monkeypatch):
-    for var in ("HYDRALM_DECODE_MANY", "TRITON_INTERPRET"):
+@pytest.mark.parametrize(
+    "name,path,pick",
+    [
+        ("HYDRALM_DECODE_MANY", "fused", backend.decode_many_backend),
+        ("HYDRALM_STREAM_ROUTING", "triton", backend.stream_routing_backend),
+    ],
+)
+def test_the_unchecked_triton_switches_are_opt_in(monkeypatch, name, path, pick):
+    for var in (name, "TRITON_INTERPRET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert backend.decode_many_backend(is_cuda=True) == "torch"  # auto: the PyTorch loop until its GPU check
-    monkeypatch.setenv("HYDRALM_DECODE_MANY", "fused")
-    assert backend.decode_many_backend(is_cuda=True) == "fused"
-    with pytest.raises(RuntimeError, match="HYDRALM_DECODE_MANY=fused needs"):
-        backend.decode_many_backend(is_cuda=False)
+    assert pick(is_cuda=True) == "torch"  # auto: PyTorch until the path's GPU check
+    monkeypatch.setenv(name, path)
+    assert pick(is_cuda=True) == path
+    with pytest.raises(RuntimeError, match=f"{name}={path} needs"):
+        pick(is_cuda=False)
+    monkeypatch.setenv(name, "fast")
+    with pytest.raises(ValueError, match=f"{name}='fast' is invalid"):
+        pick(is_cuda=True)
 
 
 @pytest.mark.parametrize(
     "name,path,pick",
-    [("HYDRALM_DECODE", "fused", backend.decode_backend), ("HYDRALM_DECODE_LINEAR", "gemv", backend.decode_linear_backend)],
+    [
+        ("HYDRALM_DECODE", "fused", backend.decode_backend),
+        ("HYDRALM_DECODE_LINEAR", "gemv", backend.decode_linear_backend),
+    ],
 )
 def test_the_decode_switches_pick_their_checked_triton_path_on_cuda(monkeypatch, name, path, pick):
     for var in (name, "TRITON_INTERPRET"):

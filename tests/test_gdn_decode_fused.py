@@ -133,7 +133,9 @@ def _many(layer, x, state, backend, monkeypatch):
     return y, [layer.state_after(state, trail, kept) for kept in range(1, x.shape[1] + 1)]
 
 
-@pytest.mark.parametrize("n_heads, head_dim, use_gate, norm_qk, kernel", [(2, 16, True, True, 4), (3, 24, False, False, 1)])
+@pytest.mark.parametrize(
+    "n_heads, head_dim, use_gate, norm_qk, kernel", [(2, 16, True, True, 4), (3, 24, False, False, 1)]
+)
 def test_fused_multi_token_step_equals_the_pytorch_one(n_heads, head_dim, use_gate, norm_qk, kernel, monkeypatch):
     """step_many (speculative verification) through the fused kernel: outputs, and the state after every prefix
     (state_after), as the PyTorch loop gives them."""

@@ -26,7 +26,7 @@ from hydralm.kernels.retrieval.routing import (  # noqa: E402
     topk_lowest_id,
 )
 from hydralm.kernels.retrieval.selection_csr import selection_csr, tile_work_list  # noqa: E402
-from hydralm.kernels.retrieval.triton_routing import route_tokens_triton  # noqa: E402
+from hydralm.kernels.retrieval.triton_routing import route_ranges_triton, route_tokens_triton  # noqa: E402
 from hydralm.kernels.retrieval.triton_sparse import retrieval_attention_triton  # noqa: E402
 from hydralm.kernels.triton_common import triton_available  # noqa: E402
 
@@ -190,6 +190,23 @@ def test_triton_router_equals_route_tokens_with_ties_forced():
     assert torch.equal(route_tokens_triton(q.to(DEVICE), summaries.to(DEVICE), 4, 3).cpu(), expected)
 
 
+def test_ranged_triton_router_equals_route_tokens_with_ties_forced():
+    """The router of calls with a state: per chunk of the call a range [first, end) of the held summaries (pool,
+    bank, the call's completed chunks), some empty; exact integer scores with many ties, GQA."""
+    gen = torch.Generator().manual_seed(2)
+    C, top_k, n_held = 4, 3, 10
+    q = torch.randint(-1, 2, (1, 2, 36, 4), generator=gen).float()
+    summaries = torch.randint(-1, 2, (1, 1, n_held, 4), generator=gen).float()
+    end = torch.randint(0, n_held + 1, (9,), generator=gen)
+    first = torch.minimum(torch.randint(0, n_held, (9,), generator=gen), end)
+    end[0], first[1], end[1] = 0, 0, n_held  # a chunk with nothing to pick, one with everything
+    selected, valid = route_tokens(q.unflatten(2, (9, C)), [summaries], end[:, None], top_k, first[:, None])
+    expected = torch.where(valid, selected, -1).flatten(2, 3).to(torch.int32)
+    got = route_ranges_triton(q.to(DEVICE), summaries.to(DEVICE), C, top_k, first.to(DEVICE), end.to(DEVICE))
+    assert torch.equal(got.cpu(), expected)
+    assert (expected[:, :, :C] == -1).all() and (expected[:, :, C : 2 * C] >= 0).all()
+
+
 def test_selection_lists_and_tiles_cover_every_valid_selection_once():
     gen = torch.Generator().manual_seed(0)
     B, H, H_kv, N, top_k, n_chunks = 2, 4, 2, 50, 3, 9
@@ -315,9 +332,10 @@ def test_with_memory_compressed_reads_take_the_kernels_forward_or_with_gradients
     ],
     ids=["bank-gqa", "memory-gqa", "memory-mha"],
 )
-def test_calls_with_a_state_run_the_kernels_and_match_the_gather_path(monkeypatch, memory, n_kv_heads):
+def test_calls_with_a_state_run_the_kernels_and_match_the_gather_path(monkeypatch, memory, n_kv_heads, routing="torch"):
     """A stream cut into uneven pieces (chunk in progress, chunk completions, compressed reads, evictions) through
-    the kernels' forward from sources (HYDRALM_RETRIEVAL=triton) equals the gather path piece by piece."""
+    the kernels' forward from sources (HYDRALM_RETRIEVAL=triton) equals the gather path piece by piece; `routing`
+    is HYDRALM_STREAM_ROUTING for the kernels' run."""
     from hydralm import HydraConfig, HydraLM
 
     cfg = HydraConfig(
@@ -335,6 +353,7 @@ def test_calls_with_a_state_run_the_kernels_and_match_the_gather_path(monkeypatc
     with torch.no_grad():
         for backend in ("torch", "triton"):
             monkeypatch.setenv("HYDRALM_RETRIEVAL", backend)
+            monkeypatch.setenv("HYDRALM_STREAM_ROUTING", routing if backend == "triton" else "torch")
             state, outs = None, []
             for a, b in ((0, 13), (13, 40), (40, 41), (41, 97), (97, 150)):
                 out = model(ids[:, a:b], state=state, return_state=True)
@@ -343,6 +362,19 @@ def test_calls_with_a_state_run_the_kernels_and_match_the_gather_path(monkeypatc
             states[backend] = torch.cat(outs, dim=1)
     assert len(calls) == 4  # every piece after the first (the first has no state: the from-scratch kernel)
     torch.testing.assert_close(states["triton"], states["torch"], **TOL)
+
+
+def test_calls_with_a_state_route_with_the_triton_kernel_as_in_pytorch(monkeypatch):
+    """HYDRALM_STREAM_ROUTING=triton: the same stream, its routing by the ranged Triton router (every call with a
+    state, counted), equals the gather path with PyTorch routing."""
+    from hydralm.kernels.retrieval import triton_routing
+
+    calls = []
+    monkeypatch.setattr(triton_routing, "route_ranges_triton", _counting(calls, triton_routing.route_ranges_triton))
+    test_calls_with_a_state_run_the_kernels_and_match_the_gather_path(
+        monkeypatch, dict(exact_window=16, compress_every=4, pool_size=8), 2, routing="triton"
+    )
+    assert len(calls) == 4
 
 
 def test_the_stream_comparison_fails_when_the_compressed_reads_are_dropped(monkeypatch):

@@ -12,6 +12,12 @@ HYDRALM_RETRIEVAL = auto | torch | flex | triton
     `python -m benchmarks.gpu_check retrieval` passed on an H200 at 002f736 (router rows, fp32 IEEE / TF32 /
     bf16 outputs and gradients at B2 H4/2 N2048 D64 C64 k8, bit-identical reruns, C2 exactly 0) and, at 3005247,
     at ragged N 3000 / C 32 / MHA too (39/39).
+HYDRALM_STREAM_ROUTING = auto | torch | triton
+    The routing of retrieval calls that carry a state (chunked prefill, StreamingEngine) on the triton backend.
+    triton: one kernel scores each token against the held summaries in its eligible range and keeps a running
+    top-k (kernels/retrieval/triton_routing.py), instead of PyTorch scores against every held chunk and a topk
+    per block of the call (the largest item of a streaming profile on an H200, 94c54f9). auto = torch until
+    `HYDRALM_STREAM_ROUTING=triton python -m benchmarks.gpu_check retrieval_stream exactness` has passed.
 HYDRALM_DELTANET = auto | torch | triton | fused | fla
     torch: the PyTorch chunkwise kernel (a Python loop over chunks). triton: the same chunkwise algorithm with
     the pass over chunks in our Triton kernels (kernels/delta_rule/triton_state_pass.py), forward and backward.
@@ -89,6 +95,7 @@ CROSS_ENTROPY_CHOICES = ("auto", "torch", "liger", "fla")
 DECODE_CHOICES = ("auto", "torch", "fused")
 DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv")
 DECODE_MANY_CHOICES = ("auto", "torch", "fused")
+STREAM_ROUTING_CHOICES = ("auto", "torch", "triton")
 GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 
 
@@ -215,13 +222,24 @@ def decode_linear_backend(is_cuda: bool) -> str:
     return _checked_triton_path("HYDRALM_DECODE_LINEAR", DECODE_LINEAR_CHOICES, "gemv", is_cuda, "F.linear")
 
 
+def stream_routing_backend(is_cuda: bool) -> str:
+    """'triton' or 'torch' for the routing of retrieval calls with a state."""
+    return _opt_in_triton_path(
+        "HYDRALM_STREAM_ROUTING", STREAM_ROUTING_CHOICES, "triton", is_cuda, "the PyTorch routing"
+    )
+
+
 def decode_many_backend(is_cuda: bool) -> str:
     """'fused' or 'torch' for the multi-token step of Gated DeltaNet layers."""
-    choice = _choice("HYDRALM_DECODE_MANY", DECODE_MANY_CHOICES)
-    if choice != "fused":  # auto: the PyTorch loop until the GPU check passes (module docstring)
+    return _opt_in_triton_path("HYDRALM_DECODE_MANY", DECODE_MANY_CHOICES, "fused", is_cuda, "the PyTorch loop")
+
+
+def _opt_in_triton_path(name: str, choices: tuple, path: str, is_cuda: bool, instead: str) -> str:
+    """`path` (a Triton path not yet checked on a GPU: module docstring) only when asked by name, else 'torch'."""
+    if _choice(name, choices) != path:
         return "torch"
-    _require_triton("HYDRALM_DECODE_MANY", choice, is_cuda, "the PyTorch loop")
-    return "fused"
+    _require_triton(name, path, is_cuda, instead)
+    return path
 
 
 def _checked_triton_path(name: str, choices: tuple, path: str, is_cuda: bool, instead: str) -> str:

@@ -39,7 +39,7 @@ from torch import nn
 
 from hydralm.config import HydraConfig, config_error
 from hydralm.kernels.attention.local import repeat_kv
-from hydralm.kernels.backend import retrieval_backend
+from hydralm.kernels.backend import retrieval_backend, stream_routing_backend
 from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attention, union_of_selections
 from hydralm.kernels.retrieval.routing import route_tokens, topk_lowest_id
 from hydralm.modules.attention import AttentionProjections
@@ -395,19 +395,8 @@ class RetrievalAttention(nn.Module):
 
         n_pool, n0, n_full, filled, length = counts
         B, H, M, C, D = qc.shape
-        n_total = max(n_pool + n0 + n_full, 1)
-        picks = []
-        step = max(1, (1 << 28) // (B * H * C * n_total))  # routing scores of at most 2^28 elements at a time
-        for a in range(0, M, step):
-            b = min(M, a + step)
-            start = None if window is None else window[0][a:b, None]
-            selected, valid = route_tokens(
-                qc[:, :, a:b], summary_parts, routable_end[a:b, None].clamp(min=0), self.top_k, start
-            )
-            if routing is not None:
-                routing.append((selected, valid))
-            picks.append(torch.where(valid, selected, -1))
-        picks = torch.cat(picks, dim=2)  # (B, H, M, C, k) local chunk ids, -1 = none
+        picks = self._route_call(qc, summary_parts, routable_end.clamp(min=0), window, routing)
+        # picks: (B, H, M, C, k) local chunk ids, -1 = none
         if window is None:
             exact_ids, compressed_ids = picks - n_pool, None  # nothing pooled: no chunk is read compressed
         else:
@@ -441,6 +430,32 @@ class RetrievalAttention(nn.Module):
             v_local = torch.cat([bank_v[:, :, n0 - 1].to(vc.dtype), v_local], dim=2)
         y = retrieval_forward_from_sources(q_local, k_local, v_local, C, sources)
         return y[:, :, prev * C :]
+
+    def _route_call(self, qc, summary_parts, end, window, routing) -> torch.Tensor:
+        """Picks of a call with a state: the token of local chunk m among summaries [window[0][m], end[m]) (local
+        ids over pool, bank and the call's completed chunks) -> (B, H, M, C, k) ids, -1 = none. One Triton kernel
+        with HYDRALM_STREAM_ROUTING=triton; else PyTorch scores and top-k, at most 2^28 scores at a time."""
+        B, H, M, C, _ = qc.shape
+        first = torch.zeros_like(end) if window is None else window[0]
+        if stream_routing_backend(qc.is_cuda) == "triton":
+            from hydralm.kernels.retrieval.triton_routing import route_ranges_triton
+
+            summaries = torch.cat(summary_parts, dim=2)
+            picks = route_ranges_triton(qc.flatten(2, 3), summaries, C, self.top_k, first, end).unflatten(2, (M, C))
+            if routing is not None:
+                routing.append((picks.clamp(min=0).long(), picks >= 0))
+            return picks.long()
+        picks = []
+        n_total = max(sum(part.shape[2] for part in summary_parts), 1)
+        step = max(1, (1 << 28) // (B * H * C * n_total))
+        for a in range(0, M, step):
+            b = min(M, a + step)
+            start = None if window is None else window[0][a:b, None]
+            selected, valid = route_tokens(qc[:, :, a:b], summary_parts, end[a:b, None], self.top_k, start)
+            if routing is not None:
+                routing.append((selected, valid))
+            picks.append(torch.where(valid, selected, -1))
+        return torch.cat(picks, dim=2)
 
     def _memory_state(self, st: RetrievalState, exact, pooled, buf_k, buf_v, pos: int) -> RetrievalState:
         """The state after `pos` tokens from its exact chunks and pooled chunks in stream order (the exact ones

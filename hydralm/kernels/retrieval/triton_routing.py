@@ -1,4 +1,5 @@
-"""The from-scratch routing of retrieval attention as one Triton kernel: `route_tokens_triton`.
+"""The routing of retrieval attention as one Triton kernel: `route_tokens_triton` (a sequence from scratch) and
+`route_ranges_triton` (a call with a state: per chunk of the call, a range of held summaries).
 
 Same selections as `route_tokens_blocked` (routing.py): token t of chunk i = t // C picks its top_k chunks
 among 0 .. i-2 by q_t . summary_j in fp32, ties to the lowest chunk id, ordered by score then id. A program
@@ -26,6 +27,8 @@ if triton is not None:
         q_ptr,
         summaries_ptr,
         selected_ptr,
+        first_ptr,
+        end_ptr,
         stride_qb,
         stride_qh,
         stride_qn,
@@ -41,6 +44,7 @@ if triton is not None:
         BN: tl.constexpr,
         BD: tl.constexpr,
         PRECISION: tl.constexpr,
+        RANGED: tl.constexpr,
     ):
         pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
@@ -53,19 +57,27 @@ if triton is not None:
             mask=m_ok[:, None] & d_ok[None, :],
             other=0.0,
         ).to(tl.float32)
-        n_eligible = rm // C - 1  # a token may pick chunks 0 .. n_eligible - 1
-        n_cols = (tl.minimum(m0 + BM, N) - 1) // C - 1  # the most any token of the tile may pick
+        if RANGED:  # the token's chunk of the call gives its eligible summaries: first .. end - 1
+            first = tl.load(first_ptr + rm // C, mask=m_ok, other=N_CHUNKS)
+            n_eligible = tl.load(end_ptr + rm // C, mask=m_ok, other=0)
+            col0 = tl.min(first, 0) // BN * BN
+            n_cols = tl.minimum(tl.max(n_eligible, 0), N_CHUNKS)
+        else:  # from scratch: a token of chunk i may pick chunks 0 .. i - 2
+            first = tl.zeros([BM], dtype=tl.int32)
+            n_eligible = rm // C - 1
+            col0 = 0
+            n_cols = (tl.minimum(m0 + BM, N) - 1) // C - 1  # the most any token of the tile may pick
         none = tl.full([BM, KP], -(2**63), dtype=tl.int64)  # below every packed key
         best = none
         s_base = summaries_ptr + (b * H_KV + hk) * N_CHUNKS * D
-        for n0 in range(0, n_cols, BN):
+        for n0 in range(col0, n_cols, BN):
             rn = n0 + tl.arange(0, BN)
             s = tl.load(s_base + rn[:, None] * D + rd[None, :], mask=(rn < n_cols)[:, None] & d_ok[None, :], other=0.0)
             scores = tl.dot(q, tl.trans(s), input_precision=PRECISION) + 0.0  # + 0.0: -0.0 becomes +0.0
             bits = scores.to(tl.int32, bitcast=True)
             ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order = float order
             key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - rn)[None, :].to(tl.int64)
-            key = tl.where(rn[None, :] < n_eligible[:, None], key, -(2**63))
+            key = tl.where((rn[None, :] < n_eligible[:, None]) & (rn[None, :] >= first[:, None]), key, -(2**63))
             block_best = tl.topk(key, KP)
             best = tl.topk(tl.reshape(tl.join(best, block_best), [BM, 2 * KP]), KP)
         ids = tl.where(best == -(2**63), -1, 0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
@@ -80,16 +92,34 @@ if triton is not None:
 def route_tokens_triton(q: torch.Tensor, summaries: torch.Tensor, chunk_size: int, top_k: int) -> torch.Tensor:
     """`route_tokens_blocked` as one Triton kernel: q (B, H, N, D), summaries (B, H_kv, >= N // C, D) fp32 ->
     chunk ids (B, H, N, top_k) int32, -1 where fewer than top_k chunks are eligible."""
+    return _route(q, summaries, chunk_size, top_k, None)
+
+
+def route_ranges_triton(
+    q: torch.Tensor, summaries: torch.Tensor, chunk_size: int, top_k: int, first: torch.Tensor, end: torch.Tensor
+) -> torch.Tensor:
+    """`route_tokens` for a call with a state, as one kernel: token t of q (B, H, N, D), laid on the call's chunk
+    grid, picks among summaries[first[t // C] : end[t // C]] (summaries (B, H_kv, n, D): pool, bank and the call's
+    completed chunks in stream order; first / end (N / C,) int). Returns indices into summaries (B, H, N, top_k)
+    int32, -1 where fewer than top_k are eligible."""
+    return _route(q, summaries, chunk_size, top_k, (first, end))
+
+
+def _route(q, summaries, chunk_size: int, top_k: int, ranges) -> torch.Tensor:
     B, H, N, D = q.shape
     summaries = summaries.float().contiguous()
     selected = torch.empty(B, H, N, top_k, dtype=torch.int32, device=q.device)
     if N == 0:
         return selected
+    if ranges is None:
+        first = end = selected  # not read
+    else:
+        first, end = (r.to(device=q.device, dtype=torch.int32).contiguous() for r in ranges)
     KP = triton.next_power_of_2(top_k)
     BM, BN = (16, max(16, KP)) if interpreting() else (64, max(64, KP))
     _route_kernel[(triton.cdiv(N, BM), B * H)](
-        q, summaries, selected, *q.stride()[:3], H, summaries.shape[1], N, summaries.shape[2],
+        q, summaries, selected, first, end, *q.stride()[:3], H, summaries.shape[1], N, summaries.shape[2],
         C=chunk_size, D=D, TOP_K=top_k, KP=KP, BM=BM, BN=BN, BD=max(16, triton.next_power_of_2(D)),
-        PRECISION=dot_precision(),
+        PRECISION=dot_precision(), RANGED=ranges is not None,
     )  # fmt: skip
     return selected
