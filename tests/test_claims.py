@@ -45,3 +45,27 @@ def test_a_claim_the_call_limit_stops_says_so_and_the_next_call_continues_it(tmp
     assert third.values["train_seconds"] >= second.values["train_seconds"]
     assert json.loads((run / "metrics.json").read_text())["metrics"] == summary["metrics"]
     assert (run / "csv" / "metrics.csv").is_file() and (run / "csv" / "call2" / "metrics.csv").is_file()  # both kept
+
+
+def test_c6_on_real_text_sweeps_each_optimizers_learning_rate_and_resumes_across_calls(tmp_path, monkeypatch):
+    """The full budget's C6 form at toy size: the standard library's sources as the corpus, each optimizer at the
+    same learning rates (its lowest final val loss picked); a call whose time is up trains nothing and says so,
+    the next one finishes every run, and a finished run is read back, not trained again."""
+    from hydralm.eval import claims
+
+    c6 = dict(
+        model="tiny", model_overrides={**claims.TINY, "vocab_size": 259}, data="text", corpus_chars=60_000,
+        data_overrides=dict(seq_len=32), batch_size=4, steps=3, lrs=[1e-3, 3e-3],
+    )  # fmt: skip
+    monkeypatch.setitem(claims.BUDGETS["smoke"], "c6", c6)
+    workdir = str(tmp_path / "runs")
+    (first,) = run_claims("smoke", workdir, only=["C6"], call_seconds=0.0)
+    assert first.passed is None and len(first.values["unfinished"]) == 4, first
+    (second,) = run_claims("smoke", workdir, only=["C6"])
+    assert set(second.values["lr"]) == {"adamw", "muon"} and set(second.values["lr"].values()) <= {1e-3, 3e-3}
+    assert second.values["seconds_adamw"] is not None, second
+    assert (tmp_path / "runs" / "c6_corpus.txt").stat().st_size >= 60_000
+    summary = tmp_path / "runs" / "c6_muon_lr0.003" / "metrics.json"
+    before = summary.stat().st_mtime_ns
+    (third,) = run_claims("smoke", workdir, only=["C6"])
+    assert third.values == second.values and summary.stat().st_mtime_ns == before  # read back, not retrained

@@ -7,6 +7,8 @@ nothing passes by default and no number is typed in. Claims that need a trained 
 ``hydralm.training.pipeline.train``, the code path of ``train.py``.
 """
 
+import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -119,13 +121,17 @@ BUDGETS = {
             d_model=128, n_heads=4, seq_len=300, n_layers_mixed=20, long_seq_len=2048, spec_prompts=16, c2_seq_len=300
         ),
         "stream": dict(short=4096, long=1 << 20, chunk=8192, decode_steps=64),
+        # Real text, nothing downloaded: the Python standard library's sources (hydralm/data/stdlib_corpus.py),
+        # byte-level; each optimizer at the same three learning rates, its best run (lowest final val loss) compared.
         "c6": dict(
             model="tiny",
-            model_overrides={},
-            data="retrieval_qa",
-            data_overrides=dict(seq_len=512, num_facts=8, num_queries=4),
-            batch_size=16,
-            steps=300,
+            model_overrides=FULL_MODEL | dict(vocab_size=259),
+            data="text",
+            corpus_chars=16_000_000,
+            data_overrides=dict(seq_len=1024),
+            batch_size=32,
+            steps=1000,
+            lrs=[1e-3, 2e-3, 4e-3],
         ),
         # The task sizes are the claims'; the model is d256, 6 layers (~5-7M parameters), a few GPU minutes each.
         # A length curriculum first: at short lengths every chunk is inside the retrieval layer's reach, so reading
@@ -469,6 +475,8 @@ def claim_c5(budget: str) -> ClaimResult:
 def _run_overrides(entry: dict) -> List[str]:
     """train.py overrides of a budget entry: model, its fields, the data curriculum, the wall-clock cap."""
     overrides = [f"model={entry['model']}"] + [f"model.{k}={v}" for k, v in entry["model_overrides"].items()]
+    if entry.get("data") == "text":  # language modelling on a corpus: no task curriculum
+        return overrides
     if entry.get("curriculum"):
         phases = ",".join("{" + ",".join(f"{k}:{v}" for k, v in phase.items()) + "}" for phase in entry["curriculum"])
         overrides.append(f"data.curriculum=[{phases}]")
@@ -510,22 +518,41 @@ def _in_progress(claim_id: str, budget: str, runs: Dict[str, Dict], settings: di
 
 def claim_c6(budget: str, runs: ClaimRuns) -> ClaimResult:
     b, trainer = BUDGETS[budget]["c6"], BUDGETS[budget]["trainer"]
-    common = (
-        _run_overrides(b)
-        + [
-            f"data={b['data']}",
-            f"data.batch_size={b['batch_size']}",
-            f"trainer.max_steps={b['steps']}",
-            f"trainer.val_check_interval={max(1, b['steps'] // 10)}",
-            f"trainer={trainer}",
-        ]
-        + [f"data.task_kwargs.{k}={v}" for k, v in b["data_overrides"].items()]
-    )
-    curves = {}
+    common = _run_overrides(b) + [
+        f"data={b['data']}",
+        f"data.batch_size={b['batch_size']}",
+        f"trainer.max_steps={b['steps']}",
+        f"trainer.val_check_interval={max(1, b['steps'] // 10)}",
+        f"trainer={trainer}",
+    ]
+    if b["data"] == "text":
+        from hydralm.data.stdlib_corpus import write_stdlib_corpus
+
+        corpus = write_stdlib_corpus(f"{runs.workdir}/c6_corpus.txt", b["corpus_chars"])
+        common += [f"data.data_files={corpus}"] + [f"data.{k}={v}" for k, v in b["data_overrides"].items()]
+    else:
+        common += [f"data.task_kwargs.{k}={v}" for k, v in b["data_overrides"].items()]
+    lrs = b.get("lrs") or [None]  # None: the optimizer config's own learning rate
+    curves, chosen, unfinished = {}, {}, []
     for name in ("adamw", "muon"):
-        # one call each, never resumed: the time-to-target curve is the call's own
-        run = train_model(common + [f"optimizer={name}"], f"{runs.workdir}/c6_{name}", record_val_curve=True)
-        curves[name] = run["val_curve"]  # [(seconds, val_loss)]
+        swept = {}
+        for lr in lrs:
+            folder = f"{runs.workdir}/c6_{name}" + ("" if lr is None else f"_lr{lr:g}")
+            overrides = common + [f"optimizer={name}"] + ([] if lr is None else [f"optimizer.lr={lr}"])
+            curve = _timed_run(overrides, folder, runs)
+            if curve is None:
+                unfinished.append(os.path.basename(folder))
+            else:
+                swept[lr] = curve
+        if len(swept) == len(lrs):
+            chosen[name] = min(lrs, key=lambda lr: swept[lr][-1][1])  # the sweep's pick: lowest final val loss
+            curves[name] = swept[chosen[name]]
+    if unfinished:
+        return _result(
+            "C6", budget, None, {"unfinished": unfinished}, b,
+            f"training in progress ({', '.join(unfinished)} not finished: the call's time limit); the same command "
+            "with the same eval.workdir continues",
+        )  # fmt: skip
     target = min(loss for _, loss in curves["adamw"])
 
     def time_to(curve):
@@ -543,10 +570,28 @@ def claim_c6(budget: str, runs: ClaimRuns) -> ClaimResult:
             "seconds_muon": t_muon,
             "ratio": ratio,
             "final_val_loss": {k: v[-1][1] for k, v in curves.items()},
+            "lr": chosen,
         },
         {**b, "target": "best val loss AdamW reached"},
         "" if ratio is not None else "Muon never reached AdamW's best val loss in the budget",
     )
+
+
+def _timed_run(overrides: List[str], folder: str, runs: ClaimRuns) -> Optional[List[tuple]]:
+    """The (seconds, val loss) curve of one C6 run. A curve is one call's own, so a run is never resumed: one that
+    finished in an earlier call is read back from its summary, one the call's time limit stops is dropped (None)
+    and the next call trains it again from the start."""
+    summary = os.path.join(folder, "metrics.json")
+    if os.path.isfile(summary):
+        with open(summary) as f:
+            done = json.load(f)
+        if done.get("finished") and done.get("val_curve"):
+            return [tuple(point) for point in done["val_curve"]]
+    if runs.deadline is not None and time.monotonic() >= runs.deadline:
+        return None
+    seconds = None if runs.deadline is None else runs.deadline - time.monotonic()
+    run = train_model(overrides, folder, record_val_curve=True, seconds=seconds)
+    return run["val_curve"] if run["finished"] else None
 
 
 def claim_c7(budget: str, runs: ClaimRuns) -> ClaimResult:
