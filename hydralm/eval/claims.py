@@ -96,6 +96,7 @@ BUDGETS = {
             data_overrides=dict(seq_len=128, num_facts=4, num_queries=4),
             batch_size=8,
             steps=40,
+            val_batches=4,  # the same 4 batches at each of the 10 validations of both runs
         ),
         "c7": dict(model="tiny", model_overrides=TINY, seq_len=128, pairs=8, batch_size=16, steps=60, eval_samples=64),
         "c8": dict(seq_len=1024, eval_samples=32),
@@ -523,6 +524,7 @@ def claim_c6(budget: str, runs: ClaimRuns) -> ClaimResult:
         f"data.batch_size={b['batch_size']}",
         f"trainer.max_steps={b['steps']}",
         f"trainer.val_check_interval={max(1, b['steps'] // 10)}",
+        f"trainer.limit_val_batches={b.get('val_batches', 1.0)}",
         f"trainer={trainer}",
     ]
     if b["data"] == "text":
