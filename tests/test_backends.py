@@ -161,45 +161,25 @@ def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name,path,pick",
+    "name,path,pick,checked",
     [
-        ("HYDRALM_DECODE_MANY", "fused", backend.decode_many_backend),
-        ("HYDRALM_STREAM_ROUTING", "triton", backend.stream_routing_backend),
+        ("HYDRALM_DECODE", "fused", backend.decode_backend, True),
+        ("HYDRALM_DECODE_LINEAR", "gemv", backend.decode_linear_backend, True),
+        ("HYDRALM_DECODE_MANY", "fused", backend.decode_many_backend, False),
+        ("HYDRALM_STREAM_ROUTING", "triton", backend.stream_routing_backend, False),
     ],
 )
-def test_the_unchecked_triton_switches_are_opt_in(monkeypatch, name, path, pick):
+def test_triton_switches_pick_their_path_on_cuda_only_once_checked(monkeypatch, name, path, pick, checked):
     for var in (name, "TRITON_INTERPRET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert pick(is_cuda=True) == "torch"  # auto: PyTorch until the path's GPU check
-    monkeypatch.setenv(name, path)
-    assert pick(is_cuda=True) == path
-    with pytest.raises(RuntimeError, match=f"{name}={path} needs"):
-        pick(is_cuda=False)
-    monkeypatch.setenv(name, "fast")
-    with pytest.raises(ValueError, match=f"{name}='fast' is invalid"):
-        pick(is_cuda=True)
-
-
-@pytest.mark.parametrize(
-    "name,path,pick",
-    [
-        ("HYDRALM_DECODE", "fused", backend.decode_backend),
-        ("HYDRALM_DECODE_LINEAR", "gemv", backend.decode_linear_backend),
-    ],
-)
-def test_the_decode_switches_pick_their_checked_triton_path_on_cuda(monkeypatch, name, path, pick):
-    for var in (name, "TRITON_INTERPRET"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert pick(is_cuda=True) == path  # auto: the Triton path on CUDA (its GPU check passed)
+    assert pick(is_cuda=True) == (path if checked else "torch")  # auto: the Triton path once its GPU check passed
     assert pick(is_cuda=False) == "torch"
-    monkeypatch.setenv(name, "torch")
-    assert pick(is_cuda=True) == "torch"
-    monkeypatch.setenv(name, "auto")
     monkeypatch.setattr(backend, "triton_available", lambda: False)
     assert pick(is_cuda=True) == "torch"  # no triton: PyTorch
     monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.setenv(name, "torch")
+    assert pick(is_cuda=True) == "torch"
     monkeypatch.setenv(name, path)
     assert pick(is_cuda=True) == path
     with pytest.raises(RuntimeError, match=f"{name}={path} needs"):

@@ -91,18 +91,27 @@ def test_fused_step_in_bf16(monkeypatch):
     assert _rel(y, y_ref) < 2e-2 and _rel(s.S, s_ref.S) < 2e-2
 
 
-def test_model_decoding_with_the_fused_step_gives_the_parallel_logits(monkeypatch):
-    """C1 with the fused step: a model's step-by-step logits equal its parallel forward to 1e-4 (fp32)."""
-    torch.manual_seed(3)
+def _two_deltanet_model() -> HydraLM:
     cfg = HydraConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=2, layer_types=["deltanet", "swa", "deltanet"],
                       swa_window=8, dn_chunk_size=8, initializer_range=0.2)  # fmt: skip
-    model = HydraLM(cfg).eval()
-    ids = torch.randint(0, 50, (2, 6))
-    monkeypatch.setenv("HYDRALM_DECODE", "fused")
+    return HydraLM(cfg).eval()
+
+
+def _count_fused_kernel_calls(monkeypatch) -> list:
     import hydralm.kernels.delta_rule.triton_decode as fused
 
     calls, kernel = [], fused.gated_deltanet_step_fused
     monkeypatch.setattr(fused, "gated_deltanet_step_fused", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    return calls
+
+
+def test_model_decoding_with_the_fused_step_gives_the_parallel_logits(monkeypatch):
+    """C1 with the fused step: a model's step-by-step logits equal its parallel forward to 1e-4 (fp32)."""
+    torch.manual_seed(3)
+    model = _two_deltanet_model()
+    ids = torch.randint(0, 50, (2, 6))
+    monkeypatch.setenv("HYDRALM_DECODE", "fused")
+    calls = _count_fused_kernel_calls(monkeypatch)
     with torch.no_grad():
         parallel = model(ids)["logits"]
         state, steps = model.init_state(2), []
@@ -169,13 +178,8 @@ def test_model_verification_with_the_fused_multi_token_step(monkeypatch):
     """HydraLM.decode_many (what speculative decoding verifies with) takes the fused step in every DeltaNet layer
     and gives the PyTorch loop's logits and kept states (which equal decode steps: tests/test_decode_many.py)."""
     torch.manual_seed(7)
-    cfg = HydraConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=2, layer_types=["deltanet", "swa", "deltanet"],
-                      swa_window=8, dn_chunk_size=8, initializer_range=0.2)  # fmt: skip
-    model = HydraLM(cfg).eval()
-    import hydralm.kernels.delta_rule.triton_decode as fused
-
-    calls, kernel = [], fused.gated_deltanet_step_fused
-    monkeypatch.setattr(fused, "gated_deltanet_step_fused", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    model = _two_deltanet_model()
+    calls = _count_fused_kernel_calls(monkeypatch)
     ids = torch.randint(0, 50, (2, 3))
     results = {}
     with torch.no_grad():
