@@ -162,3 +162,29 @@ def test_short_conv_training_path_recomputes_the_conv_and_gives_autograds_gradie
     )
     full, conv_out, own = 2 * 12 * 6 * 8, 2 * 9 * 6 * 8, x.numel() * 8 + cache.numel() * 8  # bytes, fp64
     assert saved == full + conv_out - own
+
+
+def test_rmsnorm_under_autocast_keeps_the_fp32_residual_in_bf16_with_bf16_accurate_gradients():
+    """Under bf16 autocast the fp32 residual stream a block norm reads is kept in bf16 for backward (2 bytes per
+    value less); the gradients stay within bf16's error of the fp64 expression, and the value is unchanged."""
+    torch.manual_seed(0)
+    norm = RMSNorm(64)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(64))
+    x = (3 * torch.randn(4, 8, 64)).requires_grad_()
+    upstream = torch.randn(4, 8, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = norm(x)
+        kept = stored_bytes(lambda: norm(x))
+    assert y.dtype == torch.float32
+    with torch.autocast("cpu", enabled=False):
+        kept_fp32 = stored_bytes(lambda: norm(x))
+    assert kept_fp32 - kept == x.numel() * 2
+    got = torch.autograd.grad((y * upstream).sum(), (x, norm.weight))
+    norm64, x64 = RMSNorm(64).double(), x.detach().double().requires_grad_()
+    with torch.no_grad():
+        norm64.weight.copy_(norm.weight)
+    torch.testing.assert_close(y.double(), norm64.reference(x64), rtol=1e-6, atol=1e-6)
+    expected = torch.autograd.grad((norm64.reference(x64) * upstream.double()).sum(), (x64, norm64.weight))
+    for a, b in zip(got, expected):
+        assert a.dtype == torch.float32 and ((a.double() - b).norm() / b.norm()) < 1e-2

@@ -29,8 +29,10 @@ class RMSNorm(nn.Module):
 
 
 class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm(x) * weight [* silu(gate)], computed in fp32 but keeping for backward only x, gate (their own
-    dtype) and the per-row 1 / rms: autograd through the plain expression would keep fp32 (..., d) copies."""
+    """RMSNorm(x) * weight [* silu(gate)], computed in fp32 but keeping for backward only x, gate and the per-row
+    1 / rms: autograd through the plain expression would keep fp32 (..., d) copies. Under autocast an fp32 x (the
+    residual stream) is kept in the autocast dtype, as the matmul after the norm sees it: half the bytes of the
+    largest per-token tensor a block keeps twice, for a backward that is then as exact as that matmul's."""
 
     @staticmethod
     def forward(ctx, x, gate, weight, eps: float):
@@ -39,7 +41,8 @@ class _RMSNormFunction(torch.autograd.Function):
         y = xf * rstd * weight.to(xf.dtype)
         if gate is not None:
             y = y * F.silu(gate.to(xf.dtype))
-        ctx.save_for_backward(x, gate, weight, rstd)
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(_kept(x), gate, weight, rstd)
         return y.to(x.dtype if gate is None else torch.promote_types(x.dtype, gate.dtype))
 
     @staticmethod
@@ -58,7 +61,15 @@ class _RMSNormFunction(torch.autograd.Function):
         grad_weight = (grad_normed * x_hat).reshape(-1, x.shape[-1]).sum(0)
         grad_x_hat = grad_normed * w
         grad_x = rstd * (grad_x_hat - x_hat * (grad_x_hat * x_hat).mean(-1, keepdim=True))
-        return grad_x.to(x.dtype), grad_gate, grad_weight.to(weight.dtype), None
+        return grad_x.to(ctx.x_dtype), grad_gate, grad_weight.to(weight.dtype), None
+
+
+def _kept(x: torch.Tensor) -> torch.Tensor:
+    """What backward keeps of x: x itself, or under autocast an fp32 x in the autocast dtype."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return x.to(torch.get_autocast_dtype(device))
+    return x
 
 
 class GatedRMSNorm(RMSNorm):
