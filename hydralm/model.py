@@ -39,10 +39,17 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, state: Optional[LayerState] = None) -> Tuple[torch.Tensor, LayerState]:
+    def forward(
+        self, x: torch.Tensor, state: Optional[LayerState] = None, checkpoint_mlp: bool = False
+    ) -> Tuple[torch.Tensor, LayerState]:
         y, state = self.mixer(self.mixer_norm(x), state)
         x = x + y
-        return x + self.mlp(self.mlp_norm(x)), state
+        if checkpoint_mlp:  # keep only x: the norm and the MLP run again in backward (activation_checkpointing=mlp)
+            return x + checkpoint(self._mlp, x, use_reentrant=False), state
+        return x + self._mlp(x), state
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp_norm(x))
 
     def step(self, x_t: torch.Tensor, state: LayerState) -> Tuple[torch.Tensor, LayerState]:
         y, state = self.mixer.step(self.mixer_norm(x_t), state)
@@ -69,7 +76,7 @@ class HydraLM(nn.Module):
         # Recompute blocks' activations in backward (set by the trainer: a memory / speed trade-off, not part of
         # the architecture, so it stays out of HydraConfig and exported configs): True = every block, a fraction
         # f in [0, 1] = floor(f * n_layers) blocks spread evenly over the depth.
-        self.activation_checkpointing: Union[bool, float] = False
+        self.activation_checkpointing: Union[bool, float, str] = False  # str: "mlp"
         self._init_weights()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -192,7 +199,10 @@ class HydraLM(nn.Module):
         self, i: int, block: Block, x: torch.Tensor, layer_state: Optional[LayerState]
     ) -> Tuple[torch.Tensor, LayerState]:
         """Block i; when ``activation_checkpointing`` covers it in a training forward, its activations are
-        recomputed in backward instead of kept (torch.utils.checkpoint, non-reentrant)."""
+        recomputed in backward instead of kept (torch.utils.checkpoint, non-reentrant); "mlp": only those of the
+        MLP sublayer, in every block."""
+        if self.activation_checkpointing == "mlp":
+            return block(x, layer_state, checkpoint_mlp=self.training and torch.is_grad_enabled())
         f = float(self.activation_checkpointing)
         if f > 0 and int((i + 1) * f) > int(i * f) and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, layer_state, use_reentrant=False)

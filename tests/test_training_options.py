@@ -76,6 +76,23 @@ def test_a_fraction_of_blocks_checkpointed_is_spread_over_the_depth_and_changes_
     assert len(expected) == int(8 * fraction) and checkpointed_blocks[: len(expected)] == expected
 
 
+def test_checkpointing_the_mlp_sublayers_changes_nothing_and_keeps_less():
+    """activation_checkpointing=mlp: every block keeps its MLP sublayer's input only (norm, gate_up and the product
+    run again in backward): the same loss and gradients bit for bit, fewer bytes kept for backward."""
+    from helpers import stored_bytes
+
+    model = HydraLM(CFG).train()
+    ids = torch.randint(0, 64, (2, 48))
+    eager = _loss_and_grads(model, ids)
+    kept = {}
+    for setting in (False, "mlp"):
+        model.activation_checkpointing = setting
+        kept[setting] = stored_bytes(lambda: model(ids, labels=ids, return_logits=False)["loss"])
+    _assert_same(_loss_and_grads(model, ids), eager, rtol=0, atol=0)
+    hidden = model.blocks[0].mlp.down.weight.shape[1]
+    assert kept[False] - kept["mlp"] >= 2 * 48 * hidden * 4 * len(model.blocks)  # gate_up, fp32, per block
+
+
 def test_compiled_blocks_give_the_same_loss_and_gradients_aot_eager():
     """Dynamo capture of DeltaNet and SWA blocks (the graph break around the delta rule op included), without code
     generation. Retrieval blocks (CPU gather path: graph breaks at its data-dependent sizes) are in the slow test."""
@@ -101,7 +118,7 @@ def test_module_switches_are_validated_and_auto_compile_stays_off_on_cpu():
     model, optimizer = CFG.to_dict(), dict(name="adamw", lr=1e-3, weight_decay=0.1)
     with pytest.raises(ValueError, match="compile='yes' is invalid"):
         HydraLMModule(model=model, optimizer=optimizer, compile="yes")
-    for bad in (1, 1.5, "half"):
+    for bad in (1, 1.5, "half", "MLP"):
         with pytest.raises(ValueError, match=f"activation_checkpointing={bad!r} is invalid"):
             HydraLMModule(model=model, optimizer=optimizer, activation_checkpointing=bad)
     module = HydraLMModule(model=model, optimizer=optimizer, compile="auto", activation_checkpointing=True)

@@ -38,7 +38,7 @@ class HydraLMModule(L.LightningModule):
         compile: Union[bool, str] = False,
         nonfinite: str = "skip",
         max_consecutive_skips: int = 10,
-        activation_checkpointing: Union[bool, float] = False,
+        activation_checkpointing: Union[bool, float, str] = False,
     ):
         super().__init__()
         if architecture not in ARCHITECTURES:
@@ -46,10 +46,10 @@ class HydraLMModule(L.LightningModule):
         if not (isinstance(compile, bool) or compile == "auto"):
             raise ValueError(f"compile={compile!r} is invalid: expected false, true or auto")
         fraction = isinstance(activation_checkpointing, float) and 0.0 <= activation_checkpointing <= 1.0
-        if not (isinstance(activation_checkpointing, bool) or fraction):
+        if not (isinstance(activation_checkpointing, bool) or fraction or activation_checkpointing == "mlp"):
             raise ValueError(
-                f"activation_checkpointing={activation_checkpointing!r} is invalid: expected true, false or the "
-                "fraction of blocks to checkpoint, a number in [0.0, 1.0]"
+                f"activation_checkpointing={activation_checkpointing!r} is invalid: expected true, false, the "
+                "fraction of blocks to checkpoint (a number in [0.0, 1.0]) or mlp (every block's MLP sublayer only)"
             )
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite={nonfinite!r} is unknown; allowed: {list(NONFINITE_POLICIES)}")
