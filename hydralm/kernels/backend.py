@@ -36,7 +36,8 @@ HYDRALM_GDN_MODULES = auto | torch | fla
     auto = fla on CUDA when fla-core is importable, torch elsewhere: `HYDRALM_GDN_MODULES=fla python -m
     benchmarks.gpu_check gdn_block` (the 160m block with fla's modules vs the PyTorch ones in fp32: output, final
     state, input and parameter gradients) passed 27/27 on an H200 at 94c54f9 (fp32 <= 1.6e-6, bf16 <= 1.0e-2,
-    the PyTorch modules' own bf16 error 1.0e-2). train.py at 16k x 4 ran 123.5 ktok/s with them, 90.1 without.
+    the PyTorch modules' own bf16 error 1.0e-2). train.py at 16k x 4 ran 123.5 ktok/s with them, 90.1 without;
+    fla autotunes its kernels in a process's first calls (that run's start took about 30 s longer).
 
 HYDRALM_DECODE = auto | torch | fused
     The one-token step of Gated DeltaNet layers (decoding, StaticDecoder graphs, speculative drafts). fused: one
