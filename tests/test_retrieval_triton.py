@@ -200,6 +200,7 @@ def test_ranged_triton_router_equals_route_tokens_with_ties_forced():
     end = torch.randint(0, n_held + 1, (9,), generator=gen)
     first = torch.minimum(torch.randint(0, n_held, (9,), generator=gen), end)
     end[0], first[1], end[1] = 0, 0, n_held  # a chunk with nothing to pick, one with everything
+    first[2] = -3  # below the first held summary: no bound (as route_tokens reads it)
     selected, valid = route_tokens(q.unflatten(2, (9, C)), [summaries], end[:, None], top_k, first[:, None])
     expected = torch.where(valid, selected, -1).flatten(2, 3).to(torch.int32)
     got = route_ranges_triton(q.to(DEVICE), summaries.to(DEVICE), C, top_k, first.to(DEVICE), end.to(DEVICE))

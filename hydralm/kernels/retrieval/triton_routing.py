@@ -114,7 +114,9 @@ def _route(q, summaries, chunk_size: int, top_k: int, ranges) -> torch.Tensor:
     if ranges is None:
         first = end = selected  # not read
     else:
-        first, end = (r.to(device=q.device, dtype=torch.int32).contiguous() for r in ranges)
+        # clamped into [0, n]: the kernel reads summaries from the smallest `first` of a tile on
+        first, end = (r.clamp(0, summaries.shape[2]).to(device=q.device, dtype=torch.int32) for r in ranges)
+        first, end = first.contiguous(), end.contiguous()
     KP = triton.next_power_of_2(top_k)
     BM, BN = (16, max(16, KP)) if interpreting() else (64, max(64, KP))
     _route_kernel[(triton.cdiv(N, BM), B * H)](
