@@ -40,6 +40,7 @@ class HydraConfig:
     retrieval_chunk_size: int = 64  # tokens per retrieval chunk (the unit that is summarised and retrieved)
     retrieval_routing_loss: float = 0.0  # weight of the answer-chunk routing loss on synthetic QA batches; 0 = off
     retrieval_routing_loss_from: int = 0  # training step from which that loss applies (reading first, then routing)
+    retrieval_routing_loss_detach_query: bool = False  # true: that loss moves the keys only, not the attention queries
     mtp_depth: int = 0  # multi-token-prediction modules (0 = no MTP head)
     mtp_loss_weight: float = 0.1  # weight of the MTP auxiliary loss
     memory: Optional[dict] = None  # compressive memory: {exact_window, compress_every, pool_size[, loss_weight]}
@@ -80,6 +81,7 @@ class HydraConfig:
         _check_int(self, "retrieval_chunk_size", minimum=1)
         _check_float(self, "retrieval_routing_loss", positive=False)
         _check_int(self, "retrieval_routing_loss_from", minimum=0)
+        _check_bool(self, "retrieval_routing_loss_detach_query")
         _check_int(self, "mtp_depth", minimum=0)
         _check_float(self, "mtp_loss_weight", positive=False)
         _check_bool(self, "tie_embeddings")

@@ -281,3 +281,20 @@ def test_routing_loss_applies_from_its_start_step():
         assert (layer.routing_targets is not None) is expected, step
     with pytest.raises(ValueError, match="retrieval_routing_loss_from"):
         HydraConfig(retrieval_routing_loss_from=-1)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_detached_routing_loss_moves_the_keys_and_not_the_attention_queries(detach):
+    """retrieval_routing_loss_detach_query: the loss's gradient reaches the key projection only (the queries stay
+    the attention's own); without it, the query projection too."""
+    layer = one_hot_layer(top_k=1).train()
+    layer.routing_loss_detach_query = detach
+    layer.routing_targets = (QUERIES, SOURCES)
+    layer(haystack([2, 0]))
+    layer.routing_loss.backward()
+    grad = layer.proj.qkv.weight.grad
+    assert grad[D : 2 * D].abs().sum() > 0  # keys (summaries) learn either way
+    assert (grad[:D].abs().sum() == 0) == detach
+    assert HydraConfig(retrieval_routing_loss_detach_query=True).retrieval_routing_loss_detach_query
+    with pytest.raises(ValueError, match="retrieval_routing_loss_detach_query"):
+        HydraConfig(retrieval_routing_loss_detach_query="yes")

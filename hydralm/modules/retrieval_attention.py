@@ -159,6 +159,7 @@ class RetrievalAttention(nn.Module):
         # HydraConfig.retrieval_routing_loss > 0: the trainer sets routing_targets (query and answer positions of
         # the batch) and a training forward leaves the answer-chunk routing loss in routing_loss.
         self.routing_loss_weight = cfg.retrieval_routing_loss
+        self.routing_loss_detach_query = cfg.retrieval_routing_loss_detach_query
         self.routing_targets: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.routing_loss: Optional[torch.Tensor] = None
         if cfg.memory is not None:
@@ -301,7 +302,8 @@ class RetrievalAttention(nn.Module):
         if self.memory is not None and self.training and torch.is_grad_enabled():
             self.memory_loss = self._memory_loss(qc, kc, vc, n_full)
         if self.routing_targets is not None and state is None and self.training and torch.is_grad_enabled():
-            self.routing_loss = answer_routing_loss(q, summaries_new, *self.routing_targets, C)
+            routing_q = q.detach() if self.routing_loss_detach_query else q  # detached: reading keeps its queries
+            self.routing_loss = answer_routing_loss(routing_q, summaries_new, *self.routing_targets, C)
 
         # New state: completed chunks join the bank; the remainder becomes the chunk in progress.
         remainder = length - n_full * C
