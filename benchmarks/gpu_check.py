@@ -4,7 +4,7 @@ Each fast path is compared with the reference kernel on fresh random inputs, out
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
 `python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [decode_fused] [decode_linear] [spec_decode]
-[retrieval] [retrieval_stream] [exactness] [gdn_block]`
+[retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
 decoder on the fused Gated DeltaNet step, HYDRALM_DECODE_LINEAR=gemv on the decode GEMV,
@@ -439,6 +439,47 @@ def check_decode_linear(device: str) -> None:
         _record(f"decode GEMV vs F.linear (fp64), {str(dtype)[6:]}, 160m shapes, 1/3/16 rows", worst, tol)
 
 
+def check_cross_entropy(device: str) -> None:
+    """The fused linear + cross-entropy kernels HYDRALM_CROSS_ENTROPY can pick (fla's, liger-kernel's; those that
+    import) vs the full-logits reference in fp64: loss and the gradients of hidden and weight, fp32 and bf16
+    inputs, a tenth of the rows ignored; and a batch whose rows are all ignored (the loss must be 0, gradients
+    finite). At the 160m head: d 768, V 32000, 4096 rows."""
+    import importlib
+
+    from hydralm.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    N, d, V = 4096, 768, 32000
+    for name, module in (
+        ("fla", "fla.modules.fused_linear_cross_entropy"),
+        ("liger", "liger_kernel.transformers.functional"),
+    ):
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # not installed here
+            print(f"SKIP  cross_entropy {name}: {module} does not import ({type(err).__name__})", flush=True)
+            continue
+        for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+            hidden = torch.randn(N, d, device=device, dtype=dtype).requires_grad_()
+            weight = (0.02 * torch.randn(V, d, device=device, dtype=dtype)).requires_grad_()
+            labels = torch.randint(0, V, (N,), device=device)
+            labels[torch.rand(N, device=device) < 0.1] = -100
+            with _env("HYDRALM_CROSS_ENTROPY", name):
+                loss = linear_cross_entropy(hidden, weight, labels)
+                got = (loss, *torch.autograd.grad(loss, (hidden, weight)))
+            h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+            ref_loss = linear_cross_entropy_reference(h64, w64, labels)
+            expected = (ref_loss, *torch.autograd.grad(ref_loss, (h64, w64)))
+            for part, a, b in zip(("loss", "d hidden", "d weight"), got, expected):
+                _record(f"cross_entropy {name} {str(dtype)[6:]} {part}", _rel(a, b), tol)
+        hidden = torch.randn(64, d, device=device).requires_grad_()
+        with _env("HYDRALM_CROSS_ENTROPY", name):
+            loss = linear_cross_entropy(hidden, weight.detach().float(), torch.full((64,), -100, device=device))
+            (grad,) = torch.autograd.grad(loss, (hidden,))
+        bad = float(loss.abs()) if bool(torch.isfinite(loss)) and bool(torch.isfinite(grad).all()) else float("inf")
+        _record(f"cross_entropy {name} all rows ignored: |loss|, finite", bad, 0.0, "abs")
+
+
 @torch.no_grad()
 def check_exactness(device: str) -> None:
     """Claims C1 and C2 on the GPU's default paths (HYDRALM_* = auto), fp32 with IEEE matmuls: parallel forward vs
@@ -601,6 +642,7 @@ def main() -> int:
         "retrieval_stream",
         "exactness",
         "gdn_block",
+        "cross_entropy",
     ]
     checks = {
         "delta_rule": check_delta_rule,
@@ -614,6 +656,7 @@ def main() -> int:
         "retrieval_stream": check_retrieval_stream,
         "exactness": check_exactness,
         "gdn_block": check_gdn_block,
+        "cross_entropy": check_cross_entropy,
     }
     for name in names:
         checks[name]("cuda")

@@ -1,7 +1,7 @@
 """GPU speed benchmarks; each prints a table. Time the peers on the same machine in the same sitting so
 that ratios compare like with like:
 
-    python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models]
+    python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models] [loss]
 
 layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16
         fwd+bwd: our GDN kernel (PyTorch loop, Triton pass over chunks, fully fused Triton; BENCH_COMPILE=1
@@ -25,6 +25,9 @@ decode_batched  graph decode of HydraLM-160m (compressive memory, mtp_depth=2) a
         BENCH_DECODE_BATCHES= skips their timing), BENCH_TEXT: a text file, prompt = 512 bytes of its last 4 KB;
         random weights and random prompts measure the machinery, not a trained model's acceptance rate.
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
+loss    the LM head's linear + cross-entropy, fwd+bwd, bf16, 64k rows x d 768 x 32000 ids: our chunked PyTorch
+        loss (the default) and the fused kernels HYDRALM_CROSS_ENTROPY can pick (fla, liger; those that import),
+        ms and peak GiB                                          -> kernel_ms/ce-<impl>/65536x32000
 Results also go to $OUT/speed.json when OUT is set.
 """
 
@@ -449,6 +452,46 @@ def _mtp_speedup(model, kind: str, new_tokens: int, prompt, sync) -> dict:
     }
 
 
+def loss() -> None:
+    """The LM head's loss per implementation (module docstring): fwd+bwd ms and the peak memory above the inputs."""
+    import importlib
+
+    from hydralm.kernels.cross_entropy import linear_cross_entropy
+
+    N, d, V = 65536, 768, 32000
+    hidden = torch.randn(N, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (0.02 * torch.randn(V, d, device="cuda", dtype=torch.bfloat16)).requires_grad_()
+    labels = torch.randint(0, V, (N,), device="cuda")
+    rows = []
+    for impl, module in (("torch", None), ("fla", "fla.modules.fused_linear_cross_entropy"),
+                         ("liger", "liger_kernel.transformers.functional")):  # fmt: skip
+        try:
+            if module:
+                importlib.import_module(module)
+        except Exception as err:
+            print(f"{impl}: {module} does not import ({type(err).__name__}); skipped", flush=True)
+            continue
+        os.environ["HYDRALM_CROSS_ENTROPY"] = impl
+
+        def step():
+            linear_cross_entropy(hidden, weight, labels).backward()
+
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ms = bench(step)
+        rows.append({"impl": impl, "ms": ms, "peak_GiB": (torch.cuda.max_memory_allocated() - base) / 2**30})
+        print(rows[-1], flush=True)
+        record.record(
+            f"kernel_ms/ce-{impl}/{N}x{V}", ms, "ms", peer=None if impl == "torch" else f"kernel_ms/ce-torch/{N}x{V}"
+        )
+        record.write()
+    os.environ.pop("HYDRALM_CROSS_ENTROPY", None)
+    RESULTS["loss"] = rows
+    _print_table("LM head linear + cross-entropy, fwd+bwd, bf16", rows, ["impl", "ms", "peak_GiB"])
+
+
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
     """ms per call of `fn` in 5 windows of `calls` calls, after `warmup` untimed calls. Decoding is host-bound
     and host load varies, so callers report the median with the spread rather than one mean."""
@@ -471,7 +514,7 @@ def main(argv: list) -> int:
     for name in sections:
         try:
             runs = {"layers": layers, "models": models, "decode": decode, "claim_models": claim_models}
-            {**runs, "decode_batched": decode_batched}[name]()
+            {**runs, "decode_batched": decode_batched, "loss": loss}[name]()
         except Exception as err:  # a failed section is reported, the others still run
             import traceback
 
