@@ -32,7 +32,10 @@ def main(argv: list) -> int:
         f"data.batch_size={B}", "data.task_kwargs.num_facts=32", "data.task_kwargs.num_queries=8",
         "data.task_kwargs.key_len=2", "data.curriculum=null", f"trainer.max_steps={steps}",
         "trainer.val_check_interval=null", "trainer.limit_val_batches=0", "test=false", "print_config=false",
-        "trainer.log_every_n_steps=1", "optimizer.lr=6e-4", f"hydra.run.dir={out_dir}", *argv[2:],
+        "trainer.log_every_n_steps=1", "optimizer.lr=6e-4", f"hydra.run.dir={out_dir}",
+        # no checkpoint files: writing a 160m model with its optimizer state after the timed steps only costs time
+        "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null", "++trainer.enable_checkpointing=false",
+        *argv[2:],
     ]  # fmt: skip
     print(" ".join(command), flush=True)
     subprocess.run(command, check=True)
