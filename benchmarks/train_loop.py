@@ -1,7 +1,7 @@
 """The real training loop on a GPU: `python -m benchmarks.train_loop [T]x[B] [steps] [extra train.py overrides]`.
 
 Runs `python train.py model=160m trainer=gpu` on the synthetic long-context task at T tokens x B rows (default
-16384x4) for `steps` steps (default 40) with validation and testing off, then reads the run's
+16384x4) for `steps` steps (default 40) with validation, testing and checkpoint files off, then reads the run's
 csv/metrics.csv: peak GPU memory (`train/peak_mem_gib`, weights + optimizer state + activations) and the loop's
 tokens/s (`train/tokens_per_sec`, median over the logged steps after the first tenth, i.e. with the
 dataloader, logging and Lightning's own overhead). Both go to the benchmark record:
