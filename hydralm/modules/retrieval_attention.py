@@ -438,10 +438,10 @@ class RetrievalAttention(nn.Module):
         ids over pool, bank and the call's completed chunks) -> (B, H, M, C, k) ids, -1 = none. One Triton kernel
         with HYDRALM_STREAM_ROUTING=triton; else PyTorch scores and top-k, at most 2^28 scores at a time."""
         B, H, M, C, _ = qc.shape
-        first = torch.zeros_like(end) if window is None else window[0]
         if stream_routing_backend(qc.is_cuda) == "triton":
             from hydralm.kernels.retrieval.triton_routing import route_ranges_triton
 
+            first = torch.zeros_like(end) if window is None else window[0]
             summaries = torch.cat(summary_parts, dim=2)
             picks = route_ranges_triton(qc.flatten(2, 3), summaries, C, self.top_k, first, end).unflatten(2, (M, C))
             if routing is not None:

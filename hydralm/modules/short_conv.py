@@ -26,19 +26,17 @@ class ShortConv(nn.Module):
         """
         B, N, C = x.shape
         K = self.kernel_size
-        if use_fla and cache is None:
-            tail = x[:, max(0, N - (K - 1)) :]
-            new_cache = x.new_zeros(B, K - 1, C)
-            new_cache[:, K - 1 - tail.shape[1] :] = tail  # a copy: the cache holds no view of x
-            return fla_short_conv(x, self.weight), new_cache
+        fla_kernel = use_fla and cache is None
         if cache is None:
             cache = x.new_zeros(B, K - 1, C)
-        full = torch.cat([cache.to(x.dtype), x], dim=1)
-        # clone: a view would keep the whole chunk's input alive inside the decode state
-        new_cache = full[:, full.shape[1] - (K - 1) :].clone()
+        # the last K - 1 inputs, from a small copy: a view of x would keep the whole chunk alive in the decode state
+        recent = torch.cat([cache.to(x.dtype), x[:, max(0, N - (K - 1)) :]], dim=1)
+        new_cache = recent[:, recent.shape[1] - (K - 1) :].contiguous()
+        if fla_kernel:
+            return fla_short_conv(x, self.weight), new_cache
         if torch.is_grad_enabled():  # backward recomputes the padded input and the conv (_ConvSiLU)
             return _ConvSiLU.apply(x, cache, self.weight), new_cache
-        return _conv_silu(full, self.weight), new_cache
+        return _conv_silu(torch.cat([cache.to(x.dtype), x], dim=1), self.weight), new_cache
 
     def step(self, x_t: torch.Tensor, cache: torch.Tensor):
         """One token: x_t (B, C) -> (silu(conv), new cache); a dot product over the window."""
