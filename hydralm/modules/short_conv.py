@@ -29,9 +29,9 @@ class ShortConv(nn.Module):
         fla_kernel = use_fla and cache is None
         if cache is None:
             cache = x.new_zeros(B, K - 1, C)
-        # the last K - 1 inputs, from a small copy: a view of x would keep the whole chunk alive in the decode state
+        # the last K - 1 inputs: a view of x would keep the whole chunk alive in the decode state
         recent = torch.cat([cache.to(x.dtype), x[:, max(0, N - (K - 1)) :]], dim=1)
-        new_cache = recent[:, recent.shape[1] - (K - 1) :].contiguous()
+        new_cache = recent[:, recent.shape[1] - (K - 1) :].clone()  # owns its storage, as every state tensor
         if fla_kernel:
             return fla_short_conv(x, self.weight), new_cache
         if torch.is_grad_enabled():  # backward recomputes the padded input and the conv (_ConvSiLU)
