@@ -179,15 +179,21 @@ def test_blocked_router_equals_route_tokens_and_the_reference_with_ties_forced(d
     assert torch.equal(routed | local, allowed)
 
 
-def test_triton_router_equals_route_tokens_with_ties_forced():
-    """The routing kernel of the CUDA path (run here in the interpreter, whose sorting network is slow: one
-    small case), with exact integer scores and many ties."""
+@pytest.mark.parametrize("N, C, top_k, ints", [(40, 4, 3, True), (136, 2, 5, True), (100, 2, 8, False)])
+def test_triton_router_equals_route_tokens_with_ties_forced(N, C, top_k, ints):
+    """The routing kernel of the CUDA path (here in the interpreter, 16 summaries per block): exact integer
+    scores with many ties, and more chunks than a block, so a query's top-k is carried across blocks (the
+    threshold filter); random scores with top_k 8."""
     gen = torch.Generator().manual_seed(1)
-    q = torch.randint(-1, 2, (1, 2, 40, 4), generator=gen).float()
-    k = torch.randint(-1, 2, (1, 1, 40, 4), generator=gen).float()
-    summaries = chunk_summaries(k, 4)
-    expected = route_tokens_blocked(q, summaries, 4, 3)
-    assert torch.equal(route_tokens_triton(q.to(DEVICE), summaries.to(DEVICE), 4, 3).cpu(), expected)
+    draw = (
+        (lambda *shape: torch.randint(-1, 2, shape, generator=gen).float())
+        if ints
+        else (lambda *shape: torch.randn(shape, generator=gen))
+    )
+    q, k = draw(1, 2, N, 4), draw(1, 1, N, 4)
+    summaries = chunk_summaries(k, C)
+    expected = route_tokens_blocked(q, summaries, C, top_k)
+    assert torch.equal(route_tokens_triton(q.to(DEVICE), summaries.to(DEVICE), C, top_k).cpu(), expected)
 
 
 def test_ranged_triton_router_equals_route_tokens_with_ties_forced():

@@ -9,11 +9,13 @@ writes (B, H, N, top_k) ids. In PyTorch the same takes a score tensor, a masked 
 tie-breaking passes over it, several times the memory traffic.
 
 A score and its chunk id are packed into one int64 whose order is (score, -id): the score's fp32 bits
-mapped to an order-preserving int32 in the high word, 2^31 - 1 - id in the low word. tl.topk on such keys is
-an exact top-k with the lowest id first among equal scores. Scores are computed with tl.dot (IEEE fp32, or
-TF32 when torch's fp32 matmul precision allows it, as route_tokens does), so they may differ from the
-PyTorch router's in the last bit, and a near-tie may then resolve differently; exact scores (as in the
-tests, where queries and keys are small integers) give identical selections.
+mapped to an order-preserving int32 in the high word, 2^31 - 1 - id in the low word. The largest keys are an
+exact top-k with the lowest id first among equal scores. The running top-k is a threshold filter, not a sort:
+a block of summaries costs one compare and one reduction unless it beats some query's k-th best, and then one
+max-extraction per newcomer (at most k), where tl.topk ran a sorting network over every block. Scores are
+computed with tl.dot (IEEE fp32, or TF32 when torch's fp32 matmul precision allows it, as route_tokens does),
+so they may differ from the PyTorch router's in the last bit, and a near-tie may then resolve differently;
+exact scores (as in the tests, where queries and keys are small integers) give identical selections.
 """
 
 import torch
@@ -67,8 +69,13 @@ if triton is not None:
             n_eligible = rm // C - 1
             col0 = 0
             n_cols = (tl.minimum(m0 + BM, N) - 1) // C - 1  # the most any token of the tile may pick
-        none = tl.full([BM, KP], -(2**63), dtype=tl.int64)  # below every packed key
-        best = none
+        # best: each query's top KP keys so far, unordered; empty slots hold distinct sentinels below every real
+        # key, so "the smallest slot" (thr) is always one slot. A block's keys above thr are its candidates: at
+        # most KP rounds move the largest remaining candidate of every row into its smallest slot, and a block
+        # with no candidate (most blocks, once the best are filled) costs one compare and one reduction.
+        NONE: tl.constexpr = -(2**63)
+        best = NONE + 1 + tl.broadcast_to(tl.arange(0, KP)[None, :], [BM, KP]).to(tl.int64)
+        thr = tl.min(best, 1)
         s_base = summaries_ptr + (b * H_KV + hk) * N_CHUNKS * D
         for n0 in range(col0, n_cols, BN):
             rn = n0 + tl.arange(0, BN)
@@ -77,10 +84,15 @@ if triton is not None:
             bits = scores.to(tl.int32, bitcast=True)
             ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order = float order
             key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - rn)[None, :].to(tl.int64)
-            key = tl.where((rn[None, :] < n_eligible[:, None]) & (rn[None, :] >= first[:, None]), key, -(2**63))
-            block_best = tl.topk(key, KP)
-            best = tl.topk(tl.reshape(tl.join(best, block_best), [BM, 2 * KP]), KP)
-        ids = tl.where(best == -(2**63), -1, 0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
+            eligible = (rn[None, :] < n_eligible[:, None]) & (rn[None, :] >= first[:, None])
+            cand = eligible & (key > thr[:, None])
+            while tl.max(cand.to(tl.int32)) > 0:
+                top = tl.max(tl.where(cand, key, NONE), 1)  # NONE in rows without a candidate: below thr
+                best = tl.where((top > thr)[:, None] & (best == thr[:, None]), top[:, None], best)
+                thr = tl.min(best, 1)
+                cand = cand & (key > thr[:, None]) & (key != top[:, None])
+        best = tl.sort(best, 1, descending=True)  # by score, then lowest id; the sentinels last
+        ids = tl.where(best <= NONE + KP, -1, 0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
         rk = tl.arange(0, KP)
         tl.store(
             selected_ptr + (bh * N + rm)[:, None] * TOP_K + rk[None, :],
