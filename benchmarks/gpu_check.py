@@ -9,7 +9,8 @@ trusting `auto` (hydralm/kernels/backend.py). Sections:
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
 decoder on the fused Gated DeltaNet step, HYDRALM_DECODE_LINEAR=gemv on the decode GEMV,
 HYDRALM_DECODE_MANY=fused spec_decode's verification on the fused multi-token step, HYDRALM_STREAM_ROUTING=triton
-retrieval_stream's and exactness's calls with a state on the ranged Triton router).
+retrieval_stream's and exactness's calls with a state on the ranged Triton router: each of these is the CUDA
+default once its check has passed, and naming it checks that path even where `auto` would not pick it).
 """
 
 import contextlib

@@ -345,7 +345,7 @@ def decode_batched(
 ) -> dict:
     """Batched graph decode tokens/s and the MTP self-draft speed-up (module docstring). Every argument has the
     GPU default; a CPU smoke test passes a tiny memory model, small contexts and kind="static". Figures go to
-    `run` (default: this process's record run, written after each context)."""
+    `run` (default: this process's record run, written after each row)."""
     from hydralm import HydraConfig, HydraLM, StreamingEngine
     from hydralm.generation import _static_decoder
     from hydralm.state import select_rows
@@ -397,6 +397,8 @@ def decode_batched(
             print(rows[-1], flush=True)
             if decode_figures:
                 run.record(f"decode_tok_s/{subject}-memory-bs{batch}/{context}", batch * 1e3 / ms, "tok/s")
+            if run is record.RUN:
+                record.write()  # after each row: a run cut short keeps what it measured
         RESULTS["decode_batched"] = rows
         if mtp is None:  # after the first context: the long one comes last, so a cut-short run keeps this
             RESULTS["mtp"] = mtp = _mtp_speedup(model, kind, mtp_new_tokens, prompt, sync)

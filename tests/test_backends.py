@@ -161,19 +161,19 @@ def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "name,path,pick,checked",
+    "name,path,pick",
     [
-        ("HYDRALM_DECODE", "fused", backend.decode_backend, True),
-        ("HYDRALM_DECODE_LINEAR", "gemv", backend.decode_linear_backend, True),
-        ("HYDRALM_DECODE_MANY", "fused", backend.decode_many_backend, False),
-        ("HYDRALM_STREAM_ROUTING", "triton", backend.stream_routing_backend, False),
+        ("HYDRALM_DECODE", "fused", backend.decode_backend),
+        ("HYDRALM_DECODE_LINEAR", "gemv", backend.decode_linear_backend),
+        ("HYDRALM_DECODE_MANY", "fused", backend.decode_many_backend),
+        ("HYDRALM_STREAM_ROUTING", "triton", backend.stream_routing_backend),
     ],
 )
-def test_triton_switches_pick_their_path_on_cuda_only_once_checked(monkeypatch, name, path, pick, checked):
+def test_checked_triton_switches_pick_their_path_on_cuda_only(monkeypatch, name, path, pick):
     for var in (name, "TRITON_INTERPRET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert pick(is_cuda=True) == (path if checked else "torch")  # auto: the Triton path once its GPU check passed
+    assert pick(is_cuda=True) == path  # auto: the Triton path on CUDA (its GPU check passed)
     assert pick(is_cuda=False) == "torch"
     monkeypatch.setattr(backend, "triton_available", lambda: False)
     assert pick(is_cuda=True) == "torch"  # no triton: PyTorch
