@@ -133,7 +133,10 @@ def model() -> None:
     _lift_fla_hopper_guard()
     fla = _fla_model(12, heads=6, head_dim=128, expand_v=2.0)
     opt = torch.optim.AdamW(fla.parameters(), lr=1e-4, fused=True)
+    print(f"fla GatedDeltaNet built: {sum(p.numel() for p in fla.parameters()) / 1e6:.1f} M parameters", flush=True)
     for T in [int(t) for t in os.environ.get("BENCH_CONTEXTS", "4096,16384,65536").split(",") if t]:
+        # the first step at a new shape autotunes fla's kernels (minutes at head dim 128 on an H200)
+        print(f"fla GatedDeltaNet 163M @{T}: timing", flush=True)
         ids = torch.randint(0, 32000, (TOKENS_PER_STEP // T, T), device="cuda")
         ms = bench(_fla_step(fla, ids, opt), 10)
         record.record(f"train_ktok_s/fla-GDN-163M/{T}", TOKENS_PER_STEP / ms, "ktok/s")
