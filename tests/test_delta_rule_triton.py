@@ -94,6 +94,28 @@ def test_fused_recompute_gives_the_same_outputs_and_gradients_and_stores_less(mo
     assert stored["0"] - stored["1"] == per_chunk - B * H * K * V * 4  # the initial state is kept instead
 
 
+def test_fused_blocked_inverse_matches_the_recurrence_and_the_substitution(monkeypatch):
+    """HYDRALM_DELTANET_BLOCKED_INVERSE=1 (chunk 64: (I + A)^-1 in 16 x 16 blocks) gives the recurrence's outputs
+    and gradients, and the one-row-per-step substitution's within fp32 rounding. Weak decay (g in (-0.05, 0)), so
+    the blocks below the diagonal carry real weight: a wrong term of the block recurrence fails this."""
+    inputs = _inputs(1, 2, 150, 16, 24)
+    inputs[3] = inputs[3] * (0.05 / 0.7)
+    expected = _outputs_and_grads(delta_rule_recurrent, inputs, with_state=True)
+    fp32 = [t.float() for t in inputs]
+
+    def fused(*a, **kw):
+        return delta_rule_chunkwise(*a, **kw, chunk_size=64, backend="fused")
+
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("HYDRALM_DELTANET_BLOCKED_INVERSE", flag)
+        results[flag] = _outputs_and_grads(fused, fp32, with_state=True)
+    names = ["o", "state", "dq", "dk", "dv", "dg", "dbeta", "ds0"]
+    for name, blocked, substituted, e in zip(names, results["1"], results["0"], expected):
+        torch.testing.assert_close(blocked, e, atol=2e-4, rtol=2e-4, msg=lambda m: f"{name} vs recurrence: {m}")
+        torch.testing.assert_close(blocked, substituted, atol=2e-5, rtol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("tile", [16, 32, 64])
 def test_triton_state_pass_equals_the_pytorch_loop_with_partial_gradients(tile, monkeypatch):
     """Gradients arriving only through some outputs (None for the others) are handled like autograd does; every

@@ -78,6 +78,14 @@ HYDRALM_DELTANET_RECOMPUTE = 0 | 1
     fp32 per-chunk tensors, about 15 KiB per token at H 12, D 64. 0 (default) until it is timed on the GPU and
     `HYDRALM_DELTANET_RECOMPUTE=1 GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check delta_rule` passes.
 
+HYDRALM_DELTANET_BLOCKED_INVERSE = 0 | 1
+    1: the fused prep kernel inverts each chunk's (I + A) in 16 x 16 blocks (four 16-step substitutions and a
+    block recurrence in small IEEE dots, as fla's solve_tril) instead of one 64-step substitution over the whole
+    64 x 64 tile, which was 2.9 of 10.6 ms of the fused kernels at d 128 (H200, 90b47f6); chunk size 64 only.
+    Equal to the substitution within fp32 rounding on the CPU interpreter; 0 (default) until it is timed on the
+    GPU and `HYDRALM_DELTANET_BLOCKED_INVERSE=1 GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check
+    delta_rule` passes.
+
 HYDRALM_DELTANET_COMPILE = 0 | 1
     1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
     shape; fuses the elementwise prep around the Triton pass). Off by default: the 160m model trained 1.14x /
@@ -253,6 +261,10 @@ def _checked_triton_path(name: str, choices: tuple, path: str, is_cuda: bool, in
 
 def deltanet_recompute() -> bool:
     return _flag("HYDRALM_DELTANET_RECOMPUTE")
+
+
+def deltanet_blocked_inverse() -> bool:
+    return _flag("HYDRALM_DELTANET_BLOCKED_INVERSE")
 
 
 def deltanet_compile() -> bool:

@@ -6,7 +6,8 @@ forward and two backward (6.4 of 25 ms at B8 T4096 H16 K128 on an H200) and ~60 
 (B, H, T, d) tensors. Here each chunk's work is one Triton program that keeps its tiles in registers:
 
     prep   (per chunk)  gamma = cumsum(g); A = tril_-1((beta k) k^T * D); X = (I + A)^-1 by forward
-                        substitution; U = X (beta v); W = X (beta Gamma k); Kd = k Gamma_C / Gamma; a = Gamma_C
+                        substitution (HYDRALM_DELTANET_BLOCKED_INVERSE=1 at C 64: in 16 x 16 blocks, as fla does);
+                        U = X (beta v); W = X (beta Gamma k); Kd = k Gamma_C / Gamma; a = Gamma_C
     pass   (over chunks, triton_state_pass.state_pass_forward)   H_c, delta_c, final state
     output (per chunk)  o = (scale Gamma q) H_c + (scale q k^T * D, i >= j) delta_c
 
@@ -20,7 +21,7 @@ last dimension must be contiguous. Tiles are powers of two >= 16 with rows / col
 
 import torch
 
-from hydralm.kernels.backend import deltanet_recompute
+from hydralm.kernels.backend import deltanet_blocked_inverse, deltanet_recompute
 from hydralm.kernels.delta_rule.triton_state_pass import state_pass_backward, state_pass_forward
 from hydralm.kernels.triton_common import dot_precision, interpreting, tile_sizes, tl, triton
 
@@ -79,6 +80,73 @@ if triton is not None:
             keep = rc[:, None] >= rc[None, :]
         return tl.exp(tl.where(keep, gamma[:, None] - gamma[None, :], float("-inf")))
 
+    @triton.jit
+    def _unit_lower_inverse(A, rc, N: tl.constexpr):
+        """(I + A)^-1 for a strictly lower triangular tile A that is 0 past row N: row i of X is
+        e_i - sum_{j<i} A[i, j] X[j, :], rows in order (forward substitution, one row per step)."""
+        X = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
+        for i in range(1, N):
+            a_i = tl.sum(tl.where(rc[:, None] == i, A, 0.0), 0)  # A[i, :] indexed by j
+            X = tl.where(rc[:, None] == i, X - tl.sum(a_i[:, None] * X, 0)[None, :], X)
+        return X
+
+    @triton.jit
+    def _block16(ptr, i: tl.constexpr, j: tl.constexpr, C: tl.constexpr):
+        """The (i, j) 16 x 16 block of a C x C row-major matrix."""
+        r = tl.arange(0, 16)
+        return tl.load(ptr + (i * 16 + r)[:, None] * C + (j * 16 + r)[None, :])
+
+    @triton.jit
+    def _store_block16(ptr, i: tl.constexpr, j: tl.constexpr, C: tl.constexpr, X):
+        r = tl.arange(0, 16)
+        tl.store(ptr + (i * 16 + r)[:, None] * C + (j * 16 + r)[None, :], X)
+
+    @triton.jit
+    def _mm16(a, b):
+        return tl.dot(a, b, input_precision="ieee")  # 16 x 16 x 16: cheap even on the FMA units
+
+    @triton.jit
+    def _unit_lower_inverse_64(A, x_ptr, rc):
+        """(I + A)^-1 for a strictly lower 64 x 64 A in blocks of 16 (as fla's solve_tril): the four diagonal
+        blocks by substitution (16 x 16 steps instead of 64 x 64), the rest by the block recurrence
+        X_ij = -X_ii sum_{j <= m < i} A_im X_mj in IEEE dots. x_ptr (64 x 64 fp32, row-major) is the scratch
+        through which the tile is cut into blocks and put back together; it ends holding X."""
+        tl.store(x_ptr + rc[:, None] * 64 + rc[None, :], A)
+        tl.debug_barrier()
+        a10, a20, a21 = _block16(x_ptr, 1, 0, 64), _block16(x_ptr, 2, 0, 64), _block16(x_ptr, 2, 1, 64)
+        a30, a31, a32 = _block16(x_ptr, 3, 0, 64), _block16(x_ptr, 3, 1, 64), _block16(x_ptr, 3, 2, 64)
+        r = tl.arange(0, 16)
+        x00 = _unit_lower_inverse(_block16(x_ptr, 0, 0, 64), r, 16)
+        x11 = _unit_lower_inverse(_block16(x_ptr, 1, 1, 64), r, 16)
+        x22 = _unit_lower_inverse(_block16(x_ptr, 2, 2, 64), r, 16)
+        x33 = _unit_lower_inverse(_block16(x_ptr, 3, 3, 64), r, 16)
+        tl.debug_barrier()  # every block of A is read before X overwrites it
+        x10 = -_mm16(x11, _mm16(a10, x00))
+        x21 = -_mm16(x22, _mm16(a21, x11))
+        x32 = -_mm16(x33, _mm16(a32, x22))
+        x20 = -_mm16(x22, _mm16(a20, x00) + _mm16(a21, x10))
+        x31 = -_mm16(x33, _mm16(a31, x11) + _mm16(a32, x21))
+        x30 = -_mm16(x33, _mm16(a30, x00) + _mm16(a31, x10) + _mm16(a32, x20))
+        zero = tl.zeros([16, 16], dtype=tl.float32)
+        _store_block16(x_ptr, 0, 0, 64, x00)
+        _store_block16(x_ptr, 0, 1, 64, zero)
+        _store_block16(x_ptr, 0, 2, 64, zero)
+        _store_block16(x_ptr, 0, 3, 64, zero)
+        _store_block16(x_ptr, 1, 0, 64, x10)
+        _store_block16(x_ptr, 1, 1, 64, x11)
+        _store_block16(x_ptr, 1, 2, 64, zero)
+        _store_block16(x_ptr, 1, 3, 64, zero)
+        _store_block16(x_ptr, 2, 0, 64, x20)
+        _store_block16(x_ptr, 2, 1, 64, x21)
+        _store_block16(x_ptr, 2, 2, 64, x22)
+        _store_block16(x_ptr, 2, 3, 64, zero)
+        _store_block16(x_ptr, 3, 0, 64, x30)
+        _store_block16(x_ptr, 3, 1, 64, x31)
+        _store_block16(x_ptr, 3, 2, 64, x32)
+        _store_block16(x_ptr, 3, 3, 64, x33)
+        tl.debug_barrier()
+        return tl.load(x_ptr + rc[:, None] * 64 + rc[None, :])
+
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
     def _prep_fwd_kernel(
@@ -107,18 +175,18 @@ if triton is not None:
         BK: tl.constexpr,
         BV: tl.constexpr,
         PRECISION: tl.constexpr,
+        BLOCKED_INVERSE: tl.constexpr,
     ):
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
         k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
         gamma, beta = _gates(g_ptr, beta_ptr, bh, t, m_row, T)
         kb = k * beta[:, None]
         A = tl.dot(kb, tl.trans(k), input_precision=PRECISION) * _decay(gamma, rc, True)
-        # X = (I + A)^-1, A strictly lower: row i of X is e_i - sum_{j<i} A[i, j] X[j, :], rows in order.
-        X = tl.where(rc[:, None] == rc[None, :], 1.0, 0.0)
-        for i in range(1, C):
-            a_i = tl.sum(tl.where(rc[:, None] == i, A, 0.0), 0)  # A[i, :] indexed by j
-            X = tl.where(rc[:, None] == i, X - tl.sum(a_i[:, None] * X, 0)[None, :], X)
         chunk = bh * n_chunks + c
+        if BLOCKED_INVERSE:  # C == BC == 64
+            X = _unit_lower_inverse_64(A, x_ptr + chunk * C * C, rc)
+        else:
+            X = _unit_lower_inverse(A, rc, C)  # rows past C: A = 0, X = I
         for v0 in range(0, V, BV):  # U = X (beta v), one BV-wide column block at a time (shared memory)
             cols = v0 + rv
             v = _load_rows(v_ptr, b * s_vb + h * s_vh, t, s_vt, m_row, cols, V)
@@ -370,7 +438,10 @@ def _chunk_pass(k, v, g, beta, S0, consts):
     f32 = dict(device=k.device, dtype=torch.float32)
     U, W, Kd = (torch.empty(B, H, n, C, d, **f32) for d in (V, K, K))
     a, X = torch.empty(B, H, n, **f32), torch.empty(B, H, n, C, C, **f32)
-    _prep_fwd_kernel[(n, B * H)](k, v, g, beta, U, W, Kd, a, X, *_strides(k), *_strides(v), T, H, n, **consts)
+    blocked = deltanet_blocked_inverse() and C == consts["BC"] == 64
+    _prep_fwd_kernel[(n, B * H)](
+        k, v, g, beta, U, W, Kd, a, X, *_strides(k), *_strides(v), T, H, n, **consts, BLOCKED_INVERSE=blocked
+    )
     states, delta, final = state_pass_forward(U, W, Kd, a, S0)
     return X, W, Kd, a, states, delta, final
 
