@@ -81,6 +81,20 @@ TINY_BASE = dict(
     mtp_depth=2,
     initializer_range=0.2,
 )
+# The hybrid stack with GQA and 8-token chunks that the training, memory and backend tests share; each adds
+# the window, memory and MTP depth it studies.
+MIXED_GQA = dict(
+    vocab_size=64,
+    d_model=32,
+    n_layers=3,
+    n_heads=4,
+    n_kv_heads=2,
+    layer_types=["deltanet", "retrieval", "swa"],
+    retrieval_chunk_size=8,
+    retrieval_top_k=2,
+    dn_chunk_size=8,
+    initializer_range=0.2,
+)
 # every registered layer type on its own (two layers), and a hybrid stack
 LAYER_SETS = {**{t: [t, t] for t in LAYER_TYPES}, "mixed": ["deltanet", "retrieval", "swa"]}
 

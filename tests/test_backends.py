@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from helpers import MIXED_GQA
 
 from hydralm import HydraConfig, HydraLM
 from hydralm.kernels import backend
@@ -86,18 +87,7 @@ def test_flex_retrieval_full_blocks_are_exactly_the_tiles_every_query_reads_in_f
 
 
 def test_model_forward_is_the_same_with_flex_and_torch_attention(monkeypatch):
-    cfg = HydraConfig(
-        vocab_size=64,
-        d_model=32,
-        n_layers=3,
-        n_heads=4,
-        n_kv_heads=2,
-        layer_types=["deltanet", "retrieval", "swa"],
-        swa_window=40,
-        retrieval_chunk_size=32,
-        retrieval_top_k=2,
-        initializer_range=0.2,
-    )
+    cfg = HydraConfig(**{**MIXED_GQA, "retrieval_chunk_size": 32, "dn_chunk_size": 64}, swa_window=40)
     model = HydraLM(cfg).eval()
     ids = torch.randint(0, 64, (2, 256))
     with torch.no_grad():

@@ -3,25 +3,13 @@ compressor and its reconstruction loss, and the tier counters."""
 
 import pytest
 import torch
+from helpers import MIXED_GQA
 
 from hydralm import HydraConfig, HydraLM
 from hydralm.modules.compressive_memory import CompressiveMemory
 
 MEMORY = {"exact_window": 32, "compress_every": 4, "pool_size": 16}  # 4 exact chunks; 16 slots = 8 pooled chunks
-CFG = HydraConfig(
-    vocab_size=64,
-    d_model=32,
-    n_layers=3,
-    n_heads=4,
-    n_kv_heads=2,
-    layer_types=["deltanet", "retrieval", "swa"],
-    swa_window=8,
-    retrieval_chunk_size=8,
-    retrieval_top_k=2,
-    dn_chunk_size=8,
-    initializer_range=0.2,
-    memory=MEMORY,
-)
+CFG = HydraConfig(**MIXED_GQA, swa_window=8, memory=MEMORY)
 
 
 def _tensor_bytes(state) -> int:

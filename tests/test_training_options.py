@@ -3,25 +3,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import MIXED_GQA
 
 from hydralm import HydraConfig, HydraLM
 from hydralm.training.lit_module import HydraLMModule
 
-CFG = HydraConfig(
-    vocab_size=64,
-    d_model=32,
-    n_layers=3,
-    n_heads=4,
-    n_kv_heads=2,
-    layer_types=["deltanet", "retrieval", "swa"],
-    swa_window=16,
-    retrieval_chunk_size=8,
-    retrieval_top_k=2,
-    dn_chunk_size=8,
-    mtp_depth=1,
-    initializer_range=0.2,
-    memory=dict(exact_window=16, compress_every=4, pool_size=8),
-)
+CFG = HydraConfig(**MIXED_GQA, swa_window=16, mtp_depth=1, memory=dict(exact_window=16, compress_every=4, pool_size=8))
 
 
 def _loss_and_grads(model: HydraLM, ids: torch.Tensor):
