@@ -3,7 +3,8 @@
     python -m benchmarks.peers [kernel] [layer] [model]     (default: all three; CUDA + flash-linear-attention)
 
 kernel  fla's `chunk_gated_delta_rule` vs our fused GDN kernels, fwd+bwd, bf16, at B8 T4096 H16 K128 and
-        B16 T2048 H12 K64                                     -> kernel_ms/{fla-gdn,gdn-fused}/B..-T..-H..-K..
+        B16 T2048 H12 K64 (BENCH_KERNEL_HEAD_DIMS=64 runs the second only: fla autotunes for minutes at K128)
+                                                              -> kernel_ms/{fla-gdn,gdn-fused}/B..-T..-H..-K..
 layer   one Gated DeltaNet layer + its MLP, fwd+bwd, bf16 autocast, d 768 H 12 D 64, 64k tokens per step at 16k
         and 64k context: fla's GatedDeltaNet block and ours, each as (2-layer model) - (1-layer model) with the
         same embedding, head and loss                          -> layer_ms/{fla-GatedDeltaNet,deltanet}/<T>
@@ -50,7 +51,8 @@ def kernel() -> None:
     from hydralm.kernels.delta_rule.chunk import delta_rule_chunkwise
 
     _lift_fla_hopper_guard()
-    for B, T, H, K in [(8, 4096, 16, 128), (16, 2048, 12, 64)]:
+    head_dims = [int(d) for d in os.environ.get("BENCH_KERNEL_HEAD_DIMS", "128,64").split(",") if d]
+    for B, T, H, K in [shape for shape in [(8, 4096, 16, 128), (16, 2048, 12, 64)] if shape[3] in head_dims]:
         shape = f"B{B}-T{T}-H{H}-K{K}"
         fla_in = _gdn_inputs(B, T, H, K, heads_first=False)
         ours_in = _gdn_inputs(B, T, H, K, heads_first=True)
