@@ -226,7 +226,7 @@ if triton is not None:
         BV: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        """o (B, H, T, V) contiguous, fp32."""
+        """o (B, H, T, V) contiguous, in v's dtype (the fp32 sums are rounded once, on the store)."""
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
         q = _load_rows(q_ptr, b * s_qb + h * s_qh, t, s_qt, m_row, rk, K)
         k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
@@ -454,7 +454,7 @@ class _FusedChunkwise(torch.autograd.Function):
         BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
         consts = dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision())
         X, W, Kd, a, states, delta, final = _chunk_pass(k, v, g, beta, S0, consts)
-        o = torch.empty(B, H, T, V, device=k.device, dtype=torch.float32)
+        o = torch.empty(B, H, T, V, device=k.device, dtype=v.dtype)  # the kernels store in the tensors' dtypes
         _output_fwd_kernel[(n, B * H)](q, k, g, states, delta, o, scale, *_strides(q), *_strides(k), T, H, n, **consts)
         recompute = deltanet_recompute()
         if recompute:  # five fp32 per-chunk tensors (~15 KiB per token at H 12, D 64) are rebuilt in backward
@@ -478,7 +478,7 @@ class _FusedChunkwise(torch.autograd.Function):
         f32 = dict(device=k.device, dtype=torch.float32)
         do = torch.zeros(B, H, T, V, **f32) if do is None else _last_dim_contiguous(do)
         gh, gdelta = torch.empty_like(states), torch.empty_like(delta)
-        dq, dk_out = torch.empty(B, H, T, K, **f32), torch.empty(B, H, T, K, **f32)
+        dq, dk_out = torch.empty(B, H, T, K, device=k.device, dtype=dtypes[0]), torch.empty(B, H, T, K, **f32)
         dgamma_out = torch.empty(B, H, T, **f32)
         _output_bwd_kernel[(n, B * H)](
             q,
@@ -502,7 +502,8 @@ class _FusedChunkwise(torch.autograd.Function):
             **consts,
         )
         dU, dW, dKd, da, ds0 = state_pass_backward(W, Kd, a, states, delta, gh, gdelta, dfinal)
-        dk, dv = torch.empty_like(dk_out), torch.empty(B, H, T, V, **f32)
+        dk = torch.empty(B, H, T, K, device=k.device, dtype=dtypes[1])
+        dv = torch.empty(B, H, T, V, device=k.device, dtype=dtypes[2])
         dg, dbeta = torch.empty_like(dgamma_out), torch.empty_like(dgamma_out)
         _prep_bwd_kernel[(n, B * H)](
             k,
@@ -528,14 +529,14 @@ class _FusedChunkwise(torch.autograd.Function):
             n,
             **{**consts, "BK": min(BLOCK_K, consts["BK"])},
         )
-        dq, dk, dv = (grad.to(dtype) for grad, dtype in zip((dq, dk, dv), dtypes))
         return dq, dk, dv, dg, dbeta, (ds0 if has_s0 else None), None, None
 
 
 def delta_rule_fused(q, k, v, g, beta, initial_state=None, scale=None, chunk_size: int = 64):
-    """Same contract as ``delta_rule_chunkwise``: o (B, H, T, d_v) in v's dtype and the fp32 final state."""
+    """Same contract as ``delta_rule_chunkwise``: o (B, H, T, d_v) in v's dtype and the fp32 final state; the
+    gradients of q, k, v come in their dtypes (no fp32 copies of (B, H, T, d) tensors on the way)."""
     if triton is None:
         raise RuntimeError("delta_rule_fused needs the `triton` package")
     scale = k.shape[-1] ** -0.5 if scale is None else scale
     o, final = _FusedChunkwise.apply(q, k, v, g, beta, initial_state, float(scale), int(chunk_size))
-    return o.to(v.dtype), final
+    return o, final
