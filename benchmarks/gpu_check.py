@@ -5,7 +5,8 @@ the table says PASS/FAIL against the tolerance printed next to it. Run it on eve
 trusting `auto` (hydralm/kernels/backend.py). Sections:
 `python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [decode_fused] [decode_linear] [spec_decode]
 [retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy]`
-(GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends; GPU_CHECK_RETRIEVAL_SHAPES=n
+(GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends, GPU_CHECK_DELTANET_SHAPES=0,2
+to those of its three shapes; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
 decoder on the fused Gated DeltaNet step, HYDRALM_DECODE_LINEAR=gemv on the decode GEMV,
 HYDRALM_DECODE_MANY=fused spec_decode's verification on the fused multi-token step, HYDRALM_STREAM_ROUTING=triton
@@ -65,7 +66,11 @@ def _grads(fn, inputs, weight):
 
 
 def check_delta_rule(device: str) -> None:
-    for B, H, T, D, C in [(2, 4, 300, 64, 64), (1, 2, 1024, 128, 64), (2, 3, 700, 100, 32)]:
+    shapes = [(2, 4, 300, 64, 64), (1, 2, 1024, 128, 64), (2, 3, 700, 100, 32)]
+    # GPU_CHECK_DELTANET_SHAPES=1,2 checks those shapes only: each shape compiles every kernel anew (minutes on
+    # a cold machine), so the shapes can run as parallel processes
+    picked = os.environ.get("GPU_CHECK_DELTANET_SHAPES")
+    for B, H, T, D, C in [shapes[int(i)] for i in picked.split(",")] if picked else shapes:
         q = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
         k = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
         v, g = torch.randn(B, H, T, D, device=device), -torch.rand(B, H, T, device=device) * 0.5
