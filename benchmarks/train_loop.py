@@ -8,7 +8,9 @@ dataloader, logging and Lightning's own overhead). Both go to the benchmark reco
     peak_gib/train-160m/<T>x<B>, train_loop_ktok_s/HydraLM-160m/<T>x<B> (peer: the benchmark step,
     train_ktok_s/HydraLM-160m/<T>, when the record has it); with `activation_checkpointing=true` among the
     overrides the keys are peak_gib/train-160m-checkpointing/<T>x<B> and
-    train_loop_ktok_s/HydraLM-160m-checkpointing/<T>x<B> (`-checkpointing0.5` for a fraction of 0.5).
+    train_loop_ktok_s/HydraLM-160m-checkpointing/<T>x<B> (`-checkpointing0.5` for a fraction of 0.5); with
+    `compile=true` they get `-compiled`, and train_startup_s/HydraLM-160m-compiled/<T>x<B> is the seconds from the
+    process's start to its end minus its steps at the median rate (start-up and compiles, with the process's exit).
 """
 
 import csv
@@ -18,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 from benchmarks import record
 
@@ -38,7 +41,9 @@ def main(argv: list) -> int:
         *argv[2:],
     ]  # fmt: skip
     print(" ".join(command), flush=True)
+    started = time.perf_counter()
     subprocess.run(command, check=True)
+    wall_s = time.perf_counter() - started
     metrics = glob.glob(os.path.join(out_dir, "**", "metrics.csv"), recursive=True)
     if not metrics:
         print(f"no metrics.csv under {out_dir}", file=sys.stderr)
@@ -52,10 +57,16 @@ def main(argv: list) -> int:
     # checkpointing trades time for memory: its figures get their own keys beside the default run's
     setting = next((a.split("=", 1)[1] for a in argv[2:] if a.startswith("activation_checkpointing=")), "false")
     variant = {"false": "", "true": "-checkpointing"}.get(setting.lower(), f"-checkpointing{setting}")
+    compiled = any(a.lower() in ("compile=true", "compile=auto") for a in argv[2:])
+    variant += "-compiled" if compiled else ""
     record.record(f"peak_gib/train-160m{variant}/{shape}", peak, "GiB")
     record.record(
         f"train_loop_ktok_s/HydraLM-160m{variant}/{shape}", rate / 1e3, "ktok/s", peer=f"train_ktok_s/HydraLM-160m/{T}"
     )
+    if compiled:  # the loop's wall time minus its steps at the median rate: start-up, compiles included
+        startup_s = wall_s - steps * T * B / rate
+        print(f"start-up with compile: {startup_s:.0f} s (wall {wall_s:.0f} s)")
+        record.record(f"train_startup_s/HydraLM-160m{variant}/{shape}", startup_s, "s")
     record.write()
     return 0
 
