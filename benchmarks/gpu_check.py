@@ -4,7 +4,7 @@ Each fast path is compared with the reference kernel on fresh random inputs, out
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
 `python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [decode_fused] [decode_linear] [spec_decode]
-[retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy]`
+[retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy] [rmsnorm]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends, GPU_CHECK_DELTANET_SHAPES=0,2
 to those of its three shapes; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
@@ -486,6 +486,32 @@ def check_cross_entropy(device: str) -> None:
         _record(f"cross_entropy {name} all rows ignored: |loss|, finite", bad, 0.0, "abs")
 
 
+def check_rmsnorm(device: str) -> None:
+    """The Triton RMSNorm (kernels/norm/triton_rmsnorm.py) vs the plain expression in fp64: output, dx and
+    dweight, for fp32 and bf16 inputs and an fp32 input under bf16 autocast (backward then keeps a bf16 copy of
+    x, as the PyTorch form does), at the 160m width over 8192 rows and at a ragged 3000 x 100."""
+    from hydralm.kernels.norm.triton_rmsnorm import rms_norm_triton
+
+    for rows, width in ((8192, 768), (3000, 100)):
+        variants = ((torch.float32, False, 1e-5), (torch.bfloat16, False, 1e-2), (torch.float32, True, 1e-2))
+        for dtype, autocast, tol in variants:
+            x = (torch.randn(rows, width, device=device) * 3 + 0.5).to(dtype).requires_grad_()
+            weight = (torch.rand(width, device=device) + 0.5).requires_grad_()
+            dy = torch.randn(rows, width, device=device)
+            kept = torch.bfloat16 if autocast else None
+            y = rms_norm_triton(x, weight, 1e-5, kept_dtype=kept)
+            got = (y, *torch.autograd.grad(y, (x, weight), dy.to(y.dtype)))
+            x64, w64 = (t.detach().double().requires_grad_() for t in (x, weight))
+            x_in = x64.to(kept).double() if autocast else x64  # what backward sees of x
+            ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5) * w64
+            ref_grads = torch.autograd.grad(
+                x_in * torch.rsqrt(x_in.pow(2).mean(-1, keepdim=True) + 1e-5) * w64, (x64, w64), dy.double()
+            )
+            label = f"rmsnorm triton {str(dtype)[6:]}{' autocast' if autocast else ''} {rows}x{width}"
+            for part, a, b in zip(("out", "dx", "dweight"), got, (ref, *ref_grads)):
+                _record(f"{label} {part}", _rel(a, b), tol)
+
+
 @torch.no_grad()
 def check_exactness(device: str) -> None:
     """Claims C1 and C2 on the GPU's default paths (HYDRALM_* = auto), fp32 with IEEE matmuls: parallel forward vs
@@ -649,6 +675,7 @@ def main() -> int:
         "exactness",
         "gdn_block",
         "cross_entropy",
+        "rmsnorm",
     ]
     checks = {
         "delta_rule": check_delta_rule,
@@ -663,6 +690,7 @@ def main() -> int:
         "exactness": check_exactness,
         "gdn_block": check_gdn_block,
         "cross_entropy": check_cross_entropy,
+        "rmsnorm": check_rmsnorm,
     }
     for name in names:
         checks[name]("cuda")

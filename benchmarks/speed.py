@@ -1,7 +1,7 @@
 """GPU speed benchmarks; each prints a table. Time the peers on the same machine in the same sitting so
 that ratios compare like with like:
 
-    python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models] [loss]
+    python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models] [loss] [norm]
 
 layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16
         fwd+bwd: our GDN kernel (PyTorch loop, Triton pass over chunks, fully fused Triton; BENCH_COMPILE=1
@@ -28,6 +28,8 @@ claim_models  training step of the models the `full` claim budget trains (hydral
 loss    the LM head's linear + cross-entropy, fwd+bwd, bf16, 64k rows x d 768 x 32000 ids: our chunked PyTorch
         loss (the default) and the fused kernels HYDRALM_CROSS_ENTROPY can pick (fla, liger; those that import),
         ms and peak GiB                                          -> kernel_ms/ce-<impl>/65536x32000
+norm    one block RMSNorm, fwd+bwd, 64k tokens x d 768, fp32 residual under bf16 autocast: the PyTorch form and
+        the Triton kernels (HYDRALM_NORM=triton)                 -> kernel_ms/rmsnorm-{torch,triton}/65536x768
 Results also go to $OUT/speed.json when OUT is set.
 """
 
@@ -494,6 +496,35 @@ def loss() -> None:
     _print_table("LM head linear + cross-entropy, fwd+bwd, bf16", rows, ["impl", "ms", "peak_GiB"])
 
 
+def norm() -> None:
+    """One block RMSNorm at 64k tokens x d 768 as training runs it (an fp32 residual stream under bf16
+    autocast; backward keeps a bf16 copy), fwd+bwd: the PyTorch form and the Triton kernels (HYDRALM_NORM)."""
+    from hydralm.modules.rmsnorm import RMSNorm
+
+    N, d = 65536, 768
+    x = torch.randn(N, d, device="cuda", requires_grad=True)
+    layer = RMSNorm(d).cuda()
+    dy = torch.randn(N, d, device="cuda")
+    rows = []
+    for impl in ("torch", "triton"):
+        os.environ["HYDRALM_NORM"] = impl
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = layer(x)
+            y.backward(dy)
+
+        ms = bench(step)
+        rows.append({"impl": impl, "ms": ms})
+        print(rows[-1], flush=True)
+        peer = None if impl == "torch" else f"kernel_ms/rmsnorm-torch/{N}x{d}"
+        record.record(f"kernel_ms/rmsnorm-{impl}/{N}x{d}", ms, "ms", peer=peer)
+        record.write()
+    os.environ.pop("HYDRALM_NORM", None)
+    RESULTS["norm"] = rows
+    _print_table("block RMSNorm, fwd+bwd, fp32 residual under bf16 autocast", rows, ["impl", "ms"])
+
+
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
     """ms per call of `fn` in 5 windows of `calls` calls, after `warmup` untimed calls. Decoding is host-bound
     and host load varies, so callers report the median with the spread rather than one mean."""
@@ -516,7 +547,7 @@ def main(argv: list) -> int:
     for name in sections:
         try:
             runs = {"layers": layers, "models": models, "decode": decode, "claim_models": claim_models}
-            {**runs, "decode_batched": decode_batched, "loss": loss}[name]()
+            {**runs, "decode_batched": decode_batched, "loss": loss, "norm": norm}[name]()
         except Exception as err:  # a failed section is reported, the others still run
             import traceback
 

@@ -42,6 +42,13 @@ HYDRALM_GDN_MODULES = auto | torch | fla
     the PyTorch modules' own bf16 error 1.0e-2). train.py at 16k x 4 ran 123.5 ktok/s with them, 90.1 without;
     fla autotunes its kernels in a process's first calls (that run's start took about 30 s longer).
 
+HYDRALM_NORM = auto | torch | triton
+    The RMSNorms of training forwards (the blocks' two norms, the final norm, the MTP heads' norms; not the
+    gated norm): triton = one Triton kernel forward and one backward per call (kernels/norm/triton_rmsnorm.py)
+    instead of about sixteen fp32 PyTorch passes over the (tokens, d_model) tensor; same arithmetic and the same
+    kept tensors. auto = torch until `HYDRALM_NORM=triton python -m benchmarks.gpu_check rmsnorm` has passed on
+    the GPU; equal to the PyTorch form within fp32 rounding in Triton's CPU interpreter.
+
 HYDRALM_DECODE = auto | torch | fused
     The one-token step of Gated DeltaNet layers (decoding, StaticDecoder graphs, speculative drafts). fused: one
     Triton kernel per layer and token from the input projection's output to the output projection's input
@@ -113,6 +120,7 @@ DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv")
 DECODE_MANY_CHOICES = ("auto", "torch", "fused")
 STREAM_ROUTING_CHOICES = ("auto", "torch", "triton")
 GDN_MODULES_CHOICES = ("auto", "torch", "fla")
+NORM_CHOICES = ("auto", "torch", "triton")
 
 
 def _choice(variable: str, choices: tuple) -> str:
@@ -226,6 +234,15 @@ def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
     # auto: our fused Triton kernels on CUDA. fla's forward is not picked by auto: under bf16 autocast its
     # recompute_w_u kernel failed on the GPU machine (fp32 A against bf16 v).
     return "fused" if triton_usable and is_cuda else "torch"
+
+
+def norm_backend(is_cuda: bool) -> str:
+    """'triton' or 'torch' for the RMSNorms of training forwards."""
+    choice = _choice("HYDRALM_NORM", NORM_CHOICES)
+    if choice == "triton":
+        _require_triton("HYDRALM_NORM", choice, is_cuda, "the PyTorch norm")
+        return "triton"
+    return "torch"  # auto: the PyTorch form until the kernels' GPU check has passed (module docstring)
 
 
 def decode_backend(is_cuda: bool) -> str:

@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hydralm.kernels.backend import norm_backend
+
 
 def _norm_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
@@ -18,6 +20,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (fp64 for fp64): bf16 sums of squares lose too much precision at d_model >= 512.
         if torch.is_grad_enabled():  # backward keeps x and 1 / rms only (_RMSNormFunction)
+            # under torch.compile the PyTorch form is what inductor fuses; the kernels serve eager training
+            if x.dtype != torch.float64 and not torch.compiler.is_compiling() and norm_backend(x.is_cuda) == "triton":
+                from hydralm.kernels.norm.triton_rmsnorm import rms_norm_triton
+
+                return rms_norm_triton(x, self.weight, self.eps, kept_dtype=_kept_dtype(x))
             return _RMSNormFunction.apply(x, None, self.weight, self.eps)
         return self.reference(x)
 
@@ -64,12 +71,17 @@ class _RMSNormFunction(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), grad_gate, grad_weight.to(weight.dtype), None
 
 
-def _kept(x: torch.Tensor) -> torch.Tensor:
-    """What backward keeps of x: x itself, or under autocast an fp32 x in the autocast dtype."""
+def _kept_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype backward keeps x in: x's own, or under autocast the autocast dtype for an fp32 x."""
     device = x.device.type
     if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        return x.to(torch.get_autocast_dtype(device))
-    return x
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def _kept(x: torch.Tensor) -> torch.Tensor:
+    """What backward keeps of x: x itself, or under autocast an fp32 x in the autocast dtype."""
+    return x.to(_kept_dtype(x))
 
 
 class GatedRMSNorm(RMSNorm):

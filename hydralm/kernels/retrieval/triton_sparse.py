@@ -423,6 +423,9 @@ class _SparseLists:
         return self.entries, self.offsets, self.tile_list, self.tile_start
 
 
+# Opaque to torch.compile, as the delta rule op is: a compiled block launches these kernels as they are (traced,
+# inductor passed the float scale into the forward kernel as fp64 and its online softmax failed to compile).
+@torch.compiler.disable
 def retrieval_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
