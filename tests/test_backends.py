@@ -157,6 +157,7 @@ def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
         ("HYDRALM_DECODE_LINEAR", "gemv", backend.decode_linear_backend),
         ("HYDRALM_DECODE_MANY", "fused", backend.decode_many_backend),
         ("HYDRALM_STREAM_ROUTING", "triton", backend.stream_routing_backend),
+        ("HYDRALM_NORM", "triton", backend.norm_backend),
     ],
 )
 def test_checked_triton_switches_pick_their_path_on_cuda_only(monkeypatch, name, path, pick):

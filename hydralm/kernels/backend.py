@@ -46,8 +46,9 @@ HYDRALM_NORM = auto | torch | triton
     The RMSNorms of training forwards (the blocks' two norms, the final norm, the MTP heads' norms; not the
     gated norm): triton = one Triton kernel forward and one backward per call (kernels/norm/triton_rmsnorm.py)
     instead of about sixteen fp32 PyTorch passes over the (tokens, d_model) tensor; same arithmetic and the same
-    kept tensors. auto = torch until `HYDRALM_NORM=triton python -m benchmarks.gpu_check rmsnorm` has passed on
-    the GPU; equal to the PyTorch form within fp32 rounding in Triton's CPU interpreter.
+    kept tensors. auto = triton on CUDA (with triton), torch elsewhere: `python -m benchmarks.gpu_check rmsnorm`
+    passed 18/18 on an H200 at 76b7d10 (fp32 <= 1.5e-7, bf16 <= 2.4e-3 of fp64), and one block norm at 64k tokens
+    x d 768 (fp32 residual under bf16 autocast, fwd+bwd) took 0.418 ms against the PyTorch form's 1.98 ms there.
 
 HYDRALM_DECODE = auto | torch | fused
     The one-token step of Gated DeltaNet layers (decoding, StaticDecoder graphs, speculative drafts). fused: one
@@ -238,11 +239,7 @@ def deltanet_backend(is_cuda: bool, needs_grad: bool) -> str:
 
 def norm_backend(is_cuda: bool) -> str:
     """'triton' or 'torch' for the RMSNorms of training forwards."""
-    choice = _choice("HYDRALM_NORM", NORM_CHOICES)
-    if choice == "triton":
-        _require_triton("HYDRALM_NORM", choice, is_cuda, "the PyTorch norm")
-        return "triton"
-    return "torch"  # auto: the PyTorch form until the kernels' GPU check has passed (module docstring)
+    return _checked_triton_path("HYDRALM_NORM", NORM_CHOICES, "triton", is_cuda, "the PyTorch norm")
 
 
 def decode_backend(is_cuda: bool) -> str:
