@@ -71,11 +71,14 @@ def test_the_comparison_fails_when_the_backward_misses_a_row(monkeypatch):
     assert _rel(_run(monkeypatch, "triton", x, weight, dy, False)[2], expected[2]) > 1e-3
 
 
-def test_fp64_inputs_keep_the_pytorch_form(monkeypatch):
-    """fp64 has no Triton path: the norm gives the PyTorch form's fp64 result."""
+def test_fp64_and_empty_inputs_keep_the_pytorch_form(monkeypatch):
+    """fp64 has no Triton path, and an empty batch launches nothing: both give the PyTorch form's result."""
     monkeypatch.setenv("HYDRALM_NORM", "triton")
     norm = RMSNorm(8).double()
     x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
     y = norm(x)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, norm.reference(x))
+    empty = torch.randn(0, 8, requires_grad=True)
+    norm.float()(empty).sum().backward()
+    assert empty.grad.shape == (0, 8)

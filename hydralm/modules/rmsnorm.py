@@ -21,7 +21,8 @@ class RMSNorm(nn.Module):
         # Normalise in fp32 (fp64 for fp64): bf16 sums of squares lose too much precision at d_model >= 512.
         if torch.is_grad_enabled():  # backward keeps x and 1 / rms only (_RMSNormFunction)
             # under torch.compile the PyTorch form is what inductor fuses; the kernels serve eager training
-            if x.dtype != torch.float64 and not torch.compiler.is_compiling() and norm_backend(x.is_cuda) == "triton":
+            fast = x.dtype != torch.float64 and x.numel() > 0 and not torch.compiler.is_compiling()
+            if fast and norm_backend(x.is_cuda) == "triton":
                 from hydralm.kernels.norm.triton_rmsnorm import rms_norm_triton
 
                 return rms_norm_triton(x, self.weight, self.eps, kept_dtype=_kept_dtype(x))
