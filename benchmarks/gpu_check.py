@@ -446,8 +446,8 @@ def check_decode_linear(device: str) -> None:
 
 
 def check_cross_entropy(device: str) -> None:
-    """The fused linear + cross-entropy kernels HYDRALM_CROSS_ENTROPY can pick (fla's, liger-kernel's; those that
-    import) vs the full-logits reference in fp64: loss and the gradients of hidden and weight, fp32 and bf16
+    """The fused linear + cross-entropy kernels HYDRALM_CROSS_ENTROPY can pick (our chunks with Triton softmax
+    kernels; fla's, liger-kernel's where they import) vs the full-logits reference in fp64: loss and the gradients of hidden and weight, fp32 and bf16
     inputs, a tenth of the rows ignored; and a batch whose rows are all ignored (the loss must be 0, gradients
     finite). At the 160m head: d 768, V 32000, 4096 rows."""
     import importlib
@@ -457,11 +457,13 @@ def check_cross_entropy(device: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     N, d, V = 4096, 768, 32000
     for name, module in (
+        ("triton", None),
         ("fla", "fla.modules.fused_linear_cross_entropy"),
         ("liger", "liger_kernel.transformers.functional"),
     ):
         try:
-            importlib.import_module(module)
+            if module:
+                importlib.import_module(module)
         except Exception as err:  # not installed here
             print(f"SKIP  cross_entropy {name}: {module} does not import ({type(err).__name__})", flush=True)
             continue

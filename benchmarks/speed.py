@@ -26,7 +26,8 @@ decode_batched  graph decode of HydraLM-160m (compressive memory, mtp_depth=2) a
         random weights and random prompts measure the machinery, not a trained model's acceptance rate.
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
 loss    the LM head's linear + cross-entropy, fwd+bwd, bf16, 64k rows x d 768 x 32000 ids: our chunked PyTorch
-        loss (the default) and the fused kernels HYDRALM_CROSS_ENTROPY can pick (fla, liger; those that import),
+        loss (the default), its Triton softmax kernels (triton) and the fused kernels HYDRALM_CROSS_ENTROPY can
+        pick (fla, liger; those that import),
         ms and peak GiB                                          -> kernel_ms/ce-<impl>/65536x32000
 norm    one block RMSNorm, fwd+bwd, 64k tokens x d 768, fp32 residual under bf16 autocast: the PyTorch form and
         the Triton kernels (HYDRALM_NORM=triton)                 -> kernel_ms/rmsnorm-{torch,triton}/65536x768
@@ -467,7 +468,7 @@ def loss() -> None:
     weight = (0.02 * torch.randn(V, d, device="cuda", dtype=torch.bfloat16)).requires_grad_()
     labels = torch.randint(0, V, (N,), device="cuda")
     rows = []
-    for impl, module in (("torch", None), ("fla", "fla.modules.fused_linear_cross_entropy"),
+    for impl, module in (("torch", None), ("triton", None), ("fla", "fla.modules.fused_linear_cross_entropy"),
                          ("liger", "liger_kernel.transformers.functional")):  # fmt: skip
         try:
             if module:

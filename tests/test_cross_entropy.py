@@ -1,4 +1,5 @@
-"""The chunked linear + cross-entropy against the full-logits reference: loss and both gradients."""
+"""The chunked linear + cross-entropy against the full-logits reference: loss and both gradients; its Triton
+softmax kernels against its PyTorch chunks."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch.nn.functional as F
 
 from hydralm.kernels.cross_entropy import chunked as chunked_module
 from hydralm.kernels.cross_entropy import chunked_linear_cross_entropy, linear_cross_entropy
+from hydralm.kernels.triton_common import triton_available
 
 
 def _inputs(N=37, d=24, V=53, dtype=torch.float32, ignored=0.3):
@@ -99,3 +101,75 @@ def test_backend_switch_rejects_unknown_and_unavailable_choices(monkeypatch):
     monkeypatch.setenv("HYDRALM_CROSS_ENTROPY", "liger")
     with pytest.raises(RuntimeError, match="HYDRALM_CROSS_ENTROPY=liger"):
         linear_cross_entropy(hidden, weight, labels)
+
+
+# The Triton softmax kernels (HYDRALM_CROSS_ENTROPY=triton; Triton's CPU interpreter off GPU) against the PyTorch
+# chunks. Tolerances: fp32 1e-5 relative (the same arithmetic, another summation order); under bf16 autocast
+# 1e-2 (both round the logits' gradient to bf16 once, from fp32 values that differ in the last bits).
+_TRITON = pytest.mark.skipif(not triton_available(), reason="the `triton` package is a dev dependency")
+
+
+def _fused(chunk_rows):
+    return lambda h, w, y: chunked_linear_cross_entropy(h, w, y, chunk_rows=chunk_rows, fused_softmax=True)
+
+
+def _plain(chunk_rows):
+    return lambda h, w, y: chunked_linear_cross_entropy(h, w, y, chunk_rows=chunk_rows)
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+@_TRITON
+@pytest.mark.parametrize("N, V, chunk_rows", [(37, 53, 8), (20, 5000, 7), (5, 4096, None)])
+@pytest.mark.parametrize("autocast, tol", [(False, 1e-5), (True, 1e-2)])
+def test_triton_softmax_matches_the_pytorch_chunks(N, V, chunk_rows, autocast, tol):
+    """Vocabularies below, across and at a multiple of the kernels' 2048-wide steps; ignored rows among them."""
+    torch.manual_seed(N + V)
+    hidden, weight, labels = _inputs(N=N, d=24, V=V)
+    results = []
+    for fn in (_fused(chunk_rows), _plain(chunk_rows)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results.append(_loss_and_grads(fn, hidden, weight, labels))
+    for name, a, b in zip(("loss", "d hidden", "d weight"), *results):
+        assert a.dtype == b.dtype, name
+        assert _rel(a, b) < tol, f"{name}: {_rel(a, b):.2e}"
+
+
+@_TRITON
+def test_triton_softmax_with_every_row_ignored_gives_zero_loss_and_gradients():
+    hidden, weight, labels = _inputs()
+    labels[:] = -100
+    loss, grad_h, grad_w = _loss_and_grads(_fused(8), hidden, weight, labels)
+    assert loss.item() == 0.0 and not grad_h.any() and not grad_w.any()
+
+
+@_TRITON
+def test_triton_softmax_comparison_fails_without_the_onehot_term(monkeypatch):
+    """Sabotage: labels that the backward kernel never matches (the onehot term dropped) fail the comparison."""
+    from hydralm.kernels.cross_entropy import triton_softmax
+
+    hidden, weight, labels = _inputs()
+    expected = _loss_and_grads(_plain(8), hidden, weight, labels)
+    real = triton_softmax.softmax_minus_onehot_
+
+    def no_onehot(logits, labels_c, lse, scale, ignore_index):
+        far = torch.where(labels_c == ignore_index, labels_c, labels_c + logits.shape[1])  # valid, never a column
+        return real(logits, far, lse, scale, ignore_index)
+
+    monkeypatch.setattr(triton_softmax, "softmax_minus_onehot_", no_onehot)
+    got = _loss_and_grads(_fused(8), hidden, weight, labels)
+    assert _rel(got[0], expected[0]) < 1e-5  # the forward is untouched
+    assert _rel(got[1], expected[1]) > 1e-2
+
+
+@_TRITON
+def test_the_triton_backend_runs_the_fused_chunks(monkeypatch):
+    hidden, weight, labels = _inputs()
+    monkeypatch.setenv("HYDRALM_CROSS_ENTROPY", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.testing.assert_close(linear_cross_entropy(hidden, weight, labels), _fused(None)(hidden, weight, labels))
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="HYDRALM_CROSS_ENTROPY=triton needs"):
+        linear_cross_entropy(hidden, weight, labels)  # a CPU tensor without the interpreter

@@ -74,9 +74,12 @@ HYDRALM_DECODE_LINEAR = auto | torch | gemv
     1.7e-3 of fp64 F.linear; the CUDA-graph decoder within 3.5e-7 of `model.step`); the 160m graph step went from
     1.15 to 1.09 ms (`profile_decode 160m 8192 0 compile`).
 
-HYDRALM_CROSS_ENTROPY = auto | torch | liger | fla
+HYDRALM_CROSS_ENTROPY = auto | torch | triton | liger | fla
     The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
-    logits are recomputed in backward, never held for the whole batch). liger / fla: liger-kernel's or
+    logits are recomputed in backward, never held for the whole batch). triton: the same chunks with their
+    elementwise steps (logsumexp; softmax - onehot, scale, cast) in two Triton kernels, one pass over each
+    chunk's logits instead of about seven (kernels/cross_entropy/triton_softmax.py); equal to torch within fp32
+    rounding in Triton's CPU interpreter, not yet checked or timed on a GPU. liger / fla: liger-kernel's or
     flash-linear-attention's fused Triton kernels, only when asked (optional dependencies, CUDA only;
     neither is checked here: an all-ignored batch may give NaN there, 0 here). auto = torch.
 
@@ -115,7 +118,7 @@ from hydralm.kernels.triton_common import interpreting, triton_available
 ATTENTION_CHOICES = ("auto", "torch", "flex")
 RETRIEVAL_CHOICES = ("auto", "torch", "flex", "triton")
 DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
-CROSS_ENTROPY_CHOICES = ("auto", "torch", "liger", "fla")
+CROSS_ENTROPY_CHOICES = ("auto", "torch", "triton", "liger", "fla")
 DECODE_CHOICES = ("auto", "torch", "fused")
 DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv")
 DECODE_MANY_CHOICES = ("auto", "torch", "fused")
@@ -289,10 +292,13 @@ def deltanet_compile() -> bool:
 
 
 def cross_entropy_backend(is_cuda: bool) -> str:
-    """'torch', 'liger' or 'fla' for the linear + cross-entropy of the training loss."""
+    """'torch', 'triton', 'liger' or 'fla' for the linear + cross-entropy of the training loss."""
     choice = _choice("HYDRALM_CROSS_ENTROPY", CROSS_ENTROPY_CHOICES)
     if choice in ("auto", "torch"):
         return "torch"
+    if choice == "triton":
+        _require_triton("HYDRALM_CROSS_ENTROPY", choice, is_cuda, "the PyTorch loss")
+        return "triton"
     module = {"liger": "liger_kernel.transformers.functional", "fla": "fla.modules.fused_linear_cross_entropy"}
     try:
         importlib.import_module(module[choice])

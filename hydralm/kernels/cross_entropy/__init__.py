@@ -2,6 +2,7 @@
 
 reference.py  the whole (N, V) logits, then torch's cross-entropy (the test oracle)
 chunked.py    chunks of rows, logits recomputed in backward (PyTorch; the default everywhere)
+triton_softmax.py  the chunks' elementwise steps as two Triton kernels (HYDRALM_CROSS_ENTROPY=triton)
 
 ``linear_cross_entropy`` is the one place that picks among them and, when asked through
 HYDRALM_CROSS_ENTROPY (kernels/backend.py), liger-kernel's or fla's fused Triton kernels.
@@ -48,4 +49,4 @@ def linear_cross_entropy(
         from fla.modules.fused_linear_cross_entropy import fused_linear_cross_entropy_loss
 
         return fused_linear_cross_entropy_loss(hidden, labels, weight, ignore_index=ignore_index)
-    return chunked_linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_rows)
+    return chunked_linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_rows, backend == "triton")
