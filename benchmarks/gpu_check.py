@@ -447,9 +447,9 @@ def check_decode_linear(device: str) -> None:
 
 def check_cross_entropy(device: str) -> None:
     """The fused linear + cross-entropy kernels HYDRALM_CROSS_ENTROPY can pick (our chunks with Triton softmax
-    kernels; fla's, liger-kernel's where they import) vs the full-logits reference in fp64: loss and the gradients of hidden and weight, fp32 and bf16
-    inputs, a tenth of the rows ignored; and a batch whose rows are all ignored (the loss must be 0, gradients
-    finite). At the 160m head: d 768, V 32000, 4096 rows."""
+    kernels; fla's, liger-kernel's where they import) vs the full-logits reference in fp64: loss and the
+    gradients of hidden and weight, fp32 and bf16 inputs, a tenth of the rows ignored; and a batch whose rows
+    are all ignored (the loss must be 0, gradients finite). At the 160m head: d 768, V 32000, 4096 rows."""
     import importlib
 
     from hydralm.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
