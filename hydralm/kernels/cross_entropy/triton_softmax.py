@@ -23,11 +23,15 @@ BLOCK = 2048  # logits per step of a row's loop
 if triton is not None:
 
     @triton.jit
+    def _this_row(logits_ptr, labels_ptr, stride_row, BLOCK: tl.constexpr):
+        """This program's row: its index, where its logits start, the column offsets of one step, its label."""
+        row = tl.program_id(0).to(tl.int64)
+        return row, logits_ptr + row * stride_row, tl.arange(0, BLOCK), tl.load(labels_ptr + row)
+
+    @triton.jit
     def _lse_pick_kernel(logits_ptr, labels_ptr, lse_ptr, picked_ptr, V, stride_row, ignore_index,
                          BLOCK: tl.constexpr):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride_row
-        cols = tl.arange(0, BLOCK)
+        row, base, cols, label = _this_row(logits_ptr, labels_ptr, stride_row, BLOCK)
         m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)  # per lane: running max and sum of exp(x - max)
         s = tl.zeros([BLOCK], dtype=tl.float32)
         for v0 in range(0, V, BLOCK):
@@ -39,17 +43,13 @@ if triton is not None:
         row_max = tl.max(m, 0)
         total = tl.sum(tl.where(m > float("-inf"), s * tl.exp(m - row_max), 0.0), 0)
         tl.store(lse_ptr + row, row_max + tl.log(total))
-        label = tl.load(labels_ptr + row)
         target = tl.where(label == ignore_index, 0, label)
         tl.store(picked_ptr + row, tl.load(base + target).to(tl.float32))
 
     @triton.jit
     def _softmax_grad_kernel(logits_ptr, labels_ptr, lse_ptr, scale_ptr, V, stride_row, ignore_index,
                              BLOCK: tl.constexpr):  # fmt: skip
-        row = tl.program_id(0).to(tl.int64)
-        base = logits_ptr + row * stride_row
-        cols = tl.arange(0, BLOCK)
-        label = tl.load(labels_ptr + row)
+        row, base, cols, label = _this_row(logits_ptr, labels_ptr, stride_row, BLOCK)
         coef = tl.where(label == ignore_index, 0.0, tl.load(scale_ptr))
         lse = tl.load(lse_ptr + row)
         for v0 in range(0, V, BLOCK):
