@@ -2,7 +2,8 @@
 
 In chunked.py's PyTorch form each chunk's logits come out of the matmul in its dtype (bf16 under autocast), are
 copied to fp32, and then pass through logsumexp forward and sub / exp / scatter / mul / cast backward: about
-seven passes over a (chunk, V) tensor, which at V = 32000 and 64k rows is ~30 ms of the H200's training step.
+seven passes over a (chunk, V) tensor; at V = 32000 and 64k rows their bytes alone would take ~30 ms of an
+H200's training step (an estimate from the bytes moved, not yet timed).
 Here one program per row streams that row of logits once:
 
     forward   lse = logsumexp(logits[r]) and picked = logits[r, label]       (online max / sum, fp32)

@@ -6,7 +6,7 @@ forward and two backward (6.4 of 25 ms at B8 T4096 H16 K128 on an H200) and ~60 
 (B, H, T, d) tensors. Here each chunk's work is one Triton program that keeps its tiles in registers:
 
     prep   (per chunk)  gamma = cumsum(g); A = tril_-1((beta k) k^T * D); X = (I + A)^-1 by forward
-                        substitution (HYDRALM_DELTANET_BLOCKED_INVERSE=1 at C 64: in 16 x 16 blocks, as fla does);
+                        substitution (at C 64 in 16 x 16 blocks, as fla does: HYDRALM_DELTANET_BLOCKED_INVERSE);
                         U = X (beta v); W = X (beta Gamma k); Kd = k Gamma_C / Gamma; a = Gamma_C
     pass   (over chunks, triton_state_pass.state_pass_forward)   H_c, delta_c, final state
     output (per chunk)  o = (scale Gamma q) H_c + (scale q k^T * D, i >= j) delta_c
@@ -197,7 +197,9 @@ if triton is not None:
         tl.store(w_ptr + ck, W, mask=m_ck)
         tl.store(kd_ptr + ck, Kd, mask=m_ck)
         tl.store(a_ptr + chunk, tl.exp(gamma_last))
-        tl.store(x_ptr + chunk * C * C + rc[:, None] * C + rc[None, :], X, mask=(rc < C)[:, None] & (rc < C)[None, :])
+        if not BLOCKED_INVERSE:  # the blocked inverse leaves X in x_ptr already
+            m_cc = (rc < C)[:, None] & (rc < C)[None, :]
+            tl.store(x_ptr + chunk * C * C + rc[:, None] * C + rc[None, :], X, mask=m_cc)
 
     @triton.autotune(configs=_configs(), key=["C", "K", "V"])
     @triton.jit
