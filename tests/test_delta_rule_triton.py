@@ -194,3 +194,24 @@ def test_model_trains_the_same_with_the_triton_and_torch_deltanet(monkeypatch, b
     torch.testing.assert_close(grads[backend][0], grads["torch"][0], atol=1e-5, rtol=1e-5)
     for got, expected in zip(grads[backend][1], grads["torch"][1]):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_fused_backward_called_inside_autocast_gives_the_same_gradients():
+    """Autograd runs backward under the caller's autocast state: a `loss.backward()` written inside the
+    `torch.autocast` block must not turn the fused kernels' fp32 bookkeeping matmuls into bf16 ones (on a GPU
+    that made the backward fail to compile: a bf16 dW tile against fp32 keys). The PyTorch kernels' own
+    gradients do change there, as any autograd graph's do: PyTorch autocasts backward ops too."""
+    inputs = _inputs(1, 2, 40, 16, 16)
+    results = []
+    for inside in (False, True):
+        leaves = [t.float().requires_grad_() for t in inputs]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            o, state = delta_rule_chunkwise(*leaves[:5], initial_state=leaves[5], chunk_size=16, backend="fused")
+            loss = o.float().pow(2).sum() + state.pow(2).sum()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        results.append([t.grad for t in leaves])
+    for name, got, expected in zip(["dq", "dk", "dv", "dg", "dbeta", "ds0"], results[1], results[0]):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -189,9 +189,11 @@ def state_pass_backward(W, Kd, a, h, delta, gh, gdelta, gsn):
         HAS_GSN=gsn is not None,
         PRECISION=dot_precision(),
     )
-    # The parts that need no order: one batched matmul each.
-    dW = -(ddelta @ h.transpose(-1, -2))
-    dKd = delta @ dsnext.transpose(-1, -2)
+    # The parts that need no order: one batched matmul each, in fp32 even when backward is called inside an
+    # autocast region (autograd runs backward under the caller's autocast state, which would make them bf16).
+    with torch.autocast(h.device.type, enabled=False):
+        dW = -(ddelta @ h.transpose(-1, -2))
+        dKd = delta @ dsnext.transpose(-1, -2)
     da = (h * dsnext).sum((-1, -2))
     return ddelta, dW, dKd, da, ds0
 
