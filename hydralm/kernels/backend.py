@@ -50,6 +50,13 @@ HYDRALM_NORM = auto | torch | triton
     passed 18/18 on an H200 at 76b7d10 (fp32 <= 1.5e-7, bf16 <= 2.4e-3 of fp64), and one block norm at 64k tokens
     x d 768 (fp32 residual under bf16 autocast, fwd+bwd) took 0.418 ms against the PyTorch form's 1.98 ms there.
 
+HYDRALM_SWIGLU = auto | torch | triton
+    SwiGLU's elementwise part in training forwards (silu(gate) * up and its gradient, around the down
+    projection): triton = one Triton kernel forward and one backward per call on the whole gate_up output
+    (kernels/activation/triton_swiglu.py) instead of silu and a mul forward, and backward their recomputation,
+    silu_backward, two muls and the cat of the two halves' gradients; same arithmetic and the same kept tensors.
+    auto = torch until its GPU check (`python -m benchmarks.gpu_check swiglu`) passes; triton only when asked.
+
 HYDRALM_DECODE = auto | torch | fused
     The one-token step of Gated DeltaNet layers (decoding, StaticDecoder graphs, speculative drafts). fused: one
     Triton kernel per layer and token from the input projection's output to the output projection's input
@@ -78,10 +85,13 @@ HYDRALM_CROSS_ENTROPY = auto | torch | triton | liger | fla
     The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
     logits are recomputed in backward, never held for the whole batch). triton: the same chunks with their
     elementwise steps (logsumexp; softmax - onehot, scale, cast) in two Triton kernels, one pass over each
-    chunk's logits instead of about seven (kernels/cross_entropy/triton_softmax.py); equal to torch within fp32
-    rounding in Triton's CPU interpreter, not yet checked or timed on a GPU. liger / fla: liger-kernel's or
-    flash-linear-attention's fused Triton kernels, only when asked (optional dependencies, CUDA only;
-    neither is checked here: an all-ignored batch may give NaN there, 0 here). auto = torch.
+    chunk's logits instead of about seven (kernels/cross_entropy/triton_softmax.py). liger / fla: liger-kernel's
+    or flash-linear-attention's fused Triton kernels, only when asked (optional dependencies, CUDA only).
+    auto = triton on CUDA (with triton), torch elsewhere: `python -m benchmarks.gpu_check cross_entropy` passed
+    14/14 on an H200 at 5694f05 (triton and fla against the fp64 full-logits loss: fp32 <= 7.7e-7, bf16 <= 2.7e-3;
+    an all-ignored batch gives 0, finite, for both there), and the LM head's linear + loss over 64k rows x 32,000
+    ids (fwd+bwd, bf16) took 29.8 ms with triton against 71.1 ms for torch and 80.5 ms for fla
+    (`python -m benchmarks.speed loss`).
 
 HYDRALM_DELTANET_RECOMPUTE = 1 | 0
     1 (default): the fused delta-rule kernels keep only their inputs for backward and rebuild the per-chunk WY
@@ -125,6 +135,7 @@ DECODE_MANY_CHOICES = ("auto", "torch", "fused")
 STREAM_ROUTING_CHOICES = ("auto", "torch", "triton")
 GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 NORM_CHOICES = ("auto", "torch", "triton")
+SWIGLU_CHOICES = ("auto", "torch", "triton")
 
 
 def _choice(variable: str, choices: tuple) -> str:
@@ -245,6 +256,13 @@ def norm_backend(is_cuda: bool) -> str:
     return _checked_triton_path("HYDRALM_NORM", NORM_CHOICES, "triton", is_cuda, "the PyTorch norm")
 
 
+def swiglu_backend(is_cuda: bool) -> str:
+    """'triton' or 'torch' for SwiGLU's product in training forwards; auto = torch (not yet checked on a GPU)."""
+    if _choice("HYDRALM_SWIGLU", SWIGLU_CHOICES) == "auto":
+        return "torch"
+    return _checked_triton_path("HYDRALM_SWIGLU", SWIGLU_CHOICES, "triton", is_cuda, "the PyTorch product")
+
+
 def decode_backend(is_cuda: bool) -> str:
     """'fused' or 'torch' for the one-token step of Gated DeltaNet layers."""
     return _checked_triton_path("HYDRALM_DECODE", DECODE_CHOICES, "fused", is_cuda, "the PyTorch step")
@@ -294,11 +312,9 @@ def deltanet_compile() -> bool:
 def cross_entropy_backend(is_cuda: bool) -> str:
     """'torch', 'triton', 'liger' or 'fla' for the linear + cross-entropy of the training loss."""
     choice = _choice("HYDRALM_CROSS_ENTROPY", CROSS_ENTROPY_CHOICES)
-    if choice in ("auto", "torch"):
-        return "torch"
-    if choice == "triton":
-        _require_triton("HYDRALM_CROSS_ENTROPY", choice, is_cuda, "the PyTorch loss")
-        return "triton"
+    if choice in ("auto", "torch", "triton"):
+        name = "HYDRALM_CROSS_ENTROPY"
+        return _checked_triton_path(name, CROSS_ENTROPY_CHOICES, "triton", is_cuda, "the PyTorch loss")
     module = {"liger": "liger_kernel.transformers.functional", "fla": "fla.modules.fused_linear_cross_entropy"}
     try:
         importlib.import_module(module[choice])

@@ -1,8 +1,8 @@
 """Linear + cross-entropy without the full logits, laid out by form:
 
 reference.py  the whole (N, V) logits, then torch's cross-entropy (the test oracle)
-chunked.py    chunks of rows, logits recomputed in backward (PyTorch; the default everywhere)
-triton_softmax.py  the chunks' elementwise steps as two Triton kernels (HYDRALM_CROSS_ENTROPY=triton)
+chunked.py    chunks of rows, logits recomputed in backward (PyTorch; the default off CUDA)
+triton_softmax.py  the chunks' elementwise steps as two Triton kernels (the default on CUDA)
 
 ``linear_cross_entropy`` is the one place that picks among them and, when asked through
 HYDRALM_CROSS_ENTROPY (kernels/backend.py), liger-kernel's or fla's fused Triton kernels.
