@@ -3,8 +3,8 @@
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m benchmarks.gpu_check [delta_rule] [fla] [flex] [static_decode] [decode_fused] [decode_linear] [spec_decode]
-[retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy] [rmsnorm]`
+`python -m benchmarks.gpu_check [delta_rule] [state_pass] [fla] [flex] [static_decode] [decode_fused] [decode_linear]
+[spec_decode] [retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy] [rmsnorm] [swiglu]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends, GPU_CHECK_DELTANET_SHAPES=0,2
 to those of its three shapes; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
@@ -112,6 +112,40 @@ def check_delta_rule(device: str) -> None:
             for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
                 _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
         torch.set_float32_matmul_precision("highest")
+
+
+def check_state_pass(device: str) -> None:
+    """The fused delta rule at the 160m preset's 64k x 1 shape (H 12, D 64: 1024 chunks for 12 sequences), where
+    the pass over chunks is cut into segments, against the fp64 PyTorch chunkwise kernel; the one-walk pass
+    beside it, so the two errors can be compared."""
+    from hydralm.kernels.delta_rule import triton_state_pass as sp
+
+    B, H, T, D, C = 1, 12, 65536, 64, 64
+    q = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
+    k = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
+    v, g = torch.randn(B, H, T, D, device=device), -torch.rand(B, H, T, device=device) * 0.1
+    beta = torch.rand(B, H, T, device=device)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v, g, beta)]
+    w = torch.randn(B, H, T, D, device=device, dtype=torch.float64)
+    torch.set_float32_matmul_precision("highest")
+    ref, ref_g = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C, backend="torch")[0], ref_in, w)
+    n = T // C
+    print(f"      state_pass: {sp.segment_chunks(n, B * H)} chunks per segment by default", flush=True)
+    for segments, seg in (("segmented", None), ("one walk", n)):
+        sp.SEGMENT_CHUNKS = seg
+        for dtype, precision, tol in ((torch.float32, "highest", 1e-4), (torch.float32, "high", 3e-3),
+                                      (torch.bfloat16, "high", 3e-2)):  # fmt: skip
+            torch.set_float32_matmul_precision(precision)
+            inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]] + [
+                t.detach().float().requires_grad_() for t in ref_in[3:]
+            ]
+            out, grads = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C, backend="fused")[0], inp, w.float())
+            label = f"state_pass {segments} {str(dtype)[6:]} {precision} T={T}"
+            _record(f"{label} out", _rel(out, ref), tol)
+            for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
+                _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
+    sp.SEGMENT_CHUNKS = None
+    torch.set_float32_matmul_precision("highest")
 
 
 def check_fla(device: str) -> None:
@@ -514,6 +548,39 @@ def check_rmsnorm(device: str) -> None:
                 _record(f"{label} {part}", _rel(a, b), tol)
 
 
+def check_swiglu(device: str) -> None:
+    """The Triton SwiGLU (kernels/activation/triton_swiglu.py) vs the plain expression F.linear(silu(gate) * up,
+    weight) in fp64: output, grad of the gate_up output h and grad of the down weight, for fp32 and for a bf16 h
+    under bf16 autocast (an fp32 weight, as in training), at the 160m's hidden 2048 over 64k rows (d_model 768)
+    and at a ragged 3001 x 1000. fp32 with IEEE matmuls; a result in the wrong dtype fails its row."""
+    from hydralm.kernels.activation.triton_swiglu import swiglu_down_triton
+
+    allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    d_model = 768
+    try:
+        for rows, hidden in ((65536, 2048), (3001, 1000)):
+            for autocast, tol in ((False, 1e-5), (True, 1e-2)):
+                dtype = torch.bfloat16 if autocast else torch.float32
+                h = (2 * torch.randn(rows, 2 * hidden, device=device)).to(dtype).requires_grad_()
+                weight = (torch.randn(d_model, hidden, device=device) / hidden**0.5).requires_grad_()
+                dy = torch.randn(rows, d_model, device=device).to(dtype)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                    out = swiglu_down_triton(h, weight)
+                got = (out.detach(), *torch.autograd.grad(out, (h, weight), dy))
+                h64, w64 = (t.detach().double().requires_grad_() for t in (h, weight))
+                gate, up = h64.chunk(2, dim=-1)
+                ref = F.linear(F.silu(gate) * up, w64)
+                expected = (ref, *torch.autograd.grad(ref, (h64, w64), dy.double()))
+                label = f"swiglu triton {'bf16 autocast' if autocast else 'float32'} {rows}x{hidden}"
+                dtypes = (dtype, dtype, weight.dtype)  # those of the output and of h's and the weight's gradients
+                for part, a, b, want in zip(("out", "grad h", "grad weight"), got, expected, dtypes):
+                    _record(f"{label} {part}", _rel(a, b) if a.dtype == want else float("inf"), tol)
+                del h, weight, out, got, h64, w64, ref, expected
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+
+
 @torch.no_grad()
 def check_exactness(device: str) -> None:
     """Claims C1 and C2 on the GPU's default paths (HYDRALM_* = auto), fp32 with IEEE matmuls: parallel forward vs
@@ -666,6 +733,7 @@ def main() -> int:
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
     names = sys.argv[1:] or [
         "delta_rule",
+        "state_pass",
         "fla",
         "flex",
         "static_decode",
@@ -678,9 +746,11 @@ def main() -> int:
         "gdn_block",
         "cross_entropy",
         "rmsnorm",
+        "swiglu",
     ]
     checks = {
         "delta_rule": check_delta_rule,
+        "state_pass": check_state_pass,
         "fla": check_fla,
         "flex": check_flex,
         "static_decode": check_static_decode,
@@ -693,6 +763,7 @@ def main() -> int:
         "gdn_block": check_gdn_block,
         "cross_entropy": check_cross_entropy,
         "rmsnorm": check_rmsnorm,
+        "swiglu": check_swiglu,
     }
     for name in names:
         checks[name]("cuda")

@@ -1,7 +1,7 @@
 """GPU speed benchmarks; each prints a table. Time the peers on the same machine in the same sitting so
 that ratios compare like with like:
 
-    python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models] [loss] [norm]
+    python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models] [loss] [norm] [swiglu]
 
 layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16
         fwd+bwd: our GDN kernel (PyTorch loop, Triton pass over chunks, fully fused Triton; BENCH_COMPILE=1
@@ -31,6 +31,9 @@ loss    the LM head's linear + cross-entropy, fwd+bwd, bf16, 64k rows x d 768 x 
         ms and peak GiB                                          -> kernel_ms/ce-<impl>/65536x32000
 norm    one block RMSNorm, fwd+bwd, 64k tokens x d 768, fp32 residual under bf16 autocast: the PyTorch form and
         the Triton kernels (HYDRALM_NORM=triton)                 -> kernel_ms/rmsnorm-{torch,triton}/65536x768
+swiglu  SwiGLU's down part (silu(gate) * up, then the down projection), fwd+bwd, 64k tokens x hidden 2048 x
+        d 768, bf16 h and an fp32 weight under bf16 autocast: the PyTorch form (`_SwiGLUDown`) and the Triton
+        kernels (HYDRALM_SWIGLU=triton)                          -> kernel_ms/swiglu-{torch,triton}/65536x2048
 Results also go to $OUT/speed.json when OUT is set.
 """
 
@@ -187,6 +190,44 @@ def _state_pass_rows() -> list:
             )
             print(rows[-1], flush=True)
     return rows
+
+
+def state_pass() -> None:
+    """The fused delta rule (fwd+bwd, bf16, TF32, H 12 K 64: the 160m layer's kernel) at the preset's three
+    64k-token shapes, its pass over chunks walked as one sequence per (batch, head) or cut into segments
+    (kernels/delta_rule/triton_state_pass.py): `auto` is the default choice, `one walk` never segments, and
+    the fixed lengths show where the choice sits."""
+    from hydralm.kernels.delta_rule import delta_rule_chunkwise
+    from hydralm.kernels.delta_rule import triton_state_pass as sp
+
+    torch.set_float32_matmul_precision("high")
+    rows, H, K = [], 12, 64
+    for B, T in ((1, 65536), (4, 16384), (16, 4096)):
+        n = T // 64
+        q = F.normalize(torch.randn(B, H, T, K, device="cuda"), dim=-1).bfloat16().requires_grad_()
+        k = F.normalize(torch.randn(B, H, T, K, device="cuda"), dim=-1).bfloat16().requires_grad_()
+        v = torch.randn(B, H, T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        g = F.logsigmoid(torch.randn(B, H, T, device="cuda") + 4).requires_grad_()
+        beta = torch.rand(B, H, T, device="cuda", requires_grad=True)
+
+        def gdn():
+            o, _ = delta_rule_chunkwise(q, k, v, g, beta, chunk_size=64, backend="fused")
+            o.float().sum().backward()
+
+        shape = f"B{B}-T{T}-H{H}-K{K}"
+        for label, seg in (("auto", None), ("one walk", n), ("64", 64), ("32", 32), ("16", 16)):
+            sp.SEGMENT_CHUNKS = seg
+            chosen = sp.segment_chunks(n, B * H)
+            rows.append({"shape": shape, "segments": label, "chunks_per_segment": chosen, "ms": bench(gdn, 20)})
+            print(rows[-1], flush=True)
+            if label in ("auto", "one walk"):
+                key = "gdn-fused" if label == "auto" else "gdn-fused-one-walk"
+                peer = f"kernel_ms/gdn-fused-one-walk/{shape}" if label == "auto" else None
+                record.record(f"kernel_ms/{key}/{shape}", rows[-1]["ms"], "ms", peer=peer)
+                record.write()
+        sp.SEGMENT_CHUNKS = None
+    RESULTS["state_pass"] = rows
+    _print_table("fused delta rule, fwd+bwd, bf16, by segment length", rows, list(rows[0]))
 
 
 def models() -> None:
@@ -526,6 +567,38 @@ def norm() -> None:
     _print_table("block RMSNorm, fwd+bwd, fp32 residual under bf16 autocast", rows, ["impl", "ms"])
 
 
+def swiglu() -> None:
+    """SwiGLU's down part at 64k tokens x hidden 2048 x d 768 as training runs it (the gate_up output h in bf16
+    under bf16 autocast, an fp32 weight), fwd+bwd: the PyTorch form and the Triton kernels (HYDRALM_SWIGLU)."""
+    from hydralm.kernels.activation.triton_swiglu import swiglu_down_triton
+    from hydralm.modules.swiglu import _SwiGLUDown
+
+    def pytorch_form(h, weight):
+        gate, up = h.chunk(2, dim=-1)  # backward concatenates the halves' gradients, as in the model
+        return _SwiGLUDown.apply(gate, up, weight)
+
+    N, hidden, d = 65536, 2048, 768
+    h = torch.randn(N, 2 * hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    weight = (torch.randn(d, hidden, device="cuda") / hidden**0.5).requires_grad_()
+    dy = torch.randn(N, d, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for impl, fn in (("torch", pytorch_form), ("triton", swiglu_down_triton)):
+
+        def step(fn=fn):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = fn(h, weight)
+            torch.autograd.grad(out, (h, weight), dy)  # no accumulation into .grad: the op's own work only
+
+        ms = bench(step)
+        rows.append({"impl": impl, "ms": ms})
+        print(rows[-1], flush=True)
+        peer = None if impl == "torch" else f"kernel_ms/swiglu-torch/{N}x{hidden}"
+        record.record(f"kernel_ms/swiglu-{impl}/{N}x{hidden}", ms, "ms", peer=peer)
+        record.write()
+    RESULTS["swiglu"] = rows
+    _print_table("SwiGLU down part, fwd+bwd, bf16 h under bf16 autocast", rows, ["impl", "ms"])
+
+
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
     """ms per call of `fn` in 5 windows of `calls` calls, after `warmup` untimed calls. Decoding is host-bound
     and host load varies, so callers report the median with the spread rather than one mean."""
@@ -548,7 +621,9 @@ def main(argv: list) -> int:
     for name in sections:
         try:
             runs = {"layers": layers, "models": models, "decode": decode, "claim_models": claim_models}
-            {**runs, "decode_batched": decode_batched, "loss": loss, "norm": norm}[name]()
+            runs.update({"decode_batched": decode_batched, "loss": loss, "norm": norm, "swiglu": swiglu})
+            runs["state_pass"] = state_pass
+            runs[name]()
         except Exception as err:  # a failed section is reported, the others still run
             import traceback
 

@@ -137,6 +137,68 @@ def test_triton_state_pass_equals_the_pytorch_loop_with_partial_gradients(tile, 
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+def _state_pass_results(fn, U, W, Kd, a, S0):
+    """Outputs and every gradient of a loss that reads H, delta and the final state."""
+    leaves = [t.clone().requires_grad_() for t in (U, W, Kd, a, S0)]
+    states, delta, final = fn(*leaves)
+    (states.sum() + 2 * delta.pow(2).sum() + (final * 0.5).pow(2).sum()).backward()
+    return [states, delta, final] + [t.grad for t in leaves]
+
+
+def _state_pass_inputs(B=2, H=2, n=7, C=16, K=24, V=40):
+    U, W, Kd = torch.randn(B, H, n, C, V), torch.randn(B, H, n, C, K) * 0.1, torch.randn(B, H, n, C, K) * 0.1
+    return U, W, Kd, torch.rand(B, H, n), torch.randn(B, H, K, V)
+
+
+@pytest.mark.parametrize("seg_len", [1, 2, 3, 7])
+def test_segmented_state_pass_equals_the_pytorch_loop(seg_len, monkeypatch):
+    """The pass cut into segments (each segment's affine map, the maps applied in order, then every segment
+    from its entering state), forward and backward: 7 chunks in segments of 1, 2, 3 (a ragged last one) and
+    7 (one walk) give the PyTorch loop's outputs and gradients, the final state's included."""
+    from hydralm.kernels.delta_rule import triton_state_pass as dt
+
+    monkeypatch.setattr(dt, "SEGMENT_CHUNKS", seg_len)
+    inputs = _state_pass_inputs()
+    expected = _state_pass_results(state_pass_torch, *inputs)
+    got = _state_pass_results(state_pass_triton, *inputs)
+    for name, g, e in zip(["H", "delta", "final", "dU", "dW", "dKd", "da", "dS0"], got, expected):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_segmented_state_pass_comparison_fails_when_the_segments_start_from_zero(monkeypatch):
+    """The check above can fail: segments that all start from a zero state (the maps' scan dropped)."""
+    from hydralm.kernels.delta_rule import triton_state_pass as dt
+
+    monkeypatch.setattr(dt, "SEGMENT_CHUNKS", 2)
+    monkeypatch.setattr(dt, "_scan_segments", lambda maps, S0, reverse: torch.zeros_like(maps[..., : -maps.shape[-2]]))
+    inputs = _state_pass_inputs()
+    expected, got = (_state_pass_results(fn, *inputs) for fn in (state_pass_torch, state_pass_triton))
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got[0], expected[0], atol=1e-4, rtol=1e-4)
+
+
+def test_fused_delta_rule_with_a_segmented_pass_matches_the_recurrence(monkeypatch):
+    """The fused layer kernels over a segmented pass (segments of 2 chunks of 16 tokens, the last ragged)."""
+    from hydralm.kernels.delta_rule import triton_state_pass as dt
+
+    monkeypatch.setattr(dt, "SEGMENT_CHUNKS", 2)
+    inputs = _inputs(2, 3, 70, 20, 12)
+    expected = _outputs_and_grads(delta_rule_recurrent, inputs, True)
+    fused = lambda *a, **kw: delta_rule_chunkwise(*a, **kw, chunk_size=16, backend="fused")  # noqa: E731
+    got = _outputs_and_grads(fused, [t.float() for t in inputs], True)
+    for name, g, e in zip(["o", "state", "dq", "dk", "dv", "dg", "dbeta", "ds0"], got, expected):
+        torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_segments_are_cut_only_for_long_walks_over_few_sequences():
+    from hydralm.kernels.delta_rule.triton_state_pass import segment_chunks
+
+    assert segment_chunks(1024, 12) == 32  # 64k tokens x 12 heads: 32 segments of 32 chunks
+    assert segment_chunks(256, 48) == 32  # 16k x 4 x 12 heads: 8 segments
+    assert segment_chunks(64, 192) == 64  # 4k x 16 x 12 heads: programs enough, one walk
+    assert segment_chunks(40, 1) == 40  # short: one walk
+
+
 def test_fused_reads_strided_bf16_inputs_like_the_layer_passes_them():
     """The layer hands q, k, v over as (B, T, H, D) views transposed to (B, H, T, D), in bf16 under autocast:
     the fused kernels read them in place and give what the PyTorch kernel gives on the same bf16 values."""

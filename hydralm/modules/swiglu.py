@@ -2,7 +2,9 @@
 
 In training, backward keeps only the gate_up output: silu(gate) and the product (2 x hidden values per token,
 what autograd would otherwise store, ~10 GiB of HydraLM-160m's activations at 16k x 4) are recomputed there
-from it (`_SwiGLUDown`; elementwise work, no extra matmul). Without autograd (inference, decoding) the plain
+from it (`_SwiGLUDown`; elementwise work, no extra matmul). With HYDRALM_SWIGLU=triton (kernels/backend.py) that
+elementwise work runs as one Triton kernel forward and one backward on the whole gate_up output
+(kernels/activation/triton_swiglu.py; eager, bias-free calls). Without autograd (inference, decoding) the plain
 ops run, so the down projection can take the decode GEMV.
 """
 
@@ -10,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hydralm.kernels.backend import swiglu_backend
 from hydralm.modules.linear import Linear
 from hydralm.modules.recompute import autocast_as, autocast_state
 
@@ -23,9 +26,17 @@ class SwiGLU(nn.Module):
         self.down.residual_out = True  # scaled init, see HydraLM._init_weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        h = self.gate_up(x)
         if torch.is_grad_enabled() and self.down.bias is None:
+            # under torch.compile the PyTorch form is what inductor fuses; the kernels serve eager training
+            fast = h.dtype != torch.float64 and h.numel() > 0 and not torch.compiler.is_compiling()
+            if fast and swiglu_backend(x.is_cuda) == "triton":
+                from hydralm.kernels.activation.triton_swiglu import swiglu_down_triton
+
+                return swiglu_down_triton(h, self.down.weight)
+            gate, up = h.chunk(2, dim=-1)
             return _SwiGLUDown.apply(gate, up, self.down.weight)
+        gate, up = h.chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 

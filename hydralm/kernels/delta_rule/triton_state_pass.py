@@ -23,30 +23,70 @@ import torch
 
 from hydralm.kernels.triton_common import dot_precision, interpreting, tile_sizes, tl, triton
 
+# Chunks per segment of the segmented pass (below); None = chosen from the shape (`segment_chunks`). Tests and
+# benchmarks set it to force a segment length.
+SEGMENT_CHUNKS: Optional[int] = None
+# Programs that keep an H200's 132 SMs busy through the pass; fewer (batch x heads) programs than this at a
+# long sequence make the pass latency-bound, one chunk step after another.
+BUSY_PROGRAMS = 512
+SCAN_BV = 32
+
 
 def _configs() -> list:
-    """Tile width BV and pipeline depth (4 warps), tuned once per (C, K, V) on the GPU at hand (the best choice
-    differs between d_k = 64 and 128). The CPU interpreter gets one config: it only checks the arithmetic."""
+    """Tile width BV and pipeline depth (4 warps), tuned once per (C, K, V, state columns) on the GPU at hand
+    (the best choice differs between d_k = 64 and 128). The CPU interpreter gets one config: it only checks
+    the arithmetic."""
     if interpreting():
         return [triton.Config({"BV": 32}, num_warps=4, num_stages=1)]
     return [triton.Config({"BV": bv}, num_warps=4, num_stages=s) for bv in (16, 32, 64) for s in (1, 2)]
+
+
+def segment_chunks(n: int, programs: int) -> int:
+    """Chunks per segment for a pass over n chunks with `programs` = batch x heads sequences: n (one
+    sequential walk) unless the walks are too few to fill the GPU and long enough that splitting them into
+    at least four segments pays for the segmented pass's extra work (about 3x the chunk steps)."""
+    if SEGMENT_CHUNKS is not None:
+        return max(1, min(n, SEGMENT_CHUNKS))
+    segments = BUSY_PROGRAMS // max(programs, 1)
+    if segments < 4 or n < 4 * 16:
+        return n
+    segments = 1 << (min(segments, n // 16).bit_length() - 1)  # a power of two, segments of >= 16 chunks
+    return triton.cdiv(n, segments)
 
 
 if triton is not None:
 
     @triton.jit
     def _tile(
-        i_v, C: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr
+        i_v,
+        C: tl.constexpr,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        VS: tl.constexpr,
+        BC: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        TRANSITION: tl.constexpr,
     ):
-        """Row/column ranges of this program's (d_k, BV) state tile, its flat offsets, and the masks of the
-        state tile and of a chunk's (C, d_k) / (C, BV) tiles (padding past C, K, V reads 0)."""
-        rc, rk, rv = tl.arange(0, BC), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
-        kv = rk[:, None] * V + rv[None, :]
-        m_kv = (rk < K)[:, None] & (rv < V)[None, :]
-        m_ck, m_cv = (rc < C)[:, None] & (rk < K)[None, :], (rc < C)[:, None] & (rv < V)[None, :]
-        return rc, rk, rv, kv, m_kv, m_ck, m_cv
+        """This program's (d_k, BV) tile of the state's VS columns: its offsets and mask, and for a chunk's
+        (C, d_k) and (C, V) tiles their offsets and masks (padding past C, K, V reads 0). In the transition
+        pass the state is [M | S] (VS = K + V columns): the first K carry the transition matrix and read no U."""
+        rc, rk, rs = tl.arange(0, BC), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+        ru = rs - K if TRANSITION else rs  # the state column's column in U / delta
+        kv = rk[:, None] * VS + rs[None, :]
+        m_kv = (rk < K)[:, None] & (rs < VS)[None, :]
+        ck, m_ck = rc[:, None] * K + rk[None, :], (rc < C)[:, None] & (rk < K)[None, :]
+        cv, m_cv = rc[:, None] * V + ru[None, :], (rc < C)[:, None] & ((ru >= 0) & (ru < V))[None, :]
+        return rk, rs, ru, kv, m_kv, ck, m_ck, cv, m_cv
 
-    @triton.autotune(configs=_configs(), key=["C", "K", "V"])
+    @triton.jit
+    def _segment(i_bhs, n_chunks, seg_len, n_segs):
+        """The (batch x head) sequence of program row i_bhs and its chunk range [start, stop)."""
+        i_bh, seg = i_bhs // n_segs, i_bhs % n_segs
+        start = seg * seg_len
+        return i_bh, start, tl.minimum(start + seg_len, n_chunks)
+
+    @triton.autotune(configs=_configs(), key=["C", "K", "V", "VS"])
     @triton.jit
     def _state_pass_fwd_kernel(
         u_ptr,
@@ -58,33 +98,44 @@ if triton is not None:
         delta_ptr,
         sn_ptr,
         n_chunks,
+        seg_len,
+        n_segs,
         C: tl.constexpr,
         K: tl.constexpr,
         V: tl.constexpr,
+        VS: tl.constexpr,
         BC: tl.constexpr,
         BK: tl.constexpr,
         BV: tl.constexpr,
         HAS_S0: tl.constexpr,
+        TRANSITION: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        rc, rk, rv, kv, m_kv, m_ck, m_cv = _tile(i_v, C, K, V, BC, BK, BV)
-        if HAS_S0:
-            S = tl.load(s0_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0)
+        """One segment of one sequence, from its entering state (s0, or 0) to its leaving state (sn), storing
+        H and delta on the way. TRANSITION: the state starts as [I | 0] and nothing is stored but the end, the
+        segment's affine map S_out = M S_in + S_0out as [M | S_0out]."""
+        i_v, i_bhs = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        i_bh, start, stop = _segment(i_bhs, n_chunks, seg_len, n_segs)
+        rk, rs, ru, kv, m_kv, ck, m_ck, cv, m_cv = _tile(i_v, C, K, V, VS, BC, BK, BV, TRANSITION)
+        if TRANSITION:
+            S = tl.where((rk[:, None] == rs[None, :]) & m_kv, 1.0, 0.0)
+        elif HAS_S0:
+            S = tl.load(s0_ptr + i_bhs * K * VS + kv, mask=m_kv, other=0.0)
         else:
             S = tl.zeros([BK, BV], dtype=tl.float32)
-        for c in range(n_chunks):
+        for c in range(start, stop):
             chunk = i_bh * n_chunks + c
-            tl.store(h_ptr + chunk * K * V + kv, S, mask=m_kv)
-            ck, cv = chunk * C * K + rc[:, None] * K + rk[None, :], chunk * C * V + rc[:, None] * V + rv[None, :]
-            w = tl.load(w_ptr + ck, mask=m_ck, other=0.0)
-            delta = tl.load(u_ptr + cv, mask=m_cv, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
-            tl.store(delta_ptr + cv, delta, mask=m_cv)
-            kd = tl.load(kd_ptr + ck, mask=m_ck, other=0.0)
+            if not TRANSITION:
+                tl.store(h_ptr + chunk * K * V + kv, S, mask=m_kv)
+            w = tl.load(w_ptr + chunk * C * K + ck, mask=m_ck, other=0.0)
+            delta = tl.load(u_ptr + chunk * C * V + cv, mask=m_cv, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
+            if not TRANSITION:
+                tl.store(delta_ptr + chunk * C * V + cv, delta, mask=m_cv)
+            kd = tl.load(kd_ptr + chunk * C * K + ck, mask=m_ck, other=0.0)
             S = S * tl.load(a_ptr + chunk) + tl.dot(tl.trans(kd), delta, input_precision=PRECISION)
-        tl.store(sn_ptr + i_bh * K * V + kv, S, mask=m_kv)
+        tl.store(sn_ptr + i_bhs * K * VS + kv, S, mask=m_kv)
 
-    @triton.autotune(configs=_configs(), key=["C", "K", "V"])
+    @triton.autotune(configs=_configs(), key=["C", "K", "V", "VS"])
     @triton.jit
     def _state_pass_bwd_kernel(
         w_ptr,
@@ -97,98 +148,166 @@ if triton is not None:
         ddelta_ptr,
         ds0_ptr,
         n_chunks,
+        seg_len,
+        n_segs,
         C: tl.constexpr,
         K: tl.constexpr,
         V: tl.constexpr,
+        VS: tl.constexpr,
         BC: tl.constexpr,
         BK: tl.constexpr,
         BV: tl.constexpr,
         HAS_GSN: tl.constexpr,
+        TRANSITION: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        """Reverse pass: dS is the gradient of the state leaving chunk c; stores it and d(delta_c)."""
-        i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        rc, rk, rv, kv, m_kv, m_ck, m_cv = _tile(i_v, C, K, V, BC, BK, BV)
-        if HAS_GSN:
-            dS = tl.load(gsn_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0)
+        """Reverse pass over one segment: dS is the gradient of the state leaving chunk c; stores it and
+        d(delta_c), and at the end the gradient of the state entering the segment. TRANSITION: dS starts as
+        [I | 0] and only the end is stored, the affine map dS_in = M dS_out + dS_0in as [M | dS_0in]."""
+        i_v, i_bhs = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        i_bh, start, stop = _segment(i_bhs, n_chunks, seg_len, n_segs)
+        rk, rs, ru, kv, m_kv, ck, m_ck, cv, m_cv = _tile(i_v, C, K, V, VS, BC, BK, BV, TRANSITION)
+        kv_u, m_kv_u = rk[:, None] * V + ru[None, :], (rk < K)[:, None] & ((ru >= 0) & (ru < V))[None, :]
+        if TRANSITION:
+            dS = tl.where((rk[:, None] == rs[None, :]) & m_kv, 1.0, 0.0)
+        elif HAS_GSN:
+            dS = tl.load(gsn_ptr + i_bhs * K * VS + kv, mask=m_kv, other=0.0)
         else:
             dS = tl.zeros([BK, BV], dtype=tl.float32)
-        for step in range(n_chunks):
-            chunk = i_bh * n_chunks + (n_chunks - 1 - step)
-            tl.store(dsnext_ptr + chunk * K * V + kv, dS, mask=m_kv)
-            ck, cv = chunk * C * K + rc[:, None] * K + rk[None, :], chunk * C * V + rc[:, None] * V + rv[None, :]
-            kd = tl.load(kd_ptr + ck, mask=m_ck, other=0.0)
-            ddelta = tl.load(gdelta_ptr + cv, mask=m_cv, other=0.0) + tl.dot(kd, dS, input_precision=PRECISION)
-            tl.store(ddelta_ptr + cv, ddelta, mask=m_cv)
-            w = tl.load(w_ptr + ck, mask=m_ck, other=0.0)
+        for step in range(stop - start):
+            chunk = i_bh * n_chunks + (stop - 1 - step)
+            if not TRANSITION:
+                tl.store(dsnext_ptr + chunk * K * V + kv, dS, mask=m_kv)
+            kd = tl.load(kd_ptr + chunk * C * K + ck, mask=m_ck, other=0.0)
+            gdelta = tl.load(gdelta_ptr + chunk * C * V + cv, mask=m_cv, other=0.0)
+            ddelta = gdelta + tl.dot(kd, dS, input_precision=PRECISION)
+            if not TRANSITION:
+                tl.store(ddelta_ptr + chunk * C * V + cv, ddelta, mask=m_cv)
+            w = tl.load(w_ptr + chunk * C * K + ck, mask=m_ck, other=0.0)
             dS = (
                 dS * tl.load(a_ptr + chunk)
                 - tl.dot(tl.trans(w), ddelta, input_precision=PRECISION)
-                + tl.load(gh_ptr + chunk * K * V + kv, mask=m_kv, other=0.0)
+                + tl.load(gh_ptr + chunk * K * V + kv_u, mask=m_kv_u, other=0.0)
             )
-        tl.store(ds0_ptr + i_bh * K * V + kv, dS, mask=m_kv)
+        tl.store(ds0_ptr + i_bhs * K * VS + kv, dS, mask=m_kv)
+
+    @triton.jit
+    def _segment_scan_kernel(
+        map_ptr,
+        s0_ptr,
+        out_ptr,
+        n_segs,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        HAS_S0: tl.constexpr,
+        REVERSE: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
+        """The segments' maps [M | S_0] applied in order (reverse order for gradients): stores the state each
+        segment starts from, S_next = M S + S_0."""
+        i_v, i_bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+        rk, rm, rv = tl.arange(0, BK), tl.arange(0, BK), i_v * BV + tl.arange(0, BV)
+        m_kv, m_kk = (rk < K)[:, None] & (rv < V)[None, :], (rk < K)[:, None] & (rm < K)[None, :]
+        kv = rk[:, None] * V + rv[None, :]
+        if HAS_S0:
+            S = tl.load(s0_ptr + i_bh * K * V + kv, mask=m_kv, other=0.0)
+        else:
+            S = tl.zeros([BK, BV], dtype=tl.float32)
+        for step in range(n_segs):
+            seg = i_bh * n_segs + (n_segs - 1 - step if REVERSE else step)
+            tl.store(out_ptr + seg * K * V + kv, S, mask=m_kv)
+            base = map_ptr + seg * K * (K + V) + rk[:, None] * (K + V)
+            M = tl.load(base + rm[None, :], mask=m_kk, other=0.0)
+            S = tl.dot(M, S, input_precision=PRECISION) + tl.load(base + K + rv[None, :], mask=m_kv, other=0.0)
+
+
+def _launch_fwd(U, W, Kd, a, S0, h, delta, sn, seg_len: int, n_segs: int, transition: bool) -> None:
+    B, H, n, C, K = W.shape
+    V = U.shape[-1]
+    VS = K + V if transition else V
+    BC, BK = tile_sizes(C, K)
+    grid = lambda meta: (triton.cdiv(VS, meta["BV"]), B * H * n_segs)  # noqa: E731
+    _state_pass_fwd_kernel[grid](
+        U, W, Kd, a, S0 if S0 is not None else sn, h, delta, sn, n, seg_len, n_segs,
+        C=C, K=K, V=V, VS=VS, BC=BC, BK=BK, HAS_S0=S0 is not None, TRANSITION=transition,
+        PRECISION=dot_precision(),
+    )  # fmt: skip
+
+
+def _launch_bwd(W, Kd, a, gh, gdelta, gsn, dsnext, ddelta, ds0, seg_len: int, n_segs: int, transition: bool):
+    B, H, n, C, K = W.shape
+    V = gdelta.shape[-1]
+    VS = K + V if transition else V
+    BC, BK = tile_sizes(C, K)
+    grid = lambda meta: (triton.cdiv(VS, meta["BV"]), B * H * n_segs)  # noqa: E731
+    _state_pass_bwd_kernel[grid](
+        W, Kd, a, gh, gdelta, gsn if gsn is not None else ds0, dsnext, ddelta, ds0, n, seg_len, n_segs,
+        C=C, K=K, V=V, VS=VS, BC=BC, BK=BK, HAS_GSN=gsn is not None, TRANSITION=transition,
+        PRECISION=dot_precision(),
+    )  # fmt: skip
+
+
+def _scan_segments(maps: torch.Tensor, S0: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
+    """maps (B, H, n_segs, K, K + V) -> the state each segment starts from (B, H, n_segs, K, V)."""
+    B, H, n_segs, K, KV = maps.shape
+    V = KV - K
+    out = maps.new_empty(B, H, n_segs, K, V)
+    BK = max(16, triton.next_power_of_2(K))
+    _segment_scan_kernel[(triton.cdiv(V, SCAN_BV), B * H)](
+        maps, S0 if S0 is not None else out, out, n_segs, K=K, V=V, BK=BK, BV=SCAN_BV, HAS_S0=S0 is not None,
+        REVERSE=reverse, PRECISION=dot_precision(),
+    )  # fmt: skip
+    return out
 
 
 def state_pass_forward(U, W, Kd, a, S0):
-    """The forward kernel: (H, delta, final state), all fp32. U, W, Kd, a contiguous fp32; S0 fp32 or None."""
+    """The forward kernel: (H, delta, final state), all fp32. U, W, Kd, a contiguous fp32; S0 fp32 or None.
+
+    A long pass over few (batch x head) sequences is latency-bound: one program walks all n chunks, one after
+    another. There the chunks are cut into segments (``segment_chunks``) and walked in three steps, each
+    parallel over segments except the short second one: (1) every segment's affine map S_out = M S_in + S_0out
+    (the state pass itself over the columns [M | S], from [I | 0]); (2) the maps applied in order, giving the
+    state each segment starts from; (3) the pass over every segment from that state, storing H and delta."""
     B, H, n, C, K = W.shape
     V = U.shape[-1]
-    h = U.new_empty(B, H, n, K, V)
-    delta = torch.empty_like(U)
-    sn = U.new_empty(B, H, K, V)
-    BC, BK = tile_sizes(C, K)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
-    _state_pass_fwd_kernel[grid](
-        U,
-        W,
-        Kd,
-        a,
-        S0 if S0 is not None else sn,
-        h,
-        delta,
-        sn,
-        n,
-        C=C,
-        K=K,
-        V=V,
-        BC=BC,
-        BK=BK,
-        HAS_S0=S0 is not None,
-        PRECISION=dot_precision(),
-    )
-    return h, delta, sn
+    h, delta = U.new_empty(B, H, n, K, V), torch.empty_like(U)
+    seg_len = segment_chunks(n, B * H)
+    n_segs = triton.cdiv(n, seg_len)
+    if n_segs == 1:
+        sn = U.new_empty(B, H, K, V)
+        _launch_fwd(U, W, Kd, a, S0, h, delta, sn, n, 1, transition=False)
+        return h, delta, sn
+    maps = U.new_empty(B, H, n_segs, K, K + V)
+    _launch_fwd(U, W, Kd, a, None, h, delta, maps, seg_len, n_segs, transition=True)
+    starts = _scan_segments(maps, S0, reverse=False)
+    ends = U.new_empty(B, H, n_segs, K, V)
+    _launch_fwd(U, W, Kd, a, starts, h, delta, ends, seg_len, n_segs, transition=False)
+    return h, delta, ends[:, :, -1].contiguous()
 
 
 def state_pass_backward(W, Kd, a, h, delta, gh, gdelta, gsn):
-    """Gradients (dU, dW, dKd, da, dS0) from those of H, delta (fp32 or None) and the final state (or None)."""
+    """Gradients (dU, dW, dKd, da, dS0) from those of H, delta (fp32 or None) and the final state (or None);
+    segmented like the forward when the walk is long and the sequences few."""
     B, H, n, C, K = W.shape
     V = delta.shape[-1]
     gh = torch.zeros_like(h) if gh is None else gh.float().contiguous()
     gdelta = torch.zeros_like(delta) if gdelta is None else gdelta.float().contiguous()
     gsn = None if gsn is None else gsn.float().contiguous()
     dsnext, ddelta = torch.empty_like(h), torch.empty_like(delta)
-    ds0 = h.new_empty(B, H, K, V)
-    BC, BK = tile_sizes(C, K)
-    grid = lambda meta: (triton.cdiv(V, meta["BV"]), B * H)  # noqa: E731
-    _state_pass_bwd_kernel[grid](
-        W,
-        Kd,
-        a,
-        gh,
-        gdelta,
-        gsn if gsn is not None else ds0,
-        dsnext,
-        ddelta,
-        ds0,
-        n,
-        C=C,
-        K=K,
-        V=V,
-        BC=BC,
-        BK=BK,
-        HAS_GSN=gsn is not None,
-        PRECISION=dot_precision(),
-    )
+    seg_len = segment_chunks(n, B * H)
+    n_segs = triton.cdiv(n, seg_len)
+    if n_segs == 1:
+        ds0 = h.new_empty(B, H, K, V)
+        _launch_bwd(W, Kd, a, gh, gdelta, gsn, dsnext, ddelta, ds0, n, 1, transition=False)
+    else:
+        maps = h.new_empty(B, H, n_segs, K, K + V)
+        _launch_bwd(W, Kd, a, gh, gdelta, None, dsnext, ddelta, maps, seg_len, n_segs, transition=True)
+        leaving = _scan_segments(maps, gsn, reverse=True)  # the gradient of the state leaving each segment
+        entering = h.new_empty(B, H, n_segs, K, V)
+        _launch_bwd(W, Kd, a, gh, gdelta, leaving, dsnext, ddelta, entering, seg_len, n_segs, transition=False)
+        ds0 = entering[:, :, 0].contiguous()
     # The parts that need no order: one batched matmul each, in fp32 even when backward is called inside an
     # autocast region (autograd runs backward under the caller's autocast state, which would make them bf16).
     with torch.autocast(h.device.type, enabled=False):
