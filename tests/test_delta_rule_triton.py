@@ -194,7 +194,8 @@ def test_segments_are_cut_only_for_long_walks_over_few_sequences():
     from hydralm.kernels.delta_rule.triton_state_pass import segment_chunks
 
     assert segment_chunks(1024, 12) == 32  # 64k tokens x 12 heads: 32 segments of 32 chunks
-    assert segment_chunks(256, 48) == 32  # 16k x 4 x 12 heads: 8 segments
+    assert segment_chunks(256, 48) == 256  # 16k x 4 x 12 heads: sequences enough, one walk
+    assert segment_chunks(256, 24) == 32  # 16k x 2 x 12 heads: 8 segments
     assert segment_chunks(64, 192) == 64  # 4k x 16 x 12 heads: programs enough, one walk
     assert segment_chunks(40, 1) == 40  # short: one walk
 

@@ -166,7 +166,8 @@ def test_short_conv_training_path_recomputes_the_conv_and_gives_autograds_gradie
 
 def test_rmsnorm_under_autocast_keeps_the_fp32_residual_in_bf16_with_bf16_accurate_gradients():
     """Under bf16 autocast the fp32 residual stream a block norm reads is kept in bf16 for backward (2 bytes per
-    value less); the gradients stay within bf16's error of the fp64 expression, and the value is unchanged."""
+    value less), and the output is bf16 (what the projection after it reads); the output and the gradients stay
+    within bf16's error of the fp64 expression."""
     torch.manual_seed(0)
     norm = RMSNorm(64)
     with torch.no_grad():
@@ -176,7 +177,7 @@ def test_rmsnorm_under_autocast_keeps_the_fp32_residual_in_bf16_with_bf16_accura
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = norm(x)
         kept = stored_bytes(lambda: norm(x))
-    assert y.dtype == torch.float32
+    assert y.dtype == torch.bfloat16
     with torch.autocast("cpu", enabled=False):
         kept_fp32 = stored_bytes(lambda: norm(x))
     assert kept_fp32 - kept == x.numel() * 2
@@ -184,7 +185,7 @@ def test_rmsnorm_under_autocast_keeps_the_fp32_residual_in_bf16_with_bf16_accura
     norm64, x64 = RMSNorm(64).double(), x.detach().double().requires_grad_()
     with torch.no_grad():
         norm64.weight.copy_(norm.weight)
-    torch.testing.assert_close(y.double(), norm64.reference(x64), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y.double(), norm64.reference(x64), rtol=4e-3, atol=1e-6)  # one bf16 rounding
     expected = torch.autograd.grad((norm64.reference(x64) * upstream.double()).sum(), (x64, norm64.weight))
     for a, b in zip(got, expected):
         assert a.dtype == torch.float32 and ((a.double() - b).norm() / b.norm()) < 1e-2

@@ -88,7 +88,7 @@ def test_grad_of_h_alone_when_the_weight_is_frozen():
 
 def test_the_switch_routes_swiglu_through_the_kernel(monkeypatch):
     """HYDRALM_SWIGLU=triton sends a training forward through `swiglu_down_triton` (same results as the PyTorch
-    form); auto does not pick it even on CUDA with triton (no GPU check yet); a bad value is refused."""
+    form); auto picks it on CUDA with triton (its GPU check passed), not on CPU; a bad value is refused."""
     import hydralm.kernels.activation.triton_swiglu as module
 
     calls = []
@@ -114,7 +114,7 @@ def test_the_switch_routes_swiglu_through_the_kernel(monkeypatch):
     assert calls == [1]
 
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert backend.swiglu_backend(is_cuda=True) == "torch"
+    assert backend.swiglu_backend(is_cuda=True) == "triton"
     monkeypatch.setenv("HYDRALM_SWIGLU", "triton")
     assert backend.swiglu_backend(is_cuda=True) == "triton"
     monkeypatch.setenv("HYDRALM_SWIGLU", "fast")

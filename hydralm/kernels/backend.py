@@ -55,7 +55,17 @@ HYDRALM_SWIGLU = auto | torch | triton
     projection): triton = one Triton kernel forward and one backward per call on the whole gate_up output
     (kernels/activation/triton_swiglu.py) instead of silu and a mul forward, and backward their recomputation,
     silu_backward, two muls and the cat of the two halves' gradients; same arithmetic and the same kept tensors.
-    auto = torch until its GPU check (`python -m benchmarks.gpu_check swiglu`) passes; triton only when asked.
+    auto = triton on CUDA (with triton), torch elsewhere: `python -m benchmarks.gpu_check swiglu` passed 12/12 on
+    an H200 at fd49f69 (fp32 <= 1.6e-6, bf16 autocast <= 2.9e-3 of fp64; 64k x 2048 and ragged 3001 x 1000), and
+    SwiGLU's down part at 64k tokens x hidden 2048 (fwd+bwd, bf16) took 1.43 ms against 3.43 ms for the PyTorch
+    form (`python -m benchmarks.speed swiglu`).
+
+HYDRALM_ROTARY = auto | torch | triton
+    The rotary embedding of q and k in training forwards of the attention layers (sliding-window, full): triton =
+    one Triton kernel forward and one backward per call (kernels/rotary/triton_rotary.py) that reads x at its
+    strides and the (N, D/2) cos / sin tables once, instead of the PyTorch form's cats, neg and about seven fp32
+    passes each way; same arithmetic. auto = torch until its GPU check (`python -m benchmarks.gpu_check rotary`)
+    passes; triton only when asked.
 
 HYDRALM_DECODE = auto | torch | fused
     The one-token step of Gated DeltaNet layers (decoding, StaticDecoder graphs, speculative drafts). fused: one
@@ -136,6 +146,7 @@ STREAM_ROUTING_CHOICES = ("auto", "torch", "triton")
 GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 NORM_CHOICES = ("auto", "torch", "triton")
 SWIGLU_CHOICES = ("auto", "torch", "triton")
+ROTARY_CHOICES = ("auto", "torch", "triton")
 
 
 def _choice(variable: str, choices: tuple) -> str:
@@ -257,10 +268,15 @@ def norm_backend(is_cuda: bool) -> str:
 
 
 def swiglu_backend(is_cuda: bool) -> str:
-    """'triton' or 'torch' for SwiGLU's product in training forwards; auto = torch (not yet checked on a GPU)."""
-    if _choice("HYDRALM_SWIGLU", SWIGLU_CHOICES) == "auto":
-        return "torch"
+    """'triton' or 'torch' for SwiGLU's product in training forwards."""
     return _checked_triton_path("HYDRALM_SWIGLU", SWIGLU_CHOICES, "triton", is_cuda, "the PyTorch product")
+
+
+def rotary_backend(is_cuda: bool) -> str:
+    """'triton' or 'torch' for the rotary embedding in training forwards; auto = torch (not yet checked on a GPU)."""
+    if _choice("HYDRALM_ROTARY", ROTARY_CHOICES) == "auto":
+        return "torch"
+    return _checked_triton_path("HYDRALM_ROTARY", ROTARY_CHOICES, "triton", is_cuda, "the PyTorch rotation")
 
 
 def decode_backend(is_cuda: bool) -> str:

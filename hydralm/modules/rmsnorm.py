@@ -25,7 +25,7 @@ class RMSNorm(nn.Module):
             if fast and norm_backend(x.is_cuda) == "triton":
                 from hydralm.kernels.norm.triton_rmsnorm import rms_norm_triton
 
-                return rms_norm_triton(x, self.weight, self.eps, kept_dtype=_kept_dtype(x))
+                return rms_norm_triton(x, self.weight, self.eps, kept_dtype=_kept_dtype(x), out_dtype=_kept_dtype(x))
             return _RMSNormFunction.apply(x, None, self.weight, self.eps)
         return self.reference(x)
 
@@ -40,7 +40,9 @@ class _RMSNormFunction(torch.autograd.Function):
     """RMSNorm(x) * weight [* silu(gate)], computed in fp32 but keeping for backward only x, gate and the per-row
     1 / rms: autograd through the plain expression would keep fp32 (..., d) copies. Under autocast an fp32 x (the
     residual stream) is kept in the autocast dtype, as the matmul after the norm sees it: half the bytes of the
-    largest per-token tensor a block keeps twice, for a backward that is then as exact as that matmul's."""
+    largest per-token tensor a block keeps twice, for a backward that is then as exact as that matmul's. The
+    output (without a gate) is in that dtype too: every norm of the model feeds a projection, which would cast
+    an fp32 output to it anyway, so writing it there saves that copy and its gradient's."""
 
     @staticmethod
     def forward(ctx, x, gate, weight, eps: float):
@@ -51,7 +53,7 @@ class _RMSNormFunction(torch.autograd.Function):
             y = y * F.silu(gate.to(xf.dtype))
         ctx.x_dtype = x.dtype
         ctx.save_for_backward(_kept(x), gate, weight, rstd)
-        return y.to(x.dtype if gate is None else torch.promote_types(x.dtype, gate.dtype))
+        return y.to(_kept_dtype(x) if gate is None else torch.promote_types(x.dtype, gate.dtype))
 
     @staticmethod
     def backward(ctx, grad_y):

@@ -2,7 +2,7 @@
 
 In training, backward keeps only the gate_up output: silu(gate) and the product (2 x hidden values per token,
 what autograd would otherwise store, ~10 GiB of HydraLM-160m's activations at 16k x 4) are recomputed there
-from it (`_SwiGLUDown`; elementwise work, no extra matmul). With HYDRALM_SWIGLU=triton (kernels/backend.py) that
+from it (`_SwiGLUDown`; elementwise work, no extra matmul). On CUDA (HYDRALM_SWIGLU, kernels/backend.py) that
 elementwise work runs as one Triton kernel forward and one backward on the whole gate_up output
 (kernels/activation/triton_swiglu.py; eager, bias-free calls). Without autograd (inference, decoding) the plain
 ops run, so the down projection can take the decode GEMV.

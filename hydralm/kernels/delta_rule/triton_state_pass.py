@@ -26,9 +26,11 @@ from hydralm.kernels.triton_common import dot_precision, interpreting, tile_size
 # Chunks per segment of the segmented pass (below); None = chosen from the shape (`segment_chunks`). Tests and
 # benchmarks set it to force a segment length.
 SEGMENT_CHUNKS: Optional[int] = None
-# Programs that keep an H200's 132 SMs busy through the pass; fewer (batch x heads) programs than this at a
-# long sequence make the pass latency-bound, one chunk step after another.
-BUSY_PROGRAMS = 512
+# The choice, from the fused delta rule at H 12 K 64 on an H200 (fwd+bwd, bf16, `python -m benchmarks.speed
+# state_pass`, fd49f69): 12 sequences of 1024 chunks took 14.5 ms walked whole and 9.7 ms in segments of 32
+# (9.9 / 9.9 at 16 / 64); 48 sequences of 256 chunks took 8.3 ms whole and 9.6 ms in segments of 32.
+SEGMENT_MAX_SEQUENCES = 32  # more (batch x head) sequences than this fill the GPU walked whole
+SEGMENT_LEN = 32
 SCAN_BV = 32
 
 
@@ -43,15 +45,13 @@ def _configs() -> list:
 
 def segment_chunks(n: int, programs: int) -> int:
     """Chunks per segment for a pass over n chunks with `programs` = batch x heads sequences: n (one
-    sequential walk) unless the walks are too few to fill the GPU and long enough that splitting them into
-    at least four segments pays for the segmented pass's extra work (about 3x the chunk steps)."""
+    sequential walk each) unless the sequences are few and the walk long, where the walk's latency, one chunk
+    after another, dominates and segments pay for the segmented pass's extra work (about 3x the chunk steps)."""
     if SEGMENT_CHUNKS is not None:
         return max(1, min(n, SEGMENT_CHUNKS))
-    segments = BUSY_PROGRAMS // max(programs, 1)
-    if segments < 4 or n < 4 * 16:
+    if programs > SEGMENT_MAX_SEQUENCES or n < 4 * SEGMENT_LEN:
         return n
-    segments = 1 << (min(segments, n // 16).bit_length() - 1)  # a power of two, segments of >= 16 chunks
-    return triton.cdiv(n, segments)
+    return SEGMENT_LEN
 
 
 if triton is not None:

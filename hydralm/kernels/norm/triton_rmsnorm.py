@@ -73,11 +73,11 @@ def _warps(block: int) -> int:
 
 class _TritonRMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps: float, kept_dtype: Optional[torch.dtype]):
+    def forward(ctx, x, weight, eps: float, kept_dtype: Optional[torch.dtype], out_dtype: Optional[torch.dtype]):
         shape, N = x.shape, x.shape[-1]
         x2 = x.reshape(-1, N).contiguous()
         M = x2.shape[0]
-        y = torch.empty_like(x2)
+        y = torch.empty(M, N, device=x.device, dtype=out_dtype or x.dtype)
         keep_copy = kept_dtype is not None and kept_dtype != x.dtype
         kept = torch.empty(M, N, device=x.device, dtype=kept_dtype) if keep_copy else x2
         rstd = torch.empty(M, device=x.device, dtype=torch.float32)
@@ -106,7 +106,7 @@ class _TritonRMSNorm(torch.autograd.Function):
             kept, weight, rstd, dy2, dx, dw_part, M, N, rows_per_program, ROWS=ROWS, BLOCK=block,
             num_warps=_warps(block),
         )  # fmt: skip
-        return dx.reshape(dy.shape), dw_part.sum(0).to(weight.dtype), None, None
+        return dx.reshape(dy.shape), dw_part.sum(0).to(weight.dtype), None, None, None
 
 
 def _sm_count(device: torch.device) -> int:
@@ -115,9 +115,15 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, kept_dtype: Optional[torch.dtype] = None):
-    """RMSNorm(x) * weight over the last dimension, in x's dtype (fp32 arithmetic); backward keeps x, or a copy of
-    it in `kept_dtype` (what `_RMSNormFunction` keeps under autocast), and 1 / rms per row."""
+def rms_norm_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    kept_dtype: Optional[torch.dtype] = None,
+    out_dtype: Optional[torch.dtype] = None,
+):
+    """RMSNorm(x) * weight over the last dimension, in `out_dtype` (default x's; fp32 arithmetic); backward keeps
+    x, or a copy of it in `kept_dtype` (what `_RMSNormFunction` keeps under autocast), and 1 / rms per row."""
     if triton is None:
         raise RuntimeError("rms_norm_triton needs the `triton` package")
-    return _TritonRMSNorm.apply(x, weight, float(eps), kept_dtype)
+    return _TritonRMSNorm.apply(x, weight, float(eps), kept_dtype, out_dtype)
