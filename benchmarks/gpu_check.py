@@ -4,7 +4,8 @@ Each fast path is compared with the reference kernel on fresh random inputs, out
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
 `python -m benchmarks.gpu_check [delta_rule] [state_pass] [fla] [flex] [static_decode] [decode_fused] [decode_linear]
-[spec_decode] [retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy] [rmsnorm] [swiglu]`
+[spec_decode] [retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy] [rmsnorm] [swiglu]
+[rotary]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends, GPU_CHECK_DELTANET_SHAPES=0,2
 to those of its three shapes; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
@@ -581,6 +582,36 @@ def check_swiglu(device: str) -> None:
         torch.backends.cuda.matmul.allow_tf32 = allow_tf32
 
 
+def check_rotary(device: str) -> None:
+    """The Triton rotary embedding (kernels/rotary/triton_rotary.py) vs the module's rotate-half expression in
+    fp64 on the same fp32 cos / sin tables: output and grad of x, for fp32 and bf16 x that is a strided view of
+    one (B, N, 3, H, D) qkv tensor, as the attention layers pass q and k, at the 160m's B1 H12 N65536 D64
+    (positions from 0) and at a ragged B2 H3 N3001 D128 (positions from 1000). A result in the wrong dtype fails
+    its row."""
+    from hydralm.kernels.rotary.triton_rotary import rotary_triton
+    from hydralm.modules.rotary import Rotary
+
+    for B, H, N, D, start in ((1, 12, 65536, 64, 0), (2, 3, 3001, 128, 1000)):
+        rotary = Rotary(D).to(device)
+        angles = torch.arange(start, start + N, device=device).float()[:, None] * rotary.inv_freq
+        cos, sin = angles.cos(), angles.sin()
+        for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+            qkv = torch.randn(B, N, 3, H, D, device=device).to(dtype).requires_grad_()
+            x = qkv.unbind(2)[0].transpose(1, 2)  # (B, H, N, D), last dim contiguous only
+            dy = torch.randn(B, H, N, D, device=device).to(dtype)
+            out = rotary_triton(x, cos, sin)
+            (grad_x,) = torch.autograd.grad(out, (x,), dy)
+            x64 = x.detach().double().requires_grad_()
+            half = D // 2
+            rotated = torch.cat([-x64[..., half:], x64[..., :half]], dim=-1)
+            ref = x64 * torch.cat([cos, cos], dim=-1).double() + rotated * torch.cat([sin, sin], dim=-1).double()
+            expected = (ref.detach(), *torch.autograd.grad(ref, (x64,), dy.double()))
+            label = f"rotary triton {str(dtype)[6:]} B{B} H{H} N{N} D{D}"
+            for part, a, b in zip(("out", "grad x"), (out.detach(), grad_x), expected):
+                _record(f"{label} {part}", _rel(a, b) if a.dtype == dtype else float("inf"), tol)
+            del qkv, x, out, grad_x, x64, rotated, ref, expected
+
+
 @torch.no_grad()
 def check_exactness(device: str) -> None:
     """Claims C1 and C2 on the GPU's default paths (HYDRALM_* = auto), fp32 with IEEE matmuls: parallel forward vs
@@ -747,6 +778,7 @@ def main() -> int:
         "cross_entropy",
         "rmsnorm",
         "swiglu",
+        "rotary",
     ]
     checks = {
         "delta_rule": check_delta_rule,
@@ -764,6 +796,7 @@ def main() -> int:
         "cross_entropy": check_cross_entropy,
         "rmsnorm": check_rmsnorm,
         "swiglu": check_swiglu,
+        "rotary": check_rotary,
     }
     for name in names:
         checks[name]("cuda")

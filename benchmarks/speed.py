@@ -2,6 +2,7 @@
 that ratios compare like with like:
 
     python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models] [loss] [norm] [swiglu]
+        [rotary]
 
 layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16
         fwd+bwd: our GDN kernel (PyTorch loop, Triton pass over chunks, fully fused Triton; BENCH_COMPILE=1
@@ -34,6 +35,9 @@ norm    one block RMSNorm, fwd+bwd, 64k tokens x d 768, fp32 residual under bf16
 swiglu  SwiGLU's down part (silu(gate) * up, then the down projection), fwd+bwd, 64k tokens x hidden 2048 x
         d 768, bf16 h and an fp32 weight under bf16 autocast: the PyTorch form (`_SwiGLUDown`) and the Triton
         kernels (HYDRALM_SWIGLU=triton)                          -> kernel_ms/swiglu-{torch,triton}/65536x2048
+rotary  the rotary embedding of q and k, fwd+bwd, B1 H12 N65536 D64, bf16 strided views of one qkv tensor as
+        the attention layers pass them: the PyTorch form and the Triton kernel (HYDRALM_ROTARY=triton)
+                                                                 -> kernel_ms/rotary-{torch,triton}/65536x12x64
 Results also go to $OUT/speed.json when OUT is set.
 """
 
@@ -599,6 +603,37 @@ def swiglu() -> None:
     _print_table("SwiGLU down part, fwd+bwd, bf16 h under bf16 autocast", rows, ["impl", "ms"])
 
 
+def rotary() -> None:
+    """The rotary embedding of q and k at B1 H12 N65536 D64 as an attention layer runs it in training (bf16
+    (B, H, N, D) views of one qkv tensor, positions from 0), fwd+bwd: the PyTorch form and the Triton kernel
+    (HYDRALM_ROTARY)."""
+    from hydralm.modules.rotary import Rotary
+
+    B, H, N, D = 1, 12, 65536, 64
+    qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    rope = Rotary(D).cuda()
+    positions = torch.arange(N, device="cuda")
+    dy = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for impl in ("torch", "triton"):
+        os.environ["HYDRALM_ROTARY"] = impl
+
+        def step():
+            q, k, _ = (t.transpose(1, 2) for t in qkv.unbind(2))
+            rotated = (rope(q, positions), rope(k, positions))
+            torch.autograd.grad(rotated, (q, k), (dy, dy))  # gradients of the views: the rotation's own work only
+
+        ms = bench(step)
+        rows.append({"impl": impl, "ms": ms})
+        print(rows[-1], flush=True)
+        peer = None if impl == "torch" else f"kernel_ms/rotary-torch/{N}x{H}x{D}"
+        record.record(f"kernel_ms/rotary-{impl}/{N}x{H}x{D}", ms, "ms", peer=peer)
+        record.write()
+    os.environ.pop("HYDRALM_ROTARY", None)
+    RESULTS["rotary"] = rows
+    _print_table("rotary embedding of q and k, fwd+bwd, bf16 strided views", rows, ["impl", "ms"])
+
+
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
     """ms per call of `fn` in 5 windows of `calls` calls, after `warmup` untimed calls. Decoding is host-bound
     and host load varies, so callers report the median with the spread rather than one mean."""
@@ -623,6 +658,7 @@ def main(argv: list) -> int:
             runs = {"layers": layers, "models": models, "decode": decode, "claim_models": claim_models}
             runs.update({"decode_batched": decode_batched, "loss": loss, "norm": norm, "swiglu": swiglu})
             runs["state_pass"] = state_pass
+            runs["rotary"] = rotary
             runs[name]()
         except Exception as err:  # a failed section is reported, the others still run
             import traceback

@@ -2,10 +2,16 @@
 
 Tables are not cached: cos/sin for the positions at hand cost O(N * head_dim), far below the attention
 itself, and computing them from positions keeps chunked prefill and decoding trivially consistent.
+
+With HYDRALM_ROTARY=triton (kernels/backend.py), training forwards on (B, H, N, D) q and k rotate them in one
+Triton kernel forward and one backward (kernels/rotary/triton_rotary.py; eager, non-fp64 calls) given the
+(N, D/2) tables, instead of the PyTorch form's cats and fp32 passes over each.
 """
 
 import torch
 from torch import nn
+
+from hydralm.kernels.backend import rotary_backend
 
 
 class Rotary(nn.Module):
@@ -19,6 +25,12 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (..., N, head_dim) by the absolute positions (N,)."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        if torch.is_grad_enabled() and x.dtype != torch.float64 and x.numel() > 0 and x.dim() == 4:
+            # under torch.compile the PyTorch form is what inductor fuses; the kernel serves eager training
+            if not torch.compiler.is_compiling() and rotary_backend(x.is_cuda) == "triton":
+                from hydralm.kernels.rotary.triton_rotary import rotary_triton
+
+                return rotary_triton(x, angles.cos(), angles.sin())
         cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
         sin = torch.cat([angles.sin(), angles.sin()], dim=-1)
         half = x.shape[-1] // 2
