@@ -207,8 +207,13 @@ def commit() -> str:
     return git_sha(str(ROOT))
 
 
+# The environment the process was started with: a section that sets a switch for one of its rows (speed loss,
+# norm, swiglu) must not have it written into the command of every figure recorded after it.
+_LAUNCH_ENV = dict(os.environ)
+
+
 def command_line() -> str:
-    """$BENCH_COMMAND when set, else the settings from the environment and `python -m <module> <args>`."""
+    """$BENCH_COMMAND when set, else the settings the process was started with and `python -m <module> <args>`."""
     if os.environ.get("BENCH_COMMAND"):
         return os.environ["BENCH_COMMAND"]
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
@@ -221,7 +226,7 @@ def command_line() -> str:
         except ValueError:
             pass
         program = ["python", str(script)]
-    settings = [f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items()) if _COMMAND_ENV.match(k)]
+    settings = [f"{k}={shlex.quote(v)}" for k, v in sorted(_LAUNCH_ENV.items()) if _COMMAND_ENV.match(k)]
     return " ".join(settings + program + [shlex.quote(a) for a in sys.argv[1:]])
 
 

@@ -54,10 +54,14 @@ def test_write_copies_to_out_and_skips_empty_runs(tmp_path, provenance, monkeypa
 def test_provenance_without_overrides(monkeypatch):
     monkeypatch.delenv("HYDRALM_COMMIT", raising=False)
     monkeypatch.delenv("BENCH_COMMAND", raising=False)
-    monkeypatch.setenv("BENCH_CONTEXTS", "4096")
+    for name in [k for k in record._LAUNCH_ENV if record._COMMAND_ENV.match(k)]:
+        monkeypatch.delitem(record._LAUNCH_ENV, name)
+    monkeypatch.setitem(record._LAUNCH_ENV, "BENCH_CONTEXTS", "4096")  # as if the process started with it
+    monkeypatch.setenv("HYDRALM_NORM", "triton")  # set by a section for one row: not the run's command
     sha = record.commit()
     assert sha == "unknown" or len(sha.removesuffix("-dirty")) == 40  # git's HEAD when the tree has .git
     assert record.command_line().startswith("BENCH_CONTEXTS=4096 python ")
+    assert "HYDRALM_NORM" not in record.command_line()
 
 
 def test_bad_figures_are_refused_by_name():
