@@ -75,8 +75,8 @@ def test_other_ranks_and_strides_are_rotated_alike():
 
 
 def test_the_switch_routes_rotary_through_the_kernel(monkeypatch):
-    """HYDRALM_ROTARY=triton sends a training forward through `rotary_triton`; auto does not pick it, even on
-    CUDA with triton (no GPU check yet); no-grad and fp64 calls keep the PyTorch form; a bad value is refused."""
+    """HYDRALM_ROTARY=triton sends a training forward through `rotary_triton`; auto picks it on CUDA with triton
+    (its GPU check passed), not on CPU; no-grad and fp64 calls keep the PyTorch form; a bad value is refused."""
     import hydralm.kernels.rotary.triton_rotary as module
 
     calls = []
@@ -97,7 +97,7 @@ def test_the_switch_routes_rotary_through_the_kernel(monkeypatch):
     assert calls == [1]
 
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert backend.rotary_backend(is_cuda=True) == "torch"
+    assert backend.rotary_backend(is_cuda=True) == "triton"
     monkeypatch.setenv("HYDRALM_ROTARY", "triton")
     assert backend.rotary_backend(is_cuda=True) == "triton"
     monkeypatch.setenv("HYDRALM_ROTARY", "fast")

@@ -64,8 +64,10 @@ HYDRALM_ROTARY = auto | torch | triton
     The rotary embedding of q and k in training forwards of the attention layers (sliding-window, full): triton =
     one Triton kernel forward and one backward per call (kernels/rotary/triton_rotary.py) that reads x at its
     strides and the (N, D/2) cos / sin tables once, instead of the PyTorch form's cats, neg and about seven fp32
-    passes each way; same arithmetic. auto = torch until its GPU check (`python -m benchmarks.gpu_check rotary`)
-    passes; triton only when asked.
+    passes each way; same arithmetic. auto = triton on CUDA (with triton), torch elsewhere: `python -m
+    benchmarks.gpu_check rotary` passed 8/8 on an H200 at 779bcca (fp32 <= 3.1e-8, bf16 <= 1.7e-3 of fp64; B1 H12
+    N65536 D64 and ragged B2 H3 N3001 D128), and q and k at 64k tokens x 12 heads x 64 (fwd+bwd, bf16 strided
+    views) took 0.733 ms against 4.46 ms for the PyTorch form (`python -m benchmarks.speed rotary`).
 
 HYDRALM_DECODE = auto | torch | fused
     The one-token step of Gated DeltaNet layers (decoding, StaticDecoder graphs, speculative drafts). fused: one
@@ -273,9 +275,7 @@ def swiglu_backend(is_cuda: bool) -> str:
 
 
 def rotary_backend(is_cuda: bool) -> str:
-    """'triton' or 'torch' for the rotary embedding in training forwards; auto = torch (not yet checked on a GPU)."""
-    if _choice("HYDRALM_ROTARY", ROTARY_CHOICES) == "auto":
-        return "torch"
+    """'triton' or 'torch' for the rotary embedding in training forwards."""
     return _checked_triton_path("HYDRALM_ROTARY", ROTARY_CHOICES, "triton", is_cuda, "the PyTorch rotation")
 
 

@@ -3,7 +3,7 @@
 Tables are not cached: cos/sin for the positions at hand cost O(N * head_dim), far below the attention
 itself, and computing them from positions keeps chunked prefill and decoding trivially consistent.
 
-With HYDRALM_ROTARY=triton (kernels/backend.py), training forwards on (B, H, N, D) q and k rotate them in one
+On CUDA (HYDRALM_ROTARY, kernels/backend.py), training forwards on (B, H, N, D) q and k rotate them in one
 Triton kernel forward and one backward (kernels/rotary/triton_rotary.py; eager, non-fp64 calls) given the
 (N, D/2) tables, instead of the PyTorch form's cats and fp32 passes over each.
 """
