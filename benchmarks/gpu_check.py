@@ -66,18 +66,23 @@ def _grads(fn, inputs, weight):
     return out, torch.autograd.grad((out.float() * weight).sum(), inputs)
 
 
+def _delta_rule_inputs(B: int, H: int, T: int, D: int, device: str, decay: float):
+    """fp64 leaves q, k (L2-normalised), v, g (log-decay in (-decay, 0)), beta, and a random output weight."""
+    q = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
+    k = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
+    v, g = torch.randn(B, H, T, D, device=device), -torch.rand(B, H, T, device=device) * decay
+    beta = torch.rand(B, H, T, device=device)
+    ref_in = [t.double().requires_grad_() for t in (q, k, v, g, beta)]
+    return ref_in, torch.randn(B, H, T, D, device=device, dtype=torch.float64)
+
+
 def check_delta_rule(device: str) -> None:
     shapes = [(2, 4, 300, 64, 64), (1, 2, 1024, 128, 64), (2, 3, 700, 100, 32)]
     # GPU_CHECK_DELTANET_SHAPES=1,2 checks those shapes only: each shape compiles every kernel anew (minutes on
     # a cold machine), so the shapes can run as parallel processes
     picked = os.environ.get("GPU_CHECK_DELTANET_SHAPES")
     for B, H, T, D, C in [shapes[int(i)] for i in picked.split(",")] if picked else shapes:
-        q = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
-        k = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
-        v, g = torch.randn(B, H, T, D, device=device), -torch.rand(B, H, T, device=device) * 0.5
-        beta = torch.rand(B, H, T, device=device)
-        ref_in = [t.double().requires_grad_() for t in (q, k, v, g, beta)]
-        w = torch.randn(B, H, T, D, device=device, dtype=torch.float64)
+        ref_in, w = _delta_rule_inputs(B, H, T, D, device, decay=0.5)
         ref, ref_g = _grads(lambda *a: delta_rule_recurrent(*a)[0], ref_in, w) if T <= 300 else (None, None)
         if ref is None:  # long: the fp64 chunkwise form is the reference (equal to recurrent on CPU tests)
             ref, ref_g = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C)[0], ref_in, w)
@@ -122,12 +127,7 @@ def check_state_pass(device: str) -> None:
     from hydralm.kernels.delta_rule import triton_state_pass as sp
 
     B, H, T, D, C = 1, 12, 65536, 64, 64
-    q = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
-    k = F.normalize(torch.randn(B, H, T, D, device=device), dim=-1)
-    v, g = torch.randn(B, H, T, D, device=device), -torch.rand(B, H, T, device=device) * 0.1
-    beta = torch.rand(B, H, T, device=device)
-    ref_in = [t.double().requires_grad_() for t in (q, k, v, g, beta)]
-    w = torch.randn(B, H, T, D, device=device, dtype=torch.float64)
+    ref_in, w = _delta_rule_inputs(B, H, T, D, device, decay=0.1)
     torch.set_float32_matmul_precision("highest")
     ref, ref_g = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C, backend="torch")[0], ref_in, w)
     n = T // C

@@ -45,6 +45,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -551,24 +552,33 @@ def norm() -> None:
     x = torch.randn(N, d, device="cuda", requires_grad=True)
     layer = RMSNorm(d).cuda()
     dy = torch.randn(N, d, device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        y.backward(dy)
+
+    title = "block RMSNorm, fwd+bwd, fp32 residual under bf16 autocast"
+    _torch_vs_triton("norm", f"rmsnorm-{{}}/{N}x{d}", lambda impl: step, title, switch="HYDRALM_NORM")
+
+
+def _torch_vs_triton(section: str, key: str, step_for, title: str, switch: Optional[str] = None) -> None:
+    """Time `step_for(impl)` for the PyTorch form and the Triton kernels (with `switch` set to each, when given)
+    and record `kernel_ms/<key with impl>`, the Triton row against the PyTorch one."""
     rows = []
     for impl in ("torch", "triton"):
-        os.environ["HYDRALM_NORM"] = impl
-
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                y = layer(x)
-            y.backward(dy)
-
-        ms = bench(step)
+        if switch:
+            os.environ[switch] = impl
+        ms = bench(step_for(impl))
         rows.append({"impl": impl, "ms": ms})
         print(rows[-1], flush=True)
-        peer = None if impl == "torch" else f"kernel_ms/rmsnorm-torch/{N}x{d}"
-        record.record(f"kernel_ms/rmsnorm-{impl}/{N}x{d}", ms, "ms", peer=peer)
+        peer = None if impl == "torch" else f"kernel_ms/{key.format('torch')}"
+        record.record(f"kernel_ms/{key.format(impl)}", ms, "ms", peer=peer)
         record.write()
-    os.environ.pop("HYDRALM_NORM", None)
-    RESULTS["norm"] = rows
-    _print_table("block RMSNorm, fwd+bwd, fp32 residual under bf16 autocast", rows, ["impl", "ms"])
+    if switch:
+        os.environ.pop(switch, None)
+    RESULTS[section] = rows
+    _print_table(title, rows, ["impl", "ms"])
 
 
 def swiglu() -> None:
@@ -585,22 +595,18 @@ def swiglu() -> None:
     h = torch.randn(N, 2 * hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = (torch.randn(d, hidden, device="cuda") / hidden**0.5).requires_grad_()
     dy = torch.randn(N, d, device="cuda", dtype=torch.bfloat16)
-    rows = []
-    for impl, fn in (("torch", pytorch_form), ("triton", swiglu_down_triton)):
+    forms = {"torch": pytorch_form, "triton": swiglu_down_triton}
 
-        def step(fn=fn):
+    def step_for(impl):
+        def step():
             with torch.autocast("cuda", dtype=torch.bfloat16):
-                out = fn(h, weight)
+                out = forms[impl](h, weight)
             torch.autograd.grad(out, (h, weight), dy)  # no accumulation into .grad: the op's own work only
 
-        ms = bench(step)
-        rows.append({"impl": impl, "ms": ms})
-        print(rows[-1], flush=True)
-        peer = None if impl == "torch" else f"kernel_ms/swiglu-torch/{N}x{hidden}"
-        record.record(f"kernel_ms/swiglu-{impl}/{N}x{hidden}", ms, "ms", peer=peer)
-        record.write()
-    RESULTS["swiglu"] = rows
-    _print_table("SwiGLU down part, fwd+bwd, bf16 h under bf16 autocast", rows, ["impl", "ms"])
+        return step
+
+    title = "SwiGLU down part, fwd+bwd, bf16 h under bf16 autocast"
+    _torch_vs_triton("swiglu", f"swiglu-{{}}/{N}x{hidden}", step_for, title)
 
 
 def rotary() -> None:
@@ -614,24 +620,14 @@ def rotary() -> None:
     rope = Rotary(D).cuda()
     positions = torch.arange(N, device="cuda")
     dy = torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16)
-    rows = []
-    for impl in ("torch", "triton"):
-        os.environ["HYDRALM_ROTARY"] = impl
 
-        def step():
-            q, k, _ = (t.transpose(1, 2) for t in qkv.unbind(2))
-            rotated = (rope(q, positions), rope(k, positions))
-            torch.autograd.grad(rotated, (q, k), (dy, dy))  # gradients of the views: the rotation's own work only
+    def step():
+        q, k, _ = (t.transpose(1, 2) for t in qkv.unbind(2))
+        rotated = (rope(q, positions), rope(k, positions))
+        torch.autograd.grad(rotated, (q, k), (dy, dy))  # gradients of the views: the rotation's own work only
 
-        ms = bench(step)
-        rows.append({"impl": impl, "ms": ms})
-        print(rows[-1], flush=True)
-        peer = None if impl == "torch" else f"kernel_ms/rotary-torch/{N}x{H}x{D}"
-        record.record(f"kernel_ms/rotary-{impl}/{N}x{H}x{D}", ms, "ms", peer=peer)
-        record.write()
-    os.environ.pop("HYDRALM_ROTARY", None)
-    RESULTS["rotary"] = rows
-    _print_table("rotary embedding of q and k, fwd+bwd, bf16 strided views", rows, ["impl", "ms"])
+    title = "rotary embedding of q and k, fwd+bwd, bf16 strided views"
+    _torch_vs_triton("rotary", f"rotary-{{}}/{N}x{H}x{D}", lambda impl: step, title, switch="HYDRALM_ROTARY")
 
 
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
