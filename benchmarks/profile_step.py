@@ -33,7 +33,7 @@ def main(preset: str = "160m", T: int = 4096, B: int = 16) -> None:
         torch.cuda.synchronize()
     table = prof.key_averages()
     print(table.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60), flush=True)
-    # the kernels themselves (self time), where the step's device time actually goes
+    # the kernels themselves (self time), where the step's GPU time actually goes
     print(table.table(sort_by="self_cuda_time_total", row_limit=45, max_name_column_width=90), flush=True)
     print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60), flush=True)
     for layer_type in ("deltanet", "swa", "retrieval"):
