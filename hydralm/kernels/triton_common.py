@@ -27,6 +27,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def eager_training_call(x: torch.Tensor) -> bool:
+    """A call our elementwise training kernels (norm, SwiGLU, rotary) take: gradients on, a non-empty tensor that
+    is not fp64, and eager execution (under torch.compile the PyTorch form is what inductor fuses)."""
+    return torch.is_grad_enabled() and x.dtype != torch.float64 and x.numel() > 0 and not torch.compiler.is_compiling()
+
+
 def dot_precision() -> str:
     """Honour ``torch.get_float32_matmul_precision()``: "highest" -> IEEE fp32 dots, else TF32."""
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"

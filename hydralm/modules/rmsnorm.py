@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.kernels.backend import norm_backend
+from hydralm.kernels.triton_common import eager_training_call
 
 
 def _norm_dtype(x: torch.Tensor) -> torch.dtype:
@@ -20,12 +21,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (fp64 for fp64): bf16 sums of squares lose too much precision at d_model >= 512.
         if torch.is_grad_enabled():  # backward keeps x and 1 / rms only (_RMSNormFunction)
-            # under torch.compile the PyTorch form is what inductor fuses; the kernels serve eager training
-            fast = x.dtype != torch.float64 and x.numel() > 0 and not torch.compiler.is_compiling()
-            if fast and norm_backend(x.is_cuda) == "triton":
+            if eager_training_call(x) and norm_backend(x.is_cuda) == "triton":
                 from hydralm.kernels.norm.triton_rmsnorm import rms_norm_triton
 
-                return rms_norm_triton(x, self.weight, self.eps, kept_dtype=_kept_dtype(x), out_dtype=_kept_dtype(x))
+                dtype = _kept_dtype(x)  # what backward keeps of x, and the output's dtype
+                return rms_norm_triton(x, self.weight, self.eps, kept_dtype=dtype, out_dtype=dtype)
             return _RMSNormFunction.apply(x, None, self.weight, self.eps)
         return self.reference(x)
 

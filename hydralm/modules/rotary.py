@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from hydralm.kernels.backend import rotary_backend
+from hydralm.kernels.triton_common import eager_training_call
 
 
 class Rotary(nn.Module):
@@ -25,12 +26,10 @@ class Rotary(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate x (..., N, head_dim) by the absolute positions (N,)."""
         angles = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
-        if torch.is_grad_enabled() and x.dtype != torch.float64 and x.numel() > 0 and x.dim() == 4:
-            # under torch.compile the PyTorch form is what inductor fuses; the kernel serves eager training
-            if not torch.compiler.is_compiling() and rotary_backend(x.is_cuda) == "triton":
-                from hydralm.kernels.rotary.triton_rotary import rotary_triton
+        if x.dim() == 4 and eager_training_call(x) and rotary_backend(x.is_cuda) == "triton":
+            from hydralm.kernels.rotary.triton_rotary import rotary_triton
 
-                return rotary_triton(x, angles.cos(), angles.sin())
+            return rotary_triton(x, angles.cos(), angles.sin())
         cos = torch.cat([angles.cos(), angles.cos()], dim=-1)
         sin = torch.cat([angles.sin(), angles.sin()], dim=-1)
         half = x.shape[-1] // 2

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.kernels.backend import swiglu_backend
+from hydralm.kernels.triton_common import eager_training_call
 from hydralm.modules.linear import Linear
 from hydralm.modules.recompute import autocast_as, autocast_state
 
@@ -28,9 +29,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.gate_up(x)
         if torch.is_grad_enabled() and self.down.bias is None:
-            # under torch.compile the PyTorch form is what inductor fuses; the kernels serve eager training
-            fast = h.dtype != torch.float64 and h.numel() > 0 and not torch.compiler.is_compiling()
-            if fast and swiglu_backend(x.is_cuda) == "triton":
+            if eager_training_call(h) and swiglu_backend(x.is_cuda) == "triton":
                 from hydralm.kernels.activation.triton_swiglu import swiglu_down_triton
 
                 return swiglu_down_triton(h, self.down.weight)
