@@ -106,20 +106,35 @@ if triton is not None:
         return tl.dot(a, b, input_precision="ieee")  # 16 x 16 x 16: cheap even on the FMA units
 
     @triton.jit
+    def _unit_lower_inverse_16(A):
+        """(I + A)^-1 for a strictly lower 16 x 16 A as a product: with N = -A nilpotent (N^16 = 0),
+        (I - N)^-1 = I + N + N^2 + ... + N^15 = (I + N)(I + N^2)(I + N^4)(I + N^8). Six small dots in a row
+        instead of 15 dependent substitution steps of two reductions each: the prep kernel at B4 T16384 H12 K64
+        took 0.78 ms this way and 1.40 ms by substitution on an H200 (d183362)."""
+        r = tl.arange(0, 16)
+        N = -A
+        X = tl.where(r[:, None] == r[None, :], 1.0, 0.0) + N
+        N = _mm16(N, N)
+        X += _mm16(X, N)
+        N = _mm16(N, N)
+        X += _mm16(X, N)
+        N = _mm16(N, N)
+        return X + _mm16(X, N)
+
+    @triton.jit
     def _unit_lower_inverse_64(A, x_ptr, rc):
         """(I + A)^-1 for a strictly lower 64 x 64 A in blocks of 16 (as fla's solve_tril): the four diagonal
-        blocks by substitution (16 x 16 steps instead of 64 x 64), the rest by the block recurrence
+        blocks as products (`_unit_lower_inverse_16`), the rest by the block recurrence
         X_ij = -X_ii sum_{j <= m < i} A_im X_mj in IEEE dots. x_ptr (64 x 64 fp32, row-major) is the scratch
         through which the tile is cut into blocks and put back together; it ends holding X."""
         tl.store(x_ptr + rc[:, None] * 64 + rc[None, :], A)
         tl.debug_barrier()
         a10, a20, a21 = _block16(x_ptr, 1, 0, 64), _block16(x_ptr, 2, 0, 64), _block16(x_ptr, 2, 1, 64)
         a30, a31, a32 = _block16(x_ptr, 3, 0, 64), _block16(x_ptr, 3, 1, 64), _block16(x_ptr, 3, 2, 64)
-        r = tl.arange(0, 16)
-        x00 = _unit_lower_inverse(_block16(x_ptr, 0, 0, 64), r, 16)
-        x11 = _unit_lower_inverse(_block16(x_ptr, 1, 1, 64), r, 16)
-        x22 = _unit_lower_inverse(_block16(x_ptr, 2, 2, 64), r, 16)
-        x33 = _unit_lower_inverse(_block16(x_ptr, 3, 3, 64), r, 16)
+        x00 = _unit_lower_inverse_16(_block16(x_ptr, 0, 0, 64))
+        x11 = _unit_lower_inverse_16(_block16(x_ptr, 1, 1, 64))
+        x22 = _unit_lower_inverse_16(_block16(x_ptr, 2, 2, 64))
+        x33 = _unit_lower_inverse_16(_block16(x_ptr, 3, 3, 64))
         tl.debug_barrier()  # every block of A is read before X overwrites it
         x10 = -_mm16(x11, _mm16(a10, x00))
         x21 = -_mm16(x22, _mm16(a21, x11))
