@@ -113,9 +113,12 @@ HYDRALM_DELTANET_RECOMPUTE = 1 | 0
     (74f65af). Checked together with the blocked inverse (below).
 
 HYDRALM_DELTANET_BLOCKED_INVERSE = 1 | 0
-    1 (default): the fused prep kernel inverts each chunk's (I + A) in 16 x 16 blocks (four 16-step
-    substitutions and a block recurrence in small IEEE dots, as fla's solve_tril) instead of one 64-step
-    substitution over the whole 64 x 64 tile; chunk size 64 only (other sizes substitute). The fused kernels at
+    1 (default): the fused prep kernel inverts each chunk's (I + A) in 16 x 16 blocks (the four diagonal blocks
+    as products (I + N)(I + N^2)(I + N^4)(I + N^8), N = -A_ii, and a block recurrence in small IEEE dots, as
+    fla's solve_tril) instead of one 64-step substitution over the whole 64 x 64 tile; chunk size 64 only (other
+    sizes substitute). The products replaced four 16-step substitutions at 701c80f: the prep kernel at B4 T16384
+    H12 K64 took 0.79 ms instead of 1.40 (H200), and `GPU_CHECK_DELTANET=fused gpu_check delta_rule` (D 64 and
+    D 128) passed 36/36 with it, `gpu_check state_pass` 36/36. The fused kernels at
     B16 T2048 H12 K64 (fwd+bwd, bf16, H200, c7704b2): 2.93 ms with it, 3.79 ms without (fla's 2.29 / 2.93 ms in
     the same runs). Both switches were checked together by `HYDRALM_DELTANET_BLOCKED_INVERSE=1
     HYDRALM_DELTANET_RECOMPUTE=1 GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check delta_rule`: 54/54 on

@@ -6,7 +6,8 @@ forward and two backward (6.4 of 25 ms at B8 T4096 H16 K128 on an H200) and ~60 
 (B, H, T, d) tensors. Here each chunk's work is one Triton program that keeps its tiles in registers:
 
     prep   (per chunk)  gamma = cumsum(g); A = tril_-1((beta k) k^T * D); X = (I + A)^-1 by forward
-                        substitution (at C 64 in 16 x 16 blocks, as fla does: HYDRALM_DELTANET_BLOCKED_INVERSE);
+                        substitution (at C 64 in 16 x 16 blocks, as fla does: HYDRALM_DELTANET_BLOCKED_INVERSE;
+                        the diagonal blocks as products of powers of A);
                         U = X (beta v); W = X (beta Gamma k); Kd = k Gamma_C / Gamma; a = Gamma_C
     pass   (over chunks, triton_state_pass.state_pass_forward)   H_c, delta_c, final state
     output (per chunk)  o = (scale Gamma q) H_c + (scale q k^T * D, i >= j) delta_c
