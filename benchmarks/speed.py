@@ -2,7 +2,7 @@
 that ratios compare like with like:
 
     python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models] [loss] [norm] [swiglu]
-        [rotary]
+        [rotary] [state_pass] [gdn_parts]
 
 layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16
         fwd+bwd: our GDN kernel (PyTorch loop, Triton pass over chunks, fully fused Triton; BENCH_COMPILE=1
@@ -38,6 +38,9 @@ swiglu  SwiGLU's down part (silu(gate) * up, then the down projection), fwd+bwd,
 rotary  the rotary embedding of q and k, fwd+bwd, B1 H12 N65536 D64, bf16 strided views of one qkv tensor as
         the attention layers pass them: the PyTorch form and the Triton kernel (HYDRALM_ROTARY=triton)
                                                                  -> kernel_ms/rotary-{torch,triton}/65536x12x64
+state_pass  the fused delta rule (fwd+bwd, bf16, H 12 K 64) at 64k tokens as 1 x 64k, 4 x 16k and 16 x 4k, its pass
+        over chunks walked whole or in segments                  -> kernel_ms/gdn-fused{,-one-walk}/B<B>-T<T>-H12-K64
+gdn_parts  the same kernel by part at those shapes: the prep kernel alone, prep + pass, forward, forward + backward
 Results also go to $OUT/speed.json when OUT is set.
 """
 
@@ -197,6 +200,53 @@ def _state_pass_rows() -> list:
     return rows
 
 
+GDN_HEADS, GDN_HEAD_DIM = 12, 64  # the 160m preset's Gated DeltaNet heads
+GDN_SHAPES = ((1, 65536), (4, 16384), (16, 4096))  # (batch, tokens): 64k tokens per step
+
+
+def _gdn_inputs(B: int, T: int):
+    """q, k, v (B, H, T, K) bf16 (q, k unit rows), g (log decay) and beta fp32, all requiring grad."""
+    H, K = GDN_HEADS, GDN_HEAD_DIM
+    q = F.normalize(torch.randn(B, H, T, K, device="cuda"), dim=-1).bfloat16().requires_grad_()
+    k = F.normalize(torch.randn(B, H, T, K, device="cuda"), dim=-1).bfloat16().requires_grad_()
+    v = torch.randn(B, H, T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = F.logsigmoid(torch.randn(B, H, T, device="cuda") + 4).requires_grad_()
+    beta = torch.rand(B, H, T, device="cuda", requires_grad=True)
+    return q, k, v, g, beta
+
+
+def gdn_parts() -> None:
+    """Where the fused delta rule's time goes (bf16, TF32, H 12 K 64) at the preset's 64k-token shapes: the prep
+    kernel alone (each chunk's WY factors and inverse), prep + the pass over chunks, the whole forward, and
+    forward + backward (whose backward rebuilds the prep and the pass before its own three kernels)."""
+    from hydralm.kernels.delta_rule import triton_fused as tf
+
+    torch.set_float32_matmul_precision("high")
+    rows = []
+    for B, T in GDN_SHAPES:
+        q, k, v, g, beta = _gdn_inputs(B, T)
+        consts = tf.kernel_constants(64, GDN_HEAD_DIM, GDN_HEAD_DIM)
+        kd, vd, gd, bd = k.detach(), v.detach(), g.detach().contiguous(), beta.detach().contiguous()
+
+        def fwd_bwd():
+            o, _ = tf.delta_rule_fused(q, k, v, g, beta)
+            o.float().sum().backward()
+
+        def fwd():
+            with torch.no_grad():
+                tf.delta_rule_fused(q, k, v, g, beta)
+
+        row = {"shape": f"B{B}-T{T}-H{GDN_HEADS}-K{GDN_HEAD_DIM}"}
+        row["prep_ms"] = bench(lambda: tf.chunk_factors(kd, vd, gd, bd, consts), 100)
+        row["prep_pass_ms"] = bench(lambda: tf.chunk_pass(kd, vd, gd, bd, None, consts), 100)
+        row["fwd_ms"] = bench(fwd, 100)
+        row["fwd_bwd_ms"] = bench(fwd_bwd, 100)
+        rows.append(row)
+        print(row, flush=True)
+    RESULTS["gdn_parts"] = rows
+    _print_table("fused delta rule by part (ms)", rows, list(rows[0]))
+
+
 def state_pass() -> None:
     """The fused delta rule (fwd+bwd, bf16, TF32, H 12 K 64: the 160m layer's kernel) at the preset's three
     64k-token shapes, its pass over chunks walked as one sequence per (batch, head) or cut into segments
@@ -206,14 +256,10 @@ def state_pass() -> None:
     from hydralm.kernels.delta_rule import triton_state_pass as sp
 
     torch.set_float32_matmul_precision("high")
-    rows, H, K = [], 12, 64
-    for B, T in ((1, 65536), (4, 16384), (16, 4096)):
+    rows, H, K = [], GDN_HEADS, GDN_HEAD_DIM
+    for B, T in GDN_SHAPES:
         n = T // 64
-        q = F.normalize(torch.randn(B, H, T, K, device="cuda"), dim=-1).bfloat16().requires_grad_()
-        k = F.normalize(torch.randn(B, H, T, K, device="cuda"), dim=-1).bfloat16().requires_grad_()
-        v = torch.randn(B, H, T, K, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        g = F.logsigmoid(torch.randn(B, H, T, device="cuda") + 4).requires_grad_()
-        beta = torch.rand(B, H, T, device="cuda", requires_grad=True)
+        q, k, v, g, beta = _gdn_inputs(B, T)
 
         def gdn():
             o, _ = delta_rule_chunkwise(q, k, v, g, beta, chunk_size=64, backend="fused")
@@ -653,7 +699,7 @@ def main(argv: list) -> int:
         try:
             runs = {"layers": layers, "models": models, "decode": decode, "claim_models": claim_models}
             runs.update({"decode_batched": decode_batched, "loss": loss, "norm": norm, "swiglu": swiglu})
-            runs["state_pass"] = state_pass
+            runs.update({"state_pass": state_pass, "gdn_parts": gdn_parts})
             runs["rotary"] = rotary
             runs[name]()
         except Exception as err:  # a failed section is reported, the others still run

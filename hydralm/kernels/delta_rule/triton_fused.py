@@ -442,8 +442,16 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _chunk_pass(k, v, g, beta, S0, consts):
-    """The per-chunk WY factors and the pass over chunks: (X, W, Kd, a, states, delta, final), all fp32."""
+def kernel_constants(C: int, K: int, V: int) -> dict:
+    """The kernels' compile-time constants for chunk size C and head dims K, V."""
+    BC, BK = tile_sizes(C, K)
+    BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
+    return dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision())
+
+
+def chunk_factors(k, v, g, beta, consts):
+    """The prep kernel alone: the per-chunk WY factors (U, W, Kd, a, X), all fp32. k, v (B, H, T, d) with the
+    last dim contiguous; g, beta (B, H, T) fp32 contiguous."""
     B, H, T, K = k.shape
     V, C = v.shape[-1], consts["C"]
     n = triton.cdiv(T, C)
@@ -454,6 +462,12 @@ def _chunk_pass(k, v, g, beta, S0, consts):
     _prep_fwd_kernel[(n, B * H)](
         k, v, g, beta, U, W, Kd, a, X, *_strides(k), *_strides(v), T, H, n, **consts, BLOCKED_INVERSE=blocked
     )
+    return U, W, Kd, a, X
+
+
+def chunk_pass(k, v, g, beta, S0, consts):
+    """The per-chunk WY factors and the pass over chunks: (X, W, Kd, a, states, delta, final), all fp32."""
+    U, W, Kd, a, X = chunk_factors(k, v, g, beta, consts)
     states, delta, final = state_pass_forward(U, W, Kd, a, S0)
     return X, W, Kd, a, states, delta, final
 
@@ -468,10 +482,8 @@ class _FusedChunkwise(torch.autograd.Function):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         g, beta = g.float().contiguous(), beta.float().contiguous()
         S0 = None if S0 is None else S0.float().contiguous()
-        BC, BK = tile_sizes(C, K)
-        BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
-        consts = dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision())
-        X, W, Kd, a, states, delta, final = _chunk_pass(k, v, g, beta, S0, consts)
+        consts = kernel_constants(C, K, V)
+        X, W, Kd, a, states, delta, final = chunk_pass(k, v, g, beta, S0, consts)
         o = torch.empty(B, H, T, V, device=k.device, dtype=v.dtype)  # the kernels store in the tensors' dtypes
         _output_fwd_kernel[(n, B * H)](q, k, g, states, delta, o, scale, *_strides(q), *_strides(k), T, H, n, **consts)
         recompute = deltanet_recompute()
@@ -487,7 +499,7 @@ class _FusedChunkwise(torch.autograd.Function):
         scale, C, consts, has_s0, dtypes, recompute = ctx.meta
         if recompute:
             q, k, v, g, beta, S0 = ctx.saved_tensors
-            X, W, Kd, a, states, delta, _ = _chunk_pass(k, v, g, beta, S0, consts)
+            X, W, Kd, a, states, delta, _ = chunk_pass(k, v, g, beta, S0, consts)
         else:
             q, k, v, g, beta, X, W, Kd, a, states, delta = ctx.saved_tensors
         B, H, T, K = k.shape
