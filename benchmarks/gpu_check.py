@@ -3,9 +3,9 @@
 Each fast path is compared with the reference kernel on fresh random inputs, outputs and gradients, and
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
-`python -m benchmarks.gpu_check [delta_rule] [state_pass] [fla] [flex] [static_decode] [decode_fused] [decode_linear]
-[spec_decode] [retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy] [rmsnorm] [swiglu]
-[rotary]`
+`python -m benchmarks.gpu_check [delta_rule] [qk_norm] [state_pass] [fla] [flex] [static_decode] [decode_fused]
+[decode_linear] [spec_decode] [retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy] [rmsnorm]
+[swiglu] [rotary]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends, GPU_CHECK_DELTANET_SHAPES=0,2
 to those of its three shapes; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
@@ -118,6 +118,40 @@ def check_delta_rule(device: str) -> None:
             for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
                 _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
         torch.set_float32_matmul_precision("highest")
+
+
+def check_qk_norm(device: str) -> None:
+    """The fused delta rule normalising raw q and k inside its kernels (qk_l2norm_eps: the path of
+    HYDRALM_DELTANET_QK_NORM_IN_KERNEL=1) vs the fp64 chunkwise form on q, k normalised first, at the 160m layer's
+    head size (B2 H12 T1024 D64, C 64: the blocked inverse); raw rows of norm far from 1. Output and the
+    gradients of the raw q, k and of v, g, beta, fp32 IEEE / TF32 / bf16."""
+    from hydralm.kernels.delta_rule.reference import l2_normalize
+
+    B, H, T, D, C, eps = 2, 12, 1024, 64, 64, 1e-6
+    ref_in, w = _delta_rule_inputs(B, H, T, D, device, decay=0.5)
+    ref_in[0] = (ref_in[0].detach() * 3.0).requires_grad_()
+    ref_in[1] = (ref_in[1].detach() * 0.5).requires_grad_()
+
+    def normalised_first(q, k, v, g, beta):
+        return delta_rule_chunkwise(l2_normalize(q, eps), l2_normalize(k, eps), v, g, beta, chunk_size=C)[0]
+
+    ref, ref_g = _grads(normalised_first, ref_in, w)
+    for dtype, precision, tol in (
+        (torch.float32, "highest", 1e-4),
+        (torch.float32, "high", 3e-3),
+        (torch.bfloat16, "high", 3e-2),
+    ):
+        torch.set_float32_matmul_precision(precision)
+        inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]]
+        inp += [t.detach().float().requires_grad_() for t in ref_in[3:]]
+        out, grads = _grads(
+            lambda *a: delta_rule_chunkwise(*a, chunk_size=C, backend="fused", qk_l2norm_eps=eps)[0], inp, w.float()
+        )
+        label = f"qk_norm in the fused kernels {dtype} {precision} T={T} D={D}"
+        _record(f"{label} out", _rel(out, ref), tol)
+        for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
+            _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
+    torch.set_float32_matmul_precision("highest")
 
 
 def check_state_pass(device: str) -> None:
@@ -764,6 +798,7 @@ def main() -> int:
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
     names = sys.argv[1:] or [
         "delta_rule",
+        "qk_norm",
         "state_pass",
         "fla",
         "flex",
@@ -782,6 +817,7 @@ def main() -> int:
     ]
     checks = {
         "delta_rule": check_delta_rule,
+        "qk_norm": check_qk_norm,
         "state_pass": check_state_pass,
         "fla": check_fla,
         "flex": check_flex,

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from hydralm import HydraConfig, HydraLM
 from hydralm.kernels.delta_rule import delta_rule_chunkwise, delta_rule_recurrent
 from hydralm.kernels.delta_rule.chunk import state_pass_torch
+from hydralm.kernels.delta_rule.reference import l2_normalize
 from hydralm.kernels.delta_rule.triton_state_pass import state_pass_triton
 from hydralm.kernels.triton_common import triton_available
 
@@ -278,3 +279,30 @@ def test_fused_backward_called_inside_autocast_gives_the_same_gradients():
         results.append([t.grad for t in leaves])
     for name, got, expected in zip(["dq", "dk", "dv", "dg", "dbeta", "ds0"], results[1], results[0]):
         torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "K,C",
+    [(20, 64), (64, 16), (80, 16)],  # masked d_k with the blocked inverse; a full 64-wide tile; d_k over one tile
+)
+def test_fused_l2_norm_of_raw_q_and_k_matches_normalising_first(K, C):
+    """qk_l2norm_eps: the fused kernels normalise the rows of the raw q and k they load (d_k <= 64; wider heads
+    are normalised in PyTorch first) and take the gradients back to the raw q and k. Raw rows of norm far from 1,
+    so a missing term of the norm's gradient fails this."""
+    B, H, T, V = 1, 2, 150, 24
+    q, k = torch.randn(B, H, T, K) * 3, torch.randn(B, H, T, K) * 0.5
+    v, s0 = torch.randn(B, H, T, V), torch.randn(B, H, K, V)
+    g, beta = -torch.rand(B, H, T) * 0.1, torch.rand(B, H, T)
+
+    def normalised_first(q, k, *rest, **kw):
+        return delta_rule_chunkwise(l2_normalize(q, 1e-6), l2_normalize(k, 1e-6), *rest, **kw, chunk_size=C)
+
+    expected = _outputs_and_grads(normalised_first, [q, k, v, g, beta, s0], with_state=True)
+    for backend in ("fused", "torch"):
+        got = _outputs_and_grads(
+            lambda *a, **kw: delta_rule_chunkwise(*a, **kw, chunk_size=C, backend=backend, qk_l2norm_eps=1e-6),
+            [q, k, v, g, beta, s0],
+            with_state=True,
+        )
+        for name, a, e in zip(["o", "state", "dq", "dk", "dv", "dg", "dbeta", "ds0"], got, expected):
+            torch.testing.assert_close(a, e, atol=2e-5, rtol=2e-5, msg=lambda m: f"{backend} {name}: {m}")

@@ -15,7 +15,7 @@ import torch
 
 from hydralm.kernels.backend import deltanet_backend, deltanet_compile
 from hydralm.kernels.delta_rule.chunk import compiled_delta_rule_chunkwise, delta_rule_chunkwise
-from hydralm.kernels.delta_rule.reference import delta_rule_recurrent, delta_rule_step
+from hydralm.kernels.delta_rule.reference import delta_rule_recurrent, delta_rule_step, l2_normalize
 
 __all__ = ["chunk_gated_delta_rule", "delta_rule_chunkwise", "delta_rule_recurrent", "delta_rule_step"]
 
@@ -32,17 +32,21 @@ def chunk_gated_delta_rule(
     beta: torch.Tensor,
     initial_state: Optional[torch.Tensor] = None,
     chunk_size: int = 64,
+    qk_l2norm_eps: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """A layer's call, in fla's head-last layout: q, k (B, T, H, d_k); v (B, T, H, d_v); g, beta (B, T, H).
 
     Returns o (B, T, H, d_v) in v's dtype and the final state (B, H, d_k, d_v) in fp32 (fp64 for fp64 inputs).
     The backend is chosen per call (kernels/backend.py): gradients needed or not, CUDA or CPU.
+    qk_l2norm_eps: q and k are raw and get L2-normalised here (``l2_normalize``; inside the fused kernels).
     """
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta))
     backend = deltanet_backend(q.is_cuda, needs_grad)
     if backend == "fla":
         from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
 
+        if qk_l2norm_eps is not None:
+            q, k = l2_normalize(q, qk_l2norm_eps), l2_normalize(k, qk_l2norm_eps)
         # beta in q's dtype, as fla's own layers pass it
         return fla_chunk_gated_delta_rule(
             q, k, v, g, beta.to(q.dtype), initial_state=initial_state, output_final_state=True
@@ -54,5 +58,6 @@ def chunk_gated_delta_rule(
         initial_state=initial_state,
         chunk_size=chunk_size,
         backend=backend,
+        qk_l2norm_eps=qk_l2norm_eps,
     )
     return o.transpose(1, 2), state

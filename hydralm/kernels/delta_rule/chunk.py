@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from hydralm.kernels.delta_rule.reference import compute_dtype
+from hydralm.kernels.delta_rule.reference import compute_dtype, l2_normalize
 
 
 def state_pass_torch(U, W, Kd, a, S0: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -41,6 +41,7 @@ def delta_rule_chunkwise(
     scale: Optional[float] = None,
     chunk_size: int = 64,
     backend: str = "torch",
+    qk_l2norm_eps: Optional[float] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Chunkwise (WY) form; equal to ``delta_rule_recurrent`` up to float rounding.
 
@@ -55,11 +56,15 @@ def delta_rule_chunkwise(
     kernels of triton_state_pass.py; the outputs of all chunks are then computed at once.
     backend="fused" runs all of it, forward and backward, in the Triton kernels of triton_fused.py.
     Padding tokens (to a multiple of C) use g = 0, beta = 0, k = 0: they leave the state untouched.
+    qk_l2norm_eps: q and k arrive raw and are L2-normalised first (``l2_normalize``; backend="fused" does it
+    inside its kernels).
     """
     if backend == "fused":
         from hydralm.kernels.delta_rule.triton_fused import delta_rule_fused
 
-        return delta_rule_fused(q, k, v, g, beta, initial_state, scale, chunk_size)
+        return delta_rule_fused(q, k, v, g, beta, initial_state, scale, chunk_size, qk_l2norm_eps)
+    if qk_l2norm_eps is not None:
+        q, k = l2_normalize(q, qk_l2norm_eps), l2_normalize(k, qk_l2norm_eps)
     B, H, T, dk = k.shape
     dv = v.shape[-1]
     dtype, out_dtype = compute_dtype(v), v.dtype

@@ -19,6 +19,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def l2_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(sum x^2 + eps) over the last dim, in fp32 at least, back in x's dtype (fla's l2norm)."""
+    xf = x.to(compute_dtype(x))
+    return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def delta_rule_step(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -20,9 +20,12 @@ q, k, v may be strided views (the layer passes (B, T, H, D) tensors transposed t
 last dimension must be contiguous. Tiles are powers of two >= 16 with rows / columns past C, T, K, V masked.
 """
 
+from typing import Optional
+
 import torch
 
 from hydralm.kernels.backend import deltanet_blocked_inverse, deltanet_recompute
+from hydralm.kernels.delta_rule.reference import l2_normalize
 from hydralm.kernels.delta_rule.triton_state_pass import state_pass_backward, state_pass_forward
 from hydralm.kernels.triton_common import dot_precision, interpreting, tile_sizes, tl, triton
 
@@ -54,6 +57,22 @@ if triton is not None:
         """A (BC, BD) tile of a strided (T, D) matrix (last dim contiguous) as fp32; padding reads 0."""
         mask = m_row[:, None] & (cols < n_cols)[None, :]
         return tl.load(ptr + base + t[:, None].to(tl.int64) * s_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _unit_rows(x, NORM_QK: tl.constexpr, EPS: tl.constexpr):
+        """(x * r, r) with r = 1 / sqrt(sum_j x_j^2 + EPS) per row when NORM_QK (the layer's L2 norm of q and k,
+        as fla's l2norm: the tile must hold whole rows), else (x, 1)."""
+        if NORM_QK:
+            r = 1.0 / tl.sqrt(tl.sum(x * x, 1) + EPS)
+            return x * r[:, None], r
+        return x, tl.full([x.shape[0]], 1.0, tl.float32)
+
+    @triton.jit
+    def _through_unit_rows(dxh, xh, r, NORM_QK: tl.constexpr):
+        """The gradient of x from that of xh = x * r (as `_unit_rows`): r (dxh - xh (xh . dxh))."""
+        if NORM_QK:
+            return r[:, None] * (dxh - xh * tl.sum(xh * dxh, 1)[:, None])
+        return dxh
 
     @triton.jit
     def _chunk_tile(ptr, chunk, rc, cols, C: tl.constexpr, N: tl.constexpr):
@@ -185,10 +204,12 @@ if triton is not None:
         BK: tl.constexpr,
         BV: tl.constexpr,
         PRECISION: tl.constexpr,
+        NORM_QK: tl.constexpr,
+        EPS: tl.constexpr,
         BLOCKED_INVERSE: tl.constexpr,
     ):
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
-        k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
+        k, _ = _unit_rows(_load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K), NORM_QK, EPS)
         gamma, beta = _gates(g_ptr, beta_ptr, bh, t, m_row, T)
         kb = k * beta[:, None]
         A = tl.dot(kb, tl.trans(k), input_precision=PRECISION) * _decay(gamma, rc, True)
@@ -243,11 +264,13 @@ if triton is not None:
         BK: tl.constexpr,
         BV: tl.constexpr,
         PRECISION: tl.constexpr,
+        NORM_QK: tl.constexpr,
+        EPS: tl.constexpr,
     ):
         """o (B, H, T, V) contiguous, in v's dtype (the fp32 sums are rounded once, on the store)."""
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
-        q = _load_rows(q_ptr, b * s_qb + h * s_qh, t, s_qt, m_row, rk, K)
-        k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
+        q, _ = _unit_rows(_load_rows(q_ptr, b * s_qb + h * s_qh, t, s_qt, m_row, rk, K), NORM_QK, EPS)
+        k, _ = _unit_rows(_load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K), NORM_QK, EPS)
         gamma = tl.cumsum(tl.load(g_ptr + bh * T + t, mask=m_row, other=0.0).to(tl.float32), 0)
         chunk = bh * n_chunks + c
         P = tl.dot(q, tl.trans(k), input_precision=PRECISION) * _decay(gamma, rc, False) * scale
@@ -296,12 +319,14 @@ if triton is not None:
         BK: tl.constexpr,
         BV: tl.constexpr,
         PRECISION: tl.constexpr,
+        NORM_QK: tl.constexpr,
+        EPS: tl.constexpr,
     ):
         """The output kernel's adjoint: gradients of H_c and delta_c (for the pass), dq (final), and this
-        kernel's shares of dk and d(gamma) (the prep adjoint adds its own)."""
+        kernel's shares of dk and d(gamma) (the prep adjoint adds its own; with NORM_QK, of the unit k)."""
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
-        q = _load_rows(q_ptr, b * s_qb + h * s_qh, t, s_qt, m_row, rk, K)
-        k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K)
+        q, r_q = _unit_rows(_load_rows(q_ptr, b * s_qb + h * s_qh, t, s_qt, m_row, rk, K), NORM_QK, EPS)
+        k, _ = _unit_rows(_load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K), NORM_QK, EPS)
         gamma = tl.cumsum(tl.load(g_ptr + bh * T + t, mask=m_row, other=0.0).to(tl.float32), 0)
         chunk = bh * n_chunks + c
         qd = q * (scale * tl.exp(gamma))[:, None]
@@ -329,7 +354,7 @@ if triton is not None:
         dgamma = tl.sum(dqd * qd, 1) + tl.sum(G, 1) - tl.sum(G, 0)
         ck = bh * T * K + t[:, None].to(tl.int64) * K + rk[None, :]
         m_ck = m_row[:, None] & (rk < K)[None, :]
-        tl.store(dq_ptr + ck, dq, mask=m_ck)
+        tl.store(dq_ptr + ck, _through_unit_rows(dq, q, r_q, NORM_QK), mask=m_ck)
         tl.store(dk_ptr + ck, dk, mask=m_ck)
         tl.store(dgamma_ptr + bh * T + t, dgamma, mask=m_row)
 
@@ -368,11 +393,14 @@ if triton is not None:
         BK: tl.constexpr,
         BV: tl.constexpr,
         PRECISION: tl.constexpr,
+        NORM_QK: tl.constexpr,
+        EPS: tl.constexpr,
     ):
         """The prep kernel's adjoint: adds its shares of dk and d(gamma) to the output kernel's (dk_out,
         dgamma_out; separate buffers, as the autotuner reruns kernels) and writes dk, dv, dg, dbeta.
         d_k is walked in BK-wide blocks twice (the (C, d_k) tiles of a whole head overflow shared memory):
-        first for the sums over d_k (the scores (beta k) k^T and dX), then for the per-column gradients."""
+        first for the sums over d_k (the scores (beta k) k^T and dX), then for the per-column gradients.
+        NORM_QK (one block: BK >= K) takes the gradient of the unit k back to the raw k on the store."""
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
         gamma, beta = _gates(g_ptr, beta_ptr, bh, t, m_row, T)
         Gamma = tl.exp(gamma)
@@ -383,7 +411,7 @@ if triton is not None:
         dX = tl.zeros([BC, BC], dtype=tl.float32)  # U = X Bv, W = X Bk: dX = dU Bv^T + dW Bk^T
         for k0 in range(0, K, BK):
             cols = k0 + rk
-            k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, cols, K)
+            k, _ = _unit_rows(_load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, cols, K), NORM_QK, EPS)
             kb = k * beta[:, None]
             dW = _chunk_tile(dw_ptr, chunk, rc, cols, C, K)
             scores += tl.dot(kb, tl.trans(k), input_precision=PRECISION)
@@ -412,7 +440,7 @@ if triton is not None:
         kd_dot = tl.zeros([BC], dtype=tl.float32)  # sum over d_k of dKd * k
         for k0 in range(0, K, BK):
             cols = k0 + rk
-            k = _load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, cols, K)
+            k, r_k = _unit_rows(_load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, cols, K), NORM_QK, EPS)
             kb = k * beta[:, None]
             dW, dKd = _chunk_tile(dw_ptr, chunk, rc, cols, C, K), _chunk_tile(dkd_ptr, chunk, rc, cols, C, K)
             dBk = tl.dot(tl.trans(X), dW, input_precision=PRECISION)
@@ -423,7 +451,8 @@ if triton is not None:
             dk = dkb * beta[:, None] + tl.dot(tl.trans(M), kb, input_precision=PRECISION) + dKd * to_end[:, None]
             tk = bh * T * K + t[:, None].to(tl.int64) * K + cols[None, :]
             m_tk = m_row[:, None] & (cols < K)[None, :]
-            tl.store(dk_ptr + tk, tl.load(dk_out_ptr + tk, mask=m_tk, other=0.0) + dk, mask=m_tk)
+            dk += tl.load(dk_out_ptr + tk, mask=m_tk, other=0.0)
+            tl.store(dk_ptr + tk, _through_unit_rows(dk, k, r_k, NORM_QK), mask=m_tk)
         e = kd_dot * to_end  # Kd = k Gamma_C / Gamma
         da_a = tl.load(da_ptr + chunk) * tl.load(a_ptr + chunk)  # a = Gamma_C
         dgamma += tl.where(rc == C - 1, tl.sum(e, 0) + da_a, 0.0) - e
@@ -442,11 +471,18 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def kernel_constants(C: int, K: int, V: int) -> dict:
-    """The kernels' compile-time constants for chunk size C and head dims K, V."""
+def kernel_constants(C: int, K: int, V: int, qk_l2norm_eps: Optional[float] = None) -> dict:
+    """The kernels' compile-time constants for chunk size C and head dims K, V; with qk_l2norm_eps the kernels
+    L2-normalise the rows of q and k they load (K must fit one BLOCK_K tile: `norm_fits_kernels`)."""
     BC, BK = tile_sizes(C, K)
     BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
-    return dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision())
+    norm = dict(NORM_QK=qk_l2norm_eps is not None, EPS=float(qk_l2norm_eps or 0.0))
+    return dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision(), **norm)
+
+
+def norm_fits_kernels(C: int, K: int) -> bool:
+    """Whether every kernel holds a whole row of k in one tile (the prep adjoint walks d_k in BLOCK_K blocks)."""
+    return tile_sizes(C, K)[1] <= BLOCK_K
 
 
 def chunk_factors(k, v, g, beta, consts):
@@ -474,7 +510,7 @@ def chunk_pass(k, v, g, beta, S0, consts):
 
 class _FusedChunkwise(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, S0, scale, C):
+    def forward(ctx, q, k, v, g, beta, S0, scale, C, qk_l2norm_eps):
         ctx.set_materialize_grads(False)  # an unused output (often the final state) gets no zeros tensor
         B, H, T, K = k.shape
         V = v.shape[-1]
@@ -482,7 +518,7 @@ class _FusedChunkwise(torch.autograd.Function):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         g, beta = g.float().contiguous(), beta.float().contiguous()
         S0 = None if S0 is None else S0.float().contiguous()
-        consts = kernel_constants(C, K, V)
+        consts = kernel_constants(C, K, V, qk_l2norm_eps)
         X, W, Kd, a, states, delta, final = chunk_pass(k, v, g, beta, S0, consts)
         o = torch.empty(B, H, T, V, device=k.device, dtype=v.dtype)  # the kernels store in the tensors' dtypes
         _output_fwd_kernel[(n, B * H)](q, k, g, states, delta, o, scale, *_strides(q), *_strides(k), T, H, n, **consts)
@@ -559,14 +595,22 @@ class _FusedChunkwise(torch.autograd.Function):
             n,
             **{**consts, "BK": min(BLOCK_K, consts["BK"])},
         )
-        return dq, dk, dv, dg, dbeta, (ds0 if has_s0 else None), None, None
+        return dq, dk, dv, dg, dbeta, (ds0 if has_s0 else None), None, None, None
 
 
-def delta_rule_fused(q, k, v, g, beta, initial_state=None, scale=None, chunk_size: int = 64):
+def delta_rule_fused(
+    q, k, v, g, beta, initial_state=None, scale=None, chunk_size: int = 64, qk_l2norm_eps: Optional[float] = None
+):
     """Same contract as ``delta_rule_chunkwise``: o (B, H, T, d_v) in v's dtype and the fp32 final state; the
-    gradients of q, k, v come in their dtypes (no fp32 copies of (B, H, T, d) tensors on the way)."""
+    gradients of q, k, v come in their dtypes (no fp32 copies of (B, H, T, d) tensors on the way).
+    qk_l2norm_eps: q and k are raw and L2-normalised here (``l2_normalize``), inside the kernels where a row of k
+    fits one tile (d_k <= 64), else in PyTorch first; their gradients are the raw q's and k's."""
     if triton is None:
         raise RuntimeError("delta_rule_fused needs the `triton` package")
+    if qk_l2norm_eps is not None and not norm_fits_kernels(chunk_size, k.shape[-1]):
+        q, k = l2_normalize(q, qk_l2norm_eps), l2_normalize(k, qk_l2norm_eps)
+        qk_l2norm_eps = None
     scale = k.shape[-1] ** -0.5 if scale is None else scale
-    o, final = _FusedChunkwise.apply(q, k, v, g, beta, initial_state, float(scale), int(chunk_size))
+    eps = None if qk_l2norm_eps is None else float(qk_l2norm_eps)
+    o, final = _FusedChunkwise.apply(q, k, v, g, beta, initial_state, float(scale), int(chunk_size), eps)
     return o, final
