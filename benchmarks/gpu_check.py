@@ -121,11 +121,13 @@ def check_delta_rule(device: str) -> None:
 
 
 def check_qk_norm(device: str) -> None:
-    """The fused delta rule normalising raw q and k inside its kernels (qk_l2norm_eps: the path of
-    HYDRALM_DELTANET_QK_NORM_IN_KERNEL=1) vs the fp64 chunkwise form on q, k normalised first, at the 160m layer's
-    head size (B2 H12 T1024 D64, C 64: the blocked inverse); raw rows of norm far from 1. Output and the
-    gradients of the raw q, k and of v, g, beta, fp32 IEEE / TF32 / bf16."""
+    """The fused delta rule normalising raw q and k inside its kernels (qk_l2norm_eps), unpacked and on one packed
+    head-last qkv tensor (`delta_rule_fused_packed`: the path of HYDRALM_DELTANET_PACKED=1), vs the fp64 chunkwise
+    form on q, k normalised first, at the 160m layer's head size (B2 H12 T1024 D64, C 64: the blocked inverse);
+    raw rows of norm far from 1. Output and the gradients of the raw q, k and of v, g, beta, fp32 IEEE / TF32 /
+    bf16."""
     from hydralm.kernels.delta_rule.reference import l2_normalize
+    from hydralm.kernels.delta_rule.triton_fused import delta_rule_fused_packed
 
     B, H, T, D, C, eps = 2, 12, 1024, 64, 64, 1e-6
     ref_in, w = _delta_rule_inputs(B, H, T, D, device, decay=0.5)
@@ -135,6 +137,13 @@ def check_qk_norm(device: str) -> None:
     def normalised_first(q, k, v, g, beta):
         return delta_rule_chunkwise(l2_normalize(q, eps), l2_normalize(k, eps), v, g, beta, chunk_size=C)[0]
 
+    def unpacked(q, k, v, g, beta):
+        return delta_rule_chunkwise(q, k, v, g, beta, chunk_size=C, backend="fused", qk_l2norm_eps=eps)[0]
+
+    def packed(q, k, v, g, beta):  # q, k, v enter as head-last views of one tensor, as a layer holds them
+        qkv = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
+        return delta_rule_fused_packed(qkv, g, beta, chunk_size=C, qk_l2norm_eps=eps)[0]
+
     ref, ref_g = _grads(normalised_first, ref_in, w)
     for dtype, precision, tol in (
         (torch.float32, "highest", 1e-4),
@@ -142,15 +151,14 @@ def check_qk_norm(device: str) -> None:
         (torch.bfloat16, "high", 3e-2),
     ):
         torch.set_float32_matmul_precision(precision)
-        inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]]
-        inp += [t.detach().float().requires_grad_() for t in ref_in[3:]]
-        out, grads = _grads(
-            lambda *a: delta_rule_chunkwise(*a, chunk_size=C, backend="fused", qk_l2norm_eps=eps)[0], inp, w.float()
-        )
-        label = f"qk_norm in the fused kernels {dtype} {precision} T={T} D={D}"
-        _record(f"{label} out", _rel(out, ref), tol)
-        for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
-            _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
+        for name, fn in (("unpacked", unpacked), ("packed", packed)):
+            inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]]
+            inp += [t.detach().float().requires_grad_() for t in ref_in[3:]]
+            out, grads = _grads(fn, inp, w.float())
+            label = f"qk_norm {name} {dtype} {precision} T={T} D={D}"
+            _record(f"{label} out", _rel(out, ref), tol)
+            for grad_name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
+                _record(f"{label} d{grad_name}", _rel(ga, gb), tol * 3)
     torch.set_float32_matmul_precision("highest")
 
 

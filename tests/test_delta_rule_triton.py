@@ -306,3 +306,37 @@ def test_fused_l2_norm_of_raw_q_and_k_matches_normalising_first(K, C):
         )
         for name, a, e in zip(["o", "state", "dq", "dk", "dv", "dg", "dbeta", "ds0"], got, expected):
             torch.testing.assert_close(a, e, atol=2e-5, rtol=2e-5, msg=lambda m: f"{backend} {name}: {m}")
+
+
+@pytest.mark.parametrize("K", [20, 80])  # normalised in the kernels; wider than a tile: normalised first
+def test_fused_packed_qkv_matches_the_unpacked_kernels_and_writes_head_last(K):
+    """delta_rule_fused_packed on one head-last (B, T, 3, H, d) tensor: the outputs and gradients of the unpacked
+    call on its q, k, v, with o a view of a head-last tensor and the gradient of qkv one contiguous tensor."""
+    from hydralm.kernels.delta_rule.triton_fused import delta_rule_fused_packed
+
+    B, H, T, C = 2, 3, 90, 64
+    qkv = torch.randn(B, T, 3, H, K)
+    g, beta, s0 = -torch.rand(B, H, T) * 0.1, torch.rand(B, H, T), torch.randn(B, H, K, K)
+
+    def packed(q, k, v, g, beta, initial_state):
+        joint = torch.stack([t.transpose(1, 2) for t in (q, k, v)], dim=2)
+        o, s = delta_rule_fused_packed(joint, g, beta, initial_state, chunk_size=C, qk_l2norm_eps=1e-6)
+        if K <= 64:
+            assert o.transpose(1, 2).is_contiguous()
+        return o, s
+
+    def unpacked(*a, **kw):
+        return delta_rule_chunkwise(*a, **kw, chunk_size=C, backend="fused", qk_l2norm_eps=1e-6)
+
+    q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    inputs = [q, k, v, g, beta, s0]
+    for name, a, e in zip(
+        ["o", "state", "dq", "dk", "dv", "dg", "dbeta", "ds0"],
+        _outputs_and_grads(packed, inputs, with_state=True),
+        _outputs_and_grads(unpacked, inputs, with_state=True),
+    ):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+    joint = qkv.clone().requires_grad_()
+    o, _ = delta_rule_fused_packed(joint, g, beta, chunk_size=C, qk_l2norm_eps=1e-6)
+    (grad,) = torch.autograd.grad(o.sum(), joint)
+    assert grad.is_contiguous() and grad.shape == qkv.shape

@@ -191,17 +191,20 @@ def test_rmsnorm_under_autocast_keeps_the_fp32_residual_in_bf16_with_bf16_accura
         assert a.dtype == torch.float32 and ((a.double() - b).norm() / b.norm()) < 1e-2
 
 
-def test_q_and_k_normalised_inside_the_delta_rule_give_the_layers_outputs_and_gradients(monkeypatch):
-    """HYDRALM_DELTANET_QK_NORM_IN_KERNEL=1 hands q and k raw to the fused kernels, which normalise them: the layer's
-    outputs, state and every gradient are those of the layer normalising them itself (F.normalize on a CPU:
-    x / max(|x|, eps) against the kernels' x / sqrt(|x|^2 + eps), equal to ~1e-6 relative here)."""
+@pytest.mark.parametrize("norm_qk", [True, False])
+def test_packed_qkv_with_q_and_k_normalised_in_the_kernels_gives_the_layers_outputs_and_gradients(monkeypatch, norm_qk):
+    """HYDRALM_DELTANET_PACKED=1 hands q, k, v to the fused kernels as the conv's one tensor, q and k raw: the
+    layer's outputs, state and every gradient are those of the layer splitting and normalising them itself
+    (F.normalize on a CPU: x / max(|x|, eps) against the kernels' x / sqrt(|x|^2 + eps), ~1e-6 apart here)."""
     monkeypatch.setenv("HYDRALM_DELTANET", "fused")
-    cfg = HydraConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=2, dn_chunk_size=16, layer_types=["deltanet"])
+    cfg = HydraConfig(
+        vocab_size=8, d_model=32, n_layers=1, n_heads=2, dn_chunk_size=16, layer_types=["deltanet"], dn_norm_qk=norm_qk
+    )
     layer = GatedDeltaNet(cfg)
     x = torch.randn(2, 37, 32, requires_grad=True)
     results = []
     for flag in ("0", "1"):
-        monkeypatch.setenv("HYDRALM_DELTANET_QK_NORM_IN_KERNEL", flag)
+        monkeypatch.setenv("HYDRALM_DELTANET_PACKED", flag)
         y, state = layer(x)
         results.append([y, state.S, *torch.autograd.grad(y.square().sum(), [x, *layer.parameters()])])
     for a, b in zip(*results):

@@ -130,14 +130,16 @@ HYDRALM_DELTANET_COMPILE = 0 | 1
     shape; fuses the elementwise prep around the Triton pass). Off by default: the 160m model trained 1.14x /
     1.10x faster with it at 4k / 16k context but 0.94x at 64k (H200, 2026-11-28, 0d7196f; CHANGELOG.md).
 
-HYDRALM_DELTANET_QK_NORM_IN_KERNEL = 0 | 1
-    1: Gated DeltaNet layers hand q and k to the delta rule raw, and it L2-normalises them (x / sqrt(sum x^2 +
-    1e-6), fla's l2norm): the fused kernels on the rows they load (d_k <= 64), so a layer's forward and backward
-    run no l2norm kernels and no contiguous copies of q and k for them (a 16k x 4 profile of the 160m GDN layer
-    on an H200, d183362, had six (B, T, H, D) copies of 0.13 ms each per layer); the other backends normalise in
-    PyTorch first. 0 (default): the layer normalises them itself. Equal within 3e-6 in the CPU interpreter; the
-    default stays 0 until `python -m benchmarks.gpu_check qk_norm` and a timing (`peers layer` with the switch)
-    have run on a GPU.
+HYDRALM_DELTANET_PACKED = 0 | 1
+    1: Gated DeltaNet layers hand q, k, v to the delta rule as the one (B, T, 3, H, d) tensor their short conv
+    wrote, q and k raw (`chunk_gated_delta_rule_packed`). The fused kernels then L2-normalise q and k on the rows
+    they load (x / sqrt(sum x^2 + 1e-6), fla's l2norm; d_k <= 64), write o head-last and the gradient of q, k, v
+    as one head-last tensor: a layer runs no l2norm kernels, no contiguous copies of q, k or o and no stack of
+    the q / k / v gradients (a 16k x 4 profile of the 160m GDN layer on an H200, d183362, had six (B, T, H, D)
+    copies of 0.13 ms and three cats of 0.44 ms per layer). Other backends unpack and normalise in PyTorch.
+    0 (default): the layer splits and normalises q, k, v itself. Equal within 3e-6 in the CPU interpreter; the
+    default stays 0 until `python -m benchmarks.gpu_check qk_norm` and a timing (`HYDRALM_DELTANET_PACKED=1
+    python -m benchmarks.peers layer`) have run on a GPU.
 
 `auto` never picks a path that is wrong on the machine it runs on: flex and fla are compared with the
 reference kernels on the GPU by `python -m benchmarks.gpu_check`.
@@ -333,8 +335,8 @@ def deltanet_blocked_inverse() -> bool:
     return _flag("HYDRALM_DELTANET_BLOCKED_INVERSE", default="1")
 
 
-def deltanet_qk_norm_in_kernel() -> bool:
-    return _flag("HYDRALM_DELTANET_QK_NORM_IN_KERNEL")
+def deltanet_packed() -> bool:
+    return _flag("HYDRALM_DELTANET_PACKED")
 
 
 def deltanet_compile() -> bool:

@@ -28,10 +28,10 @@ from hydralm.config import HydraConfig
 from hydralm.kernels.backend import (
     decode_backend,
     decode_many_backend,
-    deltanet_qk_norm_in_kernel,
+    deltanet_packed,
     gdn_modules_backend,
 )
-from hydralm.kernels.delta_rule import chunk_gated_delta_rule, delta_rule_step
+from hydralm.kernels.delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_packed, delta_rule_step
 from hydralm.kernels.fla_modules import fla_gated_rms_norm, fla_l2norm
 from hydralm.modules.linear import Linear
 from hydralm.modules.mixer import Counter, LayerState, Trail
@@ -101,9 +101,9 @@ class GatedDeltaNet(nn.Module):
         g = -self.A_log.float().exp() * F.softplus(a.float() + self.dt_bias.float())
         return g, torch.sigmoid(b.float())
 
-    def _split_heads(self, qkv: torch.Tensor, fla: bool, normalize: bool = True):
+    def _split_heads(self, qkv: torch.Tensor, fla: bool):
         q, k, v = qkv.unflatten(-1, (3, self.n_heads, self.head_dim)).unbind(-3)
-        if self.norm_qk and normalize:
+        if self.norm_qk:
             if fla:
                 q, k = fla_l2norm(q, L2_EPS), fla_l2norm(k, L2_EPS)
             else:
@@ -126,15 +126,15 @@ class GatedDeltaNet(nn.Module):
         fla = gdn_modules_backend(x.is_cuda) == "fla"
         qkv, a, b, gate = self._project(x)
         qkv, conv_cache = self.conv(qkv, None if state is None else state.conv, use_fla=fla)
-        # HYDRALM_DELTANET_QK_NORM_IN_KERNEL=1: q and k go raw, the delta rule normalises them (in its kernels)
-        norm_in_kernel = self.norm_qk and deltanet_qk_norm_in_kernel()
-        q, k, v = self._split_heads(qkv, fla, normalize=not norm_in_kernel)  # (B, N, H, D)
         g, beta = self._gates(a, b)  # (B, N, H)
         initial = None if state is None else state.S
-        o, S = chunk_gated_delta_rule(
-            q, k, v, g, beta, initial_state=initial, chunk_size=self.chunk_size,
-            qk_l2norm_eps=L2_EPS if norm_in_kernel else None,
-        )  # fmt: skip
+        if deltanet_packed():  # q, k, v as the conv wrote them, raw: the delta rule normalises q and k
+            packed = qkv.unflatten(-1, (3, self.n_heads, self.head_dim))  # (B, N, 3, H, D)
+            eps = L2_EPS if self.norm_qk else None
+            o, S = chunk_gated_delta_rule_packed(packed, g, beta, initial, self.chunk_size, qk_l2norm_eps=eps)
+        else:
+            q, k, v = self._split_heads(qkv, fla)  # (B, N, H, D)
+            o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial, chunk_size=self.chunk_size)
         return self._output(o, gate, fla), DeltaNetState(S=S, conv=conv_cache)
 
     def step(self, x_t: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, DeltaNetState]:

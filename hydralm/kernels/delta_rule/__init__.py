@@ -5,7 +5,8 @@
     triton_state_pass.py  the pass over chunks as Triton kernels (backend "triton")
     triton_fused.py       the whole chunkwise form as Triton kernels, forward and backward (backend "fused")
 
-``chunk_gated_delta_rule`` is the one place that picks among them (and fla's kernel) for a layer's call;
+``chunk_gated_delta_rule`` (and ``chunk_gated_delta_rule_packed``, for q, k, v in one tensor) is the one place
+that picks among them (and fla's kernel) for a layer's call;
 ``kernels/backend.py`` reads the user's switches.
 """
 
@@ -17,7 +18,13 @@ from hydralm.kernels.backend import deltanet_backend, deltanet_compile
 from hydralm.kernels.delta_rule.chunk import compiled_delta_rule_chunkwise, delta_rule_chunkwise
 from hydralm.kernels.delta_rule.reference import delta_rule_recurrent, delta_rule_step, l2_normalize
 
-__all__ = ["chunk_gated_delta_rule", "delta_rule_chunkwise", "delta_rule_recurrent", "delta_rule_step"]
+__all__ = [
+    "chunk_gated_delta_rule",
+    "chunk_gated_delta_rule_packed",
+    "delta_rule_chunkwise",
+    "delta_rule_recurrent",
+    "delta_rule_step",
+]
 
 
 # Opaque to torch.compile: a compiled block (HydraLM.compile_blocks) launches our Triton kernels as they are
@@ -61,3 +68,27 @@ def chunk_gated_delta_rule(
         qk_l2norm_eps=qk_l2norm_eps,
     )
     return o.transpose(1, 2), state
+
+
+@torch.compiler.disable
+def chunk_gated_delta_rule_packed(
+    qkv: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    initial_state: Optional[torch.Tensor] = None,
+    chunk_size: int = 64,
+    qk_l2norm_eps: Optional[float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``chunk_gated_delta_rule`` on q, k, v packed in one head-last tensor qkv (B, T, 3, H, d), as a Gated DeltaNet
+    layer holds them. The fused backend takes the tensor whole (``delta_rule_fused_packed``: o and the gradient
+    of qkv written head-last, no copies); the others unpack it."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (qkv, g, beta))
+    if deltanet_backend(qkv.is_cuda, needs_grad) == "fused":
+        from hydralm.kernels.delta_rule.triton_fused import delta_rule_fused_packed
+
+        o, state = delta_rule_fused_packed(
+            qkv, g.transpose(1, 2), beta.transpose(1, 2), initial_state, None, chunk_size, qk_l2norm_eps
+        )
+        return o.transpose(1, 2), state
+    q, k, v = qkv.unbind(2)
+    return chunk_gated_delta_rule(q, k, v, g, beta, initial_state, chunk_size, qk_l2norm_eps)

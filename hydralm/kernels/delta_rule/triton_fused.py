@@ -59,6 +59,14 @@ if triton is not None:
         return tl.load(ptr + base + t[:, None].to(tl.int64) * s_t + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _out_rows(ptr, b, h, bh, t, cols, s_b, s_h, s_t, T, N: tl.constexpr, STRIDED_OUT: tl.constexpr):
+        """Addresses of rows t, columns cols of one (batch, head)'s (T, N) slice of an output: of a (B, H, T, N)
+        view with strides s_b, s_h, s_t (last dim contiguous) when STRIDED_OUT, else of a contiguous tensor."""
+        if STRIDED_OUT:
+            return ptr + b * s_b + h * s_h + t[:, None].to(tl.int64) * s_t + cols[None, :]
+        return ptr + bh * T * N + t[:, None].to(tl.int64) * N + cols[None, :]
+
+    @triton.jit
     def _unit_rows(x, NORM_QK: tl.constexpr, EPS: tl.constexpr):
         """(x * r, r) with r = 1 / sqrt(sum_j x_j^2 + EPS) per row when NORM_QK (the layer's L2 norm of q and k,
         as fla's l2norm: the tile must hold whole rows), else (x, 1)."""
@@ -206,6 +214,7 @@ if triton is not None:
         PRECISION: tl.constexpr,
         NORM_QK: tl.constexpr,
         EPS: tl.constexpr,
+        STRIDED_OUT: tl.constexpr,
         BLOCKED_INVERSE: tl.constexpr,
     ):
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
@@ -254,6 +263,9 @@ if triton is not None:
         s_kb,
         s_kh,
         s_kt,
+        s_yb,
+        s_yh,
+        s_yt,
         T,
         H,
         n_chunks,
@@ -266,8 +278,10 @@ if triton is not None:
         PRECISION: tl.constexpr,
         NORM_QK: tl.constexpr,
         EPS: tl.constexpr,
+        STRIDED_OUT: tl.constexpr,
     ):
-        """o (B, H, T, V) contiguous, in v's dtype (the fp32 sums are rounded once, on the store)."""
+        """o (B, H, T, V) in v's dtype (the fp32 sums are rounded once, on the store); strided (s_y*) when
+        STRIDED_OUT, else contiguous."""
         c, bh, b, h, rc, t, m_row, rk, rv = _program(T, H, C, BC, BK, BV)
         q, _ = _unit_rows(_load_rows(q_ptr, b * s_qb + h * s_qh, t, s_qt, m_row, rk, K), NORM_QK, EPS)
         k, _ = _unit_rows(_load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K), NORM_QK, EPS)
@@ -280,7 +294,7 @@ if triton is not None:
             S, delta = _chunk_tile(h_ptr, chunk, rk, cols, K, V), _chunk_tile(delta_ptr, chunk, rc, cols, C, V)
             o = tl.dot(qd, S, input_precision=PRECISION) + tl.dot(P, delta, input_precision=PRECISION)
             tl.store(
-                o_ptr + bh * T * V + t[:, None].to(tl.int64) * V + cols[None, :],
+                _out_rows(o_ptr, b, h, bh, t, cols, s_yb, s_yh, s_yt, T, V, STRIDED_OUT),
                 o,
                 mask=m_row[:, None] & (cols < V)[None, :],
             )
@@ -309,6 +323,9 @@ if triton is not None:
         s_ob,
         s_oh,
         s_ot,
+        s_gqb,
+        s_gqh,
+        s_gqt,
         T,
         H,
         n_chunks,
@@ -321,6 +338,7 @@ if triton is not None:
         PRECISION: tl.constexpr,
         NORM_QK: tl.constexpr,
         EPS: tl.constexpr,
+        STRIDED_OUT: tl.constexpr,
     ):
         """The output kernel's adjoint: gradients of H_c and delta_c (for the pass), dq (final), and this
         kernel's shares of dk and d(gamma) (the prep adjoint adds its own; with NORM_QK, of the unit k)."""
@@ -354,7 +372,8 @@ if triton is not None:
         dgamma = tl.sum(dqd * qd, 1) + tl.sum(G, 1) - tl.sum(G, 0)
         ck = bh * T * K + t[:, None].to(tl.int64) * K + rk[None, :]
         m_ck = m_row[:, None] & (rk < K)[None, :]
-        tl.store(dq_ptr + ck, _through_unit_rows(dq, q, r_q, NORM_QK), mask=m_ck)
+        dq_at = _out_rows(dq_ptr, b, h, bh, t, rk, s_gqb, s_gqh, s_gqt, T, K, STRIDED_OUT)
+        tl.store(dq_at, _through_unit_rows(dq, q, r_q, NORM_QK), mask=m_ck)
         tl.store(dk_ptr + ck, dk, mask=m_ck)
         tl.store(dgamma_ptr + bh * T + t, dgamma, mask=m_row)
 
@@ -383,6 +402,12 @@ if triton is not None:
         s_vb,
         s_vh,
         s_vt,
+        s_gkb,
+        s_gkh,
+        s_gkt,
+        s_gvb,
+        s_gvh,
+        s_gvt,
         T,
         H,
         n_chunks,
@@ -395,6 +420,7 @@ if triton is not None:
         PRECISION: tl.constexpr,
         NORM_QK: tl.constexpr,
         EPS: tl.constexpr,
+        STRIDED_OUT: tl.constexpr,
     ):
         """The prep kernel's adjoint: adds its shares of dk and d(gamma) to the output kernel's (dk_out,
         dgamma_out; separate buffers, as the autotuner reruns kernels) and writes dk, dv, dg, dbeta.
@@ -423,7 +449,7 @@ if triton is not None:
             dU = _chunk_tile(du_ptr, chunk, rc, cols, C, V)
             dBv = tl.dot(tl.trans(X), dU, input_precision=PRECISION)
             tl.store(
-                dv_ptr + bh * T * V + t[:, None].to(tl.int64) * V + cols[None, :],
+                _out_rows(dv_ptr, b, h, bh, t, cols, s_gvb, s_gvh, s_gvt, T, V, STRIDED_OUT),
                 dBv * beta[:, None],
                 mask=m_row[:, None] & (cols < V)[None, :],
             )
@@ -452,7 +478,8 @@ if triton is not None:
             tk = bh * T * K + t[:, None].to(tl.int64) * K + cols[None, :]
             m_tk = m_row[:, None] & (cols < K)[None, :]
             dk += tl.load(dk_out_ptr + tk, mask=m_tk, other=0.0)
-            tl.store(dk_ptr + tk, _through_unit_rows(dk, k, r_k, NORM_QK), mask=m_tk)
+            dk_at = _out_rows(dk_ptr, b, h, bh, t, cols, s_gkb, s_gkh, s_gkt, T, K, STRIDED_OUT)
+            tl.store(dk_at, _through_unit_rows(dk, k, r_k, NORM_QK), mask=m_tk)
         e = kd_dot * to_end  # Kd = k Gamma_C / Gamma
         da_a = tl.load(da_ptr + chunk) * tl.load(a_ptr + chunk)  # a = Gamma_C
         dgamma += tl.where(rc == C - 1, tl.sum(e, 0) + da_a, 0.0) - e
@@ -471,13 +498,14 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def kernel_constants(C: int, K: int, V: int, qk_l2norm_eps: Optional[float] = None) -> dict:
+def kernel_constants(C: int, K: int, V: int, qk_l2norm_eps: Optional[float] = None, strided_out: bool = False) -> dict:
     """The kernels' compile-time constants for chunk size C and head dims K, V; with qk_l2norm_eps the kernels
-    L2-normalise the rows of q and k they load (K must fit one BLOCK_K tile: `norm_fits_kernels`)."""
+    L2-normalise the rows of q and k they load (K must fit one BLOCK_K tile: `norm_fits_kernels`); strided_out:
+    o, dq, dk, dv are written through their strides (views of head-last tensors) instead of contiguously."""
     BC, BK = tile_sizes(C, K)
     BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
     norm = dict(NORM_QK=qk_l2norm_eps is not None, EPS=float(qk_l2norm_eps or 0.0))
-    return dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision(), **norm)
+    return dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision(), STRIDED_OUT=strided_out, **norm)
 
 
 def norm_fits_kernels(C: int, K: int) -> bool:
@@ -508,94 +536,110 @@ def chunk_pass(k, v, g, beta, S0, consts):
     return X, W, Kd, a, states, delta, final
 
 
+def _empty_out(like: torch.Tensor, n_cols: int, dtype: torch.dtype, head_last: bool) -> torch.Tensor:
+    """A (B, H, T, n_cols) output: a view of a (B, T, H, n_cols) tensor when head_last, else contiguous."""
+    B, H, T = like.shape[:3]
+    if head_last:
+        return torch.empty(B, T, H, n_cols, device=like.device, dtype=dtype).transpose(1, 2)
+    return torch.empty(B, H, T, n_cols, device=like.device, dtype=dtype)
+
+
+def _forward(ctx, q, k, v, g, beta, S0, scale, C, qk_l2norm_eps, head_last):
+    """The fused forward (both autograd Functions): o (B, H, T, V) (a view of a head-last tensor when
+    head_last) and the final state; what backward needs goes on ctx."""
+    ctx.set_materialize_grads(False)  # an unused output (often the final state) gets no zeros tensor
+    B, H, T, K = k.shape
+    V = v.shape[-1]
+    n = triton.cdiv(T, C)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    g, beta = g.float().contiguous(), beta.float().contiguous()
+    S0 = None if S0 is None else S0.float().contiguous()
+    consts = kernel_constants(C, K, V, qk_l2norm_eps, strided_out=head_last)
+    X, W, Kd, a, states, delta, final = chunk_pass(k, v, g, beta, S0, consts)
+    o = _empty_out(v, V, v.dtype, head_last)  # the kernels store in the tensors' dtypes
+    _output_fwd_kernel[(n, B * H)](
+        q, k, g, states, delta, o, scale, *_strides(q), *_strides(k), *_strides(o), T, H, n, **consts
+    )
+    recompute = deltanet_recompute()
+    if recompute:  # five fp32 per-chunk tensors (~15 KiB per token at H 12, D 64) are rebuilt in backward
+        ctx.save_for_backward(q, k, v, g, beta, S0)
+    else:
+        ctx.save_for_backward(q, k, v, g, beta, X, W, Kd, a, states, delta)
+    ctx.meta = (scale, C, consts, S0 is not None, recompute)
+    return o, final
+
+
+def _backward(ctx, do, dfinal, dq, dk, dv):
+    """The fused backward: writes the gradients of q, k, v into dq, dk, dv ((B, H, T, d) views laid out as
+    ctx's consts say) and returns (dg, dbeta, dS0 or None)."""
+    scale, C, consts, has_s0, recompute = ctx.meta
+    if recompute:
+        q, k, v, g, beta, S0 = ctx.saved_tensors
+        X, W, Kd, a, states, delta, _ = chunk_pass(k, v, g, beta, S0, consts)
+    else:
+        q, k, v, g, beta, X, W, Kd, a, states, delta = ctx.saved_tensors
+    B, H, T, K = k.shape
+    V = v.shape[-1]
+    n = a.shape[-1]
+    f32 = dict(device=k.device, dtype=torch.float32)
+    do = torch.zeros(B, H, T, V, **f32) if do is None else _last_dim_contiguous(do)
+    gh, gdelta = torch.empty_like(states), torch.empty_like(delta)
+    dk_out, dgamma_out = torch.empty(B, H, T, K, **f32), torch.empty(B, H, T, **f32)
+    _output_bwd_kernel[(n, B * H)](
+        q, k, g, states, delta, do, gh, gdelta, dq, dk_out, dgamma_out, scale,
+        *_strides(q), *_strides(k), *_strides(do), *_strides(dq), T, H, n, **consts,
+    )  # fmt: skip
+    dU, dW, dKd, da, ds0 = state_pass_backward(W, Kd, a, states, delta, gh, gdelta, dfinal)
+    dg, dbeta = torch.empty_like(dgamma_out), torch.empty_like(dgamma_out)
+    _prep_bwd_kernel[(n, B * H)](
+        k, v, g, beta, X, dU.contiguous(), dW.contiguous(), dKd.contiguous(), da.contiguous(), a, dk_out,
+        dgamma_out, dk, dv, dg, dbeta, *_strides(k), *_strides(v), *_strides(dk), *_strides(dv), T, H, n,
+        **{**consts, "BK": min(BLOCK_K, consts["BK"])},
+    )  # fmt: skip
+    return dg, dbeta, (ds0 if has_s0 else None)
+
+
 class _FusedChunkwise(torch.autograd.Function):
+    """q, k, v (B, H, T, d) views with the last dim contiguous; o and the gradients contiguous (B, H, T, d)."""
+
     @staticmethod
     def forward(ctx, q, k, v, g, beta, S0, scale, C, qk_l2norm_eps):
-        ctx.set_materialize_grads(False)  # an unused output (often the final state) gets no zeros tensor
-        B, H, T, K = k.shape
-        V = v.shape[-1]
-        n = triton.cdiv(T, C)
-        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        g, beta = g.float().contiguous(), beta.float().contiguous()
-        S0 = None if S0 is None else S0.float().contiguous()
-        consts = kernel_constants(C, K, V, qk_l2norm_eps)
-        X, W, Kd, a, states, delta, final = chunk_pass(k, v, g, beta, S0, consts)
-        o = torch.empty(B, H, T, V, device=k.device, dtype=v.dtype)  # the kernels store in the tensors' dtypes
-        _output_fwd_kernel[(n, B * H)](q, k, g, states, delta, o, scale, *_strides(q), *_strides(k), T, H, n, **consts)
-        recompute = deltanet_recompute()
-        if recompute:  # five fp32 per-chunk tensors (~15 KiB per token at H 12, D 64) are rebuilt in backward
-            ctx.save_for_backward(q, k, v, g, beta, S0)
-        else:
-            ctx.save_for_backward(q, k, v, g, beta, X, W, Kd, a, states, delta)
-        ctx.meta = (scale, C, consts, S0 is not None, (q.dtype, k.dtype, v.dtype), recompute)
-        return o, final
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        return _forward(ctx, q, k, v, g, beta, S0, scale, C, qk_l2norm_eps, head_last=False)
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        scale, C, consts, has_s0, dtypes, recompute = ctx.meta
-        if recompute:
-            q, k, v, g, beta, S0 = ctx.saved_tensors
-            X, W, Kd, a, states, delta, _ = chunk_pass(k, v, g, beta, S0, consts)
-        else:
-            q, k, v, g, beta, X, W, Kd, a, states, delta = ctx.saved_tensors
-        B, H, T, K = k.shape
-        V = v.shape[-1]
-        n = a.shape[-1]
-        f32 = dict(device=k.device, dtype=torch.float32)
-        do = torch.zeros(B, H, T, V, **f32) if do is None else _last_dim_contiguous(do)
-        gh, gdelta = torch.empty_like(states), torch.empty_like(delta)
-        dq, dk_out = torch.empty(B, H, T, K, device=k.device, dtype=dtypes[0]), torch.empty(B, H, T, K, **f32)
-        dgamma_out = torch.empty(B, H, T, **f32)
-        _output_bwd_kernel[(n, B * H)](
-            q,
-            k,
-            g,
-            states,
-            delta,
-            do,
-            gh,
-            gdelta,
-            dq,
-            dk_out,
-            dgamma_out,
-            scale,
-            *_strides(q),
-            *_strides(k),
-            *_strides(do),
-            T,
-            H,
-            n,
-            **consts,
-        )
-        dU, dW, dKd, da, ds0 = state_pass_backward(W, Kd, a, states, delta, gh, gdelta, dfinal)
-        dk = torch.empty(B, H, T, K, device=k.device, dtype=dtypes[1])
-        dv = torch.empty(B, H, T, V, device=k.device, dtype=dtypes[2])
-        dg, dbeta = torch.empty_like(dgamma_out), torch.empty_like(dgamma_out)
-        _prep_bwd_kernel[(n, B * H)](
-            k,
-            v,
-            g,
-            beta,
-            X,
-            dU.contiguous(),
-            dW.contiguous(),
-            dKd.contiguous(),
-            da.contiguous(),
-            a,
-            dk_out,
-            dgamma_out,
-            dk,
-            dv,
-            dg,
-            dbeta,
-            *_strides(k),
-            *_strides(v),
-            T,
-            H,
-            n,
-            **{**consts, "BK": min(BLOCK_K, consts["BK"])},
-        )
-        return dq, dk, dv, dg, dbeta, (ds0 if has_s0 else None), None, None, None
+        q = ctx.saved_tensors[0]
+        K, V = ctx.meta[2]["K"], ctx.meta[2]["V"]
+        dq, dk, dv = (_empty_out(q, d, dtype, False) for d, dtype in zip((K, K, V), ctx.dtypes))
+        dg, dbeta, ds0 = _backward(ctx, do, dfinal, dq, dk, dv)
+        return dq, dk, dv, dg, dbeta, ds0, None, None, None
+
+
+class _FusedChunkwisePacked(torch.autograd.Function):
+    """One head-last (B, T, 3, H, d) tensor of q, k, v in; o (B, H, T, d) as a view of a head-last tensor out,
+    and in backward one (B, T, 3, H, d) gradient written by the kernels: no gradient of an unbind to stack."""
+
+    @staticmethod
+    def forward(ctx, qkv, g, beta, S0, scale, C, qk_l2norm_eps):
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return _forward(ctx, q, k, v, g, beta, S0, scale, C, qk_l2norm_eps, head_last=True)
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q = ctx.saved_tensors[0]
+        B, H, T, K = q.shape
+        dqkv = torch.empty(B, T, 3, H, K, device=q.device, dtype=q.dtype)
+        dq, dk, dv = (t.transpose(1, 2) for t in dqkv.unbind(2))
+        dg, dbeta, ds0 = _backward(ctx, do, dfinal, dq, dk, dv)
+        return dqkv, dg, dbeta, ds0, None, None, None
+
+
+def _norm_in_kernels(qk_l2norm_eps: Optional[float], chunk_size: int, K: int) -> Optional[float]:
+    """The eps the kernels normalise q and k with, or None: no norm asked for, or a row of k wider than a tile."""
+    if qk_l2norm_eps is None or not norm_fits_kernels(chunk_size, K):
+        return None
+    return float(qk_l2norm_eps)
 
 
 def delta_rule_fused(
@@ -607,10 +651,27 @@ def delta_rule_fused(
     fits one tile (d_k <= 64), else in PyTorch first; their gradients are the raw q's and k's."""
     if triton is None:
         raise RuntimeError("delta_rule_fused needs the `triton` package")
-    if qk_l2norm_eps is not None and not norm_fits_kernels(chunk_size, k.shape[-1]):
+    eps = _norm_in_kernels(qk_l2norm_eps, chunk_size, k.shape[-1])
+    if qk_l2norm_eps is not None and eps is None:
         q, k = l2_normalize(q, qk_l2norm_eps), l2_normalize(k, qk_l2norm_eps)
-        qk_l2norm_eps = None
     scale = k.shape[-1] ** -0.5 if scale is None else scale
-    eps = None if qk_l2norm_eps is None else float(qk_l2norm_eps)
     o, final = _FusedChunkwise.apply(q, k, v, g, beta, initial_state, float(scale), int(chunk_size), eps)
     return o, final
+
+
+def delta_rule_fused_packed(
+    qkv, g, beta, initial_state=None, scale=None, chunk_size: int = 64, qk_l2norm_eps: Optional[float] = None
+):
+    """``delta_rule_fused`` on one head-last tensor qkv (B, T, 3, H, d) (last dim contiguous), as a Gated
+    DeltaNet layer holds q, k, v after its short conv; g, beta (B, H, T). Returns o (B, H, T, d) as a view of a
+    (B, T, H, d) tensor, and the final state. The kernels write o and the gradients of q, k, v head-last, so the
+    layer's layout needs no copies and its unbind no stacked gradient."""
+    if triton is None:
+        raise RuntimeError("delta_rule_fused_packed needs the `triton` package")
+    eps = _norm_in_kernels(qk_l2norm_eps, chunk_size, qkv.shape[-1])
+    if qk_l2norm_eps is not None and eps is None:  # wide heads: normalise first, then the unpacked kernels
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+        return delta_rule_fused(q, k, v, g, beta, initial_state, scale, chunk_size, qk_l2norm_eps)
+    scale = qkv.shape[-1] ** -0.5 if scale is None else scale
+    qkv = _last_dim_contiguous(qkv)
+    return _FusedChunkwisePacked.apply(qkv, g, beta, initial_state, float(scale), int(chunk_size), eps)
