@@ -40,7 +40,8 @@ rotary  the rotary embedding of q and k, fwd+bwd, B1 H12 N65536 D64, bf16 stride
                                                                  -> kernel_ms/rotary-{torch,triton}/65536x12x64
 state_pass  the fused delta rule (fwd+bwd, bf16, H 12 K 64) at 64k tokens as 1 x 64k, 4 x 16k and 16 x 4k, its pass
         over chunks walked whole or in segments                  -> kernel_ms/gdn-fused{,-one-walk}/B<B>-T<T>-H12-K64
-gdn_parts  the same kernel by part at those shapes: the prep kernel alone, prep + pass, forward, forward + backward
+gdn_parts  the same kernel by part at those shapes: the prep kernel alone, prep + pass, forward, forward + backward,
+        and forward + backward of the packed call (q, k, v in one head-last tensor, q and k normalised inside)
 Results also go to $OUT/speed.json when OUT is set.
 """
 
@@ -218,7 +219,9 @@ def _gdn_inputs(B: int, T: int):
 def gdn_parts() -> None:
     """Where the fused delta rule's time goes (bf16, TF32, H 12 K 64) at the preset's 64k-token shapes: the prep
     kernel alone (each chunk's WY factors and inverse), prep + the pass over chunks, the whole forward, and
-    forward + backward (whose backward rebuilds the prep and the pass before its own three kernels)."""
+    forward + backward (whose backward rebuilds the prep and the pass before its own three kernels); then forward
+    + backward of the packed call (`delta_rule_fused_packed`, HYDRALM_DELTANET_PACKED's: q, k, v in one
+    head-last tensor, q and k normalised in the kernels)."""
     from hydralm.kernels.delta_rule import triton_fused as tf
 
     torch.set_float32_matmul_precision("high")
@@ -241,6 +244,14 @@ def gdn_parts() -> None:
         row["prep_pass_ms"] = bench(lambda: tf.chunk_pass(kd, vd, gd, bd, None, consts), 100)
         row["fwd_ms"] = bench(fwd, 100)
         row["fwd_bwd_ms"] = bench(fwd_bwd, 100)
+        # HYDRALM_DELTANET_PACKED's call: raw q, k, v in one head-last tensor, q and k normalised in the kernels
+        packed = torch.stack([t.detach().transpose(1, 2) for t in (q, k, v)], dim=2).requires_grad_()
+
+        def fwd_bwd_packed():
+            o, _ = tf.delta_rule_fused_packed(packed, g, beta, qk_l2norm_eps=1e-6)
+            o.float().sum().backward()
+
+        row["fwd_bwd_packed_ms"] = bench(fwd_bwd_packed, 100)
         rows.append(row)
         print(row, flush=True)
     RESULTS["gdn_parts"] = rows
