@@ -76,6 +76,17 @@ def _delta_rule_inputs(B: int, H: int, T: int, D: int, device: str, decay: float
     return ref_in, torch.randn(B, H, T, D, device=device, dtype=torch.float64)
 
 
+def _check_delta_rule_rows(label: str, fn, ref_in, w, ref, ref_g, dtype: torch.dtype, tol: float) -> None:
+    """fn on the reference inputs cast to dtype (q, k, v; g and beta fp32): its output and the gradients of q, k,
+    v, g, beta against the reference's, gradients at 3x the output's tolerance."""
+    inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]]
+    inp += [t.detach().float().requires_grad_() for t in ref_in[3:]]
+    out, grads = _grads(fn, inp, w.float())
+    _record(f"{label} out", _rel(out, ref), tol)
+    for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
+        _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
+
+
 def check_delta_rule(device: str) -> None:
     shapes = [(2, 4, 300, 64, 64), (1, 2, 1024, 128, 64), (2, 3, 700, 100, 32)]
     # GPU_CHECK_DELTANET_SHAPES=1,2 checks those shapes only: each shape compiles every kernel anew (minutes on
@@ -104,19 +115,12 @@ def check_delta_rule(device: str) -> None:
             if only and backend not in only.split(","):
                 continue
             torch.set_float32_matmul_precision(precision)
-            inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]] + [
-                t.detach().float().requires_grad_() for t in ref_in[3:]
-            ]
             kernel = compiled_delta_rule_chunkwise() if backend.endswith("+compile") else delta_rule_chunkwise
-            out, grads = _grads(
+            _check_delta_rule_rows(
+                f"delta_rule {backend} {dtype} {precision} T={T} D={D}",
                 lambda *a, kernel=kernel, backend=backend: kernel(*a, chunk_size=C, backend=backend.split("+")[0])[0],
-                inp,
-                w.float(),
-            )
-            label = f"delta_rule {backend} {dtype} {precision} T={T} D={D}"
-            _record(f"{label} out", _rel(out, ref), tol)
-            for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
-                _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
+                ref_in, w, ref, ref_g, dtype, tol,
+            )  # fmt: skip
         torch.set_float32_matmul_precision("highest")
 
 
@@ -152,13 +156,8 @@ def check_qk_norm(device: str) -> None:
     ):
         torch.set_float32_matmul_precision(precision)
         for name, fn in (("unpacked", unpacked), ("packed", packed)):
-            inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]]
-            inp += [t.detach().float().requires_grad_() for t in ref_in[3:]]
-            out, grads = _grads(fn, inp, w.float())
             label = f"qk_norm {name} {dtype} {precision} T={T} D={D}"
-            _record(f"{label} out", _rel(out, ref), tol)
-            for grad_name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
-                _record(f"{label} d{grad_name}", _rel(ga, gb), tol * 3)
+            _check_delta_rule_rows(label, fn, ref_in, w, ref, ref_g, dtype, tol)
     torch.set_float32_matmul_precision("highest")
 
 
@@ -179,14 +178,11 @@ def check_state_pass(device: str) -> None:
         for dtype, precision, tol in ((torch.float32, "highest", 1e-4), (torch.float32, "high", 3e-3),
                                       (torch.bfloat16, "high", 3e-2)):  # fmt: skip
             torch.set_float32_matmul_precision(precision)
-            inp = [t.detach().to(dtype).requires_grad_() for t in ref_in[:3]] + [
-                t.detach().float().requires_grad_() for t in ref_in[3:]
-            ]
-            out, grads = _grads(lambda *a: delta_rule_chunkwise(*a, chunk_size=C, backend="fused")[0], inp, w.float())
-            label = f"state_pass {segments} {str(dtype)[6:]} {precision} T={T}"
-            _record(f"{label} out", _rel(out, ref), tol)
-            for name, ga, gb in zip("q k v g beta".split(), grads, ref_g):
-                _record(f"{label} d{name}", _rel(ga, gb), tol * 3)
+            _check_delta_rule_rows(
+                f"state_pass {segments} {str(dtype)[6:]} {precision} T={T}",
+                lambda *a: delta_rule_chunkwise(*a, chunk_size=C, backend="fused")[0],
+                ref_in, w, ref, ref_g, dtype, tol,
+            )  # fmt: skip
     sp.SEGMENT_CHUNKS = None
     torch.set_float32_matmul_precision("highest")
 
