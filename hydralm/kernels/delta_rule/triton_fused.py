@@ -38,7 +38,7 @@ BLOCK_K = 64  # the same for d_k in the prep backward, which holds the most tile
 def _configs() -> list:
     if interpreting():
         return [triton.Config({}, num_warps=4, num_stages=1)]
-    return [triton.Config({}, num_warps=w, num_stages=1) for w in (2, 4, 8)]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 
 
 if triton is not None:
