@@ -9,7 +9,7 @@ memory on, as `speed decode` runs it) it prints
   * aten calls per token, and per layer call of each mixer / MLP / RMSNorm,
   * a stateful forward over 1, 2 and 3 tokens against one step: what a speculative-decoding verification
     round costs in steps.
-`BENCH_DECODE_BATCH` (default 1) rows decode together; `BENCH_COMPILE_MODE` (default reduce-overhead;
+`BENCH_DECODE_BATCH` (default 1) rows decode together; `BENCH_KERNEL_ROWS` (default 30) kernels are listed; `BENCH_COMPILE_MODE` (default reduce-overhead;
 max-autotune also graph-captures) is the compiled step's mode on a GPU.
 `d_model` narrows the preset (same layer schedule) so that the matmuls do not hide the host time on a CPU.
 """
@@ -110,8 +110,9 @@ def _print_kernels(step, label: str, steps: int = 10) -> None:
         by_name[e.name][0] += 1
         by_name[e.name][1] += e.device_time
     print("| kernel | per step | us per step |\n|---|---|---|")
-    for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:30]:
-        print(f"| {name[:90]} | {count / steps:.0f} | {us / steps:.1f} |", flush=True)
+    rows = int(os.environ.get("BENCH_KERNEL_ROWS", "30"))  # the costliest kernels listed (names cut at 160)
+    for name, (count, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:rows]:
+        print(f"| {name[:160]} | {count / steps:.0f} | {us / steps:.1f} |", flush=True)
 
 
 def _label_layers(model) -> set:

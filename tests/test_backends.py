@@ -178,3 +178,15 @@ def test_checked_triton_switches_pick_their_path_on_cuda_only(monkeypatch, name,
     monkeypatch.setenv(name, "fast")
     with pytest.raises(ValueError, match=f"{name}='fast' is invalid"):
         pick(is_cuda=True)
+
+
+def test_packed_deltanet_inputs_are_the_cuda_default_and_a_validated_switch(monkeypatch):
+    monkeypatch.delenv("HYDRALM_DELTANET_PACKED", raising=False)
+    assert backend.deltanet_packed(is_cuda=True) and not backend.deltanet_packed(is_cuda=False)
+    monkeypatch.setenv("HYDRALM_DELTANET_PACKED", "0")
+    assert not backend.deltanet_packed(is_cuda=True)
+    monkeypatch.setenv("HYDRALM_DELTANET_PACKED", "1")
+    assert backend.deltanet_packed(is_cuda=False)
+    monkeypatch.setenv("HYDRALM_DELTANET_PACKED", "yes")
+    with pytest.raises(ValueError, match="HYDRALM_DELTANET_PACKED='yes' is invalid"):
+        backend.deltanet_packed(is_cuda=True)

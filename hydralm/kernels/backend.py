@@ -131,15 +131,17 @@ HYDRALM_DELTANET_COMPILE = 0 | 1
     1.10x faster with it at 4k / 16k context but 0.94x at 64k (H200, 2026-11-28, 0d7196f; CHANGELOG.md).
 
 HYDRALM_DELTANET_PACKED = 0 | 1
-    1: Gated DeltaNet layers hand q, k, v to the delta rule as the one (B, T, 3, H, d) tensor their short conv
-    wrote, q and k raw (`chunk_gated_delta_rule_packed`). The fused kernels then L2-normalise q and k on the rows
-    they load (x / sqrt(sum x^2 + 1e-6), fla's l2norm; d_k <= 64), write o head-last and the gradient of q, k, v
-    as one head-last tensor: a layer runs no l2norm kernels, no contiguous copies of q, k or o and no stack of
-    the q / k / v gradients (a 16k x 4 profile of the 160m GDN layer on an H200, d183362, had six (B, T, H, D)
-    copies of 0.13 ms and three cats of 0.44 ms per layer). Other backends unpack and normalise in PyTorch.
-    0 (default): the layer splits and normalises q, k, v itself. Equal within 3e-6 in the CPU interpreter; the
-    default stays 0 until `python -m benchmarks.gpu_check qk_norm` and a timing (`HYDRALM_DELTANET_PACKED=1
-    python -m benchmarks.peers layer`) have run on a GPU.
+    1 (default on CUDA): Gated DeltaNet layers hand q, k, v to the delta rule as the one (B, T, 3, H, d) tensor
+    their short conv wrote, q and k raw (`chunk_gated_delta_rule_packed`). The fused kernels then L2-normalise q
+    and k on the rows they load (x / sqrt(sum x^2 + 1e-6), fla's l2norm; d_k <= 64), write o head-last and the
+    gradient of q, k, v as one head-last tensor: a layer runs no l2norm kernels, no contiguous copies of q, k or
+    o and no stack of the q / k / v gradients. Other backends unpack and normalise in PyTorch. On an H200
+    (bfd7b63) `GPU_CHECK_DELTANET=fused gpu_check delta_rule` (D 64, D 128) passed 36/36 and `gpu_check qk_norm`
+    (packed and unpacked, fp32 / TF32 / bf16) 36/36; one GDN layer + MLP (fwd+bwd, `peers layer`) took 16.80 ms
+    at 16k x 4 and 16.36 ms at 64k x 1 with it, 17.97 / 17.66 ms without (701c80f). The kernels alone are
+    0.3 ms slower packed (`speed gdn_parts`: 7.60 vs 7.28 ms at 16k x 4); the layer gains the copies.
+    0 (default elsewhere): the layer splits and normalises q, k, v itself (equal within 3e-6 in the CPU
+    interpreter).
 
 `auto` never picks a path that is wrong on the machine it runs on: flex and fla are compared with the
 reference kernels on the GPU by `python -m benchmarks.gpu_check`.
@@ -335,8 +337,8 @@ def deltanet_blocked_inverse() -> bool:
     return _flag("HYDRALM_DELTANET_BLOCKED_INVERSE", default="1")
 
 
-def deltanet_packed() -> bool:
-    return _flag("HYDRALM_DELTANET_PACKED")
+def deltanet_packed(is_cuda: bool) -> bool:
+    return _flag("HYDRALM_DELTANET_PACKED", default="1" if is_cuda else "0")
 
 
 def deltanet_compile() -> bool:

@@ -128,7 +128,7 @@ class GatedDeltaNet(nn.Module):
         qkv, conv_cache = self.conv(qkv, None if state is None else state.conv, use_fla=fla)
         g, beta = self._gates(a, b)  # (B, N, H)
         initial = None if state is None else state.S
-        if deltanet_packed():  # q, k, v as the conv wrote them, raw: the delta rule normalises q and k
+        if deltanet_packed(x.is_cuda):  # q, k, v as the conv wrote them, raw: the delta rule normalises q and k
             packed = qkv.unflatten(-1, (3, self.n_heads, self.head_dim))  # (B, N, 3, H, D)
             eps = L2_EPS if self.norm_qk else None
             o, S = chunk_gated_delta_rule_packed(packed, g, beta, initial, self.chunk_size, qk_l2norm_eps=eps)
