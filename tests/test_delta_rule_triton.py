@@ -171,7 +171,7 @@ def test_segmented_state_pass_comparison_fails_when_the_segments_start_from_zero
     from hydralm.kernels.delta_rule import triton_state_pass as dt
 
     monkeypatch.setattr(dt, "SEGMENT_CHUNKS", 2)
-    monkeypatch.setattr(dt, "_scan_segments", lambda maps, S0, reverse: torch.zeros_like(maps[..., : -maps.shape[-2]]))
+    monkeypatch.setattr(dt, "_scan_segments", lambda maps, S0, reverse, precision: torch.zeros_like(maps[..., : -maps.shape[-2]]))
     inputs = _state_pass_inputs()
     expected, got = (_state_pass_results(fn, *inputs) for fn in (state_pass_torch, state_pass_triton))
     with pytest.raises(AssertionError):
@@ -340,3 +340,30 @@ def test_fused_packed_qkv_matches_the_unpacked_kernels_and_writes_head_last(K):
     o, _ = delta_rule_fused_packed(joint, g, beta, chunk_size=C, qk_l2norm_eps=1e-6)
     (grad,) = torch.autograd.grad(o.sum(), joint)
     assert grad.is_contiguous() and grad.shape == qkv.shape
+
+
+def test_fp32_dots_follow_torch_precision_for_fp32_inputs_and_run_tf32_for_16_bit_inputs(monkeypatch):
+    """IEEE fp32 dots run on CUDA cores: a bf16 model's kernels take TF32 for their fp32 tiles whatever torch's
+    setting, while fp32 inputs keep "highest" = IEEE (the fp32 claims are checked that way)."""
+    from hydralm.kernels.delta_rule import triton_fused
+
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_fused.kernel_constants(64, 64, 64, dtype=torch.float32)["PRECISION"] == "ieee"
+        for dtype in (torch.bfloat16, torch.float16):
+            assert triton_fused.kernel_constants(64, 64, 64, dtype=dtype)["PRECISION"] == "tf32"
+        torch.set_float32_matmul_precision("high")
+        assert triton_fused.kernel_constants(64, 64, 64, dtype=torch.float32)["PRECISION"] == "tf32"
+        # the forward passes its inputs' dtype: the state pass gets the same precision as the prep kernel
+        seen = []
+        real = triton_fused.state_pass_forward
+        monkeypatch.setattr(triton_fused, "state_pass_forward", lambda *a: seen.append(a[-1]) or real(*a))
+        torch.set_float32_matmul_precision("highest")
+        q, k, v = (F.normalize(torch.randn(1, 2, 40, 16), dim=-1).bfloat16() for _ in range(3))
+        g, beta = -torch.rand(1, 2, 40), torch.rand(1, 2, 40)
+        triton_fused.delta_rule_fused(q, k, v, g, beta)
+        triton_fused.delta_rule_fused(q.float(), k.float(), v.float(), g, beta)
+        assert seen == ["tf32", "ieee"]
+    finally:
+        torch.set_float32_matmul_precision(previous)

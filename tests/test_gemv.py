@@ -67,7 +67,7 @@ def test_decoding_with_the_gemv_gives_the_parallel_logits_and_training_never_tak
 
     calls, gemv = [], kernel.gemv
     monkeypatch.setattr(kernel, "gemv", lambda *a: calls.append(1) or gemv(*a))
-    monkeypatch.setattr(kernel, "PROGRAMS", 4)  # wider column blocks: fewer programs for the CPU interpreter
+    monkeypatch.setattr(kernel, "MIN_PROGRAMS", 2)  # wider column blocks: fewer programs for the CPU interpreter
     monkeypatch.setenv("HYDRALM_DECODE_LINEAR", "gemv")
     with torch.no_grad():
         state, steps = model.init_state(2), []
@@ -103,3 +103,29 @@ def test_the_gemv_compiles_in_one_graph(monkeypatch):
     assert torch.equal(compiled, eager)
     assert _rel(eager, F.linear(F.silu(x @ mlp.gate_up.weight[:40].T) * (x @ mlp.gate_up.weight[40:].T),
                                 mlp.down.weight)) < 1e-5  # fmt: skip
+
+
+@pytest.mark.parametrize("M, N, K", [(1, 3096, 768), (1, 768, 768), (1, 768, 2048), (3, 4096, 768), (16, 768, 2048)])
+def test_every_autotune_candidate_kept_for_a_shape_equals_f_linear_and_the_heuristic_is_among_them(M, N, K):
+    """The GPU autotuner picks among the candidates `_keep_configs` keeps for a shape: each of them gives F.linear
+    (here in the interpreter, on a slice of the columns), and the fixed heuristic's blocks are one of them, so
+    tuning can only choose something the timing found at least as fast."""
+    from hydralm.kernels.linear import triton_gemv as kernel
+
+    kept = kernel._keep_configs(kernel._gemv_tuned.configs, {"M": M, "N": N, "K": K})
+    blocks = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept}
+    block_m, block_n, block_k = kernel._blocks(M, N, K)
+    assert (block_n, block_k) in blocks and all(block_m * n * k <= kernel.MAX_TILE for n, k in blocks)
+    gen = torch.Generator().manual_seed(M + N + K)
+    cols = 40  # a slice of the weight's rows keeps the interpreter quick; the blocks are the shape's
+    x, weight = torch.randn(M, K, generator=gen), torch.randn(cols, K, generator=gen)
+    for n, k in sorted(blocks):
+        y = torch.empty(M, cols)
+        kernel._gemv_kernel[(triton_cdiv(cols, n),)](
+            x, weight, y, M, cols, K, x.stride(0), weight.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=k
+        )
+        assert _rel(y, F.linear(x.double(), weight.double())) < 1e-5, (n, k)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

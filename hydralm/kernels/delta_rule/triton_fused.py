@@ -498,14 +498,22 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def kernel_constants(C: int, K: int, V: int, qk_l2norm_eps: Optional[float] = None, strided_out: bool = False) -> dict:
+def kernel_constants(
+    C: int,
+    K: int,
+    V: int,
+    qk_l2norm_eps: Optional[float] = None,
+    strided_out: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """The kernels' compile-time constants for chunk size C and head dims K, V; with qk_l2norm_eps the kernels
     L2-normalise the rows of q and k they load (K must fit one BLOCK_K tile: `norm_fits_kernels`); strided_out:
-    o, dq, dk, dv are written through their strides (views of head-last tensors) instead of contiguously."""
+    o, dq, dk, dv are written through their strides (views of head-last tensors) instead of contiguously; dtype:
+    the inputs' (the fp32 dots' precision follows it: `dot_precision`)."""
     BC, BK = tile_sizes(C, K)
     BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
     norm = dict(NORM_QK=qk_l2norm_eps is not None, EPS=float(qk_l2norm_eps or 0.0))
-    return dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision(), STRIDED_OUT=strided_out, **norm)
+    return dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision(dtype), STRIDED_OUT=strided_out, **norm)
 
 
 def norm_fits_kernels(C: int, K: int) -> bool:
@@ -532,7 +540,7 @@ def chunk_factors(k, v, g, beta, consts):
 def chunk_pass(k, v, g, beta, S0, consts):
     """The per-chunk WY factors and the pass over chunks: (X, W, Kd, a, states, delta, final), all fp32."""
     U, W, Kd, a, X = chunk_factors(k, v, g, beta, consts)
-    states, delta, final = state_pass_forward(U, W, Kd, a, S0)
+    states, delta, final = state_pass_forward(U, W, Kd, a, S0, consts["PRECISION"])
     return X, W, Kd, a, states, delta, final
 
 
@@ -554,7 +562,8 @@ def _forward(ctx, q, k, v, g, beta, S0, scale, C, qk_l2norm_eps, head_last):
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     g, beta = g.float().contiguous(), beta.float().contiguous()
     S0 = None if S0 is None else S0.float().contiguous()
-    consts = kernel_constants(C, K, V, qk_l2norm_eps, strided_out=head_last)
+    dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    consts = kernel_constants(C, K, V, qk_l2norm_eps, strided_out=head_last, dtype=dtype)
     X, W, Kd, a, states, delta, final = chunk_pass(k, v, g, beta, S0, consts)
     o = _empty_out(v, V, v.dtype, head_last)  # the kernels store in the tensors' dtypes
     _output_fwd_kernel[(n, B * H)](
@@ -589,7 +598,7 @@ def _backward(ctx, do, dfinal, dq, dk, dv):
         q, k, g, states, delta, do, gh, gdelta, dq, dk_out, dgamma_out, scale,
         *_strides(q), *_strides(k), *_strides(do), *_strides(dq), T, H, n, **consts,
     )  # fmt: skip
-    dU, dW, dKd, da, ds0 = state_pass_backward(W, Kd, a, states, delta, gh, gdelta, dfinal)
+    dU, dW, dKd, da, ds0 = state_pass_backward(W, Kd, a, states, delta, gh, gdelta, dfinal, consts["PRECISION"])
     dg, dbeta = torch.empty_like(dgamma_out), torch.empty_like(dgamma_out)
     _prep_bwd_kernel[(n, B * H)](
         k, v, g, beta, X, dU.contiguous(), dW.contiguous(), dKd.contiguous(), da.contiguous(), a, dk_out,

@@ -12,8 +12,8 @@ In PyTorch that loop is ~6 small kernel launches per chunk, forward and backward
 one head's state in registers and walks all chunks; the backward walks them in reverse with the state's
 gradient. Everything that does not need the sequence order (dU, dW, dKd, da) is then one batched matmul.
 
-The kernels honour ``torch.get_float32_matmuldot_precision()``: "highest" uses IEEE fp32 dots, "high" and
-"medium" TF32. They also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the test suite checks
+The kernels honour ``torch.get_float32_matmul_precision()`` ("highest" uses IEEE fp32 dots, "high" and
+"medium" TF32) unless the caller passes the precision (the fused delta rule passes its inputs': `dot_precision`). They also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the test suite checks
 them against ``state_pass_torch`` (chunk.py) without a GPU.
 """
 
@@ -223,7 +223,7 @@ if triton is not None:
             S = tl.dot(M, S, input_precision=PRECISION) + tl.load(base + K + rv[None, :], mask=m_kv, other=0.0)
 
 
-def _launch_fwd(U, W, Kd, a, S0, h, delta, sn, seg_len: int, n_segs: int, transition: bool) -> None:
+def _launch_fwd(U, W, Kd, a, S0, h, delta, sn, seg_len: int, n_segs: int, transition: bool, precision: str) -> None:
     B, H, n, C, K = W.shape
     V = U.shape[-1]
     VS = K + V if transition else V
@@ -232,11 +232,13 @@ def _launch_fwd(U, W, Kd, a, S0, h, delta, sn, seg_len: int, n_segs: int, transi
     _state_pass_fwd_kernel[grid](
         U, W, Kd, a, S0 if S0 is not None else sn, h, delta, sn, n, seg_len, n_segs,
         C=C, K=K, V=V, VS=VS, BC=BC, BK=BK, HAS_S0=S0 is not None, TRANSITION=transition,
-        PRECISION=dot_precision(),
+        PRECISION=precision,
     )  # fmt: skip
 
 
-def _launch_bwd(W, Kd, a, gh, gdelta, gsn, dsnext, ddelta, ds0, seg_len: int, n_segs: int, transition: bool):
+def _launch_bwd(
+    W, Kd, a, gh, gdelta, gsn, dsnext, ddelta, ds0, seg_len: int, n_segs: int, transition: bool, precision: str
+):
     B, H, n, C, K = W.shape
     V = gdelta.shape[-1]
     VS = K + V if transition else V
@@ -245,11 +247,11 @@ def _launch_bwd(W, Kd, a, gh, gdelta, gsn, dsnext, ddelta, ds0, seg_len: int, n_
     _state_pass_bwd_kernel[grid](
         W, Kd, a, gh, gdelta, gsn if gsn is not None else ds0, dsnext, ddelta, ds0, n, seg_len, n_segs,
         C=C, K=K, V=V, VS=VS, BC=BC, BK=BK, HAS_GSN=gsn is not None, TRANSITION=transition,
-        PRECISION=dot_precision(),
+        PRECISION=precision,
     )  # fmt: skip
 
 
-def _scan_segments(maps: torch.Tensor, S0: Optional[torch.Tensor], reverse: bool) -> torch.Tensor:
+def _scan_segments(maps: torch.Tensor, S0: Optional[torch.Tensor], reverse: bool, precision: str) -> torch.Tensor:
     """maps (B, H, n_segs, K, K + V) -> the state each segment starts from (B, H, n_segs, K, V)."""
     B, H, n_segs, K, KV = maps.shape
     V = KV - K
@@ -257,19 +259,21 @@ def _scan_segments(maps: torch.Tensor, S0: Optional[torch.Tensor], reverse: bool
     BK = max(16, triton.next_power_of_2(K))
     _segment_scan_kernel[(triton.cdiv(V, SCAN_BV), B * H)](
         maps, S0 if S0 is not None else out, out, n_segs, K=K, V=V, BK=BK, BV=SCAN_BV, HAS_S0=S0 is not None,
-        REVERSE=reverse, PRECISION=dot_precision(),
+        REVERSE=reverse, PRECISION=precision,
     )  # fmt: skip
     return out
 
 
-def state_pass_forward(U, W, Kd, a, S0):
+def state_pass_forward(U, W, Kd, a, S0, precision: Optional[str] = None):
     """The forward kernel: (H, delta, final state), all fp32. U, W, Kd, a contiguous fp32; S0 fp32 or None.
 
     A long pass over few (batch x head) sequences is latency-bound: one program walks all n chunks, one after
     another. There the chunks are cut into segments (``segment_chunks``) and walked in three steps, each
     parallel over segments except the short second one: (1) every segment's affine map S_out = M S_in + S_0out
     (the state pass itself over the columns [M | S], from [I | 0]); (2) the maps applied in order, giving the
-    state each segment starts from; (3) the pass over every segment from that state, storing H and delta."""
+    state each segment starts from; (3) the pass over every segment from that state, storing H and delta.
+    precision: tl.dot's ("ieee" or "tf32"; None: `dot_precision()`)."""
+    precision = precision or dot_precision()
     B, H, n, C, K = W.shape
     V = U.shape[-1]
     h, delta = U.new_empty(B, H, n, K, V), torch.empty_like(U)
@@ -277,19 +281,20 @@ def state_pass_forward(U, W, Kd, a, S0):
     n_segs = triton.cdiv(n, seg_len)
     if n_segs == 1:
         sn = U.new_empty(B, H, K, V)
-        _launch_fwd(U, W, Kd, a, S0, h, delta, sn, n, 1, transition=False)
+        _launch_fwd(U, W, Kd, a, S0, h, delta, sn, n, 1, transition=False, precision=precision)
         return h, delta, sn
     maps = U.new_empty(B, H, n_segs, K, K + V)
-    _launch_fwd(U, W, Kd, a, None, h, delta, maps, seg_len, n_segs, transition=True)
-    starts = _scan_segments(maps, S0, reverse=False)
+    _launch_fwd(U, W, Kd, a, None, h, delta, maps, seg_len, n_segs, transition=True, precision=precision)
+    starts = _scan_segments(maps, S0, reverse=False, precision=precision)
     ends = U.new_empty(B, H, n_segs, K, V)
-    _launch_fwd(U, W, Kd, a, starts, h, delta, ends, seg_len, n_segs, transition=False)
+    _launch_fwd(U, W, Kd, a, starts, h, delta, ends, seg_len, n_segs, transition=False, precision=precision)
     return h, delta, ends[:, :, -1].contiguous()
 
 
-def state_pass_backward(W, Kd, a, h, delta, gh, gdelta, gsn):
+def state_pass_backward(W, Kd, a, h, delta, gh, gdelta, gsn, precision: Optional[str] = None):
     """Gradients (dU, dW, dKd, da, dS0) from those of H, delta (fp32 or None) and the final state (or None);
     segmented like the forward when the walk is long and the sequences few."""
+    precision = precision or dot_precision()
     B, H, n, C, K = W.shape
     V = delta.shape[-1]
     gh = torch.zeros_like(h) if gh is None else gh.float().contiguous()
@@ -300,13 +305,13 @@ def state_pass_backward(W, Kd, a, h, delta, gh, gdelta, gsn):
     n_segs = triton.cdiv(n, seg_len)
     if n_segs == 1:
         ds0 = h.new_empty(B, H, K, V)
-        _launch_bwd(W, Kd, a, gh, gdelta, gsn, dsnext, ddelta, ds0, n, 1, transition=False)
+        _launch_bwd(W, Kd, a, gh, gdelta, gsn, dsnext, ddelta, ds0, n, 1, False, precision)
     else:
         maps = h.new_empty(B, H, n_segs, K, K + V)
-        _launch_bwd(W, Kd, a, gh, gdelta, None, dsnext, ddelta, maps, seg_len, n_segs, transition=True)
-        leaving = _scan_segments(maps, gsn, reverse=True)  # the gradient of the state leaving each segment
+        _launch_bwd(W, Kd, a, gh, gdelta, None, dsnext, ddelta, maps, seg_len, n_segs, True, precision)
+        leaving = _scan_segments(maps, gsn, reverse=True, precision=precision)  # the gradient of the state leaving each segment
         entering = h.new_empty(B, H, n_segs, K, V)
-        _launch_bwd(W, Kd, a, gh, gdelta, leaving, dsnext, ddelta, entering, seg_len, n_segs, transition=False)
+        _launch_bwd(W, Kd, a, gh, gdelta, leaving, dsnext, ddelta, entering, seg_len, n_segs, False, precision)
         ds0 = entering[:, :, 0].contiguous()
     # The parts that need no order: one batched matmul each, in fp32 even when backward is called inside an
     # autocast region (autograd runs backward under the caller's autocast state, which would make them bf16).

@@ -364,7 +364,7 @@ class _RetrievalAttention(torch.autograd.Function):
         C, top_k, n_chunks, has_sparse, tile = ctx.meta
         B, H, N, D = q.shape
         h_kv = k.shape[1]
-        shape = dict(C=C, D=D, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype))
+        shape = dict(C=C, D=D, BD=max(16, triton.next_power_of_2(D)), PRECISION=dot_precision(q.dtype))
         scales = (D**-0.5 * LOG2E, D**-0.5)
         do = d_out.to(q.dtype).contiguous()
         delta = (do.float() * out.float()).sum(-1)  # rowsum(dO * O): the softmax backward's correction term
@@ -405,11 +405,6 @@ class _RetrievalAttention(torch.autograd.Function):
             GROUP=H // h_kv, TOP_K=top_k, HAS_SPARSE=has_sparse, **shape,
         )  # fmt: skip
         return dq, dk, dv, None, None
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 inputs honour torch.get_float32_matmul_precision() (IEEE or TF32); 16-bit ones use their own."""
-    return dot_precision() if dtype == torch.float32 else "tf32"
 
 
 class _SparseLists:
@@ -491,7 +486,7 @@ def _forward(q, k_local, v_local, chunk_size: int, top_k: int, sources: list) ->
     sources' lists)."""
     B, H, N, D = q.shape
     h_kv = k_local.shape[1]
-    shape = dict(D=D, BD=max(16, triton.next_power_of_2(D)), PRECISION=_precision(q.dtype))
+    shape = dict(D=D, BD=max(16, triton.next_power_of_2(D)), PRECISION=dot_precision(q.dtype))
     scale_log2 = D**-0.5 * LOG2E
     tile = _query_tile(D, q.dtype)
     n_slots = B * H * N * top_k if sources else 1
