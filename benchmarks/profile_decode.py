@@ -9,8 +9,9 @@ memory on, as `speed decode` runs it) it prints
   * aten calls per token, and per layer call of each mixer / MLP / RMSNorm,
   * a stateful forward over 1, 2 and 3 tokens against one step: what a speculative-decoding verification
     round costs in steps.
-`BENCH_DECODE_BATCH` (default 1) rows decode together; `BENCH_KERNEL_ROWS` (default 30) kernels are listed; `BENCH_COMPILE_MODE` (default reduce-overhead;
-max-autotune also graph-captures) is the compiled step's mode on a GPU.
+`BENCH_DECODE_BATCH` (default 1) rows decode together; `BENCH_KERNEL_ROWS` (default 30) kernels are listed;
+`BENCH_COMPILE_MODE` (default reduce-overhead; max-autotune also graph-captures) is the compiled step's mode on
+a GPU.
 `d_model` narrows the preset (same layer schedule) so that the matmuls do not hide the host time on a CPU.
 """
 

@@ -171,7 +171,8 @@ def test_segmented_state_pass_comparison_fails_when_the_segments_start_from_zero
     from hydralm.kernels.delta_rule import triton_state_pass as dt
 
     monkeypatch.setattr(dt, "SEGMENT_CHUNKS", 2)
-    monkeypatch.setattr(dt, "_scan_segments", lambda maps, S0, reverse, precision: torch.zeros_like(maps[..., : -maps.shape[-2]]))
+    zeros = lambda maps, S0, reverse, precision: torch.zeros_like(maps[..., : -maps.shape[-2]])  # noqa: E731
+    monkeypatch.setattr(dt, "_scan_segments", zeros)
     inputs = _state_pass_inputs()
     expected, got = (_state_pass_results(fn, *inputs) for fn in (state_pass_torch, state_pass_triton))
     with pytest.raises(AssertionError):

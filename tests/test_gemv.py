@@ -105,13 +105,14 @@ def test_the_gemv_compiles_in_one_graph(monkeypatch):
                                 mlp.down.weight)) < 1e-5  # fmt: skip
 
 
-@pytest.mark.parametrize("M, N, K", [(1, 3096, 768), (1, 768, 768), (1, 768, 2048), (3, 4096, 768), (16, 768, 2048)])
-def test_every_autotune_candidate_kept_for_a_shape_equals_f_linear_and_the_heuristic_is_among_them(M, N, K):
-    """The GPU autotuner picks among the candidates `_keep_configs` keeps for a shape: each of them gives F.linear
-    (here in the interpreter, on a slice of the columns), and the fixed heuristic's blocks are one of them, so
-    tuning can only choose something the timing found at least as fast."""
+@pytest.mark.parametrize("N, K", [(3096, 768), (768, 768), (768, 2048), (4096, 768)])
+def test_every_autotune_candidate_kept_for_a_shape_equals_f_linear_and_the_heuristic_is_among_them(N, K):
+    """The GPU autotuner picks among the candidates `_keep_configs` keeps for a one-row shape: each of them gives
+    F.linear (here in the interpreter, on a slice of the columns), and the fixed heuristic's blocks are one of
+    them, so tuning can only choose something the timing found at least as fast."""
     from hydralm.kernels.linear import triton_gemv as kernel
 
+    M = 1
     kept = kernel._keep_configs(kernel._gemv_tuned.configs, {"M": M, "N": N, "K": K})
     blocks = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in kept}
     block_m, block_n, block_k = kernel._blocks(M, N, K)
@@ -129,3 +130,25 @@ def test_every_autotune_candidate_kept_for_a_shape_equals_f_linear_and_the_heuri
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def test_only_one_row_calls_take_the_autotuned_kernel_on_a_gpu(monkeypatch):
+    """Off the interpreter (a GPU) a one-row call launches the autotuned kernel and a several-row call the
+    heuristic's blocks; stand-in launchers record which one ran."""
+    from hydralm.kernels.linear import triton_gemv as kernel
+
+    launched = []
+
+    class Launcher:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launched.append((self.name, sorted(meta)))
+
+    monkeypatch.setattr(kernel, "interpreting", lambda: False)
+    monkeypatch.setattr(kernel, "_gemv_tuned", Launcher("tuned"))
+    monkeypatch.setattr(kernel, "_gemv_kernel", Launcher("heuristic"))
+    kernel.gemv(torch.randn(1, 64), torch.randn(32, 64))
+    kernel.gemv(torch.randn(3, 64), torch.randn(32, 64))
+    assert launched == [("tuned", ["BLOCK_M"]), ("heuristic", ["BLOCK_K", "BLOCK_M", "BLOCK_N"])]

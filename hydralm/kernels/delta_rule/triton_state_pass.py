@@ -13,8 +13,9 @@ one head's state in registers and walks all chunks; the backward walks them in r
 gradient. Everything that does not need the sequence order (dU, dW, dKd, da) is then one batched matmul.
 
 The kernels honour ``torch.get_float32_matmul_precision()`` ("highest" uses IEEE fp32 dots, "high" and
-"medium" TF32) unless the caller passes the precision (the fused delta rule passes its inputs': `dot_precision`). They also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the test suite checks
-them against ``state_pass_torch`` (chunk.py) without a GPU.
+"medium" TF32) unless the caller passes the precision (the fused delta rule passes its inputs':
+`dot_precision`). They also run under ``TRITON_INTERPRET=1`` on CPU tensors, which is how the test suite
+checks them against ``state_pass_torch`` (chunk.py) without a GPU.
 """
 
 from typing import Optional
@@ -309,7 +310,8 @@ def state_pass_backward(W, Kd, a, h, delta, gh, gdelta, gsn, precision: Optional
     else:
         maps = h.new_empty(B, H, n_segs, K, K + V)
         _launch_bwd(W, Kd, a, gh, gdelta, None, dsnext, ddelta, maps, seg_len, n_segs, True, precision)
-        leaving = _scan_segments(maps, gsn, reverse=True, precision=precision)  # the gradient of the state leaving each segment
+        # the gradient of the state leaving each segment
+        leaving = _scan_segments(maps, gsn, reverse=True, precision=precision)
         entering = h.new_empty(B, H, n_segs, K, V)
         _launch_bwd(W, Kd, a, gh, gdelta, leaving, dsnext, ddelta, entering, seg_len, n_segs, False, precision)
         ds0 = entering[:, :, 0].contiguous()
