@@ -122,14 +122,10 @@ def test_every_autotune_candidate_kept_for_a_shape_equals_f_linear_and_the_heuri
     x, weight = torch.randn(M, K, generator=gen), torch.randn(cols, K, generator=gen)
     for n, k in sorted(blocks):
         y = torch.empty(M, cols)
-        kernel._gemv_kernel[(triton_cdiv(cols, n),)](
+        kernel._gemv_kernel[(-(-cols // n),)](
             x, weight, y, M, cols, K, x.stride(0), weight.stride(0), y.stride(0), BLOCK_M=block_m, BLOCK_N=n, BLOCK_K=k
         )
         assert _rel(y, F.linear(x.double(), weight.double())) < 1e-5, (n, k)
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def test_only_one_row_calls_take_the_autotuned_kernel_on_a_gpu(monkeypatch):

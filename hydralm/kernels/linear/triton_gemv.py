@@ -57,14 +57,13 @@ if triton is not None:
         kept = [
             c
             for c in configs
-            if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == heuristic
-            or (
-                block_m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= MAX_TILE
-                and (triton.cdiv(N, c.kwargs["BLOCK_N"]) >= MIN_PROGRAMS or c.kwargs["BLOCK_N"] == narrowest)
-                and k_pow2 // 4 <= c.kwargs["BLOCK_K"] <= k_pow2
-            )
+            if block_m * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= MAX_TILE
+            and (triton.cdiv(N, c.kwargs["BLOCK_N"]) >= MIN_PROGRAMS or c.kwargs["BLOCK_N"] == narrowest)
+            and k_pow2 // 4 <= c.kwargs["BLOCK_K"] <= k_pow2
         ]
-        return kept or [triton.Config(dict(zip(("BLOCK_N", "BLOCK_K"), heuristic)), num_warps=4)]
+        if all((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) != heuristic for c in kept):
+            kept.append(triton.Config(dict(zip(("BLOCK_N", "BLOCK_K"), heuristic)), num_warps=4))
+        return kept
 
     _gemv_tuned = triton.autotune(
         configs=[
