@@ -5,7 +5,7 @@ the table says PASS/FAIL against the tolerance printed next to it. Run it on eve
 trusting `auto` (hydralm/kernels/backend.py). Sections:
 `python -m benchmarks.gpu_check [delta_rule] [qk_norm] [state_pass] [fla] [flex] [static_decode] [decode_fused]
 [decode_linear] [spec_decode] [retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy] [rmsnorm]
-[swiglu] [rotary]`
+[swiglu] [rotary] [short_conv]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends, GPU_CHECK_DELTANET_SHAPES=0,2
 to those of its three shapes; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
@@ -650,6 +650,31 @@ def check_rotary(device: str) -> None:
             del qkv, x, out, grad_x, x64, rotated, ref, expected
 
 
+def check_short_conv(device: str) -> None:
+    """The Triton short conv (kernels/conv/triton_short_conv.py) vs the plain expression silu(conv1d(zero-padded x))
+    in fp64: output, grad x and grad weight, for fp32 x and a bf16 x (an fp32 weight, as in training), x a strided
+    slice of a wider tensor as the block passes it, at the 160m block's 64k tokens x 2304 channels (q, k, v) and
+    at a ragged B2 N3001 C1000 with kernel size 3. A result in the wrong dtype fails its row."""
+    from hydralm.kernels.conv.triton_short_conv import short_conv_triton
+
+    for B, N, C, K in ((1, 65536, 2304, 4), (2, 3001, 1000, 3)):
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
+            wide = torch.randn(B, N, C + 40, device=device).to(dtype).requires_grad_()
+            x = wide[..., 8 : 8 + C]
+            weight = (torch.randn(C, 1, K, device=device) / K**0.5).requires_grad_()
+            dy = torch.randn(B, N, C, device=device).to(dtype)
+            out = short_conv_triton(x, weight)
+            got = (out.detach(), *torch.autograd.grad(out, (x, weight), dy))
+            x64, w64 = (t.detach().double().requires_grad_() for t in (x, weight))
+            padded = F.pad(x64, (0, 0, K - 1, 0)).transpose(1, 2)
+            ref = F.silu(F.conv1d(padded, w64, groups=C).transpose(1, 2))
+            expected = (ref.detach(), *torch.autograd.grad(ref, (x64, w64), dy.double()))
+            label = f"short_conv triton {str(dtype)[6:]} B{B} N{N} C{C} K{K}"
+            for part, a, b, want in zip(("out", "grad x", "grad weight"), got, expected, (dtype, dtype, torch.float32)):
+                _record(f"{label} {part}", _rel(a, b) if a.dtype == want else float("inf"), tol)
+            del wide, x, out, got, x64, w64, padded, ref, expected
+
+
 @torch.no_grad()
 def check_exactness(device: str) -> None:
     """Claims C1 and C2 on the GPU's default paths (HYDRALM_* = auto), fp32 with IEEE matmuls: parallel forward vs
@@ -818,6 +843,7 @@ def main() -> int:
         "rmsnorm",
         "swiglu",
         "rotary",
+        "short_conv",
     ]
     checks = {
         "delta_rule": check_delta_rule,
@@ -837,6 +863,7 @@ def main() -> int:
         "rmsnorm": check_rmsnorm,
         "swiglu": check_swiglu,
         "rotary": check_rotary,
+        "short_conv": check_short_conv,
     }
     for name in names:
         checks[name]("cuda")

@@ -2,7 +2,7 @@
 that ratios compare like with like:
 
     python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models] [loss] [norm] [swiglu]
-        [rotary] [state_pass] [gdn_parts]
+        [rotary] [short_conv] [state_pass] [gdn_parts]
 
 layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16
         fwd+bwd: our GDN kernel (PyTorch loop, Triton pass over chunks, fully fused Triton; BENCH_COMPILE=1
@@ -38,6 +38,10 @@ swiglu  SwiGLU's down part (silu(gate) * up, then the down projection), fwd+bwd,
 rotary  the rotary embedding of q and k, fwd+bwd, B1 H12 N65536 D64, bf16 strided views of one qkv tensor as
         the attention layers pass them: the PyTorch form and the Triton kernel (HYDRALM_ROTARY=triton)
                                                                  -> kernel_ms/rotary-{torch,triton}/65536x12x64
+short_conv  the Gated DeltaNet block's short conv + SiLU, fwd+bwd, 64k tokens x 2304 channels (q, k, v of the 160m
+        block), kernel 4, bf16 x (a slice of a wider projection output) and an fp32 weight: the PyTorch form, fla's
+        causal_conv1d and the Triton kernels (HYDRALM_SHORT_CONV)
+                                                                 -> kernel_ms/short-conv-{torch,fla,triton}/65536x2304
 state_pass  the fused delta rule (fwd+bwd, bf16, H 12 K 64) at 64k tokens as 1 x 64k, 4 x 16k and 16 x 4k, its pass
         over chunks walked whole or in segments                  -> kernel_ms/gdn-fused{,-one-walk}/B<B>-T<T>-H12-K64
 gdn_parts  the same kernel by part at those shapes: the prep kernel alone, prep + pass, forward, forward + backward,
@@ -687,6 +691,36 @@ def rotary() -> None:
     _torch_vs_triton("rotary", f"rotary-{{}}/{N}x{H}x{D}", lambda impl: step, title, switch="HYDRALM_ROTARY")
 
 
+def short_conv() -> None:
+    """The Gated DeltaNet block's short conv as the 160m block runs it in training (module docstring): each
+    implementation's fwd+bwd, the Triton row recorded against fla's (the CUDA default before it)."""
+    from hydralm.modules.short_conv import ShortConv
+
+    N, C, K = 65536, 2304, 4
+    wide = torch.randn(1, N, C + 792, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # + a, b, gate
+    conv = ShortConv(C, K).cuda()
+    dy = torch.randn(1, N, C, device="cuda", dtype=torch.bfloat16)
+    rows = []
+    for impl in ("torch", "fla", "triton"):
+
+        def step(impl=impl):
+            y, _ = conv(wide[..., :C], kernel=impl)
+            torch.autograd.grad(y, (wide, conv.weight), dy)
+
+        try:
+            ms = bench(step)
+        except Exception as err:  # fla not installed or not importable: the other rows still run
+            print(f"short_conv {impl}: {err!r}"[:300], flush=True)
+            continue
+        rows.append({"impl": impl, "ms": ms})
+        print(rows[-1], flush=True)
+        peer = "kernel_ms/short-conv-fla/65536x2304" if impl == "triton" else None
+        record.record(f"kernel_ms/short-conv-{impl}/{N}x{C}", ms, "ms", peer=peer)
+        record.write()
+    RESULTS["short_conv"] = rows
+    _print_table("short conv + SiLU, fwd+bwd, bf16 x, fp32 weight", rows, ["impl", "ms"])
+
+
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
     """ms per call of `fn` in 5 windows of `calls` calls, after `warmup` untimed calls. Decoding is host-bound
     and host load varies, so callers report the median with the spread rather than one mean."""
@@ -711,7 +745,7 @@ def main(argv: list) -> int:
             runs = {"layers": layers, "models": models, "decode": decode, "claim_models": claim_models}
             runs.update({"decode_batched": decode_batched, "loss": loss, "norm": norm, "swiglu": swiglu})
             runs.update({"state_pass": state_pass, "gdn_parts": gdn_parts})
-            runs["rotary"] = rotary
+            runs.update({"rotary": rotary, "short_conv": short_conv})
             runs[name]()
         except Exception as err:  # a failed section is reported, the others still run
             import traceback

@@ -113,6 +113,7 @@ def _torch_stand_ins(monkeypatch):
         return F.silu(F.conv1d(full.transpose(1, 2), weight, groups=x.shape[-1]).transpose(1, 2))
 
     monkeypatch.setattr(gated_deltanet, "gdn_modules_backend", lambda is_cuda: "fla")
+    monkeypatch.setattr(gated_deltanet, "short_conv_backend", lambda is_cuda: "fla")
     monkeypatch.setattr(short_conv, "fla_short_conv", conv)
     monkeypatch.setattr(gated_deltanet, "fla_l2norm", lambda x, eps: F.normalize(x, dim=-1, eps=eps))
     monkeypatch.setattr(

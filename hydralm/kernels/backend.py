@@ -42,6 +42,14 @@ HYDRALM_GDN_MODULES = auto | torch | fla
     the PyTorch modules' own bf16 error 1.0e-2). train.py at 16k x 4 ran 123.5 ktok/s with them, 90.1 without;
     fla autotunes its kernels in a process's first calls (that run's start took about 30 s longer).
 
+HYDRALM_SHORT_CONV = auto | torch | fla | triton
+    The short causal conv (with its SiLU) of Gated DeltaNet blocks, for calls without a carried conv state.
+    triton: one Triton kernel forward and one backward (kernels/conv/triton_short_conv.py) that read x at its row
+    stride (the slice of the input projection's output) and keep only x and the weight; fla: fla's causal_conv1d;
+    torch: the PyTorch form (cuDNN's conv1d and silu, recomputed in backward). auto = what HYDRALM_GDN_MODULES
+    picks (fla's kernel on CUDA with fla-core, torch elsewhere) until `HYDRALM_SHORT_CONV=triton python -m
+    benchmarks.gpu_check short_conv` passes on a GPU.
+
 HYDRALM_NORM = auto | torch | triton
     The RMSNorms of training forwards (the blocks' two norms, the final norm, the MTP heads' norms; not the
     gated norm): triton = one Triton kernel forward and one backward per call (kernels/norm/triton_rmsnorm.py)
@@ -162,6 +170,7 @@ DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv")
 DECODE_MANY_CHOICES = ("auto", "torch", "fused")
 STREAM_ROUTING_CHOICES = ("auto", "torch", "triton")
 GDN_MODULES_CHOICES = ("auto", "torch", "fla")
+SHORT_CONV_CHOICES = ("auto", "torch", "fla", "triton")
 NORM_CHOICES = ("auto", "torch", "triton")
 SWIGLU_CHOICES = ("auto", "torch", "triton")
 ROTARY_CHOICES = ("auto", "torch", "triton")
@@ -246,6 +255,21 @@ def gdn_modules_backend(is_cuda: bool) -> str:
             "it to use the PyTorch modules"
         )
     return "fla" if usable else "torch"  # auto: fla's on CUDA once their GPU check passed (module docstring)
+
+
+def short_conv_backend(is_cuda: bool) -> str:
+    """'triton', 'fla' or 'torch' for the short conv of Gated DeltaNet blocks (calls without a carried cache)."""
+    choice = _choice("HYDRALM_SHORT_CONV", SHORT_CONV_CHOICES)
+    if choice == "auto":  # fla's kernel wherever fla's GDN modules run (module docstring)
+        return gdn_modules_backend(is_cuda)
+    if choice == "fla" and not (is_cuda and fla_modules_available()):
+        raise RuntimeError(
+            "HYDRALM_SHORT_CONV=fla needs a CUDA device and flash-linear-attention (fla-core) importable; unset it "
+            "to use the default"
+        )
+    if choice == "triton":
+        _require_triton("HYDRALM_SHORT_CONV", choice, is_cuda, "the default")
+    return choice
 
 
 @functools.lru_cache(maxsize=1)

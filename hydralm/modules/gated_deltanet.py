@@ -30,6 +30,7 @@ from hydralm.kernels.backend import (
     decode_many_backend,
     deltanet_packed,
     gdn_modules_backend,
+    short_conv_backend,
 )
 from hydralm.kernels.delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_packed, delta_rule_step
 from hydralm.kernels.fla_modules import fla_gated_rms_norm, fla_l2norm
@@ -125,7 +126,8 @@ class GatedDeltaNet(nn.Module):
     def forward(self, x: torch.Tensor, state: Optional[DeltaNetState] = None) -> Tuple[torch.Tensor, DeltaNetState]:
         fla = gdn_modules_backend(x.is_cuda) == "fla"
         qkv, a, b, gate = self._project(x)
-        qkv, conv_cache = self.conv(qkv, None if state is None else state.conv, use_fla=fla)
+        conv_kernel = short_conv_backend(x.is_cuda)
+        qkv, conv_cache = self.conv(qkv, None if state is None else state.conv, kernel=conv_kernel)
         g, beta = self._gates(a, b)  # (B, N, H)
         initial = None if state is None else state.S
         if deltanet_packed(x.is_cuda):  # q, k, v as the conv wrote them, raw: the delta rule normalises q and k

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.kernels.fla_modules import fla_short_conv
+from hydralm.kernels.triton_common import triton_available
 from hydralm.modules.mixer import Counter
 from hydralm.modules.recompute import autocast_as, autocast_state
 
@@ -18,22 +19,26 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Conv1d's default init
 
-    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None, use_fla: bool = False):
+    def forward(self, x: torch.Tensor, cache: Optional[torch.Tensor] = None, kernel: str = "torch"):
         """x: (B, N, C); cache: the previous kernel_size - 1 inputs (B, kernel_size - 1, C) or None.
 
-        Returns (silu(conv(x)), new cache). Zeros stand in for inputs before the stream starts. ``use_fla`` runs
-        a call without a cache through fla's causal_conv1d kernel (CUDA; kernels/fla_modules.py).
+        Returns (silu(conv(x)), new cache). Zeros stand in for inputs before the stream starts. ``kernel`` (what
+        HYDRALM_SHORT_CONV picks: kernels/backend.py) runs a call without a cache through fla's causal_conv1d
+        ("fla", CUDA; kernels/fla_modules.py) or our Triton kernels ("triton"; kernels/conv/); "torch", a cache
+        or fp64 take the PyTorch form.
         """
         B, N, C = x.shape
         K = self.kernel_size
-        fla_kernel = use_fla and cache is None
+        fused = kernel if cache is None and x.dtype != torch.float64 else "torch"
         if cache is None:
             cache = x.new_zeros(B, K - 1, C)
         # the last K - 1 inputs: a view of x would keep the whole chunk alive in the decode state
         recent = torch.cat([cache.to(x.dtype), x[:, max(0, N - (K - 1)) :]], dim=1)
         new_cache = recent[:, recent.shape[1] - (K - 1) :].clone()  # owns its storage, as every state tensor
-        if fla_kernel:
+        if fused == "fla":
             return fla_short_conv(x, self.weight), new_cache
+        if fused == "triton" and triton_available():
+            return _triton_short_conv(x, self.weight), new_cache
         if torch.is_grad_enabled():  # backward recomputes the padded input and the conv (_ConvSiLU)
             return _ConvSiLU.apply(x, cache, self.weight), new_cache
         return _conv_silu(torch.cat([cache.to(x.dtype), x], dim=1), self.weight), new_cache
@@ -57,6 +62,13 @@ class ShortConv(nn.Module):
         if torch.is_tensor(kept):
             return full.index_select(1, kept + torch.arange(self.kernel_size - 1, device=full.device))
         return full[:, kept : kept + self.kernel_size - 1].clone()  # a copy: the cache holds no view of `full`
+
+
+@torch.compiler.disable  # an autograd Function launching Triton kernels: opaque to torch.compile, as fla's
+def _triton_short_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from hydralm.kernels.conv.triton_short_conv import short_conv_triton
+
+    return short_conv_triton(x, weight)
 
 
 def _conv_silu(full: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
