@@ -80,7 +80,7 @@ def test_bf16_input_keeps_its_dtype_and_an_fp32_weight_its_own():
 
 
 class _DropFirstTapGradient:
-    """The backward kernel, with the first tap's dw partial sums zeroed after each launch."""
+    """The dz kernel, with the first tap's dw partial sums zeroed after each launch."""
 
     def __init__(self, kernel):
         self.kernel = kernel
@@ -99,7 +99,7 @@ def test_the_comparison_fails_when_one_taps_gradient_is_dropped(monkeypatch):
 
     x, weight, grad = _inputs(1, 40, 24, 4, seed=5)
     exact = _run(_plain, x.double(), weight.double(), grad.double())
-    monkeypatch.setattr(module, "_conv_bwd_kernel", _DropFirstTapGradient(module._conv_bwd_kernel))
+    monkeypatch.setattr(module, "_conv_bwd_dz_kernel", _DropFirstTapGradient(module._conv_bwd_dz_kernel))
     got = _run(_triton, x, weight, grad)
     assert _rel(got[0], exact[0]) < 1e-5 and _rel(got[1], exact[1]) < 1e-5
     assert _rel(got[2], exact[2]) > 1e-1
