@@ -2,7 +2,7 @@
 that ratios compare like with like:
 
     python -m benchmarks.speed [layers] [models] [decode] [decode_batched] [claim_models] [loss] [norm] [swiglu]
-        [rotary] [short_conv] [state_pass] [gdn_parts]
+        [rotary] [short_conv] [short_conv_tiles] [state_pass] [gdn_parts]
 
 layers  (env BENCH_GDN=torch,triton,fused and BENCH_ATTENTION_CONTEXTS=4096,16384,65536 pick the rows) bf16
         fwd+bwd: our GDN kernel (PyTorch loop, Triton pass over chunks, fully fused Triton; BENCH_COMPILE=1
@@ -42,6 +42,9 @@ short_conv  the Gated DeltaNet block's short conv + SiLU, fwd+bwd, 64k tokens x 
         block), kernel 4, bf16 x (a slice of a wider projection output) and an fp32 weight: the PyTorch form, fla's
         causal_conv1d and the Triton kernels (HYDRALM_SHORT_CONV)
                                                                  -> kernel_ms/short-conv-{torch,fla,triton}/65536x2304
+short_conv_tiles  each Triton short-conv kernel (forward, dz with the dw partial sums, dx) alone at the same shape
+        over 16 / 32 rows x 64 / 128 / 256 channels x 4 / 8 warps per tile, and fla's forward: where the tile sizes in
+        kernels/conv/triton_short_conv.py come from (printed, not recorded)
 state_pass  the fused delta rule (fwd+bwd, bf16, H 12 K 64) at 64k tokens as 1 x 64k, 4 x 16k and 16 x 4k, its pass
         over chunks walked whole or in segments                  -> kernel_ms/gdn-fused{,-one-walk}/B<B>-T<T>-H12-K64
 gdn_parts  the same kernel by part at those shapes: the prep kernel alone, prep + pass, forward, forward + backward,
@@ -721,6 +724,55 @@ def short_conv() -> None:
     _print_table("short conv + SiLU, fwd+bwd, bf16 x, fp32 weight", rows, ["impl", "ms"])
 
 
+def short_conv_tiles() -> None:
+    """Each Triton short-conv kernel alone per tile size (module docstring); the fastest per kernel is printed."""
+    import itertools
+
+    import triton
+
+    import hydralm.kernels.conv.triton_short_conv as conv
+    from hydralm.kernels.fla_modules import fla_short_conv
+
+    N, C, K = 65536, 2304, 4
+    x = torch.randn(1, N, C + 792, device="cuda", dtype=torch.bfloat16)[..., :C]
+    weight = torch.randn(C, 1, K, device="cuda") / 2
+    dy = torch.randn(1, N, C, device="cuda", dtype=torch.bfloat16)
+    taps = weight.reshape(C, K).contiguous()
+    dz, dx = torch.empty_like(dy), torch.empty_like(dy)
+    rows_out = []
+    for rows, cols, warps in itertools.product((16, 32), (64, 128, 256), (4, 8)):
+        conv.FORWARD_TILE = (rows, cols, warps)
+        grid = (triton.cdiv(N, rows), triton.cdiv(C, cols), 1)
+        row = {"tile": f"{rows}x{cols}x{warps}", "fwd_ms": bench(lambda: conv.short_conv_forward(x, weight))}
+
+        def dx_kernel(grid=grid, rows=rows, cols=cols, warps=warps):
+            conv._conv_bwd_dx_kernel[grid](
+                dz, taps, dx, N, C, dx.stride(0), dx.stride(1), K=K, KP=K, ROWS=rows, COLS=cols, num_warps=warps
+            )
+
+        row["dx_ms"] = bench(dx_kernel)
+        for tiles in (4, 16):
+            programs = triton.cdiv(triton.cdiv(N, rows), tiles)
+            part = torch.empty(programs, C, K, device="cuda")
+
+            def dz_kernel(programs=programs, part=part, tiles=tiles, rows=rows, cols=cols, warps=warps):
+                conv._conv_bwd_dz_kernel[(programs, triton.cdiv(C, cols), 1)](
+                    x, taps, dy, dz, part, N, C, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), tiles,
+                    K=K, KP=K, ROWS=rows, COLS=cols, num_warps=warps,
+                )  # fmt: skip
+
+            row[f"dz{tiles}_ms"] = bench(dz_kernel)
+        rows_out.append(row)
+        print(row, flush=True)
+    for part in ("fwd_ms", "dz4_ms", "dz16_ms", "dx_ms"):
+        best = min(rows_out, key=lambda r: r[part])
+        print(f"fastest {part}: {best['tile']} {best[part]:.3f} ms", flush=True)
+    print(f"fla forward: {bench(lambda: fla_short_conv(x, weight)):.3f} ms", flush=True)
+    RESULTS["short_conv_tiles"] = rows_out
+    _print_table("Triton short conv kernels by tile (rows x channels x warps), 64k x 2304, bf16", rows_out,
+                 ["tile", "fwd_ms", "dz4_ms", "dz16_ms", "dx_ms"])  # fmt: skip
+
+
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
     """ms per call of `fn` in 5 windows of `calls` calls, after `warmup` untimed calls. Decoding is host-bound
     and host load varies, so callers report the median with the spread rather than one mean."""
@@ -745,7 +797,7 @@ def main(argv: list) -> int:
             runs = {"layers": layers, "models": models, "decode": decode, "claim_models": claim_models}
             runs.update({"decode_batched": decode_batched, "loss": loss, "norm": norm, "swiglu": swiglu})
             runs.update({"state_pass": state_pass, "gdn_parts": gdn_parts})
-            runs.update({"rotary": rotary, "short_conv": short_conv})
+            runs.update({"rotary": rotary, "short_conv": short_conv, "short_conv_tiles": short_conv_tiles})
             runs[name]()
         except Exception as err:  # a failed section is reported, the others still run
             import traceback

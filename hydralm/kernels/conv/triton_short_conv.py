@@ -2,13 +2,15 @@
 two backward (HYDRALM_SHORT_CONV=triton): `short_conv_triton`.
 
 The PyTorch form (modules/short_conv.py, `_ConvSiLU`) pads x with K - 1 zero rows, transposes it for cuDNN's
-conv1d and runs silu after it; backward recomputes both under autograd. fla's causal_conv1d (the other CUDA path)
-spent about 1.1 ms per 160m layer in its backward alone at 64k tokens (H200 profile, 2026-12-01), three times what
-reading x and dy and writing dx costs there. Here forward reads x's K shifted row tiles (one from memory, the rest
-from cache) and writes y. Backward runs two kernels: the first recomputes z, writes dz = dy silu'(z) in x's dtype
-and per-program partial sums of dw (reduced afterwards in a fixed order: no atomics, deterministic); the second
-reads dz's K shifted row tiles for dx. (A first version recomputed z at all K shifts inside one backward kernel
-with 64 x 128 tiles: 9.4 ms fwd+bwd at 64k x 2304 on an H200, against fla's 2.3.)
+conv1d and runs silu after it; backward recomputes both under autograd. fla's causal_conv1d is the CUDA default.
+Here forward loads x's K shifted row tiles as one (rows, K, channels) tile and writes y. Backward runs two kernels:
+the first recomputes z, writes dz = dy silu'(z) in x's dtype and per-program partial sums of dw (added afterwards
+in a fixed order: no atomics, deterministic); the second reads dz's K shifted row tiles for dx.
+
+Measured at 64k tokens x 2304 channels (the 160m block's q, k, v), bf16, on an H200 (docs/benchmarks.md): forward
+0.31 ms against fla's 0.41; the dz kernel 1.49 ms, far from the ~0.3 ms its traffic needs (ptxas gives it 255
+registers a thread: register-bound); dx 0.17 ms. A first version recomputed z at all K shifts in one backward
+kernel and spilled ~19 KB a thread: 9.4 ms fwd+bwd against fla's 2.3 (cede0f7).
 
 With taps w[c, 0..K-1] and x[t] = 0 for t < 0:
     z[t, c] = sum_j w[c, j] x[t - (K - 1) + j, c],   y = silu(z) = z sig(z)
@@ -23,10 +25,12 @@ import torch
 
 from hydralm.kernels.triton_common import tl, triton
 
-ROWS = 32  # tokens per tile: 32 x 128 fp32 values over 4 warps are 32 registers a thread per tile
-COLS = 128  # channels per tile
-TILES_PER_PROGRAM = 8  # the dz kernel: row tiles one program walks, summing its dw in registers
-WARPS = 4
+# (tokens, channels) per tile and warps per program, each kernel's fastest in a sweep over 16 / 32 rows x 64 / 128 /
+# 256 channels x 4 / 8 warps at 64k x 2304 on an H200 (`python -m benchmarks.speed short_conv_tiles`, 37b0878)
+FORWARD_TILE = (16, 256, 8)  # 0.307 ms (32 x 128 x 4: 0.349)
+DZ_TILE = (32, 128, 4)  # 1.49 ms, 4 row tiles a program (16: 1.52)
+DX_TILE = (16, 128, 4)  # 0.166 ms
+TILES_PER_PROGRAM = 4  # the dz kernel: row tiles one program walks, summing its dw in registers
 
 
 if triton is not None:
@@ -145,10 +149,11 @@ def short_conv_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     B, N, C = x.shape
     y = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
     if y.numel() > 0:
-        grid = (triton.cdiv(N, ROWS), triton.cdiv(C, COLS), B)
-        _conv_fwd_kernel[grid](
+        rows, cols, warps = FORWARD_TILE
+        K = weight.shape[-1]
+        _conv_fwd_kernel[(triton.cdiv(N, rows), triton.cdiv(C, cols), B)](
             x, _weight_rows(weight), y, N, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            K=weight.shape[-1], KP=triton.next_power_of_2(weight.shape[-1]), ROWS=ROWS, COLS=COLS, num_warps=WARPS,
+            K=K, KP=triton.next_power_of_2(K), ROWS=rows, COLS=cols, num_warps=warps,
         )  # fmt: skip
     return y
 
@@ -164,16 +169,18 @@ def short_conv_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor)
         return dx, torch.zeros_like(weight)
     taps = _weight_rows(weight)
     dz = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
-    programs_t = triton.cdiv(triton.cdiv(N, ROWS), TILES_PER_PROGRAM)
+    KP = triton.next_power_of_2(K)
+    rows, cols, warps = DZ_TILE
+    programs_t = triton.cdiv(triton.cdiv(N, rows), TILES_PER_PROGRAM)
     dw_part = torch.empty(B * programs_t, C, K, device=x.device, dtype=torch.float32)
-    _conv_bwd_dz_kernel[(programs_t, triton.cdiv(C, COLS), B)](
+    _conv_bwd_dz_kernel[(programs_t, triton.cdiv(C, cols), B)](
         x, taps, dy, dz, dw_part, N, C, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), TILES_PER_PROGRAM,
-        K=K, KP=triton.next_power_of_2(K), ROWS=ROWS, COLS=COLS, num_warps=WARPS,
+        K=K, KP=KP, ROWS=rows, COLS=cols, num_warps=warps,
     )  # fmt: skip
-    _conv_bwd_dx_kernel[(triton.cdiv(N, ROWS), triton.cdiv(C, COLS), B)](
-        dz, taps, dx, N, C, dx.stride(0), dx.stride(1), K=K, KP=triton.next_power_of_2(K), ROWS=ROWS, COLS=COLS,
-        num_warps=WARPS,
-    )  # fmt: skip
+    rows, cols, warps = DX_TILE
+    _conv_bwd_dx_kernel[(triton.cdiv(N, rows), triton.cdiv(C, cols), B)](
+        dz, taps, dx, N, C, dx.stride(0), dx.stride(1), K=K, KP=KP, ROWS=rows, COLS=cols, num_warps=warps
+    )
     dw = dw_part.sum(0).to(weight.dtype).reshape(weight.shape)
     return dx, dw
 
