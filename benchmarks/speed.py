@@ -757,8 +757,8 @@ def short_conv_tiles() -> None:
 
             def dz_kernel(programs=programs, part=part, tiles=tiles, rows=rows, cols=cols, warps=warps):
                 conv._conv_bwd_dz_kernel[(programs, triton.cdiv(C, cols), 1)](
-                    x, taps, dy, dz, part, N, C, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), tiles,
-                    K=K, KP=K, ROWS=rows, COLS=cols, num_warps=warps,
+                    x, taps, dy, dz, part, N, C, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dz.stride(0),
+                    tiles, K=K, KP=K, ROWS=rows, COLS=cols, num_warps=warps,
                 )  # fmt: skip
 
             row[f"dz{tiles}_ms"] = bench(dz_kernel)

@@ -58,20 +58,25 @@ if triton is not None:
         return tl.where(j < K, j - (K - 1), -N - KP)
 
     @triton.jit
+    def _tile(C, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """This program's tile: (first row, row offsets, channels, batch row, channel mask)."""
+        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+        return tl.program_id(0) * ROWS, tl.arange(0, ROWS), cols, tl.program_id(2).to(tl.int64), cols < C
+
+    @triton.jit
+    def _store_tile(ptr, value, b, s_b, s_n, row0, local, cols, N, mask_c):
+        mask = (row0 + local < N)[:, None] & mask_c[None, :]
+        base = ptr + b * s_b + row0.to(tl.int64) * s_n
+        tl.store(base + (local * s_n)[:, None] + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, N, C, s_xb, s_xn, s_yb, s_yn,
                          K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):  # fmt: skip
-        row0 = tl.program_id(0) * ROWS
-        local = tl.arange(0, ROWS)
-        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
-        b = tl.program_id(2).to(tl.int64)
-        mask_c = cols < C
+        row0, local, cols, b, mask_c = _tile(C, ROWS, COLS)
         x_base = x_ptr + b * s_xb + row0.to(tl.int64) * s_xn
         x = _windows(x_base, row0, local, _past_shifts(N, K, KP), s_xn, N, mask_c, cols)
         z = tl.sum(x * _taps(w_ptr, cols, mask_c, K, KP)[None, :, :], axis=1)
-        mask = (row0 + local < N)[:, None] & mask_c[None, :]
-        y_base = y_ptr + b * s_yb + row0.to(tl.int64) * s_yn
-        tl.store(y_base + (local * s_yn)[:, None] + cols[None, :], (z * tl.sigmoid(z)).to(y_ptr.dtype.element_ty),
-                 mask=mask)  # fmt: skip
+        _store_tile(y_ptr, z * tl.sigmoid(z), b, s_yb, s_yn, row0, local, cols, N, mask_c)
 
     @triton.jit
     def _row_tile(base_ptr, row0, local, shift, s_n, N, mask_c, cols):
@@ -81,7 +86,7 @@ if triton is not None:
         return tl.load(base_ptr + (r * s_n)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _conv_bwd_dz_kernel(x_ptr, w_ptr, dy_ptr, dz_ptr, dw_part_ptr, N, C, s_xb, s_xn, s_dyb, s_dyn,
+    def _conv_bwd_dz_kernel(x_ptr, w_ptr, dy_ptr, dz_ptr, dw_part_ptr, N, C, s_xb, s_xn, s_dyb, s_dyn, s_dzb,
                             TILES, K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr,
                             COLS: tl.constexpr):  # fmt: skip
         """dz = dy silu'(z) (contiguous (B, N, C), in dz's dtype) for TILES row tiles of one channel tile, and their
@@ -105,9 +110,7 @@ if triton is not None:
             dy = _row_tile(dy_base, row0, local, 0, s_dyn, N, mask_c, cols)
             sig = tl.sigmoid(z)
             dz = dy * sig * (1.0 + z * (1.0 - sig))  # d silu(z)/dz = sig (1 + z (1 - sig)); 0 on rows >= N
-            mask = (row0 + local < N)[:, None] & mask_c[None, :]
-            dz_base = dz_ptr + (b * N + row0) * C
-            tl.store(dz_base + (local * C)[:, None] + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+            _store_tile(dz_ptr, dz, b, s_dzb, C, row0, local, cols, N, mask_c)  # dz is contiguous
             for j in tl.static_range(K):  # dw[j] sums x[t - (K - 1) + j] dz[t] over the tile's rows t
                 part = tl.sum(_row_tile(x_base, row0, local, j - (K - 1), s_xn, N, mask_c, cols) * dz, axis=0)
                 dw += tl.where(taps[:, None] == j, part[None, :], 0.0)
@@ -119,18 +122,12 @@ if triton is not None:
     def _conv_bwd_dx_kernel(dz_ptr, w_ptr, dx_ptr, N, C, s_dxb, s_dxn,
                             K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):  # fmt: skip
         """dx[t] = sum_j w[j] dz[t + (K - 1) - j] for one tile."""
-        row0 = tl.program_id(0) * ROWS
-        local = tl.arange(0, ROWS)
-        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
-        b = tl.program_id(2).to(tl.int64)
-        mask_c = cols < C
+        row0, local, cols, b, mask_c = _tile(C, ROWS, COLS)
         j = tl.arange(0, KP)
         ahead = tl.where(j < K, K - 1 - j, N + KP)  # tap j reaches dx[t] from dz[t + K - 1 - j]
         dz = _windows(dz_ptr + (b * N + row0) * C, row0, local, ahead, C, N, mask_c, cols)
         dx = tl.sum(dz * _taps(w_ptr, cols, mask_c, K, KP)[None, :, :], axis=1)
-        mask = (row0 + local < N)[:, None] & mask_c[None, :]
-        dx_base = dx_ptr + b * s_dxb + row0.to(tl.int64) * s_dxn
-        tl.store(dx_base + (local * s_dxn)[:, None] + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        _store_tile(dx_ptr, dx, b, s_dxb, s_dxn, row0, local, cols, N, mask_c)
 
 
 def _weight_rows(weight: torch.Tensor) -> torch.Tensor:
@@ -174,7 +171,8 @@ def short_conv_backward(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor)
     programs_t = triton.cdiv(triton.cdiv(N, rows), TILES_PER_PROGRAM)
     dw_part = torch.empty(B * programs_t, C, K, device=x.device, dtype=torch.float32)
     _conv_bwd_dz_kernel[(programs_t, triton.cdiv(C, cols), B)](
-        x, taps, dy, dz, dw_part, N, C, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), TILES_PER_PROGRAM,
+        x, taps, dy, dz, dw_part, N, C, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), dz.stride(0),
+        TILES_PER_PROGRAM,
         K=K, KP=KP, ROWS=rows, COLS=cols, num_warps=warps,
     )  # fmt: skip
     rows, cols, warps = DX_TILE
