@@ -69,3 +69,11 @@ def test_c6_on_real_text_sweeps_each_optimizers_learning_rate_and_resumes_across
     before = summary.stat().st_mtime_ns
     (third,) = run_claims("smoke", workdir, only=["C6"])
     assert third.values == second.values and summary.stat().st_mtime_ns == before  # read back, not retrained
+
+
+def test_a_budget_entrys_learning_rate_reaches_the_training_run():
+    """C7's full budget trains at lr 1e-3 (docs/claims.md); an entry without `lr` keeps the optimizer config's."""
+    from hydralm.eval import claims
+
+    assert "optimizer.lr=0.001" in claims._run_overrides(claims.BUDGETS["full"]["c7"])
+    assert not any(o.startswith("optimizer.lr") for o in claims._run_overrides(claims.BUDGETS["full"]["c10"]))
