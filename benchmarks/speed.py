@@ -42,9 +42,9 @@ short_conv  the Gated DeltaNet block's short conv + SiLU, fwd+bwd, 64k tokens x 
         block), kernel 4, bf16 x (a slice of a wider projection output) and an fp32 weight: the PyTorch form, fla's
         causal_conv1d and the Triton kernels (HYDRALM_SHORT_CONV)
                                                                  -> kernel_ms/short-conv-{torch,fla,triton}/65536x2304
-short_conv_tiles  each Triton short-conv kernel (forward, dz with the dw partial sums, dx) alone at the same shape
-        over 16 / 32 rows x 64 / 128 / 256 channels x 4 / 8 warps per tile, and fla's forward: where the tile sizes in
-        kernels/conv/triton_short_conv.py come from (printed, not recorded)
+short_conv_tiles  each Triton short-conv kernel (forward, dz with the dw partial sums over 1 / 4 / 16 row tiles a
+        program, dx) alone at the same shape over 16 / 32 rows x 64 / 128 / 256 channels x 4 / 8 warps per tile, and
+        fla's forward: where the tile sizes in kernels/conv/triton_short_conv.py come from (printed, not recorded)
 state_pass  the fused delta rule (fwd+bwd, bf16, H 12 K 64) at 64k tokens as 1 x 64k, 4 x 16k and 16 x 4k, its pass
         over chunks walked whole or in segments                  -> kernel_ms/gdn-fused{,-one-walk}/B<B>-T<T>-H12-K64
 gdn_parts  the same kernel by part at those shapes: the prep kernel alone, prep + pass, forward, forward + backward,
@@ -751,7 +751,7 @@ def short_conv_tiles() -> None:
             )
 
         row["dx_ms"] = bench(dx_kernel)
-        for tiles in (4, 16):
+        for tiles in (1, 4, 16):  # 1: no loop (triton specialises an int argument of 1), a dw partial per tile
             programs = triton.cdiv(triton.cdiv(N, rows), tiles)
             part = torch.empty(programs, C, K, device="cuda")
 
@@ -764,13 +764,13 @@ def short_conv_tiles() -> None:
             row[f"dz{tiles}_ms"] = bench(dz_kernel)
         rows_out.append(row)
         print(row, flush=True)
-    for part in ("fwd_ms", "dz4_ms", "dz16_ms", "dx_ms"):
+    for part in ("fwd_ms", "dz1_ms", "dz4_ms", "dz16_ms", "dx_ms"):
         best = min(rows_out, key=lambda r: r[part])
         print(f"fastest {part}: {best['tile']} {best[part]:.3f} ms", flush=True)
     print(f"fla forward: {bench(lambda: fla_short_conv(x, weight)):.3f} ms", flush=True)
     RESULTS["short_conv_tiles"] = rows_out
     _print_table("Triton short conv kernels by tile (rows x channels x warps), 64k x 2304, bf16", rows_out,
-                 ["tile", "fwd_ms", "dz4_ms", "dz16_ms", "dx_ms"])  # fmt: skip
+                 ["tile", "fwd_ms", "dz1_ms", "dz4_ms", "dz16_ms", "dx_ms"])  # fmt: skip
 
 
 def timed_windows(fn, calls: int = 20, warmup: int = 0, sync=torch.cuda.synchronize) -> list:
