@@ -654,8 +654,9 @@ def check_short_conv(device: str) -> None:
     """The Triton short conv (kernels/conv/triton_short_conv.py) vs the plain expression silu(conv1d(zero-padded x))
     in fp64: output, grad x and grad weight, for fp32 x and a bf16 x (an fp32 weight, as in training), x a strided
     slice of a wider tensor as the block passes it, at the 160m block's 64k tokens x 2304 channels (q, k, v) and
-    at a ragged B2 N3001 C1000 with kernel size 3. A result in the wrong dtype fails its row."""
-    from hydralm.kernels.conv.triton_short_conv import short_conv_triton
+    at a ragged B2 N3001 C1000 with kernel size 3; and the forward after a carried cache (streaming, chunked
+    prefill). A result in the wrong dtype fails its row."""
+    from hydralm.kernels.conv.triton_short_conv import short_conv_forward, short_conv_triton
 
     for B, N, C, K in ((1, 65536, 2304, 4), (2, 3001, 1000, 3)):
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
@@ -672,7 +673,13 @@ def check_short_conv(device: str) -> None:
             label = f"short_conv triton {str(dtype)[6:]} B{B} N{N} C{C} K{K}"
             for part, a, b, want in zip(("out", "grad x", "grad weight"), got, expected, (dtype, dtype, torch.float32)):
                 _record(f"{label} {part}", _rel(a, b) if a.dtype == want else float("inf"), tol)
-            del wide, x, out, got, x64, w64, padded, ref, expected
+            cache = torch.randn(B, K - 1, C, device=device).to(dtype)  # a stream's previous inputs
+            with torch.no_grad():
+                streamed = short_conv_forward(x, weight, cache)
+                full = torch.cat([cache.double(), x64.detach()], dim=1).transpose(1, 2)
+                ref = F.silu(F.conv1d(full, w64.detach(), groups=C).transpose(1, 2))
+            _record(f"{label} out after a cache", _rel(streamed, ref) if streamed.dtype == dtype else float("inf"), tol)
+            del wide, x, out, got, x64, w64, padded, ref, expected, cache, streamed, full
 
 
 @torch.no_grad()

@@ -105,19 +105,40 @@ def test_the_comparison_fails_when_one_taps_gradient_is_dropped(monkeypatch):
     assert _rel(got[2], exact[2]) > 1e-1
 
 
-def test_a_carried_cache_takes_the_pytorch_form(monkeypatch):
-    """The kernels start from zeros: a call with a cache (chunked prefill) must not reach them."""
+def test_a_carried_cache_takes_the_pytorch_form_when_gradients_are_wanted(monkeypatch):
+    """The kernels' backward starts from zeros: a training call with a cache must not reach them."""
     import hydralm.kernels.conv.triton_short_conv as module
 
     def refuse(*args, **kwargs):
-        raise AssertionError("the Triton kernel ran on a call with a cache")
+        raise AssertionError("a Triton kernel ran on a call with a cache and gradients")
 
     monkeypatch.setattr(module, "short_conv_triton", refuse)
+    monkeypatch.setattr(module, "short_conv_forward", refuse)
     conv = ShortConv(16, 4)
     x, cache = torch.randn(2, 9, 16), torch.randn(2, 3, 16)
     y, new_cache = conv(x, cache, kernel="triton")
     expected, _ = conv(x, cache, kernel="torch")
     torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("N", [1, 2, 40])  # shorter and longer than the cache (kernel 4: 3 rows)
+def test_without_gradients_the_kernel_reads_a_carried_cache(N):
+    """Chunked prefill and streaming: the rows before the call come from the cache (any float dtype)."""
+    conv = ShortConv(200, 4)
+    x = torch.randn(2, N, 200)
+    for cache in (torch.randn(2, 3, 200), torch.randn(2, 3, 200).to(torch.bfloat16)):
+        with torch.no_grad():
+            got, got_cache = conv(x, cache, kernel="triton")
+            expected, expected_cache = conv(x, cache, kernel="torch")
+        assert _rel(got, expected) < 1e-5, f"{_rel(got, expected):.2e}"
+        torch.testing.assert_close(got_cache, expected_cache, rtol=0, atol=0)
+
+
+def test_a_cache_of_the_wrong_shape_is_refused():
+    from hydralm.kernels.conv.triton_short_conv import short_conv_forward
+
+    with pytest.raises(ValueError, match=r"the conv cache must have shape \(2, 3, 8\), got \(2, 2, 8\)"):
+        short_conv_forward(torch.randn(2, 5, 8), torch.randn(8, 1, 4), torch.randn(2, 2, 8))
 
 
 def test_a_gated_deltanet_block_gives_the_same_outputs_state_and_gradients_with_the_triton_conv(monkeypatch):
@@ -131,6 +152,21 @@ def test_a_gated_deltanet_block_gives_the_same_outputs_state_and_gradients_with_
         results[kernel] = (y, state.S, state.conv, *torch.autograd.grad(y.square().sum(), [x, *layer.parameters()]))
     for a, b in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_chunked_prefill_with_the_triton_conv_equals_one_call(monkeypatch):
+    """C1 for a Gated DeltaNet block on this path: the state carried over three calls gives the one call's outputs."""
+    monkeypatch.setenv("HYDRALM_SHORT_CONV", "triton")
+    cfg = HydraConfig(vocab_size=8, d_model=32, n_layers=1, n_heads=2, dn_chunk_size=4, layer_types=["deltanet"])
+    layer = GatedDeltaNet(cfg)
+    x = torch.randn(2, 23, 32)
+    with torch.no_grad():
+        whole, _ = layer(x)
+        pieces, state = [], None
+        for part in x.split([2, 13, 8], dim=1):
+            y, state = layer(part, state)
+            pieces.append(y)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-5, atol=1e-5)
 
 
 def test_the_switch(monkeypatch):

@@ -43,9 +43,10 @@ HYDRALM_GDN_MODULES = auto | torch | fla
     fla autotunes its kernels in a process's first calls (that run's start took about 30 s longer).
 
 HYDRALM_SHORT_CONV = auto | torch | fla | triton
-    The short causal conv (with its SiLU) of Gated DeltaNet blocks, for calls without a carried conv state.
-    triton: one Triton kernel forward and two backward (kernels/conv/triton_short_conv.py) that read x at its row
-    stride (the slice of the input projection's output) and keep only x and the weight; fla: fla's causal_conv1d;
+    The short causal conv (with its SiLU) of Gated DeltaNet blocks. triton: one Triton kernel forward and two
+    backward (kernels/conv/triton_short_conv.py) that read x at its row stride (the slice of the input projection's
+    output) and keep only x and the weight, for calls without a carried conv state, and the forward alone after one
+    when no gradient is wanted (chunked prefill, streaming); fla: fla's causal_conv1d, calls without a state only;
     torch: the PyTorch form (cuDNN's conv1d and silu, recomputed in backward). auto = what HYDRALM_GDN_MODULES
     picks (fla's kernel on CUDA with fla-core, torch elsewhere). triton is not the default: its first version
     passed `python -m benchmarks.gpu_check short_conv` on an H200 (12/12 at cede0f7, fp32 <= 1.4e-7, bf16 <=

@@ -24,12 +24,15 @@ class ShortConv(nn.Module):
 
         Returns (silu(conv(x)), new cache). Zeros stand in for inputs before the stream starts. ``kernel`` (what
         HYDRALM_SHORT_CONV picks: kernels/backend.py) runs a call without a cache through fla's causal_conv1d
-        ("fla", CUDA; kernels/fla_modules.py) or our Triton kernels ("triton"; kernels/conv/); "torch", a cache
-        or fp64 take the PyTorch form.
+        ("fla", CUDA; kernels/fla_modules.py) or our Triton kernels ("triton"; kernels/conv/, which also take a
+        cache when no gradient is wanted: chunked prefill, streaming); "torch" and fp64 take the PyTorch form.
         """
         B, N, C = x.shape
         K = self.kernel_size
-        fused = kernel if cache is None and x.dtype != torch.float64 else "torch"
+        fused = "torch" if x.dtype == torch.float64 else kernel
+        carried = cache
+        if carried is not None and not (fused == "triton" and not torch.is_grad_enabled()):
+            fused = "torch"
         if cache is None:
             cache = x.new_zeros(B, K - 1, C)
         # the last K - 1 inputs: a view of x would keep the whole chunk alive in the decode state
@@ -38,7 +41,7 @@ class ShortConv(nn.Module):
         if fused == "fla":
             return fla_short_conv(x, self.weight), new_cache
         if fused == "triton" and triton_available():
-            return _triton_short_conv(x, self.weight), new_cache
+            return _triton_short_conv(x, self.weight, carried), new_cache
         if torch.is_grad_enabled():  # backward recomputes the padded input and the conv (_ConvSiLU)
             return _ConvSiLU.apply(x, cache, self.weight), new_cache
         return _conv_silu(torch.cat([cache.to(x.dtype), x], dim=1), self.weight), new_cache
@@ -65,10 +68,11 @@ class ShortConv(nn.Module):
 
 
 @torch.compiler.disable  # an autograd Function launching Triton kernels: opaque to torch.compile, as fla's
-def _triton_short_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    from hydralm.kernels.conv.triton_short_conv import short_conv_triton
+def _triton_short_conv(x: torch.Tensor, weight: torch.Tensor, cache: Optional[torch.Tensor]) -> torch.Tensor:
+    """From zeros with autograd, or (no gradients wanted) after a carried cache."""
+    from hydralm.kernels.conv.triton_short_conv import short_conv_forward, short_conv_triton
 
-    return short_conv_triton(x, weight)
+    return short_conv_triton(x, weight) if cache is None else short_conv_forward(x, weight, cache)
 
 
 def _conv_silu(full: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,15 @@ With taps w[c, 0..K-1] and x[t] = 0 for t < 0:
     z[t, c] = sum_j w[c, j] x[t - (K - 1) + j, c],   y = silu(z) = z sig(z)
     dz[t] = dy[t] sig(z) (1 + z (1 - sig(z)))
     dx[t] = sum_j w[j] dz[t + (K - 1) - j],          dw[c, j] = sum_t x[t - (K - 1) + j, c] dz[t, c]
-All in fp32; y and dx are stored in x's dtype, dw in the weight's. x may be any (B, N, C) view whose channels
-are contiguous (the slice of the fused input projection's output the block passes). The kernels run under
-TRITON_INTERPRET=1 on CPU tensors, which is how the tests compare them with the PyTorch form.
+All in fp32; y and dx are stored in x's dtype, dw in the weight's (with dz stored in x's dtype between the two
+backward kernels, a bf16 dx is within ~6e-3 of fp64 where the one-kernel version was within 2e-3). A forward
+without autograd may start from a carried cache of the K - 1 previous inputs instead of zeros
+(`short_conv_forward`). x may be any (B, N, C) view whose channels are contiguous (the slice of the fused input
+projection's output the block passes). The kernels run under TRITON_INTERPRET=1 on CPU tensors, which is how the
+tests compare them with the PyTorch form.
 """
+
+from typing import Optional
 
 import torch
 
@@ -43,6 +48,15 @@ if triton is not None:
         mask = ((row0 + r >= 0) & (row0 + r < N))[:, :, None] & mask_c[None, None, :]
         offsets = (r * s_n)[:, :, None] + cols[None, None, :]
         return tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _cache_windows(cache_ptr, row0, local, shifts, s_n, K: tl.constexpr, mask_c, cols):
+        """The rows before the call's first (row -(K - 1) .. -1) of the same (ROWS, KP, COLS) window tile, from the
+        carried cache's K - 1 rows (zero elsewhere)."""
+        r = row0 + local[:, None] + shifts[None, :]
+        mask = ((r < 0) & (r >= -(K - 1)))[:, :, None] & mask_c[None, None, :]
+        offsets = ((r + (K - 1)) * s_n)[:, :, None] + cols[None, None, :]
+        return tl.load(cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _taps(w_ptr, cols, mask_c, K: tl.constexpr, KP: tl.constexpr):
@@ -70,11 +84,16 @@ if triton is not None:
         tl.store(base + (local * s_n)[:, None] + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _conv_fwd_kernel(x_ptr, w_ptr, y_ptr, N, C, s_xb, s_xn, s_yb, s_yn,
-                         K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):  # fmt: skip
+    def _conv_fwd_kernel(x_ptr, cache_ptr, w_ptr, y_ptr, N, C, s_xb, s_xn, s_cb, s_cn, s_yb, s_yn,
+                         HAS_CACHE: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr,
+                         COLS: tl.constexpr):  # fmt: skip
+        """y for one tile; rows before the first come from the cache (HAS_CACHE) or are zeros."""
         row0, local, cols, b, mask_c = _tile(C, ROWS, COLS)
         x_base = x_ptr + b * s_xb + row0.to(tl.int64) * s_xn
-        x = _windows(x_base, row0, local, _past_shifts(N, K, KP), s_xn, N, mask_c, cols)
+        shifts = _past_shifts(N, K, KP)
+        x = _windows(x_base, row0, local, shifts, s_xn, N, mask_c, cols)
+        if HAS_CACHE:
+            x += _cache_windows(cache_ptr + b * s_cb, row0, local, shifts, s_cn, K, mask_c, cols)
         z = tl.sum(x * _taps(w_ptr, cols, mask_c, K, KP)[None, :, :], axis=1)
         _store_tile(y_ptr, z * tl.sigmoid(z), b, s_yb, s_yn, row0, local, cols, N, mask_c)
 
@@ -139,18 +158,22 @@ def _channels_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def short_conv_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """silu(causal depthwise conv(x)) from zeros before the first token: x (B, N, C), weight (C, 1, K) -> (B, N, C)
-    in x's dtype."""
+def short_conv_forward(x: torch.Tensor, weight: torch.Tensor, cache: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """silu(causal depthwise conv(x)): x (B, N, C), weight (C, 1, K) -> (B, N, C) in x's dtype. The rows before the
+    first are the cache's (B, K - 1, C) (a stream's previous inputs, any float dtype) or zeros. No autograd."""
     x = _channels_contiguous(x)
     B, N, C = x.shape
+    K = weight.shape[-1]
+    if cache is not None and cache.shape != (B, K - 1, C):
+        raise ValueError(f"the conv cache must have shape {(B, K - 1, C)}, got {tuple(cache.shape)}")
     y = torch.empty(B, N, C, device=x.device, dtype=x.dtype)
     if y.numel() > 0:
         rows, cols, warps = FORWARD_TILE
-        K = weight.shape[-1]
+        held = x if cache is None else _channels_contiguous(cache)  # a placeholder pointer without a cache
         _conv_fwd_kernel[(triton.cdiv(N, rows), triton.cdiv(C, cols), B)](
-            x, _weight_rows(weight), y, N, C, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
-            K=K, KP=triton.next_power_of_2(K), ROWS=rows, COLS=cols, num_warps=warps,
+            x, held, _weight_rows(weight), y, N, C, x.stride(0), x.stride(1), held.stride(0), held.stride(1),
+            y.stride(0), y.stride(1), HAS_CACHE=cache is not None, K=K, KP=triton.next_power_of_2(K), ROWS=rows,
+            COLS=cols, num_warps=warps,
         )  # fmt: skip
     return y
 
