@@ -261,7 +261,7 @@ def gdn_modules_backend(is_cuda: bool) -> str:
 
 
 def short_conv_backend(is_cuda: bool) -> str:
-    """'triton', 'fla' or 'torch' for the short conv of Gated DeltaNet blocks (calls without a carried cache)."""
+    """'triton', 'fla' or 'torch' for Gated DeltaNet blocks' short conv (ShortConv.forward says which calls)."""
     choice = _choice("HYDRALM_SHORT_CONV", SHORT_CONV_CHOICES)
     if choice == "auto":  # fla's kernel wherever fla's GDN modules run (module docstring)
         return gdn_modules_backend(is_cuda)
