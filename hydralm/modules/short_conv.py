@@ -29,18 +29,17 @@ class ShortConv(nn.Module):
         """
         B, N, C = x.shape
         K = self.kernel_size
-        fused = "torch" if x.dtype == torch.float64 else kernel
         carried = cache
-        if carried is not None and not (fused == "triton" and not torch.is_grad_enabled()):
-            fused = "torch"
+        if x.dtype == torch.float64 or (cache is not None and (kernel != "triton" or torch.is_grad_enabled())):
+            kernel = "torch"
         if cache is None:
             cache = x.new_zeros(B, K - 1, C)
         # the last K - 1 inputs: a view of x would keep the whole chunk alive in the decode state
         recent = torch.cat([cache.to(x.dtype), x[:, max(0, N - (K - 1)) :]], dim=1)
         new_cache = recent[:, recent.shape[1] - (K - 1) :].clone()  # owns its storage, as every state tensor
-        if fused == "fla":
+        if kernel == "fla":
             return fla_short_conv(x, self.weight), new_cache
-        if fused == "triton" and triton_available():
+        if kernel == "triton" and triton_available():
             return _triton_short_conv(x, self.weight, carried), new_cache
         if torch.is_grad_enabled():  # backward recomputes the padded input and the conv (_ConvSiLU)
             return _ConvSiLU.apply(x, cache, self.weight), new_cache

@@ -41,22 +41,14 @@ TILES_PER_PROGRAM = 4  # the dz kernel: row tiles one program walks, summing its
 if triton is not None:
 
     @triton.jit
-    def _windows(base_ptr, row0, local, shifts, s_n, N, mask_c, cols):
-        """x[row0 + local + shifts[j]] as one (ROWS, KP, COLS) fp32 tile (zero outside rows 0..N-1 and for padded
-        taps, whose shift is set out of range). base_ptr points at row row0; the offsets from it are 32-bit."""
+    def _windows(base_ptr, row0, local, shifts, s_n, lo, hi, mask_c, cols):
+        """rows row0 + local + shifts[j] of a tensor as one (ROWS, KP, COLS) fp32 tile: those in lo .. hi - 1 loaded,
+        zero elsewhere (and for padded taps, whose shift is set out of range). base_ptr points at row row0 (which
+        may lie outside the tensor: only loaded rows are read); the offsets from it are 32-bit."""
         r = local[:, None] + shifts[None, :]
-        mask = ((row0 + r >= 0) & (row0 + r < N))[:, :, None] & mask_c[None, None, :]
+        mask = ((row0 + r >= lo) & (row0 + r < hi))[:, :, None] & mask_c[None, None, :]
         offsets = (r * s_n)[:, :, None] + cols[None, None, :]
         return tl.load(base_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _cache_windows(cache_ptr, row0, local, shifts, s_n, K: tl.constexpr, mask_c, cols):
-        """The rows before the call's first (row -(K - 1) .. -1) of the same (ROWS, KP, COLS) window tile, from the
-        carried cache's K - 1 rows (zero elsewhere)."""
-        r = row0 + local[:, None] + shifts[None, :]
-        mask = ((r < 0) & (r >= -(K - 1)))[:, :, None] & mask_c[None, None, :]
-        offsets = ((r + (K - 1)) * s_n)[:, :, None] + cols[None, None, :]
-        return tl.load(cache_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _taps(w_ptr, cols, mask_c, K: tl.constexpr, KP: tl.constexpr):
@@ -91,9 +83,10 @@ if triton is not None:
         row0, local, cols, b, mask_c = _tile(C, ROWS, COLS)
         x_base = x_ptr + b * s_xb + row0.to(tl.int64) * s_xn
         shifts = _past_shifts(N, K, KP)
-        x = _windows(x_base, row0, local, shifts, s_xn, N, mask_c, cols)
-        if HAS_CACHE:
-            x += _cache_windows(cache_ptr + b * s_cb, row0, local, shifts, s_cn, K, mask_c, cols)
+        x = _windows(x_base, row0, local, shifts, s_xn, 0, N, mask_c, cols)
+        if HAS_CACHE:  # rows -(K - 1) .. -1 are the cache's rows 0 .. K - 2
+            cache_base = cache_ptr + b * s_cb + (row0 + K - 1).to(tl.int64) * s_cn
+            x += _windows(cache_base, row0, local, shifts, s_cn, -(K - 1), 0, mask_c, cols)
         z = tl.sum(x * _taps(w_ptr, cols, mask_c, K, KP)[None, :, :], axis=1)
         _store_tile(y_ptr, z * tl.sigmoid(z), b, s_yb, s_yn, row0, local, cols, N, mask_c)
 
@@ -144,7 +137,7 @@ if triton is not None:
         row0, local, cols, b, mask_c = _tile(C, ROWS, COLS)
         j = tl.arange(0, KP)
         ahead = tl.where(j < K, K - 1 - j, N + KP)  # tap j reaches dx[t] from dz[t + K - 1 - j]
-        dz = _windows(dz_ptr + (b * N + row0) * C, row0, local, ahead, C, N, mask_c, cols)
+        dz = _windows(dz_ptr + (b * N + row0) * C, row0, local, ahead, C, 0, N, mask_c, cols)
         dx = tl.sum(dz * _taps(w_ptr, cols, mask_c, K, KP)[None, :, :], axis=1)
         _store_tile(dx_ptr, dx, b, s_dxb, s_dxn, row0, local, cols, N, mask_c)
 
