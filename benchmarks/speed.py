@@ -694,13 +694,18 @@ def rotary() -> None:
     _torch_vs_triton("rotary", f"rotary-{{}}/{N}x{H}x{D}", lambda impl: step, title, switch="HYDRALM_ROTARY")
 
 
+# The 160m Gated DeltaNet block's short conv at 64k tokens: q, k, v channels, kernel size, and the rest of the input
+# projection's output row (gate 768, a and b 12 each) that x is a slice of
+SHORT_CONV_SHAPE, PROJECTION_REST = (65536, 2304, 4), 792
+
+
 def short_conv() -> None:
     """The Gated DeltaNet block's short conv as the 160m block runs it in training (module docstring): each
-    implementation's fwd+bwd, the Triton row recorded against fla's (the CUDA default before it)."""
+    implementation's fwd+bwd, the Triton row recorded against fla's (the CUDA default)."""
     from hydralm.modules.short_conv import ShortConv
 
-    N, C, K = 65536, 2304, 4
-    wide = torch.randn(1, N, C + 792, device="cuda", dtype=torch.bfloat16, requires_grad=True)  # + a, b, gate
+    N, C, K = SHORT_CONV_SHAPE
+    wide = torch.randn(1, N, C + PROJECTION_REST, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     conv = ShortConv(C, K).cuda()
     dy = torch.randn(1, N, C, device="cuda", dtype=torch.bfloat16)
     rows = []
@@ -733,17 +738,18 @@ def short_conv_tiles() -> None:
     import hydralm.kernels.conv.triton_short_conv as conv
     from hydralm.kernels.fla_modules import fla_short_conv
 
-    N, C, K = 65536, 2304, 4
-    x = torch.randn(1, N, C + 792, device="cuda", dtype=torch.bfloat16)[..., :C]
+    N, C, K = SHORT_CONV_SHAPE
+    x = torch.randn(1, N, C + PROJECTION_REST, device="cuda", dtype=torch.bfloat16)[..., :C]
     weight = torch.randn(C, 1, K, device="cuda") / 2
     dy = torch.randn(1, N, C, device="cuda", dtype=torch.bfloat16)
     taps = weight.reshape(C, K).contiguous()
     dz, dx = torch.empty_like(dy), torch.empty_like(dy)
-    rows_out = []
+    rows_out, forward_tile = [], conv.FORWARD_TILE
     for rows, cols, warps in itertools.product((16, 32), (64, 128, 256), (4, 8)):
         conv.FORWARD_TILE = (rows, cols, warps)
         grid = (triton.cdiv(N, rows), triton.cdiv(C, cols), 1)
         row = {"tile": f"{rows}x{cols}x{warps}", "fwd_ms": bench(lambda: conv.short_conv_forward(x, weight))}
+        conv.FORWARD_TILE = forward_tile  # the module's own tile again for whatever runs next
 
         def dx_kernel(grid=grid, rows=rows, cols=cols, warps=warps):
             conv._conv_bwd_dx_kernel[grid](
