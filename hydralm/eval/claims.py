@@ -140,10 +140,12 @@ BUDGETS = {
         # than one call trains over several (eval.workdir + eval.call_minutes).
         # C7: lr 1e-3, not the optimizer's default 3e-3, at which a model with a DeltaNet layer first sat at chance on
         # MQAR (a CPU search, docs/claims.md: the 2026-12-01 H200 run at 3e-3 learned nothing in 3000 steps); the
-        # first phase at 128 tokens / 8 pairs, where d128 reached 85 % on the CPU; batch 32. Not yet run on a GPU.
+        # first phase at 128 tokens / 8 pairs, where d128 reached 85 % on the CPU; batch 32; the answer-chunk routing
+        # loss, as C10 trains with.
         "c7": dict(
             model="tiny",
-            model_overrides=FULL_MODEL | dict(vocab_size=1040),  # 258 keys + 258 values: the least for 256 pairs
+            # 258 keys + 258 values: the least vocabulary for 256 pairs
+            model_overrides=FULL_MODEL | dict(vocab_size=1040, retrieval_routing_loss=1.0),
             seq_len=8192,
             pairs=256,
             batch_size=32,
