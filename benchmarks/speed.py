@@ -43,7 +43,7 @@ short_conv  the Gated DeltaNet block's short conv + SiLU, fwd+bwd, 64k tokens x 
         causal_conv1d and the Triton kernels (HYDRALM_SHORT_CONV)
                                                                  -> kernel_ms/short-conv-{torch,fla,triton}/65536x2304
 short_conv_tiles  each Triton short-conv kernel (forward, dz with the dw partial sums over 1 / 4 / 16 row tiles a
-        program, dx) alone at the same shape over 16 / 32 rows x 64 / 128 / 256 channels x 4 / 8 warps per tile, and
+        program, dx) alone at the same shape over 8 / 16 / 32 rows x 64 / 128 / 256 channels x 4 / 8 warps per tile, and
         fla's forward: where the tile sizes in kernels/conv/triton_short_conv.py come from (printed, not recorded)
 state_pass  the fused delta rule (fwd+bwd, bf16, H 12 K 64) at 64k tokens as 1 x 64k, 4 x 16k and 16 x 4k, its pass
         over chunks walked whole or in segments                  -> kernel_ms/gdn-fused{,-one-walk}/B<B>-T<T>-H12-K64
@@ -745,7 +745,7 @@ def short_conv_tiles() -> None:
     taps = weight.reshape(C, K).contiguous()
     dz, dx = torch.empty_like(dy), torch.empty_like(dy)
     rows_out, forward_tile = [], conv.FORWARD_TILE
-    for rows, cols, warps in itertools.product((16, 32), (64, 128, 256), (4, 8)):
+    for rows, cols, warps in itertools.product((8, 16, 32), (64, 128, 256), (4, 8)):
         conv.FORWARD_TILE = (rows, cols, warps)
         grid = (triton.cdiv(N, rows), triton.cdiv(C, cols), 1)
         row = {"tile": f"{rows}x{cols}x{warps}", "fwd_ms": bench(lambda: conv.short_conv_forward(x, weight))}

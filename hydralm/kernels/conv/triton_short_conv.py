@@ -8,9 +8,9 @@ the first recomputes z, writes dz = dy silu'(z) in x's dtype and per-program par
 in a fixed order: no atomics, deterministic); the second reads dz's K shifted row tiles for dx.
 
 Measured at 64k tokens x 2304 channels (the 160m block's q, k, v), bf16, on an H200 (docs/benchmarks.md): forward
-0.31 ms against fla's 0.41; the dz kernel 1.49 ms, far from the ~0.3 ms its traffic needs (ptxas gives it 255
-registers a thread: register-bound); dx 0.17 ms. A first version recomputed z at all K shifts in one backward
-kernel and spilled ~19 KB a thread: 9.4 ms fwd+bwd against fla's 2.3 (cede0f7).
+0.31 ms against fla's 0.41; the dz kernel 0.44 ms; dx 0.17 ms. Earlier forms of the backward: one kernel that
+recomputed z at all K shifts spilled ~19 KB a thread (9.4 ms fwd+bwd against fla's 2.3, cede0f7); a dz kernel that
+loaded each shifted row tile twice, for z and for dw, took 255 registers and 1.49 ms (37b0878).
 
 With taps w[c, 0..K-1] and x[t] = 0 for t < 0:
     z[t, c] = sum_j w[c, j] x[t - (K - 1) + j, c],   y = silu(z) = z sig(z)
@@ -31,11 +31,12 @@ import torch
 from hydralm.kernels.triton_common import tl, triton
 
 # (tokens, channels) per tile and warps per program, each kernel's fastest in a sweep over 16 / 32 rows x 64 / 128 /
-# 256 channels x 4 / 8 warps at 64k x 2304 on an H200 (`python -m benchmarks.speed short_conv_tiles`, 37b0878)
+# 256 channels x 4 / 8 warps at 64k x 2304 on an H200 (`python -m benchmarks.speed short_conv_tiles`, 37b0878; the dz
+# kernel's from a sweep of its 8-row tiles too)
 FORWARD_TILE = (16, 256, 8)  # 0.307 ms (32 x 128 x 4: 0.349)
-DZ_TILE = (32, 128, 4)  # 1.49 ms, 4 row tiles a program (16: 1.52)
+DZ_TILE = (8, 128, 4)  # 0.442 ms with 16 row tiles a program (16 x 128 x 4: 0.455 with 1, 0.526 with 16)
 DX_TILE = (16, 128, 4)  # 0.166 ms
-TILES_PER_PROGRAM = 4  # the dz kernel: row tiles one program walks, summing its dw in registers
+TILES_PER_PROGRAM = 16  # the dz kernel: row tiles one program walks, summing its dw in registers
 
 
 if triton is not None:
@@ -91,42 +92,38 @@ if triton is not None:
         _store_tile(y_ptr, z * tl.sigmoid(z), b, s_yb, s_yn, row0, local, cols, N, mask_c)
 
     @triton.jit
-    def _row_tile(base_ptr, row0, local, shift, s_n, N, mask_c, cols):
-        """x[row0 + local + shift] (fp32; zero outside rows 0..N-1); base_ptr points at row row0."""
-        r = local + shift
-        mask = ((row0 + r >= 0) & (row0 + r < N))[:, None] & mask_c[None, :]
-        return tl.load(base_ptr + (r * s_n)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    def _row_tile(base_ptr, row0, local, s_n, N, mask_c, cols):
+        """Rows row0 + local of a tensor (fp32; zero from row N on); base_ptr points at row row0."""
+        mask = (row0 + local < N)[:, None] & mask_c[None, :]
+        return tl.load(base_ptr + (local * s_n)[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
     def _conv_bwd_dz_kernel(x_ptr, w_ptr, dy_ptr, dz_ptr, dw_part_ptr, N, C, s_xb, s_xn, s_dyb, s_dyn, s_dzb,
                             TILES, K: tl.constexpr, KP: tl.constexpr, ROWS: tl.constexpr,
                             COLS: tl.constexpr):  # fmt: skip
         """dz = dy silu'(z) (contiguous (B, N, C), in dz's dtype) for TILES row tiles of one channel tile, and their
-        dw sums in dw_part[program row, b, c, j] (KP: K rounded up to a power of two). TILES is a runtime value: a
-        compile-time count let the compiler unroll the loop and overlap its tiles, past the registers there are."""
+        dw sums in dw_part[program row, b, c, j] (KP: K rounded up to a power of two). x's windows are loaded once
+        a tile, as the forward loads them, and serve both z and dw: loading each shifted row tile twice (for z,
+        then for dw) took 255 registers and 1.49 ms at 64k x 2304 on an H200, this form 0.44 ms."""
         pid_t = tl.program_id(0)
         cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
         b = tl.program_id(2).to(tl.int64)
         mask_c = cols < C
-        taps = tl.arange(0, KP)
         local = tl.arange(0, ROWS)
+        shifts = _past_shifts(N, K, KP)
+        w = _taps(w_ptr, cols, mask_c, K, KP)
         dw = tl.zeros((KP, COLS), dtype=tl.float32)
         for tile in range(TILES):
             row0 = (pid_t * TILES + tile) * ROWS
-            x_base = x_ptr + b * s_xb + row0.to(tl.int64) * s_xn
-            z = tl.zeros((ROWS, COLS), dtype=tl.float32)
-            for j in tl.static_range(K):
-                w = tl.load(w_ptr + cols * K + j, mask=mask_c, other=0.0).to(tl.float32)
-                z += _row_tile(x_base, row0, local, j - (K - 1), s_xn, N, mask_c, cols) * w[None, :]
-            dy_base = dy_ptr + b * s_dyb + row0.to(tl.int64) * s_dyn
-            dy = _row_tile(dy_base, row0, local, 0, s_dyn, N, mask_c, cols)
+            x = _windows(x_ptr + b * s_xb + row0.to(tl.int64) * s_xn, row0, local, shifts, s_xn, 0, N, mask_c, cols)
+            z = tl.sum(x * w[None, :, :], axis=1)
+            dy = _row_tile(dy_ptr + b * s_dyb + row0.to(tl.int64) * s_dyn, row0, local, s_dyn, N, mask_c, cols)
             sig = tl.sigmoid(z)
             dz = dy * sig * (1.0 + z * (1.0 - sig))  # d silu(z)/dz = sig (1 + z (1 - sig)); 0 on rows >= N
             _store_tile(dz_ptr, dz, b, s_dzb, C, row0, local, cols, N, mask_c)  # dz is contiguous
-            for j in tl.static_range(K):  # dw[j] sums x[t - (K - 1) + j] dz[t] over the tile's rows t
-                part = tl.sum(_row_tile(x_base, row0, local, j - (K - 1), s_xn, N, mask_c, cols) * dz, axis=0)
-                dw += tl.where(taps[:, None] == j, part[None, :], 0.0)
+            dw += tl.sum(x * dz[:, None, :], axis=0)  # dw[j] sums x[t - (K - 1) + j] dz[t] over the tile's rows t
         part_base = ((pid_t + b * tl.num_programs(0)) * C).to(tl.int64) * K
+        taps = tl.arange(0, KP)
         mask = (taps < K)[:, None] & mask_c[None, :]
         tl.store(dw_part_ptr + part_base + cols[None, :] * K + taps[:, None], dw, mask=mask)
 
