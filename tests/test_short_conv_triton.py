@@ -172,8 +172,12 @@ def test_chunked_prefill_with_the_triton_conv_equals_one_call(monkeypatch):
 def test_the_switch(monkeypatch):
     monkeypatch.delenv("HYDRALM_SHORT_CONV", raising=False)
     monkeypatch.setattr(backend, "gdn_modules_backend", lambda is_cuda: "fla" if is_cuda else "torch")
-    assert backend.short_conv_backend(is_cuda=True) == "fla"  # auto: what HYDRALM_GDN_MODULES picks
-    assert backend.short_conv_backend(is_cuda=False) == "torch"
+    assert backend.short_conv_backend(is_cuda=True) == "triton"  # auto: ours on CUDA
+    assert backend.short_conv_backend(is_cuda=False) == "torch"  # else what HYDRALM_GDN_MODULES picks
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    assert backend.short_conv_backend(is_cuda=True) == "fla"
+    monkeypatch.undo()
+    monkeypatch.delenv("HYDRALM_SHORT_CONV", raising=False)
     monkeypatch.setenv("HYDRALM_SHORT_CONV", "triton")
     assert backend.short_conv_backend(is_cuda=False) == "triton"  # the interpreter runs it (conftest.py)
     monkeypatch.setenv("HYDRALM_SHORT_CONV", "fla")

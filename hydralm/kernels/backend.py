@@ -47,11 +47,11 @@ HYDRALM_SHORT_CONV = auto | torch | fla | triton
     backward (kernels/conv/triton_short_conv.py) that read x at its row stride (the slice of the input projection's
     output) and keep only x and the weight, for calls without a carried conv state, and the forward alone after one
     when no gradient is wanted (chunked prefill, streaming); fla: fla's causal_conv1d, calls without a state only;
-    torch: the PyTorch form (cuDNN's conv1d and silu, recomputed in backward). auto = what HYDRALM_GDN_MODULES
-    picks (fla's kernel on CUDA with fla-core, torch elsewhere). triton is not the default: its first version
-    passed `python -m benchmarks.gpu_check short_conv` on an H200 (12/12 at cede0f7, fp32 <= 1.4e-7, bf16 <=
-    1.7e-3) but took 9.4 ms fwd+bwd at 64k x 2304 against fla's 2.3; the current kernels (forward 0.31 ms, dz 1.49,
-    dx 0.17 in a per-kernel sweep at 37b0878) have passed the interpreter tests only.
+    torch: the PyTorch form (cuDNN's conv1d and silu, recomputed in backward). auto = triton on CUDA (with triton),
+    else what HYDRALM_GDN_MODULES picks (torch off CUDA): `python -m benchmarks.gpu_check short_conv` passed 16/16
+    on an H200 at 3e5d3f2 (fp32 <= 1.7e-7, bf16 <= 2.4e-3, the cached forward included); fwd+bwd at 64k x 2304
+    took 1.41 ms there against fla's 2.35, and one Gated DeltaNet layer + MLP 15.8 ms against fla's 14.4 at 16k
+    (1.10x; 16.8 with fla's conv, bfd7b63).
 
 HYDRALM_NORM = auto | torch | triton
     The RMSNorms of training forwards (the blocks' two norms, the final norm, the MTP heads' norms; not the
@@ -263,8 +263,8 @@ def gdn_modules_backend(is_cuda: bool) -> str:
 def short_conv_backend(is_cuda: bool) -> str:
     """'triton', 'fla' or 'torch' for Gated DeltaNet blocks' short conv (ShortConv.forward says which calls)."""
     choice = _choice("HYDRALM_SHORT_CONV", SHORT_CONV_CHOICES)
-    if choice == "auto":  # fla's kernel wherever fla's GDN modules run (module docstring)
-        return gdn_modules_backend(is_cuda)
+    if choice == "auto":  # ours on CUDA (module docstring), else the PyTorch form or fla's
+        return "triton" if is_cuda and triton_available() else gdn_modules_backend(is_cuda)
     if choice == "fla" and not (is_cuda and fla_modules_available()):
         raise RuntimeError(
             "HYDRALM_SHORT_CONV=fla needs a CUDA device and flash-linear-attention (fla-core) importable; unset it "

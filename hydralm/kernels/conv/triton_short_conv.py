@@ -30,12 +30,11 @@ import torch
 
 from hydralm.kernels.triton_common import tl, triton
 
-# (tokens, channels) per tile and warps per program, each kernel's fastest in a sweep over 16 / 32 rows x 64 / 128 /
-# 256 channels x 4 / 8 warps at 64k x 2304 on an H200 (`python -m benchmarks.speed short_conv_tiles`, 37b0878; the dz
-# kernel's from a sweep of its 8-row tiles too)
-FORWARD_TILE = (16, 256, 8)  # 0.307 ms (32 x 128 x 4: 0.349)
-DZ_TILE = (8, 128, 4)  # 0.442 ms with 16 row tiles a program (16 x 128 x 4: 0.455 with 1, 0.526 with 16)
-DX_TILE = (16, 128, 4)  # 0.166 ms
+# (tokens, channels) per tile and warps per program, each kernel's fastest in a sweep over 8 / 16 / 32 rows x 64 / 128 /
+# 256 channels x 4 / 8 warps at 64k x 2304 on an H200 (`python -m benchmarks.speed short_conv_tiles`, 3e5d3f2)
+FORWARD_TILE = (16, 256, 8)  # 0.307 ms (8 x 256 x 4: 0.303, within the sweep's noise)
+DZ_TILE = (8, 128, 4)  # 0.442 ms with 16 row tiles a program (16 x 128 x 4: 0.457 with 1, 0.509 with 16)
+DX_TILE = (16, 128, 4)  # 0.168 ms
 TILES_PER_PROGRAM = 16  # the dz kernel: row tiles one program walks, summing its dw in registers
 
 
