@@ -79,6 +79,20 @@ def test_known_routing_gives_exact_recall():
     }
 
 
+def test_accuracy_split_by_routing_outcome():
+    """Row 0's far answer was found, row 1's missed; both local answers right, only the found far one right."""
+    layer = one_hot_layer()
+    with torch.no_grad():
+        layer.routing_log = log = []
+        layer(haystack([2, 0]))
+    correct = torch.tensor([[True, True], [True, False]])
+    summary = summarize(routing_hits(log, QUERIES, SOURCES), correct=correct)
+    assert summary["accuracy_local"] == 1.0
+    assert summary["accuracy_far_found"] == 1.0 and summary["accuracy_far_missed"] == 0.0
+    summary = summarize(routing_hits(log, QUERIES, SOURCES), correct=~correct)  # the split follows `correct`
+    assert summary["accuracy_local"] == 0.0 and summary["accuracy_far_missed"] == 1.0
+
+
 def test_sabotaged_routing_is_caught():
     """The metric follows the routing: make row 0 ask for e_3 and its far answer (chunk 2) is missed."""
     layer = one_hot_layer()

@@ -625,18 +625,32 @@ def claim_c7(budget: str, runs: ClaimRuns) -> ClaimResult:
     from hydralm.data import MQAR
 
     task = MQAR(seq_len=b["seq_len"], num_kv_pairs=b["pairs"], vocab=run["model"].cfg.vocab_size)
-    accuracy = task_accuracy(run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH, chunk_size=b["seq_len"])[
-        "accuracy"
-    ]
+    scored = task_accuracy(
+        run["model"], task, b["eval_samples"], batch_size=EVAL_BATCH, chunk_size=b["seq_len"], routing=True
+    )
+    accuracy = scored["accuracy"]
     scaled = (b["seq_len"], b["pairs"]) != (8192, 256)
     return _result(
         "C7",
         budget,
         accuracy >= 0.95,
-        {"accuracy": accuracy, "train_seconds": run["seconds"], "train_steps": run["steps"]},
+        {
+            "accuracy": accuracy,
+            "train_seconds": run["seconds"],
+            "train_steps": run["steps"],
+            "by_depth": {k: v["accuracy"] for k, v in scored["by_depth"].items()},  # depth: the pair's place
+            # per retrieval layer: routing recall of the far answers, and accuracy where it found / missed them
+            "routing": {k: _routing_values(v) for k, v in scored.get("routing_recall", {}).items()},
+        },
         b,
         f"smoke: {b['pairs']} pairs in {b['seq_len']} tokens stand in" if scaled else "",
     )
+
+
+def _routing_values(recall: Dict) -> Dict:
+    """The figures of one layer's routing summary (eval/routing_recall.py) that tell routing from reading."""
+    keys = ("recall_far", "chance_far", "local_fraction", "accuracy_local", "accuracy_far_found", "accuracy_far_missed")
+    return {k: recall.get(k) for k in keys}
 
 
 # C10's models, trained or stopped by the call's time limit, per (budget, workdir): C8 reuses them, and a model

@@ -66,8 +66,10 @@ def _mean(x: torch.Tensor) -> Optional[float]:
     return float(x.double().sum()) / x.numel() if x.numel() else None
 
 
-def summarize(hits: dict, depths: Optional[torch.Tensor] = None) -> Dict:
-    """JSON-able routing recall of one layer (overall and, with depths (B, Q), by depth bucket)."""
+def summarize(hits: dict, depths: Optional[torch.Tensor] = None, correct: Optional[torch.Tensor] = None) -> Dict:
+    """JSON-able routing recall of one layer (overall and, with depths (B, Q), by depth bucket). With correct (B, Q)
+    (whether each answer was right) also the accuracy of the answers in the local context and of the far ones this
+    layer found or missed: where accuracy stays low although the routing found the chunk, reading is the limit."""
     local, found, chance = hits["local"].cpu(), hits["found"].cpu(), hits["chance"].cpu()
     any_head = found.any(1)
     far = ~local
@@ -82,6 +84,11 @@ def summarize(hits: dict, depths: Optional[torch.Tensor] = None) -> Dict:
         "queries": int(local.numel()),
         "far_queries": int(far.sum()),
     }
+    if correct is not None:
+        correct = correct.cpu().reshape(local.shape).double()
+        result["accuracy_local"] = _mean(correct[local])
+        result["accuracy_far_found"] = _mean(correct[far & any_head])
+        result["accuracy_far_missed"] = _mean(correct[far & ~any_head])
     if depths is not None:
         depths = depths.cpu()
         result["by_depth"] = {}
