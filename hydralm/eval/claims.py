@@ -142,11 +142,14 @@ BUDGETS = {
         # C7: lr 1e-3, not the optimizer's default 3e-3, at which a model with a DeltaNet layer first sat at chance on
         # MQAR (a CPU search, docs/claims.md: the 2026-12-01 H200 run at 3e-3 learned nothing in 3000 steps); the
         # first phase at 128 tokens / 8 pairs, where d128 reached 85 % on the CPU; batch 32; the answer-chunk routing
-        # loss, as C10 trains with. With 600 steps at 8k: 84.1 % on the H200 (fa2a186); 900 steps now.
+        # loss, as C10 trains with. 84.1 % with 600 steps at 8k, 84.6 % with 900 (H200, fa2a186 / 3e5d3f2) at the
+        # tiny preset's 32-token chunks and top-4; now 16-token chunks and top-8, which a chunk's mean key can route
+        # to more surely when it holds 8 pairs rather than 16 (docs/claims.md).
         "c7": dict(
             model="tiny",
             # 258 keys + 258 values: the least vocabulary for 256 pairs
-            model_overrides=FULL_MODEL | dict(vocab_size=1040, retrieval_routing_loss=1.0),
+            model_overrides=FULL_MODEL
+            | dict(vocab_size=1040, retrieval_routing_loss=1.0, retrieval_chunk_size=16, retrieval_top_k=8),
             seq_len=8192,
             pairs=256,
             batch_size=32,
