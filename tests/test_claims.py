@@ -3,6 +3,10 @@ and the generated RESULTS.md lists them all."""
 
 import json
 
+import pytest
+from helpers import composed
+from omegaconf import OmegaConf
+
 from hydralm.eval.claims import CLAIMS, run_claims
 from hydralm.eval.report import write_reports
 
@@ -77,3 +81,26 @@ def test_a_budget_entrys_learning_rate_reaches_the_training_run():
 
     assert "optimizer.lr=0.001" in claims._run_overrides(claims.BUDGETS["full"]["c7"])
     assert not any(o.startswith("optimizer.lr") for o in claims._run_overrides(claims.BUDGETS["full"]["c10"]))
+
+
+@pytest.mark.parametrize("claim, experiment", [("c7", "mqar_8k_gpu"), ("c10", "retrieval_qa_16k_gpu")])
+def test_the_gpu_experiment_is_the_claims_full_recipe(tmp_path, claim, experiment):
+    """`python train.py experiment=<name>` trains what the full claim budget trains: model, task, batch, steps,
+    learning rate and curriculum."""
+    from hydralm.eval.claims import BUDGETS
+
+    b = BUDGETS["full"][claim]
+    with composed(tmp_path, []) as cfg:
+        default_lr = cfg.optimizer.lr
+    with composed(tmp_path, [f"experiment={experiment}"]) as cfg:
+        for field, value in b["model_overrides"].items():
+            assert cfg.model[field] == value, field
+        task = {"seq_len": b["seq_len"]} | (
+            {"num_kv_pairs": b["pairs"]}
+            if claim == "c7"
+            else {"num_facts": b["facts"], "num_queries": b["queries"], "key_len": b["key_len"]}
+        )
+        assert {k: cfg.data.task_kwargs[k] for k in task} == task
+        assert cfg.data.batch_size == b["batch_size"] and cfg.trainer.max_steps == b["steps"]
+        assert cfg.optimizer.lr == b.get("lr", default_lr)  # an entry without lr: the optimizer config's
+        assert OmegaConf.to_container(cfg.data.curriculum) == b["curriculum"]
