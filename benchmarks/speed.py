@@ -701,7 +701,7 @@ SHORT_CONV_SHAPE, PROJECTION_REST = (65536, 2304, 4), 792
 
 def short_conv() -> None:
     """The Gated DeltaNet block's short conv as the 160m block runs it in training (module docstring): each
-    implementation's fwd+bwd, the Triton row recorded against fla's (the CUDA default)."""
+    implementation's fwd+bwd, the Triton row (the CUDA default) recorded against fla's."""
     from hydralm.modules.short_conv import ShortConv
 
     N, C, K = SHORT_CONV_SHAPE

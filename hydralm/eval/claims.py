@@ -139,12 +139,10 @@ BUDGETS = {
         # A length curriculum first: at short lengths every chunk is inside the retrieval layer's reach, so reading
         # is learned before the routing has to find one chunk among hundreds. No wall-clock cap: a budget larger
         # than one call trains over several (eval.workdir + eval.call_minutes).
-        # C7: lr 1e-3, not the optimizer's default 3e-3, at which a model with a DeltaNet layer first sat at chance on
-        # MQAR (a CPU search, docs/claims.md: the 2026-12-01 H200 run at 3e-3 learned nothing in 3000 steps); the
-        # first phase at 128 tokens / 8 pairs, where d128 reached 85 % on the CPU; batch 32; the answer-chunk routing
-        # loss, as C10 trains with. 84.1 % with 600 steps at 8k, 84.6 % with 900 (H200, fa2a186 / 3e5d3f2) at the
-        # tiny preset's 32-token chunks and top-4; now 16-token chunks and top-8, which a chunk's mean key can route
-        # to more surely when it holds 8 pairs rather than 16 (docs/claims.md).
+        # C7 (docs/claims.md has the runs behind each choice): lr 1e-3, not the optimizer's 3e-3, at which a model with
+        # a DeltaNet layer first sat at chance on MQAR; a first phase at 128 tokens / 8 pairs; batch 32; the
+        # answer-chunk routing loss, as C10 trains with; 16-token chunks and top-8, which a chunk's mean key routes
+        # to more surely than the tiny preset's 32 and 4 (84.6 % on the H200 with those).
         "c7": dict(
             model="tiny",
             # 258 keys + 258 values: the least vocabulary for 256 pairs

@@ -102,8 +102,7 @@ def task_accuracy(
     }
     if routing:
         result["routing_recall"] = {
-            f"layer{layer}": summarize(merge_hits(parts), by_query_depth, correct.reshape(by_query_depth.shape))
-            for layer, parts in hits.items()
+            f"layer{layer}": summarize(merge_hits(parts), by_query_depth, correct) for layer, parts in hits.items()
         }
     return result
 

@@ -33,14 +33,15 @@ HYDRALM_DELTANET = auto | torch | triton | fused | fla
     TF32, bf16) on an H200 on 2026-11-30 at c378ec3.
 
 HYDRALM_GDN_MODULES = auto | torch | fla
-    The elementwise parts of a Gated DeltaNet block around the delta rule: the short causal conv, the q/k L2
-    norm and the gated output RMSNorm. fla: flash-linear-attention's Triton kernels for them
-    (kernels/fla_modules.py), on CUDA for calls without a carried conv state. torch: our PyTorch forms.
-    auto = fla on CUDA when fla-core is importable, torch elsewhere: `HYDRALM_GDN_MODULES=fla python -m
-    benchmarks.gpu_check gdn_block` (the 160m block with fla's modules vs the PyTorch ones in fp32: output, final
-    state, input and parameter gradients) passed 27/27 on an H200 at 94c54f9 (fp32 <= 1.6e-6, bf16 <= 1.0e-2,
-    the PyTorch modules' own bf16 error 1.0e-2). train.py at 16k x 4 ran 123.5 ktok/s with them, 90.1 without;
-    fla autotunes its kernels in a process's first calls (that run's start took about 30 s longer).
+    The elementwise parts of a Gated DeltaNet block around the delta rule: the q/k L2 norm, the gated output RMSNorm and
+    the short causal conv where HYDRALM_SHORT_CONV leaves it to this switch (off CUDA). fla:
+    flash-linear-attention's Triton kernels for them (kernels/fla_modules.py), on CUDA for calls without a carried
+    conv state. torch: our PyTorch forms. auto = fla on CUDA when fla-core is importable, torch elsewhere:
+    `HYDRALM_GDN_MODULES=fla python -m benchmarks.gpu_check gdn_block` (the 160m block with fla's modules vs the
+    PyTorch ones in fp32: output, final state, input and parameter gradients) passed 27/27 on an H200 at 94c54f9
+    (fp32 <= 1.6e-6, bf16 <= 1.0e-2, the PyTorch modules' own bf16 error 1.0e-2). train.py at 16k x 4 ran 123.5
+    ktok/s with them, 90.1 without; fla autotunes its kernels in a process's first calls (that run's start took
+    about 30 s longer).
 
 HYDRALM_SHORT_CONV = auto | torch | fla | triton
     The short causal conv (with its SiLU) of Gated DeltaNet blocks. triton: one Triton kernel forward and two

@@ -1,11 +1,12 @@
 """The Gated DeltaNet block's short convolution, silu(depthwise causal conv(x)), as one Triton kernel forward and
 two backward (HYDRALM_SHORT_CONV=triton): `short_conv_triton`.
 
-The PyTorch form (modules/short_conv.py, `_ConvSiLU`) pads x with K - 1 zero rows, transposes it for cuDNN's
-conv1d and runs silu after it; backward recomputes both under autograd. fla's causal_conv1d is the CUDA default.
-Here forward loads x's K shifted row tiles as one (rows, K, channels) tile and writes y. Backward runs two kernels:
-the first recomputes z, writes dz = dy silu'(z) in x's dtype and per-program partial sums of dw (added afterwards
-in a fixed order: no atomics, deterministic); the second reads dz's K shifted row tiles for dx.
+The PyTorch form (modules/short_conv.py, `_ConvSiLU`) pads x with K - 1 zero rows, transposes it for cuDNN's conv1d
+and runs silu after it; backward recomputes both under autograd. fla's causal_conv1d is the other CUDA path; these
+kernels are the default. Here forward loads x's K shifted row tiles as one (rows, K, channels) tile and writes y.
+Backward runs two kernels: the first recomputes z, writes dz = dy silu'(z) in x's dtype and per-program partial sums
+of dw (added afterwards in a fixed order: no atomics, deterministic); the second reads dz's K shifted row tiles for
+dx.
 
 Measured at 64k tokens x 2304 channels (the 160m block's q, k, v), bf16, on an H200 (docs/benchmarks.md): forward
 0.31 ms against fla's 0.41; the dz kernel 0.44 ms; dx 0.17 ms. Earlier forms of the backward: one kernel that
@@ -102,13 +103,10 @@ if triton is not None:
                             COLS: tl.constexpr):  # fmt: skip
         """dz = dy silu'(z) (contiguous (B, N, C), in dz's dtype) for TILES row tiles of one channel tile, and their
         dw sums in dw_part[program row, b, c, j] (KP: K rounded up to a power of two). x's windows are loaded once
-        a tile, as the forward loads them, and serve both z and dw: loading each shifted row tile twice (for z,
-        then for dw) took 255 registers and 1.49 ms at 64k x 2304 on an H200, this form 0.44 ms."""
+        a tile, as the forward loads them, and serve both z and dw (module docstring: loading them twice was
+        register-bound)."""
         pid_t = tl.program_id(0)
-        cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
-        b = tl.program_id(2).to(tl.int64)
-        mask_c = cols < C
-        local = tl.arange(0, ROWS)
+        _, local, cols, b, mask_c = _tile(C, ROWS, COLS)  # its first row is per tile of the loop below
         shifts = _past_shifts(N, K, KP)
         w = _taps(w_ptr, cols, mask_c, K, KP)
         dw = tl.zeros((KP, COLS), dtype=tl.float32)
