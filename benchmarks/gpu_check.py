@@ -502,20 +502,25 @@ def check_decode_fused(device: str) -> None:
 
 @torch.no_grad()
 def check_decode_linear(device: str) -> None:
-    """The decode GEMV (HYDRALM_DECODE_LINEAR=gemv) vs F.linear on the 160m model's projection shapes (N x K),
-    1, 3 and 16 rows, fp32 (IEEE matmuls) and bf16."""
+    """The decode GEMV (HYDRALM_DECODE_LINEAR=gemv) vs F.linear on the 160m model's projection shapes (N x K) and
+    the LM head's, 1, 3 and 16 rows, fp32 (IEEE matmuls) and bf16; and each row of a several-row call against
+    the one-row call of that row (bit-identical)."""
     from hydralm.kernels.linear.triton_gemv import gemv
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    shapes = ((3096, 768), (4096, 768), (768, 2048), (768, 768))  # DeltaNet in, MLP up, MLP down, out
+    shapes = ((3096, 768), (4096, 768), (768, 2048), (768, 768), (32000, 768))  # DeltaNet in, MLP up, down, out, head
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 1e-2)):
-        worst = 0.0
+        worst, differing_rows = 0.0, 0
         for N, K in shapes:
             weight = torch.randn(N, K, device=device, dtype=dtype)
             for rows in (1, 3, 16):
                 x = torch.randn(rows, K, device=device, dtype=dtype)
-                worst = max(worst, _rel(gemv(x, weight), F.linear(x.double(), weight.double())))
+                y = gemv(x, weight)
+                worst = max(worst, _rel(y, F.linear(x.double(), weight.double())))
+                # rows are exact: each row of a several-row call is the one-row call's output, bit for bit
+                differing_rows += sum(not torch.equal(y[i], gemv(x[i : i + 1], weight)[0]) for i in range(rows))
         _record(f"decode GEMV vs F.linear (fp64), {str(dtype)[6:]}, 160m shapes, 1/3/16 rows", worst, tol)
+        _record(f"decode GEMV rows unlike one-row calls, {str(dtype)[6:]}", differing_rows, 0, measure="rows")
 
 
 def check_cross_entropy(device: str) -> None:

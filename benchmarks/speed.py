@@ -54,6 +54,7 @@ Results also go to $OUT/speed.json when OUT is set.
 
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Optional
@@ -451,7 +452,7 @@ def decode_batched(
     contexts=None,
     batches=None,
     kind: str = "graph",
-    mtp_new_tokens: int = 256,
+    mtp_new_tokens: int = 512,
     prompt=None,
     subject: str = "160m",
     run=None,
@@ -525,7 +526,7 @@ def decode_batched(
 
 def _mtp_speedup(model, kind: str, new_tokens: int, prompt, sync) -> dict:
     """Greedy self-draft (k = 2) vs greedy generate, both through `kind` decoders at batch 1: decode seconds
-    (the call minus its prefill), second of two calls (the first compiles)."""
+    (the call minus its prefill), each the median of three calls after one that compiles."""
     from hydralm import generate, speculative_generate
     from hydralm.generation import prefill
 
@@ -541,13 +542,18 @@ def _mtp_speedup(model, kind: str, new_tokens: int, prompt, sync) -> dict:
         else:
             prompt = torch.randint(0, model.cfg.vocab_size, (1, 512), device=device)
 
-    def seconds(fn):
-        for _ in range(2):  # the second call: compiled and captured
+    def seconds(fn, repeats: int = 3):
+        """The median of `repeats` timed calls after one untimed call (which compiles and captures): a single
+        call of a few hundred tokens moved the speed-up by a tenth from one run to the next."""
+        fn()
+        times = []
+        for _ in range(repeats):
             sync()
             started = time.perf_counter()
             out = fn()
             sync()
-        return out, time.perf_counter() - started
+            times.append(time.perf_counter() - started)
+        return out, statistics.median(times)
 
     _, prefill_s = seconds(lambda: prefill(model, prompt))
     plain, plain_s = seconds(lambda: generate(model, prompt, new_tokens, temperature=0, decoder=kind))
