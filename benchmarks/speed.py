@@ -23,8 +23,9 @@ decode_batched  graph decode of HydraLM-160m (compressive memory, mtp_depth=2) a
         on what the rows hold), then greedy MTP self-draft (k = 2) vs greedy graph `generate` at batch 1, both
         on CUDA graphs, prefill subtracted. BENCH_CKPT: a trained checkpoint (mtp_depth >= 2, memory on) instead
         of random weights (then only mtp_speedup is recorded: the decode figures are the 160m preset's;
-        BENCH_DECODE_BATCHES= skips their timing), BENCH_TEXT: a text file, prompt = 512 bytes of its last 4 KB;
-        random weights and random prompts measure the machinery, not a trained model's acceptance rate.
+        BENCH_DECODE_BATCHES= skips their timing, BENCH_MTP=0 the speed-up's), BENCH_TEXT: a text file, prompt =
+        512 bytes of its last 4 KB; random weights and random prompts measure the machinery, not a trained
+        model's acceptance rate.
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
 loss    the LM head's linear + cross-entropy, fwd+bwd, bf16, 64k rows x d 768 x 32000 ids: our chunked PyTorch
         loss (the default), its Triton softmax kernels (triton) and the fused kernels HYDRALM_CROSS_ENTROPY can
@@ -514,7 +515,7 @@ def decode_batched(
             if run is record.RUN:
                 record.write()  # after each row: a run cut short keeps what it measured
         RESULTS["decode_batched"] = rows
-        if mtp is None:  # after the first context: the long one comes last, so a cut-short run keeps this
+        if mtp is None and os.environ.get("BENCH_MTP", "1") != "0":  # after the first context (the long one last)
             RESULTS["mtp"] = mtp = _mtp_speedup(model, kind, mtp_new_tokens, prompt, sync)
             print(mtp, flush=True)
             run.record(f"mtp_speedup/{subject}-k2", mtp["speedup"], "×")

@@ -116,6 +116,7 @@ class HydraLM(nn.Module):
         logits_to_keep: Optional[int] = None,
         return_logits: bool = True,
         logits_at: Optional[torch.Tensor] = None,
+        check_id_range: bool = True,
     ) -> Dict[str, Any]:
         """input_ids (B, N). Returns {"logits" (B, N, V), "state" (per-layer list, if return_state),
         "loss" (mean next-token CE, if labels), "logits_at" ((B, Q, V), if logits_at), "mtp_logits" (list of
@@ -129,11 +130,13 @@ class HydraLM(nn.Module):
         cross-entropy (kernels/cross_entropy/), which never holds the whole batch's logits (the training path).
         ``logits_at`` (B, Q) positions computes the logits of those rows only (answer accuracy in training).
         ``logits_to_keep=k`` computes logits for the last k positions only (prefill and streaming need one
-        row, not (B, N, V)).
+        row, not (B, N, V)). ``check_id_range=False`` skips the check that every id is below vocab_size, which
+        on a GPU reads two numbers back (a host-device sync), for callers that checked the ids already
+        (StreamingEngine checks each input once, not each piece).
         """
         if input_ids.dim() != 2 or 0 in input_ids.shape:
             raise ValueError(f"input_ids must be (batch >= 1, seq_len >= 1), got shape {tuple(input_ids.shape)}")
-        input_ids = self._checked_ids(input_ids)
+        input_ids = self._checked_ids(input_ids, check_range=check_id_range)
         self._check_state(state, input_ids.shape[0])
         if labels is not None and tuple(labels.shape) != tuple(input_ids.shape):
             raise ValueError(

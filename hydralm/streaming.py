@@ -124,7 +124,11 @@ class StreamingEngine:
     def _as_batch(self, chunk: TokenChunk) -> torch.Tensor:
         if torch.is_tensor(chunk):
             check_integer(chunk)
-        ids = torch.as_tensor(chunk if torch.is_tensor(chunk) else list(chunk), dtype=torch.long, device=self.device)
+        ids = torch.as_tensor(chunk if torch.is_tensor(chunk) else list(chunk), dtype=torch.long)
+        # The id range is checked here, once per input and where the ids are (on the host before they move),
+        # not by each piece's forward: on a GPU that check reads two numbers back, and a read per piece kept the
+        # host from queueing the next piece while the GPU worked.
+        ids = self.model._checked_ids(ids).to(self.device)
         ids = ids.reshape(1, -1) if ids.dim() <= 1 else ids
         if ids.dim() != 2 or ids.shape[0] == 0:
             raise ValueError(f"a chunk must be 1-D or (batch >= 1, n), got shape {tuple(ids.shape)}")
@@ -137,7 +141,7 @@ class StreamingEngine:
         return ids
 
     def _feed(self, ids: torch.Tensor, stats: StreamStats) -> None:
-        out = self.model(ids, state=self.state, return_state=True, logits_to_keep=1)
+        out = self.model(ids, state=self.state, return_state=True, logits_to_keep=1, check_id_range=False)
         self.state, self.last_logits = out["state"], out["logits"][:, -1]
         self.batch_size = ids.shape[0]
         self.total_tokens += ids.shape[1]

@@ -153,3 +153,22 @@ def test_engine_errors_and_reset():
     model.train()
     engine.process(torch.randint(0, 64, (3, 2)))
     assert model.training
+
+
+def test_ids_are_range_checked_once_per_input_before_anything_is_read(monkeypatch):
+    """An out-of-range id is one clear error and the stream is left as it was; a valid input is range-checked
+    once, not once per chunk_size piece (on a GPU each check reads back from the device and stalls the queue)."""
+    model = tiny()
+    engine = StreamingEngine(model, chunk_size=4)
+    engine.process(torch.randint(0, 64, (1, 6)))
+    before = clone_state(engine.state)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, vocab_size=64\)"):
+        engine.process(torch.tensor([[1, 2, 3, 4, 5, 64]]))
+    assert states_equal(engine.state, before) and engine.total_tokens == 6
+
+    checks, checked_ids = [], model._checked_ids
+    monkeypatch.setattr(
+        model, "_checked_ids", lambda ids, check_range=True: checks.append(check_range) or checked_ids(ids, check_range)
+    )
+    engine.process(torch.randint(0, 64, (1, 13)))  # four pieces
+    assert checks.count(True) == 1 and engine.total_tokens == 19
