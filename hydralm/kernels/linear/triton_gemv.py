@@ -9,12 +9,11 @@ programs in flight. No split over K: each output is one program's sum.
 Rows are exact: a program takes its input rows one after another with the same instructions, and the blocks
 depend on (N, K) only, so row i of a several-row call is bit-identical to a one-row call of that row. Speculative
 verification (3 rows at k = 2) therefore scores each drafted position with the arithmetic of a decode step, and
-the later rows re-read the program's columns from cache, not from memory. (Until 2026-12-01 the rows shared
-one (rows x columns x K) product whose reduction order, and on a GPU whose blocks, changed with the row count;
-greedy self-drafting then came out different from greedy decoding on an H200.) On a GPU the blocks are
-autotuned per (N, K) on the first call of each shape among candidates that include the fixed heuristic's
-(`_blocks`, the one configuration in Triton's interpreter); two processes that pick differently may differ in
-the last bits, as cuBLAS's heuristics may.
+the later rows re-read the program's columns from cache, not from memory. (One (rows x columns x K) product
+for all rows reduces in an order that changes with the row count: greedy self-drafting could then differ from
+greedy decoding.) On a GPU the blocks are autotuned per (N, K) on the first call of each shape among
+candidates that include the fixed heuristic's (`_blocks`, the one configuration in Triton's interpreter); two
+processes that pick differently may differ in the last bits, as cuBLAS's heuristics may.
 """
 
 import torch
