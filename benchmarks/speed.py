@@ -25,7 +25,8 @@ decode_batched  graph decode of HydraLM-160m (compressive memory, mtp_depth=2) a
         of random weights (then only mtp_speedup is recorded: the decode figures are the 160m preset's;
         BENCH_DECODE_BATCHES= skips their timing, BENCH_MTP=0 the speed-up's), BENCH_TEXT: a text file, prompt =
         512 bytes of its last 4 KB; random weights and random prompts measure the machinery, not a trained
-        model's acceptance rate.
+        model's acceptance rate. BENCH_STREAM_COMPILE=1 streams through `model.compile_blocks()` (the stream is
+        bound by host time per PyTorch call; keys streaming_prefill_ktok_s/160m-memory-compiled/<context>).
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
 loss    the LM head's linear + cross-entropy, fwd+bwd, bf16, 64k rows x d 768 x 32000 ids: our chunked PyTorch
         loss (the default), its Triton softmax kernels (triton) and the fused kernels HYDRALM_CROSS_ENTROPY can
@@ -483,10 +484,15 @@ def decode_batched(
     batches = batches or env_list("BENCH_DECODE_BATCHES", "1,8,64")
     vocab = model.cfg.vocab_size
     rows, engine, done, mtp = [], StreamingEngine(model, chunk_size=8192), 0, None
-    # a throwaway stream over the first context and then one more chunk compiles the prefill paths (from scratch
-    # and with a state), so the rates below are streaming, not compilation
+    stream_key = f"{subject}-memory"
+    if os.environ.get("BENCH_STREAM_COMPILE") == "1":  # the stream through torch.compile'd blocks (its own keys)
+        model.compile_blocks()
+        stream_key += "-compiled"
+    # a throwaway stream over the first context and then two more chunks compiles the prefill paths (from scratch
+    # and with a state; compiled blocks settle on their dynamic shapes by the third call), so the rates below are
+    # streaming, not compilation
     warm = StreamingEngine(model, chunk_size=8192)
-    for length in (contexts[0], 8192):
+    for length in (contexts[0], 8192, 8192):
         warm.process(torch.randint(0, vocab, (1, length), device=device))
     for context in contexts:
         sync()
@@ -496,7 +502,7 @@ def decode_batched(
         prefill_ktok_s = (context - done) / (time.perf_counter() - started) / 1e3
         print({"context": context, "streaming_prefill_ktok_s": prefill_ktok_s}, flush=True)
         if decode_figures:
-            run.record(f"streaming_prefill_ktok_s/{subject}-memory/{context}", prefill_ktok_s, "ktok/s")
+            run.record(f"streaming_prefill_ktok_s/{stream_key}/{context}", prefill_ktok_s, "ktok/s")
         done = context
         for batch in batches:
             state = select_rows(engine.state, [0] * batch)  # one stream per row, at the same position

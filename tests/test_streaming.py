@@ -172,3 +172,22 @@ def test_ids_are_range_checked_once_per_input_before_anything_is_read(monkeypatc
     )
     engine.process(torch.randint(0, 64, (1, 13)))  # four pieces
     assert checks.count(True) == 1 and engine.total_tokens == 19
+
+
+@pytest.mark.slow
+def test_a_stream_through_compiled_blocks_equals_the_eager_stream():
+    """`model.compile_blocks()` under a StreamingEngine (what `BENCH_STREAM_COMPILE=1` measures on a GPU, where
+    the stream is bound by host time per PyTorch call): the same logits and state as the eager stream, with
+    compressive memory, over more pieces than it takes the compiled blocks to settle on their shapes."""
+    torch.manual_seed(0)
+    cfg = HydraConfig.from_preset("tiny", memory=dict(exact_window=64, compress_every=4, pool_size=16), d_model=64)
+    model = HydraLM(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, 64 * 6))
+    eager = StreamingEngine(model, chunk_size=64)
+    eager.process(ids)
+    model.compile_blocks(backend="aot_eager")
+    compiled = StreamingEngine(model, chunk_size=64)
+    for i in range(6):
+        compiled.process(ids[:, 64 * i : 64 * (i + 1)])
+    assert (compiled.last_logits - eager.last_logits).abs().max() < 1e-5
+    assert_states_close(compiled.state, eager.state, 1e-5)
