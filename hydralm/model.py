@@ -328,11 +328,12 @@ class HydraLM(nn.Module):
         """Token ids of any integer dtype, checked, as the embedding takes them (int64 unless int32)."""
         if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
             raise ValueError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
-        if check_range and ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
-            raise ValueError(
-                f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}); got values in "
-                f"[{int(ids.min())}, {int(ids.max())}]"
-            )
+        if check_range and ids.numel():
+            low, high = torch.stack([ids.min(), ids.max()]).tolist()  # one read back from a GPU, not two
+            if low < 0 or high >= self.cfg.vocab_size:
+                raise ValueError(
+                    f"token ids must lie in [0, vocab_size={self.cfg.vocab_size}); got values in [{low}, {high}]"
+                )
         return ids if ids.dtype in (torch.int64, torch.int32) else ids.long()
 
     def _check_state(self, state: Optional[DecodeState], batch_size: Optional[int] = None) -> None:
