@@ -419,7 +419,8 @@ class _SparseLists:
 
 
 # Opaque to torch.compile, as the delta rule op is: a compiled block launches these kernels as they are (traced,
-# inductor passed the float scale into the forward kernel as fp64 and its online softmax failed to compile).
+# inductor passes the float scale into the forward kernel as fp64 and its online softmax fails to compile). The
+# same holds for the forward with a state below, which a stream through compiled blocks reaches.
 @torch.compiler.disable
 def retrieval_attention_triton(
     q: torch.Tensor,
@@ -453,6 +454,7 @@ def retrieval_attention_triton(
     return _RetrievalAttention.apply(q, k, v, selected, C)
 
 
+@torch.compiler.disable
 @torch.no_grad()
 def retrieval_forward_from_sources(
     q: torch.Tensor,
