@@ -147,7 +147,7 @@ BUDGETS = {
             model="tiny",
             # 258 keys + 258 values: the least vocabulary for 256 pairs
             model_overrides=FULL_MODEL
-            | dict(vocab_size=1040, retrieval_routing_loss=1.0, retrieval_chunk_size=16, retrieval_top_k=8),
+            | dict(vocab_size=1040, retrieval_routing_loss=1.0, retrieval_chunk_size=16, retrieval_top_k=16),
             seq_len=8192,
             pairs=256,
             batch_size=32,
