@@ -26,7 +26,9 @@ decode_batched  graph decode of HydraLM-160m (compressive memory, mtp_depth=2) a
         BENCH_DECODE_BATCHES= skips their timing, BENCH_MTP=0 the speed-up's), BENCH_TEXT: a text file, prompt =
         512 bytes of its last 4 KB; random weights and random prompts measure the machinery, not a trained
         model's acceptance rate. BENCH_STREAM_COMPILE=1 streams through `model.compile_blocks()` (the stream is
-        bound by host time per PyTorch call; keys streaming_prefill_ktok_s/160m-memory-compiled/<context>).
+        bound by host time per PyTorch call; keys streaming_prefill_ktok_s/160m-memory-compiled/<context>);
+        BENCH_STREAM_PIECE (default 8192) is the stream's piece size (other sizes: keys
+        streaming_prefill_ktok_s/160m-memory-piece<size>/<context>).
 claim_models  training step of the models the `full` claim budget trains (hydralm/eval/claims.py).
 loss    the LM head's linear + cross-entropy, fwd+bwd, bf16, 64k rows x d 768 x 32000 ids: our chunked PyTorch
         loss (the default), its Triton softmax kernels (triton) and the fused kernels HYDRALM_CROSS_ENTROPY can
@@ -483,16 +485,18 @@ def decode_batched(
     contexts = contexts or env_list("BENCH_DECODE_CONTEXTS", "4096,1048576")
     batches = batches or env_list("BENCH_DECODE_BATCHES", "1,8,64")
     vocab = model.cfg.vocab_size
-    rows, engine, done, mtp = [], StreamingEngine(model, chunk_size=8192), 0, None
-    stream_key = f"{subject}-memory"
+    # the stream's piece (StreamingEngine.chunk_size); a piece costs the host a fixed ~2,000 PyTorch calls
+    piece = int(os.environ.get("BENCH_STREAM_PIECE", "8192"))
+    rows, engine, done, mtp = [], StreamingEngine(model, chunk_size=piece), 0, None
+    stream_key = f"{subject}-memory" + ("" if piece == 8192 else f"-piece{piece}")
     if os.environ.get("BENCH_STREAM_COMPILE") == "1":  # the stream through torch.compile'd blocks (its own keys)
         model.compile_blocks()
         stream_key += "-compiled"
     # a throwaway stream over the first context and then two more chunks compiles the prefill paths (from scratch
     # and with a state; compiled blocks settle on their dynamic shapes by the third call), so the rates below are
     # streaming, not compilation
-    warm = StreamingEngine(model, chunk_size=8192)
-    for length in (contexts[0], 8192, 8192):
+    warm = StreamingEngine(model, chunk_size=piece)
+    for length in (contexts[0], piece, piece):
         warm.process(torch.randint(0, vocab, (1, length), device=device))
     for context in contexts:
         sync()
