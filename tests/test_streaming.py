@@ -8,7 +8,7 @@ from helpers import TINY_BASE as BASE
 from hydralm import HydraConfig, HydraLM
 from hydralm.generation import generate
 from hydralm.state import clone_state, state_bytes, states_equal
-from hydralm.streaming import StreamingEngine
+from hydralm.streaming import DEFAULT_CHUNK_SIZE, StreamingEngine
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -150,6 +150,7 @@ def test_engine_errors_and_reset():
     engine.process(torch.randint(0, 64, (3, 6)))
     with pytest.raises(ValueError, match="chunk_size"):
         StreamingEngine(model, chunk_size=0)
+    assert StreamingEngine(model).chunk_size == DEFAULT_CHUNK_SIZE["cpu"]  # the device's default piece
     model.train()
     engine.process(torch.randint(0, 64, (3, 2)))
     assert model.training
