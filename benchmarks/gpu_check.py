@@ -451,25 +451,28 @@ def _decode_model(device: str, **overrides):
 def check_static_decode(device: str) -> None:
     """StaticDecoder eager and as a CUDA graph (compile_mode="reduce-overhead") vs model.step, fp32, 150 steps
     through chunk completion, compression, eviction and the SWA ring's wrap. The decoder runs on the switches
-    given (HYDRALM_DECODE=fused: the fused Gated DeltaNet step); model.step, the reference, on the PyTorch step."""
+    given (HYDRALM_DECODE=fused: the fused Gated DeltaNet step; HYDRALM_RETRIEVAL_DECODE=triton: the retrieval
+    step's kernel); model.step, the reference, on the PyTorch steps."""
     from hydralm import StaticDecoder
     from hydralm.state import clone_state
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    decode = os.environ.get("HYDRALM_DECODE")
+    decode, retrieval = os.environ.get("HYDRALM_DECODE"), os.environ.get("HYDRALM_RETRIEVAL_DECODE")
     model = _decode_model(device)
     out = model(torch.randint(0, 256, (2, 40), device=device), return_state=True)
     for name, kwargs in (("eager", {}), ("CUDA graph", dict(compile=True, compile_mode="reduce-overhead"))):
         decoder, state = StaticDecoder(model, out["state"], **kwargs), clone_state(out["state"])
         token, worst, scale = out["logits"][:, -1].argmax(-1), 0.0, 0.0
         for _ in range(150):
-            with _env("HYDRALM_DECODE", "torch"):
+            with _env("HYDRALM_DECODE", "torch"), _env("HYDRALM_RETRIEVAL_DECODE", "torch"):
                 expected, state = model.step(token, state)
-            with _env("HYDRALM_DECODE", decode):
+            with _env("HYDRALM_DECODE", decode), _env("HYDRALM_RETRIEVAL_DECODE", retrieval):
                 got = decoder.step(token)
             worst, scale = max(worst, float((got - expected).abs().max())), max(scale, float(expected.abs().max()))
             token = expected.argmax(-1)
-        label = f"StaticDecoder {name}{' (fused GDN step)' if decode == 'fused' else ''} logits vs model.step"
+        parts = (("fused GDN step", decode == "fused"), ("retrieval kernel", retrieval == "triton"))
+        kernels = ", ".join(part for part, on in parts if on)
+        label = f"StaticDecoder {name}{f' ({kernels})' if kernels else ''} logits vs model.step"
         _record(f"{label} (max abs / max |logit|)", worst / scale, 1e-4)
 
 
@@ -498,6 +501,35 @@ def check_decode_fused(device: str) -> None:
         for i, part in enumerate(("outputs", "state")):
             _record(f"fused GDN step vs PyTorch step, {str(dtype)[6:]} 64 tokens: {part}",
                     _rel(results["fused"][i], results["torch"][i]), tol)  # fmt: skip
+
+
+@torch.no_grad()
+def check_retrieval_decode(device: str) -> None:
+    """The retrieval decode step's kernel (HYDRALM_RETRIEVAL_DECODE=triton) vs the PyTorch step: one 160m-sized
+    retrieval layer (d 768, H 12, C 64, top-8) with the streaming model's memory, batch 4, 64 steps after a
+    6000-token read (exact and pooled chunks held), fp32 (IEEE matmuls) and bf16 logits."""
+    from benchmarks.speed import DECODE_MEMORY
+    from hydralm import HydraConfig, HydraLM
+    from hydralm.state import clone_state
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = HydraConfig(
+        d_model=768, n_heads=12, n_layers=1, layer_types=["retrieval"], vocab_size=256, memory=DECODE_MEMORY
+    )
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        model = HydraLM(cfg).to(device, dtype).eval()
+        ids = torch.randint(0, 256, (4, 6064), device=device)
+        start = model(ids[:, :6000], return_state=True)["state"]
+        logits = {}
+        for backend in ("torch", "triton"):
+            with _env("HYDRALM_RETRIEVAL_DECODE", backend):
+                state, steps = clone_state(start), []
+                for t in range(6000, ids.shape[1]):
+                    out, state = model.step(ids[:, t], state)
+                    steps.append(out)
+            logits[backend] = torch.stack(steps)
+        _record(f"retrieval step kernel vs PyTorch step, {str(dtype)[6:]} 64 tokens: logits",
+                _rel(logits["triton"], logits["torch"]), tol)  # fmt: skip
 
 
 @torch.no_grad()
@@ -845,6 +877,7 @@ def main() -> int:
         "flex",
         "static_decode",
         "decode_fused",
+        "retrieval_decode",
         "decode_linear",
         "spec_decode",
         "retrieval",
@@ -865,6 +898,7 @@ def main() -> int:
         "flex": check_flex,
         "static_decode": check_static_decode,
         "decode_fused": check_decode_fused,
+        "retrieval_decode": check_retrieval_decode,
         "decode_linear": check_decode_linear,
         "spec_decode": check_spec_decode,
         "retrieval": check_retrieval,

@@ -190,3 +190,17 @@ def test_packed_deltanet_inputs_are_the_cuda_default_and_a_validated_switch(monk
     monkeypatch.setenv("HYDRALM_DELTANET_PACKED", "yes")
     with pytest.raises(ValueError, match="HYDRALM_DELTANET_PACKED='yes' is invalid"):
         backend.deltanet_packed(is_cuda=True)
+
+
+def test_the_retrieval_decode_kernel_is_opt_in_until_its_gpu_check_passes(monkeypatch):
+    for var in ("HYDRALM_RETRIEVAL_DECODE", "TRITON_INTERPRET"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    assert backend.retrieval_decode_backend(is_cuda=True) == "torch"  # auto: not yet checked on a GPU
+    monkeypatch.setenv("HYDRALM_RETRIEVAL_DECODE", "triton")
+    assert backend.retrieval_decode_backend(is_cuda=True) == "triton"
+    with pytest.raises(RuntimeError, match="HYDRALM_RETRIEVAL_DECODE=triton needs"):
+        backend.retrieval_decode_backend(is_cuda=False)
+    monkeypatch.setenv("HYDRALM_RETRIEVAL_DECODE", "fast")
+    with pytest.raises(ValueError, match="HYDRALM_RETRIEVAL_DECODE='fast' is invalid"):
+        backend.retrieval_decode_backend(is_cuda=True)

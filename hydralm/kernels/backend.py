@@ -97,6 +97,13 @@ HYDRALM_DECODE_MANY = auto | torch | fused
     benchmarks.gpu_check spec_decode` passed 4/4 on an H200 at 25b0068 (verify graph 7.4e-7 and commit graph
     3.8e-6 of decode steps, greedy self-draft on graphs identical to greedy generate).
 
+HYDRALM_RETRIEVAL_DECODE = auto | torch | triton
+    The one-token step of retrieval layers. triton: routing, top-k and the attention over the picked chunks and
+    the local context in one Triton kernel that reads the rings in place (kernels/retrieval/triton_decode.py),
+    instead of about twenty PyTorch kernels and gathered copies of the picked chunks. auto = torch everywhere until
+    `HYDRALM_RETRIEVAL_DECODE=triton python -m benchmarks.gpu_check retrieval_decode static_decode` passes on a GPU
+    (tested against the PyTorch step in Triton's CPU interpreter only so far).
+
 HYDRALM_DECODE_LINEAR = auto | torch | gemv
     The matmuls of a decode step (bias-free projections called without autograd on at most 16 rows): gemv runs
     them as one Triton kernel that streams each weight once over many programs (kernels/linear/triton_gemv.py)
@@ -172,6 +179,7 @@ CROSS_ENTROPY_CHOICES = ("auto", "torch", "triton", "liger", "fla")
 DECODE_CHOICES = ("auto", "torch", "fused")
 DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv")
 DECODE_MANY_CHOICES = ("auto", "torch", "fused")
+RETRIEVAL_DECODE_CHOICES = ("auto", "torch", "triton")
 STREAM_ROUTING_CHOICES = ("auto", "torch", "triton")
 GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 SHORT_CONV_CHOICES = ("auto", "torch", "fla", "triton")
@@ -326,6 +334,14 @@ def rotary_backend(is_cuda: bool) -> str:
 def decode_backend(is_cuda: bool) -> str:
     """'fused' or 'torch' for the one-token step of Gated DeltaNet layers."""
     return _checked_triton_path("HYDRALM_DECODE", DECODE_CHOICES, "fused", is_cuda, "the PyTorch step")
+
+
+def retrieval_decode_backend(is_cuda: bool) -> str:
+    """'triton' when asked by name, else 'torch' (auto: the kernel's GPU check has not passed yet; module docstring)."""
+    if _choice("HYDRALM_RETRIEVAL_DECODE", RETRIEVAL_DECODE_CHOICES) != "triton":
+        return "torch"
+    _require_triton("HYDRALM_RETRIEVAL_DECODE", "triton", is_cuda, "the PyTorch step")
+    return "triton"
 
 
 def decode_linear_backend(is_cuda: bool) -> str:

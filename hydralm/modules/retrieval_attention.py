@@ -39,7 +39,7 @@ from torch import nn
 
 from hydralm.config import HydraConfig, config_error
 from hydralm.kernels.attention.local import repeat_kv
-from hydralm.kernels.backend import retrieval_backend, stream_routing_backend
+from hydralm.kernels.backend import retrieval_backend, retrieval_decode_backend, stream_routing_backend
 from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attention, union_of_selections
 from hydralm.kernels.retrieval.routing import route_tokens, topk_lowest_id
 from hydralm.modules.attention import AttentionProjections
@@ -506,7 +506,7 @@ class RetrievalAttention(nn.Module):
         Reads the bank and pool rings whole under masks of the chunks each slot holds, so with memory every
         shape is fixed and ``pos`` may be a device counter (StaticDecoder). A chunk completes inside the step:
         it joins the bank, and the chunk leaving the exact window is compressed into the pool."""
-        C, groups, device = self.chunk_size, self.proj.kv_groups, x_t.device
+        C, device = self.chunk_size, x_t.device
         pos = st.pos
         c, filled = pos // C, pos % C  # the chunk in progress, tokens already in it
         q, k, v = self.proj.split(x_t[:, None])  # (B, H, 1, D), (B, H_kv, 1, D)
@@ -524,6 +524,37 @@ class RetrievalAttention(nn.Module):
             pool_ids = ring_ids(c - self.exact_chunks - 1, P, device)
             routable = torch.cat([pool_ids >= 0, routable])
             slot_ids = torch.cat([pool_ids, slot_ids])
+        if self._fused_step(q, P + S):
+            from hydralm.kernels.retrieval.triton_decode import retrieval_decode_step
+
+            pos_t = pos if torch.is_tensor(pos) else torch.tensor(pos, device=device)
+            y = retrieval_decode_step(
+                q[:, :, 0], buf_k, buf_v, bank_k, bank_v, summaries, st.pool_k, st.pool_v, st.pool_summaries,
+                slot_ids, routable, pos_t, self.top_k,
+            )[:, :, None]  # fmt: skip
+        else:
+            y = self._step_attention(q, st, buf_k, buf_v, bank_k, bank_v, summaries, slot_ids, routable, c, filled)
+
+        # The chunk completes with this token: it joins the bank in slot c % S.
+        complete = filled == C - 1
+        rings = self._complete_chunk(st, bank_k, bank_v, summaries, c, buf_k, buf_v, complete)
+        buf_k, buf_v = where(complete, torch.zeros_like(buf_k), buf_k), where(complete, torch.zeros_like(buf_v), buf_v)
+        new = RetrievalState(buf_k, buf_v, *rings, pos=pos + 1)
+        return self.proj.merge(y)[:, 0], new
+
+    def _fused_step(self, q: torch.Tensor, slots: int) -> bool:
+        """Whether this step runs as one Triton kernel (HYDRALM_RETRIEVAL_DECODE): not while logging picks, and for
+        at most MAX_SLOTS held chunks."""
+        if self.routing_log is not None or retrieval_decode_backend(q.is_cuda) != "triton":
+            return False
+        from hydralm.kernels.retrieval.triton_decode import MAX_SLOTS
+
+        return slots <= MAX_SLOTS
+
+    def _step_attention(self, q, st, buf_k, buf_v, bank_k, bank_v, summaries, slot_ids, routable, c, filled):
+        """The PyTorch step's routing and attention: q (B, H, 1, D) -> (B, H, 1, D)."""
+        C, groups, device = self.chunk_size, self.proj.kv_groups, q.device
+        S, P = bank_k.shape[2], st.pool_k.shape[2]
         B, H = q.shape[:2]
         dtype = torch.promote_types(q.dtype, torch.float32)
         rows = q.to(dtype).reshape(B, H // groups, groups, 1, -1)
@@ -550,14 +581,7 @@ class RetrievalAttention(nn.Module):
             pool_reads = (valid & (selected < P)).repeat_interleave(st.pool_k.shape[3], dim=-1)
             local_k, local_v = torch.cat([read_k, local_k], dim=-2), torch.cat([read_v, local_v], dim=-2)
             local_mask = torch.cat([pool_reads, local_mask], dim=-1)
-        y = sparse_chunk_attention(q, exact_k, exact_v, reads, local_k, local_v, local_mask)
-
-        # The chunk completes with this token: it joins the bank in slot c % S.
-        complete = filled == C - 1
-        rings = self._complete_chunk(st, bank_k, bank_v, summaries, c, buf_k, buf_v, complete)
-        buf_k, buf_v = where(complete, torch.zeros_like(buf_k), buf_k), where(complete, torch.zeros_like(buf_v), buf_v)
-        new = RetrievalState(buf_k, buf_v, *rings, pos=pos + 1)
-        return self.proj.merge(y)[:, 0], new
+        return sparse_chunk_attention(q, exact_k, exact_v, reads, local_k, local_v, local_mask)
 
     # -- several tokens at once (speculative verification) ----------------------------------------
     def step_many(self, x: torch.Tensor, st: RetrievalState) -> Tuple[torch.Tensor, Trail]:

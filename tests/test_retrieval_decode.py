@@ -1,0 +1,71 @@
+"""The retrieval decode step as one Triton kernel (HYDRALM_RETRIEVAL_DECODE=triton, kernels/retrieval/
+triton_decode.py) against the PyTorch step, on fresh random weights and streams. Off GPU the kernel runs in
+Triton's CPU interpreter (conftest.py). Tolerances: fp32 1e-5 relative to the largest logit (the same picks and
+formulas, another summation order); bf16 2e-2."""
+
+import pytest
+import torch
+from helpers import MIXED_GQA
+
+from hydralm import HydraConfig, HydraLM
+from hydralm.kernels.triton_common import triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="the `triton` package is a dev dependency")
+
+MEMORY = {"exact_window": 32, "compress_every": 4, "pool_size": 16}  # 4 exact chunks of 8, 8 pooled chunks of 2
+
+
+def _model(dtype=torch.float32, **fields) -> HydraLM:
+    torch.manual_seed(0)
+    return HydraLM(HydraConfig(**{**MIXED_GQA, "swa_window": 8, **fields})).to(dtype).eval()
+
+
+def _decode(model, ids, prefix: int, backend: str, monkeypatch) -> torch.Tensor:
+    """Logits of stepping ids[:, prefix:] one token at a time after a parallel read of ids[:, :prefix]."""
+    monkeypatch.setenv("HYDRALM_RETRIEVAL_DECODE", backend)
+    with torch.no_grad():
+        state = model(ids[:, :prefix], return_state=True)["state"] if prefix else model.init_state(ids.shape[0])
+        logits = []
+        for t in range(prefix, ids.shape[1]):
+            out, state = model.step(ids[:, t], state)
+            logits.append(out)
+    return torch.stack(logits, 1).float()
+
+
+def _rel(a, b) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize(
+    "fields, rows, prefix, steps",
+    [
+        (dict(memory=MEMORY), 1, 0, 10),  # the first chunks: fewer to pick than top_k, the previous chunk appears
+        (dict(memory=MEMORY), 2, 100, 6),  # exact and pooled chunks held, a chunk completing during the steps
+        (dict(memory=MEMORY, retrieval_top_k=3), 1, 300, 4),  # evicted chunks
+        (dict(memory=MEMORY, n_kv_heads=4, retrieval_top_k=1), 1, 57, 4),  # MHA, one pick, a chunk half filled
+        (dict(), 1, 45, 4),  # no memory: the bank grows
+    ],
+)
+def test_the_kernel_step_equals_the_pytorch_step(fields, rows, prefix, steps, monkeypatch):
+    model = _model(**fields)
+    ids = torch.randint(0, 64, (rows, prefix + steps))
+    reference = _decode(model, ids, prefix, "torch", monkeypatch)
+    assert _rel(_decode(model, ids, prefix, "triton", monkeypatch), reference) < 1e-5
+
+
+def test_the_comparison_fails_when_a_pick_is_dropped(monkeypatch):
+    """Sabotage: the kernel told to read one chunk fewer than the layer picks is caught by the fp32 bound."""
+    import hydralm.kernels.retrieval.triton_decode as fused
+
+    model = _model(memory=MEMORY)
+    ids = torch.randint(0, 64, (1, 104))
+    reference = _decode(model, ids, 100, "torch", monkeypatch)
+    kernel = fused.retrieval_decode_step
+    monkeypatch.setattr(fused, "retrieval_decode_step", lambda *args: kernel(*args[:-1], args[-1] - 1))
+    assert _rel(_decode(model, ids, 100, "triton", monkeypatch), reference) > 1e-4
+
+
+def test_the_kernel_step_in_bf16(monkeypatch):
+    model = _model(torch.bfloat16, memory=MEMORY)
+    ids = torch.randint(0, 64, (1, 104))
+    assert _rel(_decode(model, ids, 100, "triton", monkeypatch), _decode(model, ids, 100, "torch", monkeypatch)) < 2e-2
