@@ -44,6 +44,7 @@ def _rel(a, b) -> float:
         (dict(memory=MEMORY, retrieval_top_k=3), 1, 300, 4),  # evicted chunks
         (dict(memory=MEMORY, n_kv_heads=4, retrieval_top_k=1), 1, 57, 4),  # MHA, one pick, a chunk half filled
         (dict(), 1, 45, 4),  # no memory: the bank grows
+        (dict(memory=MEMORY, d_model=64, n_heads=2, n_kv_heads=1), 1, 100, 4),  # D 32: scores over two column blocks
     ],
 )
 def test_the_kernel_step_equals_the_pytorch_step(fields, rows, prefix, steps, monkeypatch):

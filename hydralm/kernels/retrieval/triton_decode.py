@@ -44,7 +44,7 @@ if triton is not None:
         pos_ptr, out_ptr,
         H, H_KV, S, P, D, scale_log2,
         C: tl.constexpr, CP: tl.constexpr, TOP_K: tl.constexpr,
-        BLOCK_S: tl.constexpr, BC: tl.constexpr, BCP: tl.constexpr, BD: tl.constexpr,
+        BLOCK_S: tl.constexpr, BC: tl.constexpr, BCP: tl.constexpr, BD: tl.constexpr, DB: tl.constexpr,
     ):  # fmt: skip
         row, h = tl.program_id(0), tl.program_id(1)
         hk = h // (H // H_KV)
@@ -55,18 +55,23 @@ if triton is not None:
         c, filled = pos // C, pos % C
         kv = row * H_KV + hk  # (row, key head): the rings' leading index
 
-        # Routing: q . summary over [pool | bank] slots, fp32.
+        # Routing: q . summary over [pool | bank] slots, fp32, DB columns at a time (a whole (slots, D) tile would
+        # not fit in registers).
         s_idx = tl.arange(0, BLOCK_S)
         in_pool, in_bank = s_idx < P, (s_idx >= P) & (s_idx < P + S)
-        pool_sum = tl.load(
-            pool_summaries + (kv * P + s_idx)[:, None] * D + d[None, :],
-            mask=in_pool[:, None] & dmask[None, :], other=0.0,
-        )  # fmt: skip
-        bank_sum = tl.load(
-            summaries + (kv * S + (s_idx - P))[:, None] * D + d[None, :],
-            mask=in_bank[:, None] & dmask[None, :], other=0.0,
-        )  # fmt: skip
-        scores = tl.sum((pool_sum + bank_sum) * q[None, :], 1)
+        scores = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for d0 in tl.static_range(0, BD, DB):
+            dd = d0 + tl.arange(0, DB)
+            q_part = tl.load(q_ptr + (row * H + h) * D + dd, mask=dd < D, other=0.0).to(tl.float32)
+            pool_sum = tl.load(
+                pool_summaries + (kv * P + s_idx)[:, None] * D + dd[None, :],
+                mask=in_pool[:, None] & (dd < D)[None, :], other=0.0,
+            )  # fmt: skip
+            bank_sum = tl.load(
+                summaries + (kv * S + (s_idx - P))[:, None] * D + dd[None, :],
+                mask=in_bank[:, None] & (dd < D)[None, :], other=0.0,
+            )  # fmt: skip
+            scores += tl.sum((pool_sum + bank_sum) * q_part[None, :], 1)
         ok = tl.load(routable + s_idx, mask=s_idx < P + S, other=0) != 0
         scores = tl.where(ok, scores, float("-inf"))
         n_ok = tl.sum(ok.to(tl.int32), 0)  # picks past the routable slots read nothing
@@ -145,7 +150,7 @@ def retrieval_decode_step(
         H, h_kv, S, P, D, D**-0.5 * 1.4426950408889634,
         C=C, CP=max(CP, 1), TOP_K=min(top_k, P + S),
         BLOCK_S=triton.next_power_of_2(P + S), BC=triton.next_power_of_2(C), BCP=triton.next_power_of_2(max(CP, 1)),
-        BD=triton.next_power_of_2(D),
+        BD=triton.next_power_of_2(D), DB=min(16, triton.next_power_of_2(D)),
     )  # fmt: skip
     return out
 
