@@ -309,7 +309,8 @@ def test_fused_l2_norm_of_raw_q_and_k_matches_normalising_first(K, C):
             torch.testing.assert_close(a, e, atol=2e-5, rtol=2e-5, msg=lambda m: f"{backend} {name}: {m}")
 
 
-@pytest.mark.parametrize("K", [20, 80])  # normalised in the kernels; wider than a tile: normalised first
+# normalised in the kernels; wider than a tile: normalised first (slow: 12 s on 2 cores in the interpreter)
+@pytest.mark.parametrize("K", [20, pytest.param(80, marks=pytest.mark.slow)])
 def test_fused_packed_qkv_matches_the_unpacked_kernels_and_writes_head_last(K):
     """delta_rule_fused_packed on one head-last (B, T, 3, H, d) tensor: the outputs and gradients of the unpacked
     call on its q, k, v, with o a view of a head-last tensor and the gradient of qkv one contiguous tensor."""
