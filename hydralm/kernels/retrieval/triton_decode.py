@@ -25,8 +25,11 @@ MAX_SLOTS = 4096
 if triton is not None:
 
     @triton.jit
-    def _chunk_update(q, k_ptrs, v_ptrs, rows_ok, m_i, l_i, acc, scale_log2, dmask):
-        """Online-softmax update of (m_i, l_i, acc) with one block of keys / values (rows_ok: which rows count)."""
+    def _chunk_update(q, keys, values, first, r, rows_ok, m_i, l_i, acc, scale_log2, d, dmask, D):
+        """Online-softmax update of (m_i, l_i, acc) with rows first + r of keys / values, (rows, D) row-major
+        (rows_ok: which rows count)."""
+        k_ptrs = keys + (first + r)[:, None] * D + d[None, :]
+        v_ptrs = values + (first + r)[:, None] * D + d[None, :]
         k = tl.load(k_ptrs, mask=rows_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
         s = tl.sum(k * q[None, :], 1) * scale_log2
         s = tl.where(rows_ok, s, float("-inf"))
@@ -89,30 +92,20 @@ if triton is not None:
             # scalars broadcast to blocks before they meet a block (Triton's CPU interpreter mistypes the mix)
             base = (kv * S + (slot - P)) * C
             rows = (r_c < C) & (r_c * 0 + slot >= P) & (r_c * 0 + n_ok > j)
-            m_i, l_i, acc = _chunk_update(
-                q, bank_k + (base + r_c)[:, None] * D + d[None, :], bank_v + (base + r_c)[:, None] * D + d[None, :],
-                rows, m_i, l_i, acc, scale_log2, dmask,
-            )  # fmt: skip
+            m_i, l_i, acc = _chunk_update(q, bank_k, bank_v, base, r_c, rows, m_i, l_i, acc, scale_log2, d, dmask, D)
             base = (kv * P + slot) * CP
             rows = (r_p < CP) & (r_p * 0 + slot < P) & (r_p * 0 + n_ok > j)
-            m_i, l_i, acc = _chunk_update(
-                q, pool_k + (base + r_p)[:, None] * D + d[None, :], pool_v + (base + r_p)[:, None] * D + d[None, :],
-                rows, m_i, l_i, acc, scale_log2, dmask,
-            )  # fmt: skip
+            m_i, l_i, acc = _chunk_update(q, pool_k, pool_v, base, r_p, rows, m_i, l_i, acc, scale_log2, d, dmask, D)
 
         # Local context: the previous chunk (bank slot (c - 1) % S, none before the first) and the chunk in
         # progress up to this token.
         previous = (c + S - 1) % S
-        base = (kv * S + previous) * C
+        rows = (r_c < C) & (r_c * 0 + c > 0)
         m_i, l_i, acc = _chunk_update(
-            q, bank_k + (base + r_c)[:, None] * D + d[None, :], bank_v + (base + r_c)[:, None] * D + d[None, :],
-            (r_c < C) & (r_c * 0 + c > 0), m_i, l_i, acc, scale_log2, dmask,
-        )  # fmt: skip
-        base = kv * C
-        m_i, l_i, acc = _chunk_update(
-            q, buf_k + (base + r_c)[:, None] * D + d[None, :], buf_v + (base + r_c)[:, None] * D + d[None, :],
-            (r_c < C) & (r_c * 0 + filled >= r_c), m_i, l_i, acc, scale_log2, dmask,
-        )  # fmt: skip
+            q, bank_k, bank_v, (kv * S + previous) * C, r_c, rows, m_i, l_i, acc, scale_log2, d, dmask, D
+        )
+        rows = (r_c < C) & (r_c * 0 + filled >= r_c)
+        m_i, l_i, acc = _chunk_update(q, buf_k, buf_v, kv * C, r_c, rows, m_i, l_i, acc, scale_log2, d, dmask, D)
         tl.store(out_ptr + (row * H + h) * D + d, acc / l_i, mask=dmask)
 
 
