@@ -51,6 +51,27 @@ def test_a_claim_the_call_limit_stops_says_so_and_the_next_call_continues_it(tmp
     assert (run / "csv" / "metrics.csv").is_file() and (run / "csv" / "call2" / "metrics.csv").is_file()  # both kept
 
 
+def test_eval_models_trains_only_the_named_runs_and_a_later_call_scores_them_all(tmp_path, monkeypatch):
+    """eval.models: processes over one workdir (one per GPU) each train their own of C10's models; a run left to
+    another process is named as such, and a later call without eval.models trains only what is missing."""
+    from hydralm.eval import claims
+
+    c10 = {**claims.BUDGETS["smoke"]["c10"], "steps": 4, "curriculum": [dict(until_step=2, seq_len=32)]}
+    monkeypatch.setitem(claims.BUDGETS["smoke"], "c10", c10)
+    claims._c10_cache.clear()
+    workdir = str(tmp_path / "runs")
+    (first,) = run_claims("smoke", workdir, only=["C10"], models=["c10_no_retrieval"])
+    assert first.passed is None and "retrieval, dense: left to another process" in first.note, first
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["c10_no_retrieval"]
+    trained = tmp_path / "runs" / "c10_no_retrieval" / "metrics.json"
+    before = trained.stat().st_mtime_ns
+    claims._c10_cache.clear()
+    (second,) = run_claims("smoke", workdir, only=["C10"])
+    assert second.passed in (True, False) and second.values["no_retrieval"]["train_steps"] == 4, second
+    assert json.loads(trained.read_text())["finished"] is True and trained.stat().st_mtime_ns > before  # loaded
+    assert second.values["retrieval"]["train_steps"] == 4
+
+
 def test_c6_on_real_text_sweeps_each_optimizers_learning_rate_and_resumes_across_calls(tmp_path, monkeypatch):
     """The full budget's C6 form at toy size: the standard library's sources as the corpus, each optimizer at the
     same learning rates (its lowest final val loss picked); a call whose time is up trains nothing and says so,
