@@ -100,9 +100,9 @@ HYDRALM_DECODE_MANY = auto | torch | fused
 HYDRALM_RETRIEVAL_DECODE = auto | torch | triton
     The one-token step of retrieval layers. triton: routing, top-k and the attention over the picked chunks and
     the local context in one Triton kernel that reads the rings in place (kernels/retrieval/triton_decode.py),
-    instead of about twenty PyTorch kernels and gathered copies of the picked chunks. auto = torch everywhere until
-    `HYDRALM_RETRIEVAL_DECODE=triton python -m benchmarks.gpu_check retrieval_decode static_decode` passes on a GPU
-    (tested against the PyTorch step in Triton's CPU interpreter only so far).
+    instead of about twenty PyTorch kernels and gathered copies of the picked chunks. auto = torch everywhere: its
+    GPU check passed on an H200 (55d1790), but it decoded slower there (834.8 against 1043.8 tok/s at batch 1;
+    one program per (row, head) is latency-bound, docs/inference.md).
 
 HYDRALM_DECODE_LINEAR = auto | torch | gemv
     The matmuls of a decode step (bias-free projections called without autograd on at most 16 rows): gemv runs
@@ -337,7 +337,7 @@ def decode_backend(is_cuda: bool) -> str:
 
 
 def retrieval_decode_backend(is_cuda: bool) -> str:
-    """'triton' when asked by name, else 'torch' (auto: the kernel's GPU check has not passed yet; module docstring)."""
+    """'triton' when asked by name, else 'torch' (auto: the kernel is slower on an H200; module docstring)."""
     if _choice("HYDRALM_RETRIEVAL_DECODE", RETRIEVAL_DECODE_CHOICES) != "triton":
         return "torch"
     _require_triton("HYDRALM_RETRIEVAL_DECODE", "triton", is_cuda, "the PyTorch step")
