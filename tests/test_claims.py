@@ -26,6 +26,8 @@ def test_smoke_claim_suite_measures_every_claim_and_c1_to_c3_pass(tmp_path):
     table = (tmp_path / "RESULTS.md").read_text()
     assert all(f"| {claim_id} |" in table for claim_id in CLAIMS)
     assert json.loads((tmp_path / "results.json").read_text())["claims"][0]["id"] == "C1"
+    # C10's models by depth, one figure beside the table
+    assert "(RESULTS-C10-smoke.png)" in table and (tmp_path / "RESULTS-C10-smoke.png").stat().st_size > 0
 
 
 def test_a_claim_the_call_limit_stops_says_so_and_the_next_call_continues_it(tmp_path, monkeypatch):

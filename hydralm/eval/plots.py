@@ -80,6 +80,30 @@ def draw_depth_accuracy(ax, by_depth: dict, chance: Optional[float] = None) -> N
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
 
 
+def models_by_depth_chart(models: Dict[str, dict], title: str, path: str, chance: Optional[float] = None) -> str:
+    """Several models' answer accuracy by depth bucket, side by side: models[name] = {"accuracy": overall,
+    "by_depth": {bucket: accuracy or None}} (C10's comparison at equal budget)."""
+    labels = list(next(iter(models.values()))["by_depth"])
+    fig, ax = plt.subplots(figsize=(6.4, 3.9))
+    width = 0.8 / len(models)
+    for j, (name, model) in enumerate(models.items()):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(labels))]
+        values = [model["by_depth"][b] for b in labels]
+        ax.bar(xs, [v or 0.0 for v in values], width, color=f"C{j}", label=f"{name} ({model['accuracy']:.1%})")
+        for x, v in zip(xs, values):
+            ax.text(x, (v or 0.0) + 0.02, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom", fontsize=6)
+    if chance is not None:
+        ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance {chance:.1%}")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylim(0, 1.15)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    ax.set_xlabel("depth of the fact in the context (%)")
+    ax.set_ylabel("answer accuracy")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(models) + 1, frameon=False)
+    ax.set_title(title, fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
