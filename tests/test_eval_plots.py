@@ -6,7 +6,7 @@ import torch
 from hydralm import HydraConfig, HydraLM
 from hydralm.data import RetrievalQA
 from hydralm.eval.plots import accuracy_and_routing_chart, depth_bar_chart
-from hydralm.eval.scoring import task_accuracy, wilson_interval
+from hydralm.eval.scoring import task_accuracy, wilson_interval, wrong_answer_kinds
 from hydralm.eval.tasks import long_context_qa
 
 
@@ -26,6 +26,23 @@ def test_task_accuracy_reports_counts_intervals_and_chance():
     assert result["queries"] == 16 and result["accuracy"] == result["correct"] / 16
     assert tuple(result["ci95"]) == wilson_interval(result["correct"], 16)
     assert sum(b["queries"] for b in result["by_depth"].values()) == 16
+    wrong = result["wrong"]
+    assert wrong["answers"] == 16 - result["correct"]
+    assert wrong["answers"] == 0 or sum(wrong[k] for k in wrong if k != "answers") == pytest.approx(1.0)
+
+
+def test_wrong_answers_are_told_apart_as_misread_guessed_or_no_value():
+    """Values are ids 10-19. Row 0 answers right, then with 12, which occurs before its query (another fact's
+    value: misread); row 1 with 15, a value not in the context, then with 3, not a value."""
+    ids = torch.tensor([[1, 12, 2, 11, 0, 0], [1, 13, 2, 14, 0, 0]])
+    positions = torch.tensor([[3, 5], [3, 5]])
+    answers = torch.tensor([[11, 11], [14, 13]])
+    predicted = torch.tensor([[11, 12], [15, 3]])
+    kinds = wrong_answer_kinds(ids, positions, predicted, answers, (10, 20))
+    assert kinds == {"another_value_in_context": 1, "value_not_in_context": 1, "not_a_value": 1}
+    # a value occurring only after the query is not one the model could have read
+    late = wrong_answer_kinds(ids, torch.tensor([[0, 0]]).expand(2, 2), predicted, answers, (10, 20))
+    assert late["another_value_in_context"] == 0 and late["value_not_in_context"] == 2
 
 
 def test_figures_draw_perfect_empty_and_routing_buckets(tmp_path):

@@ -665,6 +665,7 @@ def claim_c7(budget: str, runs: ClaimRuns) -> ClaimResult:
             "by_depth": {k: v["accuracy"] for k, v in scored["by_depth"].items()},  # depth: the pair's place
             # per retrieval layer: routing recall of the far answers, and accuracy where it found / missed them
             "routing": {k: _routing_values(v) for k, v in scored.get("routing_recall", {}).items()},
+            "wrong": scored["wrong"],  # another pair's value (misread), a value not in the context, no value
         },
         b,
         f"smoke: {b['pairs']} pairs in {b['seq_len']} tokens stand in" if scaled else "",
@@ -747,6 +748,8 @@ def claim_c10(budget: str, runs: ClaimRuns) -> ClaimResult:
             "train_seconds": r["train_seconds"],
             "by_depth": {k: v["accuracy"] for k, v in r["by_depth"].items()},
             "routing_recall_far": {k: v["recall_far"] for k, v in r.get("routing_recall", {}).items()},
+            # what the wrong answers were: another fact's value (misread), a value not in the context, no value
+            "wrong": r["wrong"],
         }
         for name, r in results.items()
     }

@@ -1,5 +1,6 @@
 """Scoring a model on token positions without materialising logits for a whole long input."""
 
+import collections
 import math
 from typing import Dict, Optional, Tuple
 
@@ -73,7 +74,8 @@ def task_accuracy(
     from hydralm.eval.routing_recall import merge_hits, routing_hits, summarize
 
     device = device or next(model.parameters()).device
-    correct, depths, hits = [], [], {}
+    correct, depths, hits, wrong = [], [], {}, collections.Counter()
+    values = (task.vocab.value_start, task.vocab.filler_start)
     for start in range(0, num_samples, batch_size):
         rows = [task.sample(i, split, seed) for i in range(start, min(num_samples, start + batch_size))]
         ids = torch.stack([r["input_ids"] for r in rows]).to(device)
@@ -87,7 +89,9 @@ def task_accuracy(
                 hits.setdefault(layer, []).append(routing_hits(entries, positions, sources))
         else:
             predicted = predictions_at(model, ids, positions, chunk_size)
-        correct.append((predicted == labels.gather(1, positions)).float().cpu().flatten())
+        answers = labels.gather(1, positions)
+        correct.append((predicted == answers).float().cpu().flatten())
+        wrong.update(wrong_answer_kinds(ids, positions, predicted, answers, values))
         depths.append(torch.stack([r["depths"] for r in rows]).float())
     by_query_depth = torch.cat(depths)  # (samples, Q)
     correct, depths = torch.cat(correct), by_query_depth.flatten()
@@ -99,12 +103,36 @@ def task_accuracy(
         **_proportion(correct),
         "chance": 1.0 / task.vocab.num_values,
         "by_depth": buckets,
+        "wrong": _wrong_shares(wrong),
     }
     if routing:
         result["routing_recall"] = {
             f"layer{layer}": summarize(merge_hits(parts), by_query_depth, correct) for layer, parts in hits.items()
         }
     return result
+
+
+WRONG_KINDS = ("another_value_in_context", "value_not_in_context", "not_a_value")
+
+
+def wrong_answer_kinds(
+    ids: torch.Tensor, positions: torch.Tensor, predicted: torch.Tensor, answers: torch.Tensor, values: Tuple[int, int]
+) -> Dict[str, int]:
+    """What the wrong answers were, counted: a value token that occurs in the context up to the query (the model
+    read another fact: a reading error), a value token that does not (a guess), or not a value token at all.
+    ids (B, N); positions / predicted / answers (B, Q); values = [first, end) of the value ids."""
+    wrong = predicted != answers
+    is_value = (predicted >= values[0]) & (predicted < values[1])
+    before = torch.arange(ids.shape[1], device=ids.device) <= positions[..., None]  # (B, Q, N)
+    seen = ((ids[:, None, :] == predicted[..., None]) & before).any(-1)
+    kinds = (wrong & is_value & seen, wrong & is_value & ~seen, wrong & ~is_value)
+    return {name: int(kind.sum()) for name, kind in zip(WRONG_KINDS, kinds)}
+
+
+def _wrong_shares(counts: Dict[str, int]) -> Dict:
+    """The number of wrong answers and each kind's share of them (None without wrong answers)."""
+    total = sum(counts.get(name, 0) for name in WRONG_KINDS)
+    return {"answers": total} | {name: counts.get(name, 0) / total if total else None for name in WRONG_KINDS}
 
 
 def _proportion(correct: torch.Tensor) -> Dict:
