@@ -62,6 +62,8 @@ def test_eval_models_trains_only_the_named_runs_and_a_later_call_scores_them_all
     monkeypatch.setitem(claims.BUDGETS["smoke"], "c10", c10)
     claims._c10_cache.clear()
     workdir = str(tmp_path / "runs")
+    with pytest.raises(ValueError, match=r"eval.models=\['c10_noretrieval'\] unknown"):
+        run_claims("smoke", workdir, only=["C10"], models=["c10_noretrieval"])
     (first,) = run_claims("smoke", workdir, only=["C10"], models=["c10_no_retrieval"])
     assert first.passed is None and "retrieval, dense: left to another process" in first.note, first
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["c10_no_retrieval"]

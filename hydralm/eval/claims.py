@@ -570,7 +570,7 @@ def claim_c6(budget: str, runs: ClaimRuns) -> ClaimResult:
     for name in ("adamw", "muon"):
         swept = {}
         for lr in lrs:
-            folder = f"{runs.workdir}/c6_{name}" + ("" if lr is None else f"_lr{lr:g}")
+            folder = f"{runs.workdir}/{_c6_run(name, lr)}"
             overrides = common + [f"optimizer={name}"] + ([] if lr is None else [f"optimizer.lr={lr}"])
             curve = _timed_run(overrides, folder, runs)
             if curve is None:
@@ -608,6 +608,17 @@ def claim_c6(budget: str, runs: ClaimRuns) -> ClaimResult:
         {**b, "target": "best val loss AdamW reached"},
         "" if ratio is not None else "Muon never reached AdamW's best val loss in the budget",
     )
+
+
+def _c6_run(optimizer: str, lr: Optional[float]) -> str:
+    return f"c6_{optimizer}" + ("" if lr is None else f"_lr{lr:g}")
+
+
+def run_names(budget: str) -> List[str]:
+    """The trained claims' run folders under the workdir at a budget (what eval.models picks from)."""
+    b = BUDGETS[budget]
+    c6 = [_c6_run(name, lr) for name in ("adamw", "muon") for lr in b["c6"].get("lrs") or [None]]
+    return c6 + ["c7", "c10_retrieval", "c10_no_retrieval"] + (["c10_dense"] if b["c10"]["dense"] else [])
 
 
 def _timed_run(overrides: List[str], folder: str, runs: ClaimRuns) -> Optional[List[tuple]]:
@@ -827,7 +838,10 @@ def run_claims(
         raise ValueError(f"eval.budget={budget!r} is unknown; allowed: {sorted(BUDGETS)}")
     unknown = sorted(set(only or []) - set(CLAIMS))
     if unknown:
-        raise ValueError(f"eval.claims={unknown} unknown; allowed: {list(CLAIMS)}")
+        raise ValueError(f"eval.only={unknown} unknown; allowed: {list(CLAIMS)}")
+    unknown = sorted(set(models or []) - set(run_names(budget)))
+    if unknown:
+        raise ValueError(f"eval.models={unknown} unknown at budget {budget!r}; allowed: {run_names(budget)}")
     runs = ClaimRuns(workdir, None if call_seconds is None else time.monotonic() + call_seconds, models)
     results = []
     for claim_id in execution_order(only):

@@ -37,12 +37,7 @@ def accuracy_and_routing_chart(
             text = "n=0" if b["recall_far"] is None else f"{b['recall_far']:.2f}\nn={b['far_queries']}"
             right.text(x, 1.02, text, ha="center", va="bottom", fontsize=6)
     right.scatter([], [], marker="_", s=200, color="black", label="random routing")
-    right.set_xticks(range(len(labels)), labels)
-    right.set_ylim(0, 1.2)
-    right.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
-    right.set_xlabel("depth of the fact in the context (%)")
-    right.set_ylabel("routing recall (far answers)")
-    right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(routing) + 1, frameon=False)
+    _depth_axes(right, labels, "routing recall (far answers)", len(routing) + 1)
     fig.suptitle(title, fontsize=8)
     return _save(fig, path)
 
@@ -73,11 +68,17 @@ def draw_depth_accuracy(ax, by_depth: dict, chance: Optional[float] = None) -> N
     for i, (b, v) in enumerate(zip(labels, values)):
         text = "no queries" if v is None else f"{v:.2f}\nn={by_depth[b]['queries']}"
         ax.text(i, 1.02, text, ha="center", va="bottom", fontsize=7)
+    _depth_axes(ax, labels, "answer accuracy", 3)
+
+
+def _depth_axes(ax, labels: list, ylabel: str, legend_columns: int) -> None:
+    """The depth buckets along x, a 0-1 scale with room for the bars' labels, the legend below."""
+    ax.set_xticks(range(len(labels)), labels)
     ax.set_ylim(0, 1.2)
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_xlabel("depth of the fact in the context (%)")
-    ax.set_ylabel("answer accuracy")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=legend_columns, frameon=False)
 
 
 def models_by_depth_chart(models: Dict[str, dict], title: str, path: str, chance: Optional[float] = None) -> str:
@@ -94,12 +95,7 @@ def models_by_depth_chart(models: Dict[str, dict], title: str, path: str, chance
             ax.text(x, (v or 0.0) + 0.02, "n/a" if v is None else f"{v:.2f}", ha="center", va="bottom", fontsize=6)
     if chance is not None:
         ax.axhline(chance, color="black", linestyle="--", linewidth=1, label=f"chance {chance:.1%}")
-    ax.set_xticks(range(len(labels)), labels)
-    ax.set_ylim(0, 1.15)
-    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
-    ax.set_xlabel("depth of the fact in the context (%)")
-    ax.set_ylabel("answer accuracy")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(models) + 1, frameon=False)
+    _depth_axes(ax, labels, "answer accuracy", len(models) + 1)
     ax.set_title(title, fontsize=8)
     return _save(fig, path)
 
