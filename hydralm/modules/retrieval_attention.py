@@ -531,7 +531,7 @@ class RetrievalAttention(nn.Module):
             y = retrieval_decode_step(
                 q[:, :, 0], buf_k, buf_v, bank_k, bank_v, summaries, st.pool_k, st.pool_v, st.pool_summaries,
                 slot_ids, routable, pos_t, self.top_k,
-            )[:, :, None]  # fmt: skip
+            )[0][:, :, None]  # fmt: skip
         else:
             y = self._step_attention(q, st, buf_k, buf_v, bank_k, bank_v, summaries, slot_ids, routable, c, filled)
 

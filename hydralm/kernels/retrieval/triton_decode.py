@@ -15,6 +15,8 @@ Same picks and formulas as the PyTorch step (the test oracle, tests/test_retriev
 summation order, so scores within rounding of each other may pick differently (near-ties).
 """
 
+from typing import Tuple
+
 import torch
 
 from hydralm.kernels.triton_common import tl, triton
@@ -124,13 +126,14 @@ def retrieval_decode_step(
     routable: torch.Tensor,
     pos: torch.Tensor,
     top_k: int,
-) -> torch.Tensor:
+) -> Tuple[torch.Tensor]:
     """q (B, H, D) the token's queries; buf_k / buf_v (B, H_kv, C, D) the chunk in progress with the token written;
     bank_k / bank_v (B, H_kv, S, C, D) and summaries (B, H_kv, S, D) fp32 the exact ring; pool_k / pool_v (B, H_kv,
     P, C / r, D) and pool_summaries (B, H_kv, P, D) the compressed ring (P may be 0); slot_ids / routable (P + S,)
     the chunk id each slot holds and whether the token may pick it, pool slots first; pos a 0-d int64 tensor, the
-    token's stream position. Returns y (B, H, D) in q's dtype. A custom op: the StaticDecoder's graphs keep it as
-    one opaque call."""
+    token's stream position. Returns (y,), y (B, H, D) in q's dtype. A custom op: the StaticDecoder's graphs keep
+    it as one opaque call. A tuple, because inductor moves a single-output op to just before its first user, which
+    comes after the layer's ring update: that update then needs a copy of each ring instead of writing in place."""
     B, H, D = q.shape
     h_kv, S, C = bank_k.shape[1], bank_k.shape[2], bank_k.shape[3]
     P, CP = pool_k.shape[2], pool_k.shape[3]
@@ -144,9 +147,9 @@ def retrieval_decode_step(
         BD=triton.next_power_of_2(D), DB=min(8, triton.next_power_of_2(D)),
         num_warps=8,  # ptxas for sm_90 (576 slots, D 64, top-8): 184 registers, no spills; 4 warps spilled
     )  # fmt: skip
-    return out
+    return (out,)
 
 
 @retrieval_decode_step.register_fake
 def _(q, buf_k, buf_v, bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries, slot_ids, routable, pos, top_k):
-    return torch.empty_like(q)
+    return (torch.empty_like(q),)
