@@ -181,7 +181,9 @@ BUDGETS = {
             eval_samples=32,
             dense=False,
             curriculum=[
-                dict(until_step=500, seq_len=128, num_facts=4, num_queries=4),
+                dict(until_step=200, seq_len=32, num_facts=4, num_queries=4),
+                dict(until_step=350, seq_len=64, num_facts=4, num_queries=4),
+                dict(until_step=600, seq_len=128, num_facts=4, num_queries=4),
                 dict(until_step=1000, seq_len=512, num_facts=8),
                 dict(until_step=1500, seq_len=2048, num_facts=16),
                 dict(until_step=2200, seq_len=8192, num_facts=32),
