@@ -138,3 +138,30 @@ def test_the_gpu_experiment_is_the_claims_full_recipe(tmp_path, claim, experimen
         assert cfg.data.batch_size == b["batch_size"] and cfg.trainer.max_steps == b["steps"]
         assert cfg.optimizer.lr == b.get("lr", default_lr)  # an entry without lr: the optimizer config's
         assert OmegaConf.to_container(cfg.data.curriculum) == b["curriculum"]
+
+
+def test_c10_says_which_condition_failed_when_the_model_without_retrieval_answers_as_well(monkeypatch):
+    """C10 needs both: retrieval >= 0.90 and a lift of the 0-25 bucket over the model without retrieval. A model
+    without retrieval that answers as well fails the claim, and the note says so with both figures."""
+    from hydralm.eval import claims
+
+    def scored(accuracy, early):
+        by_depth = {k: {"accuracy": early if k == "0-25" else accuracy} for k in ("0-25", "25-50", "50-75", "75-100")}
+        return {
+            "accuracy": accuracy,
+            "ci95": [accuracy - 0.02, min(1.0, accuracy + 0.02)],
+            "chance": 1 / 34,
+            "by_depth": by_depth,
+            "wrong": {},
+            "train_steps": 10,
+            "train_seconds": 1.0,
+        }
+
+    results = {"retrieval": scored(0.99, 0.98), "no_retrieval": scored(1.0, 1.0)}
+    monkeypatch.setattr(claims, "_c10_models", lambda budget, runs: {"runs": {}, "results": results})
+    result = claims.claim_c10("full", None)
+    assert result.passed is False
+    assert "0-25 bucket not lifted: 98.0% with retrieval, 100.0% without" in result.note, result.note
+    results["no_retrieval"] = scored(0.5, 0.2)
+    result = claims.claim_c10("full", None)
+    assert result.passed is True and "not lifted" not in result.note, result

@@ -777,6 +777,8 @@ def claim_c10(budget: str, runs: ClaimRuns) -> ClaimResult:
         )
     elif len(learned) < len(results):
         notes.append(f"above chance: {', '.join(learned)} only")
+    if learned and not lifted and early_with is not None and early_without is not None:
+        notes.append(f"0-25 bucket not lifted: {early_with:.1%} with retrieval, {early_without:.1%} without")
     return _result("C10", budget, with_r["accuracy"] >= 0.90 and lifted, values, b, note="; ".join(notes))
 
 
