@@ -25,6 +25,29 @@ def test_byte_level_default_is_lossless_and_offline():
     assert info.tokenizer.decode(ids) == text
 
 
+def test_the_byte_level_fast_encoding_gives_the_tokenizers_ids():
+    """DocumentEncoder reads the default's ids from the UTF-8 bytes with numpy: the same ids, BOS / EOS framing
+    and empty documents as encoding with the tokenizer itself (any text, multi-byte characters included)."""
+    import dataclasses
+    import random
+
+    import numpy as np
+
+    from hydralm.data.windows import DocumentEncoder
+
+    info = load_tokenizer(None)
+    rng = random.Random(0)
+    alphabet = "ab \n\t\x00é日本語🙂<eos>"
+    texts = ["", "x"] + ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 200))) for _ in range(50)]
+    for add_bos, add_eos in ((True, True), (False, True), (False, False)):
+        fast = DocumentEncoder(info, add_bos, add_eos).encode_batch(texts)
+        slow = DocumentEncoder(dataclasses.replace(info, byte_offset=None), add_bos, add_eos).encode_batch(texts)
+        assert all(a.dtype == np.int32 and np.array_equal(a, b) for a, b in zip(fast, slow, strict=True))
+    # the check can fail: one more offset shifts every id
+    wrong = DocumentEncoder(dataclasses.replace(info, byte_offset=4), True, True).encode_batch(texts[1:2])
+    assert not np.array_equal(wrong[0], DocumentEncoder(info, True, True).encode_batch(texts[1:2])[0])
+
+
 def test_missing_tokenizer_path_names_the_field(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer_path="):
         load_tokenizer(str(tmp_path / "nope.json"))

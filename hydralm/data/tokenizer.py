@@ -54,6 +54,9 @@ class TokenizerInfo:
     pad_id: int
     bos_id: int | None
     eos_id: int | None
+    # The byte-level default's id of byte 0 (id = byte_offset + byte, for every input): encoding is then a
+    # numpy view of the UTF-8 bytes (DocumentEncoder). None for a trained tokenizer.
+    byte_offset: int | None = None
 
 
 def _first_id(tokenizer: Tokenizer, names: tuple[str, ...]) -> int | None:
@@ -82,4 +85,6 @@ def load_tokenizer(tokenizer_path: str | None = None) -> TokenizerInfo:
     # A pad id only fills positions whose label is -100 and that come after every real token of the
     # row, so any valid id is safe when the tokenizer has no pad token.
     pad_id = pad_id if pad_id is not None else (eos_id if eos_id is not None else 0)
-    return TokenizerInfo(tokenizer, tokenizer.get_vocab_size(with_added_tokens=True), pad_id, bos_id, eos_id)
+    byte_offset = len(SPECIAL_TOKENS) if tokenizer_path is None else None
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+    return TokenizerInfo(tokenizer, vocab_size, pad_id, bos_id, eos_id, byte_offset)

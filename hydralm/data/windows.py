@@ -34,13 +34,21 @@ def window_to_row(window: Sequence[int], seq_len: int, pad_id: int) -> dict[str,
 
 
 class DocumentEncoder:
-    """Text -> document ids with BOS/EOS; picklable so HF ``map`` and DataLoader workers can use it."""
+    """Text -> document ids with BOS/EOS, as int32 arrays; picklable so HF ``map`` and DataLoader workers can use
+    it. The byte-level default skips the tokenizer: its ids are the UTF-8 bytes plus a fixed offset, read with
+    numpy (a 30 MB document in well under a second, where the tokenizer's per-token Python ids took a minute)."""
 
     def __init__(self, info: TokenizerInfo, add_bos: bool, add_eos: bool) -> None:
-        self.tokenizer = info.tokenizer
-        self.prefix = [info.bos_id] if add_bos and info.bos_id is not None else []
-        self.suffix = [info.eos_id] if add_eos and info.eos_id is not None else []
+        self.tokenizer, self.byte_offset = info.tokenizer, info.byte_offset
+        self.prefix = np.array([info.bos_id] if add_bos and info.bos_id is not None else [], dtype=np.int32)
+        self.suffix = np.array([info.eos_id] if add_eos and info.eos_id is not None else [], dtype=np.int32)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def _frame(self, ids: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.prefix, ids, self.suffix]) if len(ids) else ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        if self.byte_offset is not None:
+            raw = (np.frombuffer(text.encode("utf-8"), dtype=np.uint8) for text in texts)
+            return [self._frame(ids.astype(np.int32) + self.byte_offset) for ids in raw]
         encodings = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        return [self.prefix + enc.ids + self.suffix if enc.ids else [] for enc in encodings]
+        return [self._frame(np.asarray(enc.ids, dtype=np.int32)) for enc in encodings]
