@@ -36,7 +36,7 @@ def window_to_row(window: Sequence[int], seq_len: int, pad_id: int) -> dict[str,
 class DocumentEncoder:
     """Text -> document ids with BOS/EOS, as int32 arrays; picklable so HF ``map`` and DataLoader workers can use
     it. The byte-level default skips the tokenizer: its ids are the UTF-8 bytes plus a fixed offset, read with
-    numpy (a 30 MB document in well under a second, where the tokenizer's per-token Python ids took a minute)."""
+    numpy (a 30 MB document in about a second; through the tokenizer and its Python lists, over a minute)."""
 
     def __init__(self, info: TokenizerInfo, add_bos: bool, add_eos: bool) -> None:
         self.tokenizer, self.byte_offset = info.tokenizer, info.byte_offset
