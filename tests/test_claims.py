@@ -165,3 +165,19 @@ def test_c10_says_which_condition_failed_when_the_model_without_retrieval_answer
     results["no_retrieval"] = scored(0.5, 0.2)
     result = claims.claim_c10("full", None)
     assert result.passed is True and "not lifted" not in result.note, result
+
+
+def test_eval_seed_trains_the_claims_models_with_that_seed_and_never_continues_another_seeds_run(tmp_path, monkeypatch):
+    """eval.seed: the trained claims' models train with it (their summary and the claim's settings say so); a
+    workdir holding another seed's run refuses to continue it, naming both seeds."""
+    from hydralm.eval import claims
+
+    monkeypatch.setitem(claims.BUDGETS["smoke"], "c7", {**claims.BUDGETS["smoke"]["c7"], "steps": 2})
+    workdir = str(tmp_path / "runs")
+    (result,) = run_claims("smoke", workdir, only=["C7"], seed=7)
+    assert result.settings["seed"] == 7 and result.values["train_steps"] == 2, result
+    assert json.loads((tmp_path / "runs" / "c7" / "metrics.json").read_text())["seed"] == 7
+    with pytest.raises(ValueError, match=r"trained with seed=7; seed=8 cannot continue it"):
+        run_claims("smoke", workdir, only=["C7"], seed=8)
+    (again,) = run_claims("smoke", workdir, only=["C7"], seed=7)  # the same seed only loads the finished run
+    assert again.values["train_steps"] == 2

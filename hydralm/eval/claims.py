@@ -515,6 +515,10 @@ class ClaimRuns:
     # Train only these runs (their folders under workdir); the others are left to another process, e.g. one per
     # GPU over the same workdir. None: every run.
     models: Optional[List[str]] = None
+    seed: Optional[int] = None  # the models' training seed (eval.seed); None: train.yaml's
+
+    def seeded(self, overrides: List[str]) -> List[str]:
+        return overrides + ([] if self.seed is None else [f"seed={self.seed}"])
 
     def leaves(self, name: str) -> bool:
         """True when this call leaves run `name` to another process (`models` names others only)."""
@@ -524,7 +528,7 @@ class ClaimRuns:
         if self.leaves(name):
             return {"model": None, "seconds": 0.0, "steps": 0, "max_steps": 0, "finished": False, "left": True}
         seconds = None if self.deadline is None else max(1e-3, self.deadline - time.monotonic())  # >= 1 step
-        return train_model(overrides, f"{self.workdir}/{name}", seconds=seconds, resume=True)
+        return train_model(self.seeded(overrides), f"{self.workdir}/{name}", seconds=seconds, resume=True)
 
 
 def _in_progress(claim_id: str, budget: str, runs: Dict[str, Dict], settings: dict) -> Optional[ClaimResult]:
@@ -638,7 +642,7 @@ def _timed_run(overrides: List[str], folder: str, runs: ClaimRuns) -> Optional[L
     if runs.leaves(os.path.basename(folder)) or (runs.deadline is not None and time.monotonic() >= runs.deadline):
         return None
     seconds = None if runs.deadline is None else runs.deadline - time.monotonic()
-    run = train_model(overrides, folder, record_val_curve=True, seconds=seconds)
+    run = train_model(runs.seeded(overrides), folder, record_val_curve=True, seconds=seconds)
     return run["val_curve"] if run["finished"] else None
 
 
@@ -835,11 +839,13 @@ def run_claims(
     on_result: Optional[Callable[[List[ClaimResult]], None]] = None,
     call_seconds: Optional[float] = None,
     models: Optional[List[str]] = None,
+    seed: Optional[int] = None,
 ) -> List[ClaimResult]:
     """Runs the claims in order; ``on_result(results_so_far)`` after each one (a long run keeps what it measured).
     workdir holds the trained claims' runs; call_seconds bounds this call's training (``ClaimRuns``): models the
     limit stops continue from workdir in the next call, and their claims say so. models: train only these runs
-    (workdir folder names) and leave the others to another process."""
+    (workdir folder names) and leave the others to another process. seed: the trained claims' training seed
+    (each seed in a workdir of its own); it appears in their settings."""
     if budget not in BUDGETS:
         raise ValueError(f"eval.budget={budget!r} is unknown; allowed: {sorted(BUDGETS)}")
     unknown = sorted(set(only or []) - set(CLAIMS))
@@ -848,7 +854,7 @@ def run_claims(
     unknown = sorted(set(models or []) - set(run_names(budget)))
     if unknown:
         raise ValueError(f"eval.models={unknown} unknown at budget {budget!r}; allowed: {run_names(budget)}")
-    runs = ClaimRuns(workdir, None if call_seconds is None else time.monotonic() + call_seconds, models)
+    runs = ClaimRuns(workdir, None if call_seconds is None else time.monotonic() + call_seconds, models, seed)
     results = []
     for claim_id in execution_order(only):
         fn = CLAIMS[claim_id]
@@ -857,6 +863,8 @@ def run_claims(
             result = _result(claim_id, budget, None, {}, {}, "not measured at this budget: needs a GPU")
         else:
             result = fn(budget, runs) if claim_id in TRAINED else fn(budget)
+            if claim_id in TRAINED and seed is not None:
+                result.settings = {**result.settings, "seed": seed}
         result.seconds = time.perf_counter() - started
         results.append(result)
         results.sort(key=lambda r: list(CLAIMS).index(r.id))  # reports list claims in CLAIMS order

@@ -297,6 +297,7 @@ def _claims(cfg: DictConfig, out_dir: str) -> Dict:
         on_result=lambda so_far: write_reports(so_far, out_dir, command, sha),
         call_seconds=None if minutes is None else 60.0 * float(minutes),
         models=list(cfg.eval.models) if cfg.eval.get("models") else None,
+        seed=cfg.eval.get("seed"),
     )
     payload = write_reports(results, out_dir, command, sha)
     if cfg.eval.publish:

@@ -97,6 +97,11 @@ def train_model(
     if cfg.get("ckpt_path") and os.path.isfile(summary_path):
         with open(summary_path) as f:
             earlier = json.load(f)
+        if "seed" in earlier and earlier["seed"] != cfg.get("seed"):
+            raise ValueError(
+                f"{output_dir} holds a run trained with seed={earlier['seed']}; seed={cfg.get('seed')} cannot continue "
+                "it: train that seed in another folder (for the claim suite, another eval.workdir)"
+            )
     started = time.perf_counter()
     metrics, objects = train(cfg, extra_callbacks=[c for c in (timer if record_val_curve else None, limit) if c])
     seconds_taken = earlier.get("seconds", 0.0) + time.perf_counter() - started
@@ -104,7 +109,8 @@ def train_model(
     steps, max_steps = int(objects["trainer"].global_step), int(cfg.trainer.max_steps)
     finished = limit is None or not limit.stopped or steps >= max_steps
     with open(summary_path, "w") as f:
-        json.dump({"metrics": metrics, "seconds": seconds_taken, "val_curve": timer.curve, "finished": finished}, f)
+        summary = {"metrics": metrics, "seconds": seconds_taken, "val_curve": timer.curve, "finished": finished}
+        json.dump({**summary, "seed": cfg.get("seed")}, f)
     # Lightning's teardown moves the model to the CPU after fit; evaluate it where it trained.
     net = objects["model"].net.to(objects["trainer"].strategy.root_device).eval()
     return {
