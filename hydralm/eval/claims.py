@@ -7,7 +7,6 @@ nothing passes by default and no number is typed in. Claims that need a trained 
 ``hydralm.training.pipeline.train``, the code path of ``train.py``.
 """
 
-import json
 import os
 import statistics
 import time
@@ -19,7 +18,7 @@ import torch
 from hydralm import HydraConfig, HydraLM
 from hydralm.eval.factbank_claims import C3_THRESHOLD, C9_THRESHOLD, measure_c3, measure_c9
 from hydralm.eval.scoring import task_accuracy
-from hydralm.eval.training_runs import train_model
+from hydralm.eval.training_runs import load_summary, train_model
 from hydralm.modules.routing_log import record_routing
 from hydralm.state import clone_state, state_bytes
 from hydralm.streaming import StreamingEngine
@@ -633,12 +632,9 @@ def _timed_run(overrides: List[str], folder: str, runs: ClaimRuns) -> Optional[L
     """The (seconds, val loss) curve of one C6 run. A curve is one call's own, so a run is never resumed: one that
     finished in an earlier call is read back from its summary, one the call's time limit stops is dropped (None)
     and the next call trains it again from the start."""
-    summary = os.path.join(folder, "metrics.json")
-    if os.path.isfile(summary):
-        with open(summary) as f:
-            done = json.load(f)
-        if done.get("finished") and done.get("val_curve"):
-            return [tuple(point) for point in done["val_curve"]]
+    done = load_summary(folder, runs.seed)
+    if done.get("finished") and done.get("val_curve"):
+        return [tuple(point) for point in done["val_curve"]]
     if runs.leaves(os.path.basename(folder)) or (runs.deadline is not None and time.monotonic() >= runs.deadline):
         return None
     seconds = None if runs.deadline is None else runs.deadline - time.monotonic()

@@ -63,6 +63,22 @@ def compose_train_config(overrides: List[str], output_dir: str) -> DictConfig:
         return compose(config_name="train", overrides=overrides)
 
 
+def load_summary(output_dir: str, seed: Optional[int]) -> Dict:
+    """A run folder's metrics.json ({} without one). A folder remembers the seed it trained with and refuses
+    another (seed None: any)."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        summary = json.load(f)
+    if seed is not None and summary.get("seed", seed) != seed:
+        raise ValueError(
+            f"{output_dir} holds a run trained with seed={summary['seed']}; seed={seed} cannot continue it: train "
+            "that seed in another folder (for the claim suite, another eval.workdir)"
+        )
+    return summary
+
+
 def train_model(
     overrides: List[str],
     output_dir: str,
@@ -92,25 +108,17 @@ def train_model(
         if cfg.get("ckpt_path") and csv_logger is not None:  # a resumed call logs beside the earlier calls' logs
             csv_logger.version = f"call{len(glob.glob(os.path.join(output_dir, 'csv', 'call*'))) + 2}"
     # A resumed run adds this call's time to the earlier calls' (a finished run only loads: ~0 s, metrics kept).
-    summary_path = os.path.join(output_dir, "metrics.json")
-    earlier = {}
-    if cfg.get("ckpt_path") and os.path.isfile(summary_path):
-        with open(summary_path) as f:
-            earlier = json.load(f)
-        if "seed" in earlier and earlier["seed"] != cfg.get("seed"):
-            raise ValueError(
-                f"{output_dir} holds a run trained with seed={earlier['seed']}; seed={cfg.get('seed')} cannot continue "
-                "it: train that seed in another folder (for the claim suite, another eval.workdir)"
-            )
+    earlier = load_summary(output_dir, cfg.get("seed")) if cfg.get("ckpt_path") else {}
     started = time.perf_counter()
     metrics, objects = train(cfg, extra_callbacks=[c for c in (timer if record_val_curve else None, limit) if c])
     seconds_taken = earlier.get("seconds", 0.0) + time.perf_counter() - started
     metrics = {**earlier.get("metrics", {}), **metrics}
     steps, max_steps = int(objects["trainer"].global_step), int(cfg.trainer.max_steps)
     finished = limit is None or not limit.stopped or steps >= max_steps
-    with open(summary_path, "w") as f:
-        summary = {"metrics": metrics, "seconds": seconds_taken, "val_curve": timer.curve, "finished": finished}
-        json.dump({**summary, "seed": cfg.get("seed")}, f)
+    summary = {"metrics": metrics, "seconds": seconds_taken, "val_curve": timer.curve, "finished": finished}
+    summary["seed"] = cfg.get("seed")
+    with open(os.path.join(output_dir, "metrics.json"), "w") as f:
+        json.dump(summary, f)
     # Lightning's teardown moves the model to the CPU after fit; evaluate it where it trained.
     net = objects["model"].net.to(objects["trainer"].strategy.root_device).eval()
     return {
