@@ -108,6 +108,7 @@ if triton is not None:
                 lse_s = tl.load(lse_part_ptr + e, mask=m_ok, other=float("-inf"))
                 ok = m_ok & (lse_s > float("-inf"))
                 o_s = tl.load(o_part_ptr + e[:, None] * D + rd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+                o_s = o_s.to(tl.float32)
                 m_new = tl.maximum(m_i, lse_s)
                 alpha = tl.exp2(m_i - m_new)
                 w = tl.exp2(lse_s - m_new)
@@ -288,5 +289,6 @@ if triton is not None:
                 e = row * TOP_K + slot
                 lse_s = tl.load(lse_part_ptr + e, mask=m_ok, other=float("-inf"))
                 ok = m_ok & (lse_s > float("-inf"))
-                dq += tl.load(dq_part_ptr + e[:, None] * D + rd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+                dq_s = tl.load(dq_part_ptr + e[:, None] * D + rd[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+                dq += dq_s.to(tl.float32)
         tl.store(dq_ptr + row[:, None] * D + rd[None, :], dq.to(dq_ptr.dtype.element_ty), mask=qd_mask)

@@ -15,7 +15,8 @@ How the work is laid out (cost O(N * (k + 2) * C * D) per head, whatever the rou
    online softmax then takes in the token's k partial results, writing the output and the log-sum-exp.
 Backward, with P recomputed from the saved log-sum-exp: the retrieved part's dK/dV by a program per (list,
 key block) that loops over the list (it owns those rows: no atomics; a list longer than 2048 slots is split
-into segments whose results a second pass adds up in order), its dQ per (query, slot) by the tile programs;
+into segments whose results a second pass adds up in order) and, where one program holds a whole chunk (C <=
+64), its dQ per (query, slot) in the same loop (else by the tile programs in a second pass);
 the local part as in flash attention, adding the retrieved dK/dV and the per-slot dQ in a fixed order. No
 float atomics anywhere, so gradients are bit-for-bit reproducible, and each batch row is computed from its
 own lists and tiles only, so a row's result does not depend on the other rows.
@@ -113,7 +114,8 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
-        tl.store(o_part_ptr + e[:, None] * D + rd[None, :], acc / l_i[:, None], mask=qd_mask)
+        o = acc / l_i[:, None]
+        tl.store(o_part_ptr + e[:, None] * D + rd[None, :], o.to(o_part_ptr.dtype.element_ty), mask=qd_mask)
         tl.store(lse_part_ptr + e, m_i + tl.log2(l_i), mask=m_ok)
 
     @triton.autotune(configs=autotune_configs([{"BN": 64}, {"BN": 32}], {"BN": 16}), key=["C", "D", "TOP_K"])
@@ -187,16 +189,11 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-        tl.store(dq_part_ptr + e[:, None] * D + rd[None, :], dq * scale, mask=qd_mask)
+        dq = dq * scale
+        tl.store(dq_part_ptr + e[:, None] * D + rd[None, :], dq.to(dq_part_ptr.dtype.element_ty), mask=qd_mask)
 
-    @triton.autotune(
-        configs=autotune_configs(
-            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 32, "BN": 32}], {"BM": 16, "BN": 16}
-        ),
-        key=["C", "D", "TOP_K"],
-    )
     @triton.jit
-    def _sparse_bwd_dkdv_kernel(
+    def _sparse_bwd_kv_centric(
         q_ptr,
         k_ptr,
         v_ptr,
@@ -212,6 +209,7 @@ if triton is not None:
         dv_ptr,
         dk_buffer_ptr,
         dv_buffer_ptr,
+        dq_part_ptr,
         stride_qb,
         stride_qh,
         stride_qn,
@@ -234,11 +232,14 @@ if triton is not None:
         BN: tl.constexpr,
         BD: tl.constexpr,
         SEGMENT: tl.constexpr,
+        FUSE_DQ: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         """dK/dV of BN rows of one chunk from one segment of its list (query slots of any query head of the
         group), in the list's order. A one-segment list's program owns those rows and writes them; a longer
-        list's segments write row blocks of a buffer that `_sparse_dkdv_sum_kernel` adds up. No atomics."""
+        list's segments write row blocks of a buffer that `_sparse_dkdv_sum_kernel` adds up. No atomics.
+        FUSE_DQ (BN covers the whole chunk): also each query slot's dQ from the chunk, which is then complete in
+        this program, so no second pass reloads the slots' queries and output gradients to compute it."""
         slot, pid_n = tl.program_id(0), tl.program_id(1)
         lst = tl.load(slot_list_ptr + slot).to(tl.int64)
         if lst < 0:  # past the last segment
@@ -281,6 +282,9 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
             ds = p * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            if FUSE_DQ:
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+                tl.store(dq_part_ptr + e[:, None] * D + rd[None, :], dq.to(dq_part_ptr.dtype.element_ty), mask=qd_mask)
         buffer = tl.load(slot_buffer_ptr + slot).to(tl.int64)
         if buffer < 0:
             out_off = (bhk * N + key_rows)[:, None] * D + rd[None, :]
@@ -290,6 +294,18 @@ if triton is not None:
             out_off = (buffer * C + rc)[:, None] * D + rd[None, :]
             tl.store(dk_buffer_ptr + out_off, dk * scale, mask=kv_mask)
             tl.store(dv_buffer_ptr + out_off, dv, mask=kv_mask)
+
+    # the kv-centric backward in two tilings: key blocks of any BN (then dQ is `_sparse_bwd_dq_kernel`'s), or the
+    # whole chunk in one block, BN passed by the caller, with dQ fused
+    _sparse_bwd_dkdv_kernel = triton.autotune(
+        configs=autotune_configs(
+            [{"BM": 32, "BN": 64}, {"BM": 64, "BN": 64}, {"BM": 32, "BN": 32}], {"BM": 16, "BN": 16}
+        ),
+        key=["C", "D", "TOP_K"],
+    )(_sparse_bwd_kv_centric)
+    _sparse_bwd_dkdv_dq_kernel = triton.autotune(
+        configs=autotune_configs([{"BM": 16}, {"BM": 32}, {"BM": 64}], {"BM": 16}), key=["C", "D", "TOP_K"]
+    )(_sparse_bwd_kv_centric)
 
     @triton.jit
     def _sparse_dkdv_sum_kernel(
@@ -306,10 +322,11 @@ if triton is not None:
         BN: tl.constexpr,
         BD: tl.constexpr,
     ):
-        """A long list's dK/dV: its segments' row blocks summed in segment order into the chunk's rows."""
+        """A long list's dK/dV: its segments' row blocks summed in segment order into the chunk's rows; zeros for
+        a chunk nobody chose."""
         lst, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
         n_segments = tl.load(list_segments_ptr + lst)
-        if n_segments < 2:  # written directly, or nobody chose the chunk (rows stay zero)
+        if n_segments == 1:  # written directly
             return
         first = tl.load(list_first_buffer_ptr + lst).to(tl.int64)
         rc, rd = pid_n * BN + tl.arange(0, BN), tl.arange(0, BD)
@@ -339,6 +356,20 @@ def _list_segment() -> int:
     """Query slots per dK/dV program of the retrieved part: a list longer than this (a chunk that very many
     tokens chose) is split, its parts summed in a fixed order. 32 in the CPU interpreter, so tests split."""
     return 32 if interpreting() else 2048
+
+
+def _partial_dtype(q: torch.Tensor) -> torch.dtype:
+    """The per-(query, slot) partial outputs and dQs, written once and read once: in the inputs' 16-bit dtype
+    (the output's own precision; half the memory traffic of fp32, which at 64k tokens, H 12, top-8 is 1.6 GB
+    each way per tensor), fp32 for fp32 inputs. The merges that read them add in fp32."""
+    return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
+def _whole_chunk_block(C: int) -> int:
+    """The key block of a backward program that holds a whole chunk (so it computes the slots' dQ too), or 0
+    where a chunk is too long for one block's registers (C > 64: then dQ is a second pass)."""
+    block = max(16, triton.next_power_of_2(C))
+    return block if block <= 64 else 0
 
 
 def _strides(*tensors: torch.Tensor) -> list:
@@ -371,28 +402,38 @@ class _RetrievalAttention(torch.autograd.Function):
         dk_sparse = dv_sparse = dq_part = lse_part  # placeholders when nothing is retrieved
         if has_sparse:
             entries, offsets, tile_list, tile_start = lists
-            # dK/dV of the retrieved part, on the rows of completed chunks (the rest is never read); rows of
-            # chunks nobody chose stay zero
+            # dK/dV of the retrieved part, on the rows of completed chunks (the rest is never read); the sum
+            # kernel writes the rows of chunks nobody chose as zeros
             segment = _list_segment()
             segments = ListSegments(offsets, entries.numel(), segment)
-            dk_sparse = torch.zeros(B, h_kv, N, D, device=q.device)
-            dv_sparse = torch.zeros_like(dk_sparse)
+            dk_sparse = torch.empty(B, h_kv, N, D, device=q.device)
+            dv_sparse = torch.empty_like(dk_sparse)
             dk_buffer = torch.empty(segments.buffer_blocks * C, D, device=q.device)
             dv_buffer = torch.empty_like(dk_buffer)
-            _sparse_bwd_dkdv_kernel[lambda meta: (segments.slot_list.numel(), triton.cdiv(C, meta["BN"]))](
+            dq_part = torch.empty(lse_part.numel(), D, device=q.device, dtype=_partial_dtype(q))  # per (query, slot)
+            kv_args = (
                 q, k, v, do, lse, delta, entries, offsets, segments.slot_list, segments.slot_start,
-                segments.slot_buffer, dk_sparse, dv_sparse, dk_buffer, dv_buffer, *_strides(q, k, v),
-                H, h_kv, N, n_chunks, *scales, TOP_K=top_k, SEGMENT=segment, **shape,
+                segments.slot_buffer, dk_sparse, dv_sparse, dk_buffer, dv_buffer, dq_part, *_strides(q, k, v),
+                H, h_kv, N, n_chunks, *scales,
             )  # fmt: skip
+            whole_chunk = _whole_chunk_block(C)
+            if whole_chunk:  # one program per list segment holds the chunk: dQ fused
+                _sparse_bwd_dkdv_dq_kernel[(segments.slot_list.numel(), 1)](
+                    *kv_args, TOP_K=top_k, SEGMENT=segment, BN=whole_chunk, FUSE_DQ=True, **shape
+                )
+            else:
+                _sparse_bwd_dkdv_kernel[lambda meta: (segments.slot_list.numel(), triton.cdiv(C, meta["BN"]))](
+                    *kv_args, TOP_K=top_k, SEGMENT=segment, FUSE_DQ=False, **shape
+                )
             _sparse_dkdv_sum_kernel[(B * h_kv * n_chunks, triton.cdiv(C, 32))](
                 segments.list_segments, segments.list_first_buffer, dk_buffer, dv_buffer, dk_sparse, dv_sparse,
                 N, n_chunks, C=C, D=D, BN=32, BD=shape["BD"],
             )  # fmt: skip
-            dq_part = torch.empty(lse_part.numel(), D, device=q.device)  # per (query, slot), summed below
-            _sparse_bwd_dq_kernel[(tile_list.numel(),)](
-                q, k, v, do, lse, delta, entries, tile_list, tile_start, offsets, dq_part, *_strides(q, k, v),
-                H, h_kv, N, n_chunks, *scales, TOP_K=top_k, BM=tile, **shape,
-            )  # fmt: skip
+            if not whole_chunk:
+                _sparse_bwd_dq_kernel[(tile_list.numel(),)](
+                    q, k, v, do, lse, delta, entries, tile_list, tile_start, offsets, dq_part, *_strides(q, k, v),
+                    H, h_kv, N, n_chunks, *scales, TOP_K=top_k, BM=tile, **shape,
+                )  # fmt: skip
         dk = torch.empty(B, h_kv, N, D, device=k.device, dtype=k.dtype)
         dv = torch.empty(B, h_kv, N, D, device=v.device, dtype=v.dtype)
         _local_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), B * h_kv)](
@@ -494,7 +535,7 @@ def _forward(q, k_local, v_local, chunk_size: int, top_k: int, sources: list) ->
     n_slots = B * H * N * top_k if sources else 1
     # per (query, slot): the retrieved chunk's normalised output and log-sum-exp (-inf: no selection)
     lse_part = torch.full((n_slots,), float("-inf"), device=q.device)
-    o_part = torch.empty(n_slots, D, device=q.device)
+    o_part = torch.empty(n_slots, D, device=q.device, dtype=_partial_dtype(q))
     all_lists = []
     for selected, keys, values, length in sources:
         n_chunks = keys.shape[2] // length
