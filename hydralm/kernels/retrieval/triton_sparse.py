@@ -343,6 +343,20 @@ if triton is not None:
         tl.store(dv_ptr + out_off, dv, mask=mask)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _row_dot_kernel(a_ptr, b_ptr, out_ptr, n_rows, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
+        """rowsum(a * b) in fp32 of BR contiguous rows of D: one read of each (PyTorch's form made fp32 copies)."""
+        rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)
+        rd = tl.arange(0, BD)
+        mask = (rows < n_rows)[:, None] & (rd < D)[None, :]
+        off = rows[:, None] * D + rd[None, :]
+        a = tl.load(a_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows, tl.sum(a * b, 1), mask=rows < n_rows)
+
+
 def _query_tile(D: int, dtype: torch.dtype) -> int:
     """Query slots per tile of the retrieved part (the lists are cut on the host side of the launch, so this one
     is not autotuned): 64, or 32 for fp32 at D > 64, whose tiles would crowd shared memory; 16 in the CPU
@@ -398,7 +412,8 @@ class _RetrievalAttention(torch.autograd.Function):
         shape = dict(C=C, D=D, BD=max(16, triton.next_power_of_2(D)), PRECISION=dot_precision(q.dtype))
         scales = (D**-0.5 * LOG2E, D**-0.5)
         do = d_out.to(q.dtype).contiguous()
-        delta = (do.float() * out.float()).sum(-1)  # rowsum(dO * O): the softmax backward's correction term
+        delta = torch.empty(B, H, N, device=q.device)  # rowsum(dO * O): the softmax backward's correction term
+        _row_dot_kernel[(triton.cdiv(B * H * N, 64),)](do, out, delta, B * H * N, D=D, BR=64, BD=shape["BD"])
         dk_sparse = dv_sparse = dq_part = lse_part  # placeholders when nothing is retrieved
         if has_sparse:
             entries, offsets, tile_list, tile_start = lists
