@@ -51,7 +51,6 @@ if triton is not None:
         BD: tl.constexpr,
         PRECISION: tl.constexpr,
         RANGED: tl.constexpr,
-        PREFILTER: tl.constexpr = True,
     ):
         pid_m, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
         b, h = bh // H, bh % H
@@ -87,25 +86,15 @@ if triton is not None:
             s = tl.load(s_base + rn[:, None] * D + rd[None, :], mask=(rn < n_cols)[:, None] & d_ok[None, :], other=0.0)
             scores = tl.dot(q, tl.trans(s), input_precision=PRECISION) + 0.0  # + 0.0: -0.0 becomes +0.0
             eligible = (rn[None, :] < n_eligible[:, None]) & (rn[None, :] >= first[:, None])
-            if PREFILTER:
-                # a key above thr has a score >= thr's score: one fp32 compare finds the blocks where no row has a
-                # candidate, which then skip the int64 keys (most blocks once every row's best is filled)
-                high = (thr >> 32).to(tl.int32)
-                thr_score = tl.where(high >= 0, high, high ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
-                thr_score = tl.where(thr <= NONE + KP, float("-inf"), thr_score)  # a row not yet full
-                any_cand = tl.max((eligible & (scores >= thr_score[:, None])).to(tl.int32)) > 0
-            else:
-                any_cand = True
-            if any_cand:
-                bits = scores.to(tl.int32, bitcast=True)
-                ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order = float order
-                key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - rn)[None, :].to(tl.int64)
-                cand = eligible & (key > thr[:, None])
-                while tl.max(cand.to(tl.int32)) > 0:
-                    top = tl.max(tl.where(cand, key, NONE), 1)  # NONE in rows without a candidate: below thr
-                    best = tl.where((top > thr)[:, None] & (best == thr[:, None]), top[:, None], best)
-                    thr = tl.min(best, 1)
-                    cand = cand & (key > thr[:, None]) & (key != top[:, None])
+            bits = scores.to(tl.int32, bitcast=True)
+            ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order = float order
+            key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - rn)[None, :].to(tl.int64)
+            cand = eligible & (key > thr[:, None])
+            while tl.max(cand.to(tl.int32)) > 0:
+                top = tl.max(tl.where(cand, key, NONE), 1)  # NONE in rows without a candidate: below thr
+                best = tl.where((top > thr)[:, None] & (best == thr[:, None]), top[:, None], best)
+                thr = tl.min(best, 1)
+                cand = cand & (key > thr[:, None]) & (key != top[:, None])
         best = tl.sort(best, 1, descending=True)  # by score, then lowest id; the sentinels last
         ids = tl.where(best <= NONE + KP, -1, 0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
         rk = tl.arange(0, KP)
@@ -146,8 +135,10 @@ def _route(q, summaries, chunk_size: int, top_k: int, ranges) -> torch.Tensor:
         first, end = first.contiguous(), end.contiguous()
     KP = triton.next_power_of_2(top_k)
     # 32 queries x 16 summaries a block on 2 warps: a block costs one round over it per newcomer of its busiest
-    # row, so small blocks waste fewer rounds on rows without one. On an H200 (H 12, D 64, C 64, top-8, TF32
-    # scores) 2.35 ms at 64k tokens and 0.95 ms at 16k x 4, against 4.09 and 1.63 ms for 64 x 64 on 4 warps
+    # row, so small blocks waste fewer rounds on rows without one. On an H200 (H 12, D 64, C 64, top-8) with
+    # TF32 scores 2.35 ms at 64k tokens and 0.95 ms at 16k x 4, against 4.09 and 1.63 ms for 64 x 64 on 4 warps;
+    # with tf32x3 scores 3.22 and 1.20 ms against 4.20 and 1.66. Skipping, after one fp32 compare, the blocks
+    # where no row has a candidate made it slower (3.51 and 1.29 ms)
     BM, BN, warps = (16, max(16, KP), 4) if interpreting() else (32, max(16, KP), 2)
     _route_kernel[(triton.cdiv(N, BM), B * H)](
         q, summaries, selected, first, end, *q.stride()[:3], H, summaries.shape[1], N, summaries.shape[2],
