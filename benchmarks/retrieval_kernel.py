@@ -10,9 +10,11 @@ Columns (ms, median of triton.testing.do_bench):
   retrieval_flex      retrieval through flex_attention with the routed block mask (kernels/retrieval/flex.py)
   retrieval_triton    kernels/retrieval/triton_sparse.py, routing included
   triton_fwd          its forward alone
+  triton_given_routing  its fwd+bwd given the routing (the attention without the router)
   triton_routing      its routing and per-chunk lists alone (route_sequence + selection_csr)
 plus triton / swa, triton / flex, the Triton path's peak memory, and rel_diff_vs_flex (|triton - flex| / |flex|,
 a sanity check: bf16, and a near-tie may route one token differently in the two paths).
+BENCH_RETRIEVAL_PROFILE=1 also prints, per row, the Triton path's fwd+bwd by kernel (torch.profiler, 3 calls).
 Results also go to $OUT/retrieval_kernel.json when OUT is set, and to the benchmark record:
 `kernel_ms/retrieval-triton-<queries>/<T>` (fwd+bwd, routing included) against `kernel_ms/swa-flex/<T>`.
 """
@@ -71,6 +73,12 @@ def row(B: int, T: int, queries: str) -> dict:
     torch.cuda.reset_peak_memory_stats()
     result["retrieval_triton"] = bench(fwd_bwd(triton_path, q, k, v))
     result["triton_peak_GiB"] = torch.cuda.max_memory_allocated() / 2**30
+    selected = route_sequence(q, k, C, TOP_K)
+    result["triton_given_routing"] = bench(
+        fwd_bwd(lambda a, b, c: retrieval_attention_triton(a, b, c, C, TOP_K, selected=selected), q, k, v)
+    )
+    if os.environ.get("BENCH_RETRIEVAL_PROFILE") == "1":
+        _print_kernels(fwd_bwd(triton_path, q, k, v))
     with torch.no_grad():
         result["triton_fwd"] = bench(lambda: triton_path(q, k, v))
         result["triton_routing"] = bench(routing)
@@ -87,13 +95,25 @@ def row(B: int, T: int, queries: str) -> dict:
     return result
 
 
+def _print_kernels(step, calls: int = 3) -> None:
+    """The GPU time of `calls` runs of step by kernel, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60), flush=True)
+
+
 def main() -> None:
     torch.manual_seed(0)
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
     shapes = os.environ.get("BENCH_RETRIEVAL_SHAPES", "4x16384,1x65536").split(",")
     modes = os.environ.get("BENCH_RETRIEVAL_QUERIES", "random,coherent,hot").split(",")
     rows = [row(int(b), int(t), mode) for b, t in (s.split("x") for s in shapes) for mode in modes]
-    columns = ["shape", "queries", "swa_flex", "retrieval_flex", "retrieval_triton", "triton_fwd", "triton_routing"]
+    columns = ["shape", "queries", "swa_flex", "retrieval_flex", "retrieval_triton", "triton_fwd"]
+    columns += ["triton_given_routing", "triton_routing"]
     columns += ["triton/swa", "triton/flex", "triton_peak_GiB", "rel_diff_vs_flex"]
     _print_table("retrieval attention, bf16 fwd+bwd (ms)", rows, columns)
     out = os.environ.get("OUT")
