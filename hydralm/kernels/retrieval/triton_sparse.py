@@ -342,9 +342,6 @@ if triton is not None:
         tl.store(dk_ptr + out_off, dk, mask=mask)
         tl.store(dv_ptr + out_off, dv, mask=mask)
 
-
-if triton is not None:
-
     @triton.jit
     def _row_dot_kernel(a_ptr, b_ptr, out_ptr, n_rows, D: tl.constexpr, BR: tl.constexpr, BD: tl.constexpr):
         """rowsum(a * b) in fp32 of BR contiguous rows of D: one read of each (PyTorch's form made fp32 copies)."""
