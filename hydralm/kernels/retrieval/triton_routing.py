@@ -85,10 +85,10 @@ if triton is not None:
             rn = n0 + tl.arange(0, BN)
             s = tl.load(s_base + rn[:, None] * D + rd[None, :], mask=(rn < n_cols)[:, None] & d_ok[None, :], other=0.0)
             scores = tl.dot(q, tl.trans(s), input_precision=PRECISION) + 0.0  # + 0.0: -0.0 becomes +0.0
-            eligible = (rn[None, :] < n_eligible[:, None]) & (rn[None, :] >= first[:, None])
             bits = scores.to(tl.int32, bitcast=True)
             ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order = float order
             key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - rn)[None, :].to(tl.int64)
+            eligible = (rn[None, :] < n_eligible[:, None]) & (rn[None, :] >= first[:, None])
             cand = eligible & (key > thr[:, None])
             while tl.max(cand.to(tl.int32)) > 0:
                 top = tl.max(tl.where(cand, key, NONE), 1)  # NONE in rows without a candidate: below thr

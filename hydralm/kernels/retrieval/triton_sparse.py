@@ -433,19 +433,18 @@ class _RetrievalAttention(torch.autograd.Function):
                 _sparse_bwd_dkdv_dq_kernel[(segments.slot_list.numel(), 1)](
                     *kv_args, TOP_K=top_k, SEGMENT=segment, BN=whole_chunk, FUSE_DQ=True, **shape
                 )
-            else:
+            else:  # key blocks of a chunk in programs of their own, then dQ per tile of a list
                 _sparse_bwd_dkdv_kernel[lambda meta: (segments.slot_list.numel(), triton.cdiv(C, meta["BN"]))](
                     *kv_args, TOP_K=top_k, SEGMENT=segment, FUSE_DQ=False, **shape
                 )
-            _sparse_dkdv_sum_kernel[(B * h_kv * n_chunks, triton.cdiv(C, 32))](
-                segments.list_segments, segments.list_first_buffer, dk_buffer, dv_buffer, dk_sparse, dv_sparse,
-                N, n_chunks, C=C, D=D, BN=32, BD=shape["BD"],
-            )  # fmt: skip
-            if not whole_chunk:
                 _sparse_bwd_dq_kernel[(tile_list.numel(),)](
                     q, k, v, do, lse, delta, entries, tile_list, tile_start, offsets, dq_part, *_strides(q, k, v),
                     H, h_kv, N, n_chunks, *scales, TOP_K=top_k, BM=tile, **shape,
                 )  # fmt: skip
+            _sparse_dkdv_sum_kernel[(B * h_kv * n_chunks, triton.cdiv(C, 32))](
+                segments.list_segments, segments.list_first_buffer, dk_buffer, dv_buffer, dk_sparse, dv_sparse,
+                N, n_chunks, C=C, D=D, BN=32, BD=shape["BD"],
+            )  # fmt: skip
         dk = torch.empty(B, h_kv, N, D, device=k.device, dtype=k.dtype)
         dv = torch.empty(B, h_kv, N, D, device=v.device, dtype=v.dtype)
         _local_bwd_dkdv_kernel[lambda meta: (triton.cdiv(N, meta["BN"]), B * h_kv)](
