@@ -179,11 +179,11 @@ def test_blocked_router_equals_route_tokens_and_the_reference_with_ties_forced(d
     assert torch.equal(routed | local, allowed)
 
 
-@pytest.mark.parametrize("N, C, top_k, ints", [(40, 4, 3, True), (136, 2, 5, True), (100, 2, 8, False)])
+@pytest.mark.parametrize("N, C, top_k, ints", [(40, 4, 3, True), (136, 2, 8, True), (100, 2, 5, False)])
 def test_triton_router_equals_route_tokens_with_ties_forced(N, C, top_k, ints):
     """The routing kernel of the CUDA path (here in the interpreter, 16 summaries per block): exact integer
     scores with many ties, and more chunks than a block, so a query's top-k is carried across blocks (the
-    threshold filter); random scores with top_k 8."""
+    threshold filter; top_k 8 fills every slot the kernel keeps, so a tie let in wrongly shows); random scores."""
     gen = torch.Generator().manual_seed(1)
     draw = (
         (lambda *shape: torch.randint(-1, 2, shape, generator=gen).float())

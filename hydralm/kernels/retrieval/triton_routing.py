@@ -74,27 +74,42 @@ if triton is not None:
             col0 = 0
             n_cols = (tl.minimum(m0 + BM, N) - 1) // C - 1  # the most any token of the tile may pick
         # best: each query's top KP keys so far, unordered; empty slots hold distinct sentinels below every real
-        # key, so "the smallest slot" (thr) is always one slot. A block's keys above thr are its candidates: at
-        # most KP rounds move the largest remaining candidate of every row into its smallest slot, and a block
-        # with no candidate (most blocks, once the best are filled) costs one compare and one reduction.
+        # key, so "the smallest slot" (thr) is always one slot. Summaries are scanned in ascending id, so a block's
+        # key ties with a held key only to lose it (a larger id): the block's candidates are its scores strictly
+        # above thr's score word, an int32 compare, and no int64 key is formed for the block. At most KP rounds
+        # move the largest remaining candidate of every row (lowest id among equal scores) into its smallest
+        # slot; a block with no candidate (most blocks, once the best are filled) costs one compare and one
+        # reduction.
         NONE: tl.constexpr = -(2**63)
+        LOWEST: tl.constexpr = -(2**31)  # below every ordered score but a negative NaN's
         best = NONE + 1 + tl.broadcast_to(tl.arange(0, KP)[None, :], [BM, KP]).to(tl.int64)
         thr = tl.min(best, 1)
+        thr_score = (thr >> 32).to(tl.int32)  # LOWEST while a sentinel is held
         s_base = summaries_ptr + (b * H_KV + hk) * N_CHUNKS * D
+        rn = col0 + tl.arange(0, BN)
+        s = tl.load(s_base + rn[:, None] * D + rd[None, :], mask=(rn < n_cols)[:, None] & d_ok[None, :], other=0.0)
         for n0 in range(col0, n_cols, BN):
             rn = n0 + tl.arange(0, BN)
-            s = tl.load(s_base + rn[:, None] * D + rd[None, :], mask=(rn < n_cols)[:, None] & d_ok[None, :], other=0.0)
+            # the next block's summaries, loaded while this one is scored (the rounds below keep Triton from
+            # pipelining the loop itself)
+            s_next = tl.load(
+                s_base + (rn + BN)[:, None] * D + rd[None, :], mask=(rn + BN < n_cols)[:, None] & d_ok[None, :], other=0.0
+            )
             scores = tl.dot(q, tl.trans(s), input_precision=PRECISION) + 0.0  # + 0.0: -0.0 becomes +0.0
             bits = scores.to(tl.int32, bitcast=True)
             ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order = float order
-            key = (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - rn)[None, :].to(tl.int64)
             eligible = (rn[None, :] < n_eligible[:, None]) & (rn[None, :] >= first[:, None])
-            cand = eligible & (key > thr[:, None])
+            cand = eligible & (ordered > thr_score[:, None])
             while tl.max(cand.to(tl.int32)) > 0:
-                top = tl.max(tl.where(cand, key, NONE), 1)  # NONE in rows without a candidate: below thr
-                best = tl.where((top > thr)[:, None] & (best == thr[:, None]), top[:, None], best)
+                top_score, top_col = tl.max(
+                    tl.where(cand, ordered, LOWEST), 1, return_indices=True, return_indices_tie_break_left=True
+                )
+                top = (top_score.to(tl.int64) << 32) | (0x7FFFFFFF - (n0 + top_col)).to(tl.int64)
+                best = tl.where((top_score > LOWEST)[:, None] & (best == thr[:, None]), top[:, None], best)
                 thr = tl.min(best, 1)
-                cand = cand & (key > thr[:, None]) & (key != top[:, None])
+                thr_score = (thr >> 32).to(tl.int32)
+                cand = cand & (ordered > thr_score[:, None]) & (tl.arange(0, BN)[None, :] != top_col[:, None])
+            s = s_next
         best = tl.sort(best, 1, descending=True)  # by score, then lowest id; the sentinels last
         ids = tl.where(best <= NONE + KP, -1, 0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
         rk = tl.arange(0, KP)
