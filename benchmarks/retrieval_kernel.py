@@ -14,6 +14,9 @@ Columns (ms, median of triton.testing.do_bench):
   triton_routing      its routing and per-chunk lists alone (route_sequence + selection_csr)
 plus triton / swa, triton / flex, the Triton path's peak memory, and rel_diff_vs_flex (|triton - flex| / |flex|,
 a sanity check: bf16, and a near-tie may route one token differently in the two paths).
+torch's fp32 matmul precision is "high" as in training (conf/train.yaml), so the router scores in TF32;
+BENCH_RETRIEVAL_PRECISION=highest measures it with tf32x3 scores (kernels/retrieval/triton_routing.py; record keys
+kernel_ms/retrieval-triton-<queries>-highest/<T>).
 BENCH_RETRIEVAL_PROFILE=1 also prints, per row, the Triton path's fwd+bwd by kernel (torch.profiler, 3 calls).
 Results also go to $OUT/retrieval_kernel.json when OUT is set, and to the benchmark record:
 `kernel_ms/retrieval-triton-<queries>/<T>` (fwd+bwd, routing included) against `kernel_ms/swa-flex/<T>`.
@@ -88,7 +91,8 @@ def row(B: int, T: int, queries: str) -> dict:
     result["rel_diff_vs_flex"] = float((triton_out - flex_out).norm() / flex_out.norm())
     print(result, flush=True)
     size = T if B * T == 65536 else f"{T}x{B}"  # the record's sizes: tokens per sequence at 64k tokens per step
-    record.record(f"kernel_ms/retrieval-triton-{queries}/{size}", result["retrieval_triton"], "ms",
+    precision = "" if torch.get_float32_matmul_precision() == "high" else f"-{torch.get_float32_matmul_precision()}"
+    record.record(f"kernel_ms/retrieval-triton-{queries}{precision}/{size}", result["retrieval_triton"], "ms",
                   peer=f"kernel_ms/swa-flex/{size}")  # fmt: skip
     record.record(f"kernel_ms/swa-flex/{size}", result["swa_flex"], "ms")
     record.write()  # after each row: a cut-off run keeps what it measured
@@ -108,6 +112,8 @@ def _print_kernels(step, calls: int = 3) -> None:
 
 def main() -> None:
     torch.manual_seed(0)
+    # the router's fp32 scores: TF32 as in training (conf/train.yaml), or tf32x3 under "highest"
+    torch.set_float32_matmul_precision(os.environ.get("BENCH_RETRIEVAL_PRECISION", "high"))
     print({"device": torch.cuda.get_device_name(), "torch": torch.__version__}, flush=True)
     shapes = os.environ.get("BENCH_RETRIEVAL_SHAPES", "4x16384,1x65536").split(",")
     modes = os.environ.get("BENCH_RETRIEVAL_QUERIES", "random,coherent,hot").split(",")

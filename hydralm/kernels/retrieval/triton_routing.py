@@ -11,8 +11,10 @@ tie-breaking passes over it, several times the memory traffic.
 A score and its chunk id are packed into one int64 whose order is (score, -id): the score's fp32 bits
 mapped to an order-preserving int32 in the high word, 2^31 - 1 - id in the low word. The largest keys are an
 exact top-k with the lowest id first among equal scores. The running top-k is a threshold filter, not a sort:
-a block of summaries costs one compare and one reduction unless it beats some query's k-th best, and then one
-max-extraction per newcomer (at most k), where tl.topk ran a sorting network over every block.
+summaries are scanned in ascending id, so a block's candidates are the scores (as order-preserving int32)
+strictly above the k-th best key's score; a block costs one int32 compare and one reduction unless it beats
+some query's k-th best, and then one max-extraction per newcomer (at most k), where tl.topk ran a sorting
+network over every block.
 
 Scores are computed with tl.dot: TF32 when torch's fp32 matmul precision allows it (as route_tokens does), else
 "tf32x3" (three TF32 products on the tensor cores, within about 1e-6 of fp32) rather than IEEE fp32, which
@@ -24,7 +26,7 @@ exact scores (as in the tests, where queries and keys are small integers) give i
 
 import torch
 
-from hydralm.kernels.triton_common import dot_precision, interpreting, tl, triton
+from hydralm.kernels.triton_common import dot_precision, tl, triton
 
 if triton is not None:
 
@@ -86,15 +88,9 @@ if triton is not None:
         thr = tl.min(best, 1)
         thr_score = (thr >> 32).to(tl.int32)  # LOWEST while a sentinel is held
         s_base = summaries_ptr + (b * H_KV + hk) * N_CHUNKS * D
-        rn = col0 + tl.arange(0, BN)
-        s = tl.load(s_base + rn[:, None] * D + rd[None, :], mask=(rn < n_cols)[:, None] & d_ok[None, :], other=0.0)
         for n0 in range(col0, n_cols, BN):
             rn = n0 + tl.arange(0, BN)
-            # the next block's summaries, loaded while this one is scored (the rounds below keep Triton from
-            # pipelining the loop itself)
-            s_next = tl.load(
-                s_base + (rn + BN)[:, None] * D + rd[None, :], mask=(rn + BN < n_cols)[:, None] & d_ok[None, :], other=0.0
-            )
+            s = tl.load(s_base + rn[:, None] * D + rd[None, :], mask=(rn < n_cols)[:, None] & d_ok[None, :], other=0.0)
             scores = tl.dot(q, tl.trans(s), input_precision=PRECISION) + 0.0  # + 0.0: -0.0 becomes +0.0
             bits = scores.to(tl.int32, bitcast=True)
             ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)  # int32 order = float order
@@ -109,7 +105,6 @@ if triton is not None:
                 thr = tl.min(best, 1)
                 thr_score = (thr >> 32).to(tl.int32)
                 cand = cand & (ordered > thr_score[:, None]) & (tl.arange(0, BN)[None, :] != top_col[:, None])
-            s = s_next
         best = tl.sort(best, 1, descending=True)  # by score, then lowest id; the sentinels last
         ids = tl.where(best <= NONE + KP, -1, 0x7FFFFFFF - (best & 0xFFFFFFFF)).to(tl.int32)
         rk = tl.arange(0, KP)
@@ -149,12 +144,14 @@ def _route(q, summaries, chunk_size: int, top_k: int, ranges) -> torch.Tensor:
         first, end = (r.clamp(0, summaries.shape[2]).to(device=q.device, dtype=torch.int32) for r in ranges)
         first, end = first.contiguous(), end.contiguous()
     KP = triton.next_power_of_2(top_k)
-    # 32 queries x 16 summaries a block on 2 warps: a block costs one round over it per newcomer of its busiest
-    # row, so small blocks waste fewer rounds on rows without one. On an H200 (H 12, D 64, C 64, top-8) with
-    # TF32 scores 2.35 ms at 64k tokens and 0.95 ms at 16k x 4, against 4.09 and 1.63 ms for 64 x 64 on 4 warps;
-    # with tf32x3 scores 3.22 and 1.20 ms against 4.20 and 1.66. Skipping, after one fp32 compare, the blocks
-    # where no row has a candidate made it slower (3.51 and 1.29 ms)
-    BM, BN, warps = (16, max(16, KP), 4) if interpreting() else (32, max(16, KP), 2)
+    # 16 queries x 16 summaries a block on one warp: a block costs one round over it per newcomer of its busiest
+    # row, so small blocks waste fewer rounds on rows without one, and one warp reduces without shared memory.
+    # On an H200 (H 12, D 64, C 64, top-8; 2026-12-02, 1529765) with TF32 scores 2.13 ms at 64k tokens and 0.85 ms
+    # at 16k x 4, against 2.14 / 0.86 for 32 x 16 on 2 warps, 2.28 / 0.90 for 64 x 16 on 4 and 3.25 / 1.33 for
+    # 32 x 32 on 2; with tf32x3 scores 2.77 / 1.02 against 3.31 / 1.22 for 32 x 16 on 2. The int64-key filter
+    # this replaced took 2.35 / 0.95 (TF32) and 3.25 / 1.21 (tf32x3) at 32 x 16 on 2 warps; loading the next
+    # block's summaries while scoring this one made each shape slower.
+    BM, BN, warps = 16, max(16, KP), 1
     _route_kernel[(triton.cdiv(N, BM), B * H)](
         q, summaries, selected, first, end, *q.stride()[:3], H, summaries.shape[1], N, summaries.shape[2],
         C=chunk_size, D=D, TOP_K=top_k, KP=KP, BM=BM, BN=BN, BD=max(16, triton.next_power_of_2(D)),
