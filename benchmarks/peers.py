@@ -3,8 +3,9 @@
     python -m benchmarks.peers [kernel] [layer] [model]     (default: all three; CUDA + flash-linear-attention)
 
 kernel  fla's `chunk_gated_delta_rule` vs our fused GDN kernels, fwd+bwd, bf16, at B8 T4096 H16 K128 and
-        B16 T2048 H12 K64 (BENCH_KERNEL_HEAD_DIMS=64 runs the second only: fla autotunes for minutes at K128)
-                                                              -> kernel_ms/{fla-gdn,gdn-fused}/B..-T..-H..-K..
+        B16 T2048 H12 K64 (BENCH_KERNEL_HEAD_DIMS=64 runs the second only: fla autotunes for minutes at K128);
+        BENCH_KERNEL_DOT16=1 also times ours with HYDRALM_DELTANET_DOT16=1 (16-bit dot operands)
+                                                              -> kernel_ms/{fla-gdn,gdn-fused,gdn-fused-dot16}/B..
 layer   one Gated DeltaNet layer + its MLP, fwd+bwd, bf16 autocast, d 768 H 12 D 64, 64k tokens per step at 16k
         and 64k context: fla's GatedDeltaNet block and ours, each as (2-layer model) - (1-layer model) with the
         same embedding, head and loss                          -> layer_ms/{fla-GatedDeltaNet,deltanet}/<T>
@@ -67,6 +68,19 @@ def kernel() -> None:
         record.record(f"kernel_ms/fla-gdn/{shape}", fla_ms, "ms")
         record.record(f"kernel_ms/gdn-fused/{shape}", ours_ms, "ms", peer=f"kernel_ms/fla-gdn/{shape}")
         print(f"GDN kernel {shape}: fused {ours_ms:.2f} ms, fla {fla_ms:.2f} ms ({ours_ms / fla_ms:.2f}x)", flush=True)
+        if os.environ.get("BENCH_KERNEL_DOT16") == "1":
+            default_out = delta_rule_chunkwise(*ours_in, chunk_size=64, backend="fused")[0].float()
+            launched = os.environ.get("HYDRALM_DELTANET_DOT16", "0")
+            os.environ["HYDRALM_DELTANET_DOT16"] = "1"
+            try:
+                dot16_ms = bench(ours_step, 50)
+                dot16_out = delta_rule_chunkwise(*ours_in, chunk_size=64, backend="fused")[0].float()
+            finally:
+                os.environ["HYDRALM_DELTANET_DOT16"] = launched
+            differ = float((dot16_out - default_out).norm() / default_out.norm())
+            record.record(f"kernel_ms/gdn-fused-dot16/{shape}", dot16_ms, "ms", peer=f"kernel_ms/fla-gdn/{shape}")
+            print(f"GDN kernel {shape}: fused with 16-bit dots {dot16_ms:.2f} ms ({dot16_ms / fla_ms:.2f}x fla); "
+                  f"output vs the default's: rel diff {differ:.1e}", flush=True)  # fmt: skip
         record.write()
 
 

@@ -222,6 +222,34 @@ def test_fused_reads_strided_bf16_inputs_like_the_layer_passes_them():
         torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2, msg=lambda m: f"{name}: {m}")
 
 
+def test_sixteen_bit_dots_stay_within_half_precision_of_the_pytorch_kernel(monkeypatch):
+    """HYDRALM_DELTANET_DOT16=1 (opt-in): with 16-bit inputs the fused kernels round their dots' operands to the
+    inputs' type and accumulate in fp32, as fla's kernels do. fp16 here (Triton's interpreter computes bf16 dots
+    wrongly): outputs and gradients stay within half precision of the PyTorch kernel on the same values, and
+    differ from the default dots' (the switch reached the kernels); fp32 inputs keep fp32 dots."""
+    from hydralm.kernels.delta_rule.triton_fused import kernel_constants
+
+    B, H, T, D = 1, 2, 100, 32  # two 64-token chunks (the blocked inverse), the second ragged
+    inputs = [t.half() if i < 3 else t.float() for i, t in enumerate(_inputs(B, H, T, D, D))]
+    do = torch.randn(B, H, T, D)
+
+    def run(backend):
+        leaves = [t.clone().requires_grad_() for t in inputs[:5]]
+        o, state = delta_rule_chunkwise(*leaves, chunk_size=64, backend=backend)
+        (o.float() * do).sum().backward()
+        return [o.float(), state] + [t.grad.float() for t in leaves]
+
+    default = run("fused")
+    monkeypatch.setenv("HYDRALM_DELTANET_DOT16", "1")
+    assert kernel_constants(64, D, D, dtype=torch.bfloat16)["PRECISION"] == "bf16"
+    assert kernel_constants(64, D, D, dtype=torch.float32)["PRECISION"] in ("ieee", "tf32")
+    sixteen, expected = run("fused"), run("torch")
+    for name, got, want, before in zip(["o", "state", "dq", "dk", "dv", "dg", "dbeta"], sixteen, expected, default):
+        torch.testing.assert_close(got, want, atol=3e-3, rtol=3e-3, msg=lambda m: f"{name}: {m}")  # fp16: ~5e-4
+        if name in ("o", "dq", "dv"):
+            assert not torch.equal(got, before), f"{name}: the 16-bit dots gave the default dots' result"
+
+
 def test_fused_gradients_through_the_final_state_alone():
     """A chunk's output unused (its gradient None, as in a prefill that keeps only the state): the fused
     backward still gives the PyTorch kernel's gradients, and zeros for q."""

@@ -144,6 +144,16 @@ HYDRALM_DELTANET_BLOCKED_INVERSE = 1 | 0
     an H200 (the D 64 shape at c7704b2, D 128 and D 100 at 15a1d16; fp32 IEEE <= 7.8e-7, TF32 <= 1.9e-3, bf16
     <= 3.9e-3 of the fp64 reference).
 
+HYDRALM_DELTANET_DOT16 = 0 | 1
+    1: with bf16 (fp16) inputs the fused delta-rule kernels round both operands of their dots to bf16 (fp16)
+    and accumulate in fp32, as fla's kernels do, instead of TF32 dots on fp32 tiles; the chunk inverse and
+    the products of segment maps stay fp32. Off by default: it has not yet passed `gpu_check delta_rule` on
+    a GPU (`HYDRALM_DELTANET_DOT16=1 GPU_CHECK_DELTANET=fused python -m benchmarks.gpu_check delta_rule`), and
+    `BENCH_KERNEL_DOT16=1 python -m benchmarks.peers kernel` times it beside the default. Why: at B8 T4096 H16
+    K128 the fused kernels take 10.1 ms against fla's 3.96 (H200, 18f8740), each kernel about 2.5x fla's
+    counterpart, and their column blocks do not change that (docs/benchmarks.md). The CPU tests run it with
+    fp16 inputs (Triton's interpreter computes bf16 dots wrongly).
+
 HYDRALM_DELTANET_COMPILE = 0 | 1
     1: training forwards on the triton backend run delta_rule_chunkwise under torch.compile (one compile per
     shape; fuses the elementwise prep around the Triton pass). Off by default: the 160m model trained 1.14x /
@@ -383,6 +393,10 @@ def deltanet_blocked_inverse() -> bool:
 
 def deltanet_packed(is_cuda: bool) -> bool:
     return _flag("HYDRALM_DELTANET_PACKED", default="1" if is_cuda else "0")
+
+
+def deltanet_dot16() -> bool:
+    return _flag("HYDRALM_DELTANET_DOT16")
 
 
 def deltanet_compile() -> bool:

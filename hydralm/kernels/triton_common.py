@@ -44,6 +44,25 @@ def dot_precision(dtype: Optional[torch.dtype] = None) -> str:
     return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+# The precisions `dot` takes beyond tl.dot's own ("ieee", "tf32", "tf32x3"): both operands rounded to 16 bits.
+SIXTEEN_BIT_DOTS = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+dot = None  # without Triton
+
+if triton is not None:
+
+    @triton.jit
+    def dot(a, b, PRECISION: tl.constexpr):
+        """a @ b of fp32 tiles, accumulated in fp32. PRECISION "bf16" / "fp16" rounds both operands to that type
+        first, as fla's kernels do with 16-bit inputs (tensor-core dots at twice TF32's rate on half the operand
+        registers); otherwise it is tl.dot's input_precision ("ieee", "tf32", "tf32x3")."""
+        if PRECISION == "bf16":
+            return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+        elif PRECISION == "fp16":
+            return tl.dot(a.to(tl.float16), b.to(tl.float16))
+        else:
+            return tl.dot(a, b, input_precision=PRECISION)
+
+
 def tile_sizes(C: int, K: int) -> Tuple[int, int]:
     """Tile sizes: powers of two >= 16 (tl.dot's minimum); rows/columns past C, K are masked to zero."""
     return max(16, triton.next_power_of_2(C)), max(16, triton.next_power_of_2(K))

@@ -24,10 +24,10 @@ from typing import Optional
 
 import torch
 
-from hydralm.kernels.backend import deltanet_blocked_inverse, deltanet_recompute
+from hydralm.kernels.backend import deltanet_blocked_inverse, deltanet_dot16, deltanet_recompute
 from hydralm.kernels.delta_rule.reference import l2_normalize
 from hydralm.kernels.delta_rule.triton_state_pass import state_pass_backward, state_pass_forward
-from hydralm.kernels.triton_common import dot_precision, interpreting, tile_sizes, tl, triton
+from hydralm.kernels.triton_common import SIXTEEN_BIT_DOTS, dot, dot_precision, interpreting, tile_sizes, tl, triton
 
 # Columns of v / the state handled per step of the kernels' loops over d_v: with whole 128-wide tiles the
 # backward kernels needed 263 KiB of shared memory on an H200 (limit 227 KiB).
@@ -221,7 +221,7 @@ if triton is not None:
         k, _ = _unit_rows(_load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K), NORM_QK, EPS)
         gamma, beta = _gates(g_ptr, beta_ptr, bh, t, m_row, T)
         kb = k * beta[:, None]
-        A = tl.dot(kb, tl.trans(k), input_precision=PRECISION) * _decay(gamma, rc, True)
+        A = dot(kb, tl.trans(k), PRECISION) * _decay(gamma, rc, True)
         chunk = bh * n_chunks + c
         if BLOCKED_INVERSE:  # C == BC == 64
             X = _unit_lower_inverse_64(A, x_ptr + chunk * C * C, rc)
@@ -232,10 +232,10 @@ if triton is not None:
             v = _load_rows(v_ptr, b * s_vb + h * s_vh, t, s_vt, m_row, cols, V)
             tl.store(
                 u_ptr + chunk * C * V + rc[:, None] * V + cols[None, :],
-                tl.dot(X, v * beta[:, None], input_precision=PRECISION),
+                dot(X, v * beta[:, None], PRECISION),
                 mask=(rc < C)[:, None] & (cols < V)[None, :],
             )
-        W = tl.dot(X, kb * tl.exp(gamma)[:, None], input_precision=PRECISION)
+        W = dot(X, kb * tl.exp(gamma)[:, None], PRECISION)
         gamma_last = tl.sum(tl.where(rc == C - 1, gamma, 0.0), 0)
         Kd = k * tl.exp(gamma_last - gamma)[:, None]
         ck = chunk * C * K + rc[:, None] * K + rk[None, :]
@@ -287,12 +287,12 @@ if triton is not None:
         k, _ = _unit_rows(_load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, rk, K), NORM_QK, EPS)
         gamma = tl.cumsum(tl.load(g_ptr + bh * T + t, mask=m_row, other=0.0).to(tl.float32), 0)
         chunk = bh * n_chunks + c
-        P = tl.dot(q, tl.trans(k), input_precision=PRECISION) * _decay(gamma, rc, False) * scale
+        P = dot(q, tl.trans(k), PRECISION) * _decay(gamma, rc, False) * scale
         qd = q * (scale * tl.exp(gamma))[:, None]
         for v0 in range(0, V, BV):
             cols = v0 + rv
             S, delta = _chunk_tile(h_ptr, chunk, rk, cols, K, V), _chunk_tile(delta_ptr, chunk, rc, cols, C, V)
-            o = tl.dot(qd, S, input_precision=PRECISION) + tl.dot(P, delta, input_precision=PRECISION)
+            o = dot(qd, S, PRECISION) + dot(P, delta, PRECISION)
             tl.store(
                 _out_rows(o_ptr, b, h, bh, t, cols, s_yb, s_yh, s_yt, T, V, STRIDED_OUT),
                 o,
@@ -349,7 +349,7 @@ if triton is not None:
         chunk = bh * n_chunks + c
         qd = q * (scale * tl.exp(gamma))[:, None]
         D = _decay(gamma, rc, False) * scale
-        P = tl.dot(q, tl.trans(k), input_precision=PRECISION) * D
+        P = dot(q, tl.trans(k), PRECISION) * D
         dqd = tl.zeros([BC, BK], dtype=tl.float32)
         dP = tl.zeros([BC, BC], dtype=tl.float32)
         for v0 in range(0, V, BV):
@@ -359,15 +359,15 @@ if triton is not None:
             m_kv = (rk < K)[:, None] & (cols < V)[None, :]
             cv = chunk * C * V + rc[:, None] * V + cols[None, :]
             m_cv = (rc < C)[:, None] & (cols < V)[None, :]
-            tl.store(gh_ptr + kv, tl.dot(tl.trans(qd), do, input_precision=PRECISION), mask=m_kv)
-            tl.store(gdelta_ptr + cv, tl.dot(tl.trans(P), do, input_precision=PRECISION), mask=m_cv)
+            tl.store(gh_ptr + kv, dot(tl.trans(qd), do, PRECISION), mask=m_kv)
+            tl.store(gdelta_ptr + cv, dot(tl.trans(P), do, PRECISION), mask=m_cv)
             S = tl.load(h_ptr + kv, mask=m_kv, other=0.0)
-            dqd += tl.dot(do, tl.trans(S), input_precision=PRECISION)
+            dqd += dot(do, tl.trans(S), PRECISION)
             delta = tl.load(delta_ptr + cv, mask=m_cv, other=0.0)
-            dP += tl.dot(do, tl.trans(delta), input_precision=PRECISION)
+            dP += dot(do, tl.trans(delta), PRECISION)
         dS = dP * D  # gradient of the raw scores q k^T
-        dq = dqd * (scale * tl.exp(gamma))[:, None] + tl.dot(dS, k, input_precision=PRECISION)
-        dk = tl.dot(tl.trans(dS), q, input_precision=PRECISION)
+        dq = dqd * (scale * tl.exp(gamma))[:, None] + dot(dS, k, PRECISION)
+        dk = dot(tl.trans(dS), q, PRECISION)
         G = dP * P  # d(log D[i, j]) = d(gamma_i) - d(gamma_j)
         dgamma = tl.sum(dqd * qd, 1) + tl.sum(G, 1) - tl.sum(G, 0)
         ck = bh * T * K + t[:, None].to(tl.int64) * K + rk[None, :]
@@ -440,23 +440,23 @@ if triton is not None:
             k, _ = _unit_rows(_load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, cols, K), NORM_QK, EPS)
             kb = k * beta[:, None]
             dW = _chunk_tile(dw_ptr, chunk, rc, cols, C, K)
-            scores += tl.dot(kb, tl.trans(k), input_precision=PRECISION)
-            dX += tl.dot(dW, tl.trans(kb * Gamma[:, None]), input_precision=PRECISION)
+            scores += dot(kb, tl.trans(k), PRECISION)
+            dX += dot(dW, tl.trans(kb * Gamma[:, None]), PRECISION)
         dbeta = tl.zeros([BC], dtype=tl.float32)
         for v0 in range(0, V, BV):
             cols = v0 + rv
             v = _load_rows(v_ptr, b * s_vb + h * s_vh, t, s_vt, m_row, cols, V)
             dU = _chunk_tile(du_ptr, chunk, rc, cols, C, V)
-            dBv = tl.dot(tl.trans(X), dU, input_precision=PRECISION)
+            dBv = dot(tl.trans(X), dU, PRECISION)
             tl.store(
                 _out_rows(dv_ptr, b, h, bh, t, cols, s_gvb, s_gvh, s_gvt, T, V, STRIDED_OUT),
                 dBv * beta[:, None],
                 mask=m_row[:, None] & (cols < V)[None, :],
             )
             dbeta += tl.sum(dBv * v, 1)
-            dX += tl.dot(dU, tl.trans(v * beta[:, None]), input_precision=PRECISION)
+            dX += dot(dU, tl.trans(v * beta[:, None]), PRECISION)
 
-        dA = -tl.dot(tl.dot(tl.trans(X), dX, input_precision=PRECISION), tl.trans(X), input_precision=PRECISION)
+        dA = -dot(dot(tl.trans(X), dX, PRECISION), tl.trans(X), PRECISION)
         dA = tl.where(rc[:, None] > rc[None, :], dA, 0.0)
         M = dA * _decay(gamma, rc, True)  # A = scores * D
         G = M * scores  # dA * A: d(log D[i, j]) = d(gamma_i) - d(gamma_j)
@@ -469,12 +469,12 @@ if triton is not None:
             k, r_k = _unit_rows(_load_rows(k_ptr, b * s_kb + h * s_kh, t, s_kt, m_row, cols, K), NORM_QK, EPS)
             kb = k * beta[:, None]
             dW, dKd = _chunk_tile(dw_ptr, chunk, rc, cols, C, K), _chunk_tile(dkd_ptr, chunk, rc, cols, C, K)
-            dBk = tl.dot(tl.trans(X), dW, input_precision=PRECISION)
+            dBk = dot(tl.trans(X), dW, PRECISION)
             dgamma += tl.sum(dBk * kb, 1) * Gamma  # Bk = kb Gamma
-            dkb = dBk * Gamma[:, None] + tl.dot(M, k, input_precision=PRECISION)
+            dkb = dBk * Gamma[:, None] + dot(M, k, PRECISION)
             dbeta += tl.sum(dkb * k, 1)
             kd_dot += tl.sum(dKd * k, 1)
-            dk = dkb * beta[:, None] + tl.dot(tl.trans(M), kb, input_precision=PRECISION) + dKd * to_end[:, None]
+            dk = dkb * beta[:, None] + dot(tl.trans(M), kb, PRECISION) + dKd * to_end[:, None]
             tk = bh * T * K + t[:, None].to(tl.int64) * K + cols[None, :]
             m_tk = m_row[:, None] & (cols < K)[None, :]
             dk += tl.load(dk_out_ptr + tk, mask=m_tk, other=0.0)
@@ -509,11 +509,14 @@ def kernel_constants(
     """The kernels' compile-time constants for chunk size C and head dims K, V; with qk_l2norm_eps the kernels
     L2-normalise the rows of q and k they load (K must fit one BLOCK_K tile: `norm_fits_kernels`); strided_out:
     o, dq, dk, dv are written through their strides (views of head-last tensors) instead of contiguously; dtype:
-    the inputs' (the fp32 dots' precision follows it: `dot_precision`)."""
+    the inputs' (the fp32 dots' precision follows it: `dot_precision`, or 16-bit operands for 16-bit inputs with
+    HYDRALM_DELTANET_DOT16=1)."""
     BC, BK = tile_sizes(C, K)
     BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
     norm = dict(NORM_QK=qk_l2norm_eps is not None, EPS=float(qk_l2norm_eps or 0.0))
-    return dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=dot_precision(dtype), STRIDED_OUT=strided_out, **norm)
+    precision = SIXTEEN_BIT_DOTS.get(dtype, "") if deltanet_dot16() else ""  # HYDRALM_DELTANET_DOT16
+    precision = precision or dot_precision(dtype)
+    return dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=precision, STRIDED_OUT=strided_out, **norm)
 
 
 def norm_fits_kernels(C: int, K: int) -> bool:

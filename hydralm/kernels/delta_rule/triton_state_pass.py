@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from hydralm.kernels.triton_common import dot_precision, interpreting, tile_sizes, tl, triton
+from hydralm.kernels.triton_common import SIXTEEN_BIT_DOTS, dot, dot_precision, interpreting, tile_sizes, tl, triton
 
 # Chunks per segment of the segmented pass (below); None = chosen from the shape (`segment_chunks`). Tests and
 # benchmarks set it to force a segment length.
@@ -129,11 +129,11 @@ if triton is not None:
             if not TRANSITION:
                 tl.store(h_ptr + chunk * K * V + kv, S, mask=m_kv)
             w = tl.load(w_ptr + chunk * C * K + ck, mask=m_ck, other=0.0)
-            delta = tl.load(u_ptr + chunk * C * V + cv, mask=m_cv, other=0.0) - tl.dot(w, S, input_precision=PRECISION)
+            delta = tl.load(u_ptr + chunk * C * V + cv, mask=m_cv, other=0.0) - dot(w, S, PRECISION)
             if not TRANSITION:
                 tl.store(delta_ptr + chunk * C * V + cv, delta, mask=m_cv)
             kd = tl.load(kd_ptr + chunk * C * K + ck, mask=m_ck, other=0.0)
-            S = S * tl.load(a_ptr + chunk) + tl.dot(tl.trans(kd), delta, input_precision=PRECISION)
+            S = S * tl.load(a_ptr + chunk) + dot(tl.trans(kd), delta, PRECISION)
         tl.store(sn_ptr + i_bhs * K * VS + kv, S, mask=m_kv)
 
     @triton.autotune(configs=_configs(), key=["C", "K", "V", "VS"])
@@ -181,13 +181,13 @@ if triton is not None:
                 tl.store(dsnext_ptr + chunk * K * V + kv, dS, mask=m_kv)
             kd = tl.load(kd_ptr + chunk * C * K + ck, mask=m_ck, other=0.0)
             gdelta = tl.load(gdelta_ptr + chunk * C * V + cv, mask=m_cv, other=0.0)
-            ddelta = gdelta + tl.dot(kd, dS, input_precision=PRECISION)
+            ddelta = gdelta + dot(kd, dS, PRECISION)
             if not TRANSITION:
                 tl.store(ddelta_ptr + chunk * C * V + cv, ddelta, mask=m_cv)
             w = tl.load(w_ptr + chunk * C * K + ck, mask=m_ck, other=0.0)
             dS = (
                 dS * tl.load(a_ptr + chunk)
-                - tl.dot(tl.trans(w), ddelta, input_precision=PRECISION)
+                - dot(tl.trans(w), ddelta, PRECISION)
                 + tl.load(gh_ptr + chunk * K * V + kv_u, mask=m_kv_u, other=0.0)
             )
         tl.store(ds0_ptr + i_bhs * K * VS + kv, dS, mask=m_kv)
@@ -221,7 +221,7 @@ if triton is not None:
             tl.store(out_ptr + seg * K * V + kv, S, mask=m_kv)
             base = map_ptr + seg * K * (K + V) + rk[:, None] * (K + V)
             M = tl.load(base + rm[None, :], mask=m_kk, other=0.0)
-            S = tl.dot(M, S, input_precision=PRECISION) + tl.load(base + K + rv[None, :], mask=m_kv, other=0.0)
+            S = dot(M, S, PRECISION) + tl.load(base + K + rv[None, :], mask=m_kv, other=0.0)
 
 
 def _launch_fwd(U, W, Kd, a, S0, h, delta, sn, seg_len: int, n_segs: int, transition: bool, precision: str) -> None:
@@ -258,9 +258,10 @@ def _scan_segments(maps: torch.Tensor, S0: Optional[torch.Tensor], reverse: bool
     V = KV - K
     out = maps.new_empty(B, H, n_segs, K, V)
     BK = max(16, triton.next_power_of_2(K))
+    # products of segment maps keep fp32 operands: rounding them to 16 bits would compound over the segments
     _segment_scan_kernel[(triton.cdiv(V, SCAN_BV), B * H)](
         maps, S0 if S0 is not None else out, out, n_segs, K=K, V=V, BK=BK, BV=SCAN_BV, HAS_S0=S0 is not None,
-        REVERSE=reverse, PRECISION=precision,
+        REVERSE=reverse, PRECISION="tf32" if precision in SIXTEEN_BIT_DOTS.values() else precision,
     )  # fmt: skip
     return out
 
@@ -273,7 +274,8 @@ def state_pass_forward(U, W, Kd, a, S0, precision: Optional[str] = None):
     parallel over segments except the short second one: (1) every segment's affine map S_out = M S_in + S_0out
     (the state pass itself over the columns [M | S], from [I | 0]); (2) the maps applied in order, giving the
     state each segment starts from; (3) the pass over every segment from that state, storing H and delta.
-    precision: tl.dot's ("ieee" or "tf32"; None: `dot_precision()`)."""
+    precision: the dots' ("ieee", "tf32", or "bf16" / "fp16": 16-bit operands, triton_common.dot; None:
+    `dot_precision()`)."""
     precision = precision or dot_precision()
     B, H, n, C, K = W.shape
     V = U.shape[-1]
