@@ -318,9 +318,12 @@ def state_pass_backward(W, Kd, a, h, delta, gh, gdelta, gsn, precision: Optional
         _launch_bwd(W, Kd, a, gh, gdelta, leaving, dsnext, ddelta, entering, seg_len, n_segs, False, precision)
         ds0 = entering[:, :, 0].contiguous()
     # The parts that need no order: one batched matmul each, in fp32 even when backward is called inside an
-    # autocast region (autograd runs backward under the caller's autocast state, which would make them bf16).
+    # autocast region (autograd runs backward under the caller's autocast state, which would make them bf16);
+    # dW's minus sign as the matmul's alpha, not a negation pass over a (B, H, n, C, d_k) tensor
     with torch.autocast(h.device.type, enabled=False):
-        dW = -(ddelta @ h.transpose(-1, -2))
+        rows, states = ddelta.reshape(-1, C, V), h.reshape(-1, K, V)
+        dW = torch.baddbmm(rows.new_empty(rows.shape[0], C, K), rows, states.transpose(1, 2), beta=0, alpha=-1)
+        dW = dW.view(B, H, n, C, K)
         dKd = delta @ dsnext.transpose(-1, -2)
     da = (h * dsnext).sum((-1, -2))
     return ddelta, dW, dKd, da, ds0
