@@ -1,4 +1,4 @@
-"""What every Triton kernel of the package shares: the optional import, and the float32 dot precision.
+"""What every Triton kernel of the package shares: the optional import, the dot precision and the `dot` helper.
 
 Triton is optional: without it (or off CUDA, unless ``TRITON_INTERPRET=1`` runs the kernels in Triton's CPU
 interpreter, as the tests do) every op falls back to its PyTorch path.
