@@ -19,6 +19,7 @@ Figures go to the benchmark record (benchmarks/record.py).
 
 import os
 import sys
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -70,13 +71,9 @@ def kernel() -> None:
         print(f"GDN kernel {shape}: fused {ours_ms:.2f} ms, fla {fla_ms:.2f} ms ({ours_ms / fla_ms:.2f}x)", flush=True)
         if os.environ.get("BENCH_KERNEL_DOT16") == "1":
             default_out = delta_rule_chunkwise(*ours_in, chunk_size=64, backend="fused")[0].float()
-            launched = os.environ.get("HYDRALM_DELTANET_DOT16", "0")
-            os.environ["HYDRALM_DELTANET_DOT16"] = "1"
-            try:
+            with mock.patch.dict(os.environ, {"HYDRALM_DELTANET_DOT16": "1"}):
                 dot16_ms = bench(ours_step, 50)
                 dot16_out = delta_rule_chunkwise(*ours_in, chunk_size=64, backend="fused")[0].float()
-            finally:
-                os.environ["HYDRALM_DELTANET_DOT16"] = launched
             differ = float((dot16_out - default_out).norm() / default_out.norm())
             record.record(f"kernel_ms/gdn-fused-dot16/{shape}", dot16_ms, "ms", peer=f"kernel_ms/fla-gdn/{shape}")
             print(f"GDN kernel {shape}: fused with 16-bit dots {dot16_ms:.2f} ms ({dot16_ms / fla_ms:.2f}x fla); "

@@ -514,8 +514,8 @@ def kernel_constants(
     BC, BK = tile_sizes(C, K)
     BV = min(BLOCK_V, max(16, triton.next_power_of_2(V)))
     norm = dict(NORM_QK=qk_l2norm_eps is not None, EPS=float(qk_l2norm_eps or 0.0))
-    precision = SIXTEEN_BIT_DOTS.get(dtype, "") if deltanet_dot16() else ""  # HYDRALM_DELTANET_DOT16
-    precision = precision or dot_precision(dtype)
+    sixteen_bit = deltanet_dot16() and dtype in SIXTEEN_BIT_DOTS
+    precision = SIXTEEN_BIT_DOTS[dtype] if sixteen_bit else dot_precision(dtype)
     return dict(C=C, K=K, V=V, BC=BC, BK=BK, BV=BV, PRECISION=precision, STRIDED_OUT=strided_out, **norm)
 
 
