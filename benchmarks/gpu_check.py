@@ -9,7 +9,8 @@ trusting `auto` (hydralm/kernels/backend.py). Sections:
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends, GPU_CHECK_DELTANET_SHAPES=0,2
 to those of its three shapes; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
-decoder on the fused Gated DeltaNet step, HYDRALM_DECODE_LINEAR=gemv on the decode GEMV,
+decoder on the fused Gated DeltaNet step, HYDRALM_DECODE_LINEAR=gemv on the decode GEMV (=fused: with the
+blocks' norms, SwiGLU products and residual adds folded into it),
 HYDRALM_DECODE_MANY=fused spec_decode's verification on the fused multi-token step, HYDRALM_STREAM_ROUTING=triton
 retrieval_stream's and exactness's calls with a state on the ranged Triton router: each of these is the CUDA
 default once its check has passed, and naming it checks that path even where `auto` would not pick it).
@@ -553,6 +554,49 @@ def check_decode_linear(device: str) -> None:
                 differing_rows += sum(not torch.equal(y[i], gemv(x[i : i + 1], weight)[0]) for i in range(rows))
         _record(f"decode GEMV vs F.linear (fp64), {str(dtype)[6:]}, 160m shapes, 1/3/16 rows", worst, tol)
         _record(f"decode GEMV rows unlike one-row calls, {str(dtype)[6:]}", differing_rows, 0, measure="rows")
+        _check_folded_gemv(device, dtype, tol)
+
+
+def _check_folded_gemv(device: str, dtype: torch.dtype, tol: float) -> None:
+    """The GEMV with a block's ops folded in (HYDRALM_DECODE_LINEAR=fused) vs those ops then F.linear in fp64, at
+    the 160m shapes: the norm before the DeltaNet and MLP input projections, the residual after the output
+    projection, SwiGLU's product and the residual around the down projection; 1 and 3 rows, each row of the
+    3-row call bit-identical to its one-row call."""
+    from hydralm.kernels.linear.triton_gemv import gemv
+
+    worst, differing_rows = 0.0, 0
+    for (N, K), fold in (
+        ((3096, 768), "norm"),
+        ((4096, 768), "norm"),
+        ((768, 768), "residual"),
+        ((768, 2048), "swiglu"),
+    ):
+        weight = torch.randn(N, K, device=device, dtype=dtype) / K**0.5
+        for rows in (1, 3):
+            x = torch.randn(rows, 2 * K if fold == "swiglu" else K, device=device, dtype=dtype)
+            residual = torch.randn(rows, N, device=device, dtype=dtype)
+            norm_weight = 1 + 0.1 * torch.randn(K, device=device, dtype=dtype)
+            xd = x.double()
+            if fold == "norm":
+                args = dict(norm_weight=norm_weight, eps=1e-5)
+                expected = F.linear(
+                    xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.double(), weight.double()
+                )
+            elif fold == "residual":
+                args = dict(residual=residual)
+                expected = residual.double() + F.linear(xd, weight.double())
+            else:
+                args = dict(residual=residual, swiglu=True)
+                gate, up = xd.chunk(2, dim=-1)
+                expected = residual.double() + F.linear(F.silu(gate) * up, weight.double())
+            y = gemv(x, weight, **args)
+            worst = max(worst, _rel(y, expected))
+            for i in range(rows):
+                one = {k: (v[i : i + 1] if k == "residual" else v) for k, v in args.items()}
+                differing_rows += not torch.equal(y[i], gemv(x[i : i + 1], weight, **one)[0])
+    name = str(dtype)[6:]
+    _record(f"decode GEMV, norm / SwiGLU / residual folded, vs fp64, {name}, 160m shapes", worst, tol)
+    _record(f"decode GEMV folded, rows unlike one-row calls, {name}", differing_rows, 0, measure="rows")
 
 
 def check_cross_entropy(device: str) -> None:

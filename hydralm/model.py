@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hydralm.config import HydraConfig
 from hydralm.kernels.cross_entropy import linear_cross_entropy
+from hydralm.modules.linear import BlockIO
 from hydralm.modules.mixer import Counter, DecodeState, DecodeTrail, LayerState, Mixer, Trail
 from hydralm.modules.mtp_head import MTPHead, mtp_linear_loss
 from hydralm.modules.multi_token import check_kept
@@ -51,15 +52,14 @@ class Block(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.mlp_norm(x))
 
+    # Decode steps hand each sublayer its norm and residual (BlockIO), which the projections may fold in.
     def step(self, x_t: torch.Tensor, state: LayerState) -> Tuple[torch.Tensor, LayerState]:
-        y, state = self.mixer.step(self.mixer_norm(x_t), state)
-        x_t = x_t + y
-        return x_t + self.mlp(self.mlp_norm(x_t)), state
+        x_t, state = self.mixer.step(x_t, state, BlockIO(self.mixer_norm, residual=x_t))
+        return self.mlp.step(x_t, BlockIO(self.mlp_norm, residual=x_t)), state
 
     def step_many(self, x: torch.Tensor, state: LayerState) -> Tuple[torch.Tensor, Trail]:
-        y, trail = self.mixer.step_many(self.mixer_norm(x), state)
-        x = x + y
-        return x + self.mlp(self.mlp_norm(x)), trail
+        x, trail = self.mixer.step_many(x, state, BlockIO(self.mixer_norm, residual=x))
+        return self.mlp.step(x, BlockIO(self.mlp_norm, residual=x)), trail
 
 
 class HydraLM(nn.Module):

@@ -166,10 +166,108 @@ def test_every_call_takes_the_autotuned_kernel_on_a_gpu(monkeypatch):
 
     class Launcher:
         def __getitem__(self, grid):
-            return lambda *args, **meta: launched.append((args[3], sorted(meta)))
+            return lambda *args, **meta: launched.append((args[3], {"BLOCK_N", "BLOCK_K"} & set(meta)))
 
     monkeypatch.setattr(kernel, "interpreting", lambda: False)
     monkeypatch.setattr(kernel, "_gemv_tuned", Launcher())
     kernel.gemv(torch.randn(1, 64), torch.randn(32, 64))
     kernel.gemv(torch.randn(3, 64), torch.randn(32, 64))
-    assert launched == [(1, []), (3, [])]
+    assert launched == [(1, set()), (3, set())]  # blocks from the autotuner, none fixed by the call
+
+
+# -- the block's elementwise ops folded into the GEMV (HYDRALM_DECODE_LINEAR=fused) -------------------------------
+# Against the modules' ops in the same dtype: fp32 within 1e-5 (another order of one fp32 sum: the norm's and the
+# dot's); bf16 within 1e-2 (one input may round to the neighbouring bf16 value, as in the plain GEMV's bound).
+
+
+def _folded_cases(dtype):
+    from hydralm.modules.rmsnorm import RMSNorm
+
+    gen = torch.Generator().manual_seed(21)
+    K, N, rows = 96, 40, 3
+    norm = RMSNorm(K, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.3 * torch.randn(K, generator=gen))
+    x = (2 * torch.randn(rows, K, generator=gen)).to(dtype)
+    h = torch.randn(rows, 2 * K, generator=gen).to(dtype)  # [gate | up]
+    residual = torch.randn(rows, N, generator=gen).to(dtype)
+    weight = (torch.randn(N, K, generator=gen) / K**0.5).to(dtype)
+    gate, up = h.chunk(2, dim=-1)
+    return {  # name: (kernel arguments, what the modules compute)
+        "norm": ((x, weight), dict(norm_weight=norm.weight, eps=norm.eps), F.linear(norm.reference(x), weight)),
+        "residual": ((x, weight), dict(residual=residual), residual + F.linear(x, weight)),
+        "swiglu": ((h, weight), dict(swiglu=True), F.linear(F.silu(gate) * up, weight)),
+        "swiglu+residual": (
+            (h, weight),
+            dict(swiglu=True, residual=residual),
+            residual + F.linear(F.silu(gate) * up, weight),
+        ),  # fmt: skip
+    }
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_folded_norm_swiglu_and_residual_equal_the_module_ops(dtype, tol):
+    from hydralm.kernels.linear.triton_gemv import gemv
+
+    with torch.no_grad():
+        for name, (args, folded, expected) in _folded_cases(dtype).items():
+            y = gemv(*args, **folded)
+            assert y.dtype == dtype and y.shape == expected.shape, name
+            assert _rel(y, expected) < tol, name
+            for i in range(y.shape[0]):  # rows stay exact with the folds
+                one_row = {k: (v[i : i + 1] if k == "residual" else v) for k, v in folded.items()}
+                assert torch.equal(y[i], gemv(args[0][i : i + 1], args[1], **one_row)[0]), (name, i)
+
+
+def test_the_folded_comparison_fails_when_one_norm_channel_is_off():
+    """Sabotage: the norm's weight 5 % off in one of 96 channels is far outside the fp32 tolerance."""
+    from hydralm.kernels.linear.triton_gemv import gemv
+
+    (x, weight), folded, expected = _folded_cases(torch.float32)["norm"]
+    wrong = folded["norm_weight"].detach().clone()
+    wrong[7] *= 1.05
+    with torch.no_grad():
+        assert _rel(gemv(x, weight, norm_weight=wrong, eps=folded["eps"]), expected) > 10 * 1e-5
+
+
+def test_folded_inputs_that_do_not_fit_get_one_clear_error():
+    from hydralm.kernels.linear.triton_gemv import gemv
+
+    x, weight = torch.randn(2, 8), torch.randn(4, 8)
+    with pytest.raises(ValueError, match="needs 16"):
+        gemv(x, weight, swiglu=True)  # [gate | up] is twice K wide
+    with pytest.raises(ValueError, match="residual must hold 2 x 4"):
+        gemv(x, weight, residual=torch.randn(2, 5))
+    with pytest.raises(ValueError, match=r"norm_weight must be \(8,\)"):
+        gemv(x, weight, norm_weight=torch.ones(4))
+
+
+def test_decoding_with_the_folds_gives_the_parallel_logits(monkeypatch):
+    """C1 with HYDRALM_DECODE_LINEAR=fused: every block projection of a step is one GEMV with its norm, product or
+    residual folded in (counted), the logits within 1e-4 of the parallel forward; step_many (speculative
+    verification) equals the steps; and a block's step compiles to one graph with the folded calls."""
+    model = _model()
+    ids = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        parallel = model(ids)["logits"]
+    import hydralm.kernels.linear.triton_gemv as kernel
+
+    calls, gemv = [], kernel.gemv
+    monkeypatch.setattr(kernel, "gemv", lambda *a, **k: calls.append(sorted(k)) or gemv(*a, **k))
+    monkeypatch.setattr(kernel, "MIN_PROGRAMS", 2)
+    monkeypatch.setenv("HYDRALM_DECODE_LINEAR", "fused")
+    with torch.no_grad():
+        state, steps = model.init_state(2), []
+        for t in range(ids.shape[1]):
+            logits, state = model.step(ids[:, t], state)
+            steps.append(logits)
+        stepped = torch.stack(steps, 1)
+        assert (stepped - parallel).abs().max() < 1e-4
+        per_block = [["eps", "norm_weight"], ["residual", "swiglu"], ["eps", "norm_weight"], ["residual", "swiglu"]]
+        assert sorted(map(str, calls)) == sorted(map(str, per_block * 3 * ids.shape[1]))  # norm, residual: 2 each
+        many, _, _ = model.step_many(ids[:, :3], model.init_state(2))
+        assert (many - stepped[:, :3]).abs().max() < 1e-5
+        block, x_t = model.blocks[0], torch.randn(2, 32)
+        eager = block.step(x_t, model.init_state(2)[0])[0]
+        compiled = torch.compile(block.step, fullgraph=True, backend="aot_eager")(x_t, model.init_state(2)[0])[0]
+        assert torch.equal(compiled, eager)

@@ -104,13 +104,17 @@ HYDRALM_RETRIEVAL_DECODE = auto | torch | triton
     GPU check passed on an H200 (55d1790), but it decoded slower there (834.8 against 1043.8 tok/s at batch 1;
     one program per (row, head) is latency-bound, docs/inference.md).
 
-HYDRALM_DECODE_LINEAR = auto | torch | gemv
+HYDRALM_DECODE_LINEAR = auto | torch | gemv | fused
     The matmuls of a decode step (bias-free projections called without autograd on at most 16 rows): gemv runs
     them as one Triton kernel that streams each weight once over many programs (kernels/linear/triton_gemv.py)
     instead of cuBLAS's many-row tiles. auto = gemv on CUDA (with triton), torch elsewhere: `HYDRALM_DECODE_LINEAR=gemv
     python -m benchmarks.gpu_check decode_linear static_decode` passed on an H200 at 94c54f9 (fp32 9.7e-8, bf16
     1.7e-3 of fp64 F.linear; the CUDA-graph decoder within 3.5e-7 of `model.step`); the 160m graph step went from
-    1.15 to 1.09 ms (`profile_decode 160m 8192 0 compile`).
+    1.15 to 1.09 ms (`profile_decode 160m 8192 0 compile`). fused: gemv with the elementwise ops around a block's
+    projections folded into them (the block's RMSNorm into the mixer's and the MLP's first projection, SwiGLU's
+    product into the down projection, the residual adds into the mixer's and the MLP's last), about three kernels
+    fewer per layer and step; asked by name only until `HYDRALM_DECODE_LINEAR=fused python -m benchmarks.gpu_check
+    decode_linear static_decode spec_decode` has passed on a GPU.
 
 HYDRALM_CROSS_ENTROPY = auto | torch | triton | liger | fla
     The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
@@ -187,7 +191,7 @@ RETRIEVAL_CHOICES = ("auto", "torch", "flex", "triton")
 DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
 CROSS_ENTROPY_CHOICES = ("auto", "torch", "triton", "liger", "fla")
 DECODE_CHOICES = ("auto", "torch", "fused")
-DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv")
+DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv", "fused")
 DECODE_MANY_CHOICES = ("auto", "torch", "fused")
 RETRIEVAL_DECODE_CHOICES = ("auto", "torch", "triton")
 STREAM_ROUTING_CHOICES = ("auto", "torch", "triton")
@@ -355,7 +359,11 @@ def retrieval_decode_backend(is_cuda: bool) -> str:
 
 
 def decode_linear_backend(is_cuda: bool) -> str:
-    """'gemv' or 'torch' for the few-row matmuls of decode steps."""
+    """'fused' (asked by name: its GPU check has not run yet), 'gemv' or 'torch' for the few-row matmuls of decode
+    steps."""
+    if _choice("HYDRALM_DECODE_LINEAR", DECODE_LINEAR_CHOICES) == "fused":
+        _require_triton("HYDRALM_DECODE_LINEAR", "fused", is_cuda, "F.linear")
+        return "fused"
     return _checked_triton_path("HYDRALM_DECODE_LINEAR", DECODE_LINEAR_CHOICES, "gemv", is_cuda, "F.linear")
 
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hydralm.config import HydraConfig, config_error
-from hydralm.modules.linear import Linear
+from hydralm.modules.linear import PLAIN_IO, BlockIO, Linear
 
 
 def check_rotary_head_dim(cfg: HydraConfig, layer_type: str) -> None:
@@ -34,16 +34,16 @@ class AttentionProjections(nn.Module):
     def kv_groups(self) -> int:
         return self.n_heads // self.n_kv_heads
 
-    def split(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (B, N, d_model) -> q (B, H, N, D), k and v (B, H_kv, N, D)."""
+    def split(self, x: torch.Tensor, io: BlockIO = PLAIN_IO) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, N, d_model) -> q (B, H, N, D), k and v (B, H_kv, N, D); io.norm applied first (decode steps)."""
         B, N, _ = x.shape
-        q, k, v = self.qkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = io.project_in(self.qkv, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(B, N, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, N, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
-    def merge(self, y: torch.Tensor) -> torch.Tensor:
-        """y (B, H, N, D) -> (B, N, d_model)."""
+    def merge(self, y: torch.Tensor, io: BlockIO = PLAIN_IO) -> torch.Tensor:
+        """y (B, H, N, D) -> (B, N, d_model); plus io.residual (decode steps)."""
         B, H, N, D = y.shape
-        return self.out(y.transpose(1, 2).reshape(B, N, H * D))
+        return io.project_out(self.out, y.transpose(1, 2).reshape(B, N, H * D))

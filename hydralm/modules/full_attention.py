@@ -9,6 +9,7 @@ from torch import nn
 from hydralm.config import HydraConfig
 from hydralm.kernels.attention.local import causal_attention, repeat_kv
 from hydralm.modules.attention import AttentionProjections, check_rotary_head_dim
+from hydralm.modules.linear import PLAIN_IO, BlockIO
 from hydralm.modules.mixer import Counter, LayerState, Trail
 from hydralm.modules.rotary import Rotary
 
@@ -48,11 +49,11 @@ class FullAttention(nn.Module):
         return "they keep every key and value (their cache grows with the stream)"
 
     def forward(
-        self, x: torch.Tensor, state: Optional[FullAttentionState] = None
+        self, x: torch.Tensor, state: Optional[FullAttentionState] = None, io: BlockIO = PLAIN_IO
     ) -> Tuple[torch.Tensor, FullAttentionState]:
         B, N, _ = x.shape
         pos0 = 0 if state is None else state.pos
-        q, k, v = self.proj.split(x)
+        q, k, v = self.proj.split(x, io)
         positions = torch.arange(pos0, pos0 + N, device=x.device)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
         if state is not None and pos0 > 0:
@@ -60,15 +61,19 @@ class FullAttention(nn.Module):
             v = torch.cat([state.v.to(v.dtype), v], dim=2)
         groups = self.proj.kv_groups
         y = causal_attention(q, repeat_kv(k, groups), repeat_kv(v, groups), q_offset=pos0)
-        return self.proj.merge(y), FullAttentionState(k=k, v=v)
+        return self.proj.merge(y, io), FullAttentionState(k=k, v=v)
 
-    def step(self, x_t: torch.Tensor, state: FullAttentionState) -> Tuple[torch.Tensor, FullAttentionState]:
-        y, state = self.forward(x_t[:, None], state)
+    def step(
+        self, x_t: torch.Tensor, state: FullAttentionState, io: BlockIO = PLAIN_IO
+    ) -> Tuple[torch.Tensor, FullAttentionState]:
+        y, state = self.forward(x_t[:, None], state, io)
         return y[:, 0], state
 
-    def step_many(self, x: torch.Tensor, state: FullAttentionState) -> Tuple[torch.Tensor, Trail]:
+    def step_many(
+        self, x: torch.Tensor, state: FullAttentionState, io: BlockIO = PLAIN_IO
+    ) -> Tuple[torch.Tensor, Trail]:
         """x (B, T, d_model): the parallel forward from the cache; the trail holds the T new keys and values."""
-        y, new = self.forward(x, state)
+        y, new = self.forward(x, state, io)
         return y, {"k": new.k[:, :, state.pos :], "v": new.v[:, :, state.pos :]}
 
     def state_after(self, state: FullAttentionState, trail: Trail, kept: Counter) -> FullAttentionState:

@@ -34,7 +34,7 @@ from hydralm.kernels.backend import (
 )
 from hydralm.kernels.delta_rule import chunk_gated_delta_rule, chunk_gated_delta_rule_packed, delta_rule_step
 from hydralm.kernels.fla_modules import fla_gated_rms_norm, fla_l2norm
-from hydralm.modules.linear import Linear
+from hydralm.modules.linear import PLAIN_IO, BlockIO, Linear
 from hydralm.modules.mixer import Counter, LayerState, Trail
 from hydralm.modules.rmsnorm import GatedRMSNorm, RMSNorm
 from hydralm.modules.short_conv import ShortConv
@@ -92,9 +92,9 @@ class GatedDeltaNet(nn.Module):
     def state_growth(self) -> Optional[str]:
         return None  # S and the conv cache keep their shapes
 
-    def _project(self, x: torch.Tensor):
-        """(qkv, a, b, gate or None): views of one matmul's output."""
-        parts = self.in_proj(x).split(self.split_sizes, dim=-1)
+    def _project(self, x: torch.Tensor, io: BlockIO = PLAIN_IO):
+        """(qkv, a, b, gate or None): views of one matmul's output (of io.norm(x) in decode steps)."""
+        parts = io.project_in(self.in_proj, x).split(self.split_sizes, dim=-1)
         return parts[0], parts[1], parts[2], (parts[3] if self.use_gate else None)
 
     def _gates(self, a: torch.Tensor, b: torch.Tensor):
@@ -111,8 +111,8 @@ class GatedDeltaNet(nn.Module):
                 q, k = F.normalize(q, dim=-1, eps=L2_EPS), F.normalize(k, dim=-1, eps=L2_EPS)
         return q, k, v
 
-    def _output(self, o: torch.Tensor, gate: Optional[torch.Tensor], fla: bool) -> torch.Tensor:
-        """o (..., H, D) -> (..., d_model)."""
+    def _output(self, o: torch.Tensor, gate: Optional[torch.Tensor], fla: bool, io: BlockIO = PLAIN_IO) -> torch.Tensor:
+        """o (..., H, D) -> (..., d_model) (plus io.residual in decode steps)."""
         if gate is None:
             o = self.out_norm(o)
         else:
@@ -121,7 +121,7 @@ class GatedDeltaNet(nn.Module):
                 o = fla_gated_rms_norm(o, gate, self.out_norm.weight, self.out_norm.eps)
             else:
                 o = self.out_norm(o, gate)
-        return self.out(o.flatten(-2))
+        return io.project_out(self.out, o.flatten(-2))
 
     def forward(self, x: torch.Tensor, state: Optional[DeltaNetState] = None) -> Tuple[torch.Tensor, DeltaNetState]:
         fla = gdn_modules_backend(x.is_cuda) == "fla"
@@ -139,21 +139,23 @@ class GatedDeltaNet(nn.Module):
             o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=initial, chunk_size=self.chunk_size)
         return self._output(o, gate, fla), DeltaNetState(S=S, conv=conv_cache)
 
-    def step(self, x_t: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, DeltaNetState]:
+    def step(
+        self, x_t: torch.Tensor, state: DeltaNetState, io: BlockIO = PLAIN_IO
+    ) -> Tuple[torch.Tensor, DeltaNetState]:
         """x_t (B, d_model) -> (B, d_model); O(1) in the sequence length."""
         if state.S.dtype == torch.float32 and decode_backend(x_t.is_cuda) == "fused":
-            return self._step_fused(x_t, state)
-        qkv, a, b, gate = self._project(x_t)
+            return self._step_fused(x_t, state, io)
+        qkv, a, b, gate = self._project(x_t, io)
         qkv, conv_cache = self.conv.step(qkv, state.conv)
         q, k, v = self._split_heads(qkv, fla=False)  # (B, H, D)
         g, beta = self._gates(a, b)
         o, S = delta_rule_step(q, k, v, g, beta, state.S)
-        return self._output(o.to(x_t.dtype), gate, fla=False), DeltaNetState(S=S, conv=conv_cache)
+        return self._output(o.to(x_t.dtype), gate, fla=False, io=io), DeltaNetState(S=S, conv=conv_cache)
 
-    def _step_fused(self, x_t: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, DeltaNetState]:
+    def _step_fused(self, x_t: torch.Tensor, state: DeltaNetState, io: BlockIO) -> Tuple[torch.Tensor, DeltaNetState]:
         """``step`` with everything between the two projections in one Triton kernel (HYDRALM_DECODE=fused)."""
-        o, S, conv = self._fused_kernel(self.in_proj(x_t), state.conv, state.S, x_t.dtype)
-        return self.out(o), DeltaNetState(S=S, conv=conv)
+        o, S, conv = self._fused_kernel(io.project_in(self.in_proj, x_t), state.conv, state.S, x_t.dtype)
+        return io.project_out(self.out, o), DeltaNetState(S=S, conv=conv)
 
     def _fused_kernel(self, proj_t: torch.Tensor, cache: torch.Tensor, S: torch.Tensor, dtype: torch.dtype):
         """One token's input projection output -> (o for the output projection, new S, new conv cache)."""
@@ -164,14 +166,14 @@ class GatedDeltaNet(nn.Module):
             self.head_dim, self.out_norm.eps, self.norm_qk, self.use_gate, out_dtype=dtype,
         )  # fmt: skip
 
-    def step_many(self, x: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, Trail]:
+    def step_many(self, x: torch.Tensor, state: DeltaNetState, io: BlockIO = PLAIN_IO) -> Tuple[torch.Tensor, Trail]:
         """x (B, T, d_model) -> (y (B, T, d_model), trail): T steps with one pass over the projections. The
         delta rule still runs token by token (a (B, H, D, D) update each); the trail keeps S after every token
         (T copies of a state that is small next to the weights) and the short conv's inputs, so any prefix's
         state is a read, not a recomputation."""
         if state.S.dtype == torch.float32 and decode_many_backend(x.is_cuda) == "fused":
-            return self._step_many_fused(x, state)
-        qkv, a, b, gate = self._project(x)
+            return self._step_many_fused(x, state, io)
+        qkv, a, b, gate = self._project(x, io)
         qkv, conv_inputs = self.conv.step_many(qkv, state.conv)
         q, k, v = self._split_heads(qkv, fla=False)  # (B, T, H, D)
         g, beta = self._gates(a, b)
@@ -180,13 +182,13 @@ class GatedDeltaNet(nn.Module):
             o, S = delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S)
             outputs.append(o)
             states.append(S)
-        y = self._output(torch.stack(outputs, dim=1).to(x.dtype), gate, fla=False)
+        y = self._output(torch.stack(outputs, dim=1).to(x.dtype), gate, fla=False, io=io)
         return y, {"S": torch.stack(states, dim=1), "conv": conv_inputs}
 
-    def _step_many_fused(self, x: torch.Tensor, state: DeltaNetState) -> Tuple[torch.Tensor, Trail]:
+    def _step_many_fused(self, x: torch.Tensor, state: DeltaNetState, io: BlockIO) -> Tuple[torch.Tensor, Trail]:
         """``step_many`` with each token's conv, gates, delta rule and gated norm in the fused step kernel
         (HYDRALM_DECODE_MANY=fused): one launch per token and layer after one input projection."""
-        proj = self.in_proj(x)  # (B, T, 3 H D + 2 H [+ H D])
+        proj = io.project_in(self.in_proj, x)  # (B, T, 3 H D + 2 H [+ H D])
         S, cache, outputs, states = state.S, state.conv, [], []
         for t in range(x.shape[1]):
             o, S, cache = self._fused_kernel(proj[:, t], cache, S, x.dtype)
@@ -194,7 +196,10 @@ class GatedDeltaNet(nn.Module):
             states.append(S)
         qkv = proj[..., : 3 * self.n_heads * self.head_dim]
         conv_inputs = torch.cat([state.conv.to(qkv.dtype), qkv], dim=1)  # as ShortConv.step_many keeps them
-        return self.out(torch.stack(outputs, dim=1)), {"S": torch.stack(states, dim=1), "conv": conv_inputs}
+        return io.project_out(self.out, torch.stack(outputs, dim=1)), {
+            "S": torch.stack(states, dim=1),
+            "conv": conv_inputs,
+        }
 
     def state_after(self, state: DeltaNetState, trail: Trail, kept: Counter) -> DeltaNetState:
         S = read_slot(trail["S"], 1, kept - 1)

@@ -5,10 +5,14 @@ A mixer (one file under hydralm/modules/, one line in registry.py) is an ``nn.Mo
     state_class                                  its LayerState subclass
     init_state(batch_size, device, dtype)        an empty decode state
     forward(x (B, N, d), state=None)             -> (y (B, N, d), new state)   parallel; a state continues a stream
-    step(x_t (B, d), state)                      -> (y_t (B, d), new state)    one token
-    step_many(x (B, T, d), state)                -> (y (B, T, d), trail)       T tokens, one pass over the weights
+    step(x_t (B, d), state, io=PLAIN_IO)         -> (y_t (B, d), new state)    one token
+    step_many(x (B, T, d), state, io=PLAIN_IO)   -> (y (B, T, d), trail)       T tokens, one pass over the weights
     state_after(state, trail, kept)              -> the state after the first `kept` of those T tokens
     state_growth()                               None when its state keeps one shape while decoding, else why not
+
+In ``step`` and ``step_many`` the mixer's first projection reads ``io.project_in`` and its last one writes
+through ``io.project_out`` (hydralm/modules/linear.py): the block passes its norm and residual that way, so
+y = x + mixer(norm(x)), and a decode GEMV can fold them in; the default, PLAIN_IO, is the bare mixer.
 
 ``step_many`` is what speculative decoding verifies drafts with: it equals T ``step`` calls (claim C1) but reads
 each weight once, and it leaves `state` as it was. Its trail (a dict of tensors: what the T tokens add, e.g.
@@ -30,9 +34,12 @@ overrides ``contents`` when some of its storage is not part of the state (spare 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Dict, List, Optional, Protocol, Sequence, Tuple, Type, TypeVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Protocol, Sequence, Tuple, Type, TypeVar, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from hydralm.modules.linear import BlockIO
 
 Counter = Union[int, torch.Tensor]  # a Python int, or a 0-dim int64 tensor inside a StaticDecoder
 S = TypeVar("S", bound="LayerState")
@@ -187,9 +194,9 @@ class Mixer(Protocol):
 
     def forward(self, x: torch.Tensor, state: Optional[Any] = None) -> Tuple[torch.Tensor, LayerState]: ...
 
-    def step(self, x_t: torch.Tensor, state: Any) -> Tuple[torch.Tensor, LayerState]: ...
+    def step(self, x_t: torch.Tensor, state: Any, io: BlockIO = ...) -> Tuple[torch.Tensor, LayerState]: ...
 
-    def step_many(self, x: torch.Tensor, state: Any) -> Tuple[torch.Tensor, "Trail"]: ...
+    def step_many(self, x: torch.Tensor, state: Any, io: BlockIO = ...) -> Tuple[torch.Tensor, "Trail"]: ...
 
     def state_after(self, state: Any, trail: "Trail", kept: Counter) -> LayerState: ...
 

@@ -44,6 +44,7 @@ from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attenti
 from hydralm.kernels.retrieval.routing import route_tokens, topk_lowest_id
 from hydralm.modules.attention import AttentionProjections
 from hydralm.modules.compressive_memory import CompressiveMemory
+from hydralm.modules.linear import PLAIN_IO, BlockIO
 from hydralm.modules.mixer import Counter, LayerState, Trail
 from hydralm.modules.multi_token import kept_in_piece, pieces, ring_ids
 from hydralm.modules.routing_log import ring_routing_entry, routing_entry
@@ -500,7 +501,9 @@ class RetrievalAttention(nn.Module):
             pos=pos,
         )
 
-    def step(self, x_t: torch.Tensor, st: RetrievalState) -> Tuple[torch.Tensor, RetrievalState]:
+    def step(
+        self, x_t: torch.Tensor, st: RetrievalState, io: BlockIO = PLAIN_IO
+    ) -> Tuple[torch.Tensor, RetrievalState]:
         """x_t (B, d_model) -> (B, d_model); O(retrievable chunks * D) routing + O(k * C * D) attention.
 
         Reads the bank and pool rings whole under masks of the chunks each slot holds, so with memory every
@@ -509,7 +512,7 @@ class RetrievalAttention(nn.Module):
         C, device = self.chunk_size, x_t.device
         pos = st.pos
         c, filled = pos // C, pos % C  # the chunk in progress, tokens already in it
-        q, k, v = self.proj.split(x_t[:, None])  # (B, H, 1, D), (B, H_kv, 1, D)
+        q, k, v = self.proj.split(x_t[:, None], io)  # (B, H, 1, D), (B, H_kv, 1, D)
         buf_k = write_slot(st.buf_k, 2, filled, k[:, :, 0])
         buf_v = write_slot(st.buf_v, 2, filled, v[:, :, 0])
         bank_k, bank_v, summaries = st.bank_k, st.bank_v, st.summaries
@@ -540,7 +543,7 @@ class RetrievalAttention(nn.Module):
         rings = self._complete_chunk(st, bank_k, bank_v, summaries, c, buf_k, buf_v, complete)
         buf_k, buf_v = where(complete, torch.zeros_like(buf_k), buf_k), where(complete, torch.zeros_like(buf_v), buf_v)
         new = RetrievalState(buf_k, buf_v, *rings, pos=pos + 1)
-        return self.proj.merge(y)[:, 0], new
+        return self.proj.merge(y, io)[:, 0], new
 
     def _fused_step(self, q: torch.Tensor, slots: int) -> bool:
         """Whether this step runs as one Triton kernel (HYDRALM_RETRIEVAL_DECODE): not while logging picks, and for
@@ -584,17 +587,17 @@ class RetrievalAttention(nn.Module):
         return sparse_chunk_attention(q, exact_k, exact_v, reads, local_k, local_v, local_mask)
 
     # -- several tokens at once (speculative verification) ----------------------------------------
-    def step_many(self, x: torch.Tensor, st: RetrievalState) -> Tuple[torch.Tensor, Trail]:
+    def step_many(self, x: torch.Tensor, st: RetrievalState, io: BlockIO = PLAIN_IO) -> Tuple[torch.Tensor, Trail]:
         """x (B, T, d_model) -> (y (B, T, d_model), trail of the new keys and values (B, H_kv, T, D)): T steps
         with one pass over the projections; `st` is left as it was."""
-        q, k, v = self.proj.split(x)
+        q, k, v = self.proj.split(x, io)
         outputs = []
         for start, n in pieces(x.shape[1], self.chunk_size):
             part = slice(start, start + n)
             outputs.append(self._attend_next(q[:, :, part], k[:, :, part], v[:, :, part], st))
             if start + n < x.shape[1]:
                 st = self._advance(st, k[:, :, part], v[:, :, part], n)
-        return self.proj.merge(torch.cat(outputs, dim=2)), {"k": k, "v": v}
+        return self.proj.merge(torch.cat(outputs, dim=2), io), {"k": k, "v": v}
 
     def state_after(self, state: RetrievalState, trail: Trail, kept: Counter) -> RetrievalState:
         for start, n in pieces(trail["k"].shape[2], self.chunk_size):

@@ -18,6 +18,7 @@ from hydralm.config import HydraConfig
 from hydralm.kernels.attention.local import repeat_kv, sliding_window_attention
 from hydralm.kernels.backend import attention_backend
 from hydralm.modules.attention import AttentionProjections, check_rotary_head_dim
+from hydralm.modules.linear import PLAIN_IO, BlockIO
 from hydralm.modules.mixer import Counter, LayerState, Trail
 from hydralm.modules.multi_token import kept_in_piece, pieces, ring_ids
 from hydralm.modules.rotary import Rotary
@@ -89,10 +90,12 @@ class SlidingWindowAttention(nn.Module):
         )
         return self.proj.merge(y), new_state
 
-    def step(self, x_t: torch.Tensor, state: SlidingWindowState) -> Tuple[torch.Tensor, SlidingWindowState]:
+    def step(
+        self, x_t: torch.Tensor, state: SlidingWindowState, io: BlockIO = PLAIN_IO
+    ) -> Tuple[torch.Tensor, SlidingWindowState]:
         """x_t (B, d_model) -> (B, d_model); O(window) work, O(window) memory, one shape at every step."""
         pos = state.pos
-        q, k, v = self.proj.split(x_t[:, None])
+        q, k, v = self.proj.split(x_t[:, None], io)
         position = positions(pos, 1, x_t.device)
         q, k = self.rotary(q, position), self.rotary(k, position)
         # written into copies (states are values: callers may roll back to the old one)
@@ -106,11 +109,13 @@ class SlidingWindowAttention(nn.Module):
             repeat_kv(ring_v.to(q.dtype), groups),
             attn_mask=written.view(1, 1, 1, self.window),
         )
-        return self.proj.merge(y)[:, 0], SlidingWindowState(k=ring_k, v=ring_v, pos=pos + 1)
+        return self.proj.merge(y, io)[:, 0], SlidingWindowState(k=ring_k, v=ring_v, pos=pos + 1)
 
-    def step_many(self, x: torch.Tensor, state: SlidingWindowState) -> Tuple[torch.Tensor, Trail]:
+    def step_many(
+        self, x: torch.Tensor, state: SlidingWindowState, io: BlockIO = PLAIN_IO
+    ) -> Tuple[torch.Tensor, Trail]:
         """x (B, T, d_model) -> (y (B, T, d_model), trail of the rotated keys and values (B, H_kv, T, D))."""
-        q, k, v = self.proj.split(x)
+        q, k, v = self.proj.split(x, io)
         position = positions(state.pos, x.shape[1], x.device)
         q, k = self.rotary(q, position), self.rotary(k, position)
         outputs, st = [], state
@@ -119,7 +124,7 @@ class SlidingWindowAttention(nn.Module):
             outputs.append(self._attend(q[:, :, part], k[:, :, part], v[:, :, part], st))
             if start + n < x.shape[1]:
                 st = self._advance(st, k[:, :, part], v[:, :, part], n)
-        return self.proj.merge(torch.cat(outputs, dim=2)), {"k": k, "v": v}
+        return self.proj.merge(torch.cat(outputs, dim=2), io), {"k": k, "v": v}
 
     def state_after(self, state: SlidingWindowState, trail: Trail, kept: Counter) -> SlidingWindowState:
         for start, n in pieces(trail["k"].shape[2], self.window):

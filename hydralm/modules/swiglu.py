@@ -5,7 +5,8 @@ what autograd would otherwise store, ~10 GiB of HydraLM-160m's activations at 16
 from it (`_SwiGLUDown`; elementwise work, no extra matmul). On CUDA (HYDRALM_SWIGLU, kernels/backend.py) that
 elementwise work runs as one Triton kernel forward and one backward on the whole gate_up output
 (kernels/activation/triton_swiglu.py; eager, bias-free calls). Without autograd (inference, decoding) the plain
-ops run, so the down projection can take the decode GEMV.
+ops run, so the down projection can take the decode GEMV, with the product folded in under
+HYDRALM_DECODE_LINEAR=fused (modules/linear.py).
 """
 
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 from hydralm.kernels.backend import swiglu_backend
 from hydralm.kernels.triton_common import eager_training_call
-from hydralm.modules.linear import Linear
+from hydralm.modules.linear import PLAIN_IO, BlockIO, Linear
 from hydralm.modules.recompute import autocast_as, autocast_state
 
 
@@ -35,8 +36,12 @@ class SwiGLU(nn.Module):
                 return swiglu_down_triton(h, self.down.weight)
             gate, up = h.chunk(2, dim=-1)
             return _SwiGLUDown.apply(gate, up, self.down.weight)
-        gate, up = h.chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return PLAIN_IO.project_out(self.down, h, swiglu=True)
+
+    def step(self, x: torch.Tensor, io: BlockIO) -> torch.Tensor:
+        """The sublayer in a decode step (no autograd): io.residual + down(silu(gate) * up) of io.norm(x), the
+        norm, the product and the add folded into the two GEMVs under HYDRALM_DECODE_LINEAR=fused."""
+        return io.project_out(self.down, io.project_in(self.gate_up, x), swiglu=True)
 
 
 class _SwiGLUDown(torch.autograd.Function):

@@ -16,6 +16,8 @@ candidates that include the fixed heuristic's (`_blocks`, the one configuration 
 processes that pick differently may differ in the last bits, as cuBLAS's heuristics may.
 """
 
+from typing import Optional
+
 import torch
 
 from hydralm.kernels.triton_common import interpreting, tl, triton
@@ -31,9 +33,19 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(
         x, w, y, M, N, K, stride_xm, stride_wn, stride_ym, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        norm_w=None, res=None, stride_rm=0, eps=0.0, NORM: tl.constexpr = False, SWIGLU: tl.constexpr = False,
+        RESIDUAL: tl.constexpr = False,
     ):  # fmt: skip
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         for m in range(M):  # each row: the instructions of a one-row call (module docstring)
+            x_m = x + m * stride_xm
+            if NORM:  # the row's 1 / rms, in fp32 as RMSNorm.reference computes it
+                squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    x_k = tl.load(x_m + ks, mask=ks < K, other=0.0).to(tl.float32)
+                    squares += x_k * x_k
+                rstd = 1.0 / tl.sqrt(tl.sum(squares, 0) / K + eps)
             acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
                 ks = k0 + tl.arange(0, BLOCK_K)
@@ -42,9 +54,21 @@ if triton is not None:
                     mask=(cols[:, None] < N) & (ks[None, :] < K),
                     other=0.0,
                 ).to(tl.float32)  # (BLOCK_N, BLOCK_K)
-                x_row = tl.load(x + m * stride_xm + ks, mask=ks < K, other=0.0).to(tl.float32)  # (BLOCK_K,)
+                x_row = tl.load(x_m + ks, mask=ks < K, other=0.0).to(tl.float32)  # (BLOCK_K,)
+                # the folded ops round where the PyTorch ops they replace round: to the activations' dtype
+                if NORM:
+                    weight = tl.load(norm_w + ks, mask=ks < K, other=0.0).to(tl.float32)
+                    x_row = (x_row * rstd * weight).to(y.dtype.element_ty).to(tl.float32)
+                if SWIGLU:  # x holds [gate | up]: the input is silu(gate) * up
+                    up = tl.load(x_m + K + ks, mask=ks < K, other=0.0).to(tl.float32)
+                    silu = (x_row * tl.sigmoid(x_row)).to(y.dtype.element_ty).to(tl.float32)
+                    x_row = (silu * up).to(y.dtype.element_ty).to(tl.float32)
                 acc += tl.sum(w_tile * x_row[None, :], axis=1)
-            tl.store(y + m * stride_ym + cols, acc.to(y.dtype.element_ty), mask=cols < N)
+            out = acc.to(y.dtype.element_ty)
+            if RESIDUAL:
+                added = tl.load(res + m * stride_rm + cols, mask=cols < N, other=0.0).to(tl.float32)
+                out = (out.to(tl.float32) + added).to(y.dtype.element_ty)
+            tl.store(y + m * stride_ym + cols, out, mask=cols < N)
 
     def _keep_configs(configs, named_args, **kwargs):
         """The candidates for a shape: the heuristic's blocks (`_blocks`), and those with a tile within MAX_TILE,
@@ -86,26 +110,66 @@ def _blocks(N: int, K: int):
 
 
 @torch.library.custom_op("hydralm::gemv", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    norm_weight: Optional[torch.Tensor] = None,
+    eps: float = 0.0,
+    residual: Optional[torch.Tensor] = None,
+    swiglu: bool = False,
+) -> torch.Tensor:
     """x (..., K) with at most MAX_ROWS rows in all, weight (N, K) -> (..., N) in x's dtype, as F.linear(x, weight).
     A custom op: torch.compile(fullgraph=True) keeps it as one call. On a GPU the column and K blocks are
-    autotuned per (N, K) on the first call of each shape (a CUDA-graph decoder's warm-up step runs it)."""
-    K, N = x.shape[-1], weight.shape[0]
-    x2 = x.reshape(-1, K).contiguous()
+    autotuned per (N, K) on the first call of each shape (a CUDA-graph decoder's warm-up step runs it).
+
+    The elementwise ops around a block's projections, folded in (each rounds where the PyTorch op it replaces
+    does, so the result is that of the op sequence up to the order of one fp32 sum):
+      norm_weight (K,): the input is first RMS-normalised with that weight and eps (RMSNorm.reference);
+      swiglu: x is (..., 2K), [gate | up], and the input is silu(gate) * up (SwiGLU's product);
+      residual (..., N): added to the output (the block's residual stream)."""
+    K, N = weight.shape[1], weight.shape[0]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
     M = x2.shape[0]
-    if M > MAX_ROWS:
-        raise ValueError(f"gemv takes at most {MAX_ROWS} rows; got {M} (use F.linear)")
+    _check_folded(x2, K, N, norm_weight, residual, swiglu)
     weight = weight.contiguous()
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    res = y if residual is None else residual.reshape(M, N).contiguous()
+    norm = y if norm_weight is None else norm_weight.contiguous()
     args = (x2, weight, y, M, N, K, x2.stride(0), weight.stride(0), y.stride(0))
+    flags = dict(
+        norm_w=norm,
+        res=res,
+        stride_rm=res.stride(0),
+        eps=eps,
+        NORM=norm_weight is not None,
+        SWIGLU=swiglu,
+        RESIDUAL=residual is not None,
+    )
     if interpreting():
         block_n, block_k = _blocks(N, K)
-        _gemv_kernel[(triton.cdiv(N, block_n),)](*args, BLOCK_N=block_n, BLOCK_K=block_k)
+        _gemv_kernel[(triton.cdiv(N, block_n),)](*args, BLOCK_N=block_n, BLOCK_K=block_k, **flags)
     else:
-        _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args)
+        _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
     return y.reshape(*x.shape[:-1], N)
 
 
+def _check_folded(x2, K, N, norm_weight, residual, swiglu) -> None:
+    """One clear error for inputs the kernel cannot read."""
+    M = x2.shape[0]
+    if M > MAX_ROWS:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} rows; got {M} (use F.linear)")
+    if x2.shape[1] != (2 * K if swiglu else K):
+        raise ValueError(f"gemv: x has {x2.shape[1]} features, weight (N={N}, K={K}) needs {2 * K if swiglu else K}")
+    if norm_weight is not None and (swiglu or tuple(norm_weight.shape) != (K,)):
+        raise ValueError(
+            f"gemv: norm_weight must be ({K},) and not combined with swiglu; got {tuple(norm_weight.shape)}"
+        )
+    if residual is not None and (residual.numel() != M * N or residual.dtype != x2.dtype):
+        raise ValueError(
+            f"gemv: residual must hold {M} x {N} values in {x2.dtype}; got {tuple(residual.shape)} {residual.dtype}"
+        )
+
+
 @gemv.register_fake
-def _(x, weight):
+def _(x, weight, norm_weight=None, eps=0.0, residual=None, swiglu=False):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
