@@ -122,7 +122,7 @@ def _label_layers(model) -> set:
     for block in model.blocks:
         for name, module, method in (
             (f"{block.layer_type} mixer step", block.mixer, "step"),
-            ("mlp", block.mlp, "forward"),
+            ("mlp", block.mlp, "step"),
             ("rmsnorm", block.mixer_norm, "forward"),
             ("rmsnorm", block.mlp_norm, "forward"),
         ):

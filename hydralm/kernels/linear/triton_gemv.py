@@ -14,6 +14,11 @@ for all rows reduces in an order that changes with the row count: greedy self-dr
 greedy decoding.) On a GPU the blocks are autotuned per (N, K) on the first call of each shape among
 candidates that include the fixed heuristic's (`_blocks`, the one configuration in Triton's interpreter); two
 processes that pick differently may differ in the last bits, as cuBLAS's heuristics may.
+
+Folded ops (HYDRALM_DECODE_LINEAR=fused, modules/linear.py): the kernel can also normalise its input row (RMSNorm,
+each program recomputing the row's 1 / rms from K values it reads anyway), form SwiGLU's silu(gate) * up from a
+[gate | up] row, and add a residual to its output, so that no elementwise kernel runs between a block's
+projections. Each folded op rounds to the activations' dtype where the PyTorch op it replaces rounds.
 """
 
 from typing import Optional
