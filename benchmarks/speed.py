@@ -489,8 +489,12 @@ def decode_batched(
     piece = int(os.environ.get("BENCH_STREAM_PIECE", "8192"))
     rows, engine, done, mtp = [], StreamingEngine(model, chunk_size=piece), 0, None
     stream_key = f"{subject}-memory" + ("" if piece == 8192 else f"-piece{piece}")
-    # an opt-in decode path measures under keys of its own, so the record keeps the default's figures beside it
-    folded = "-folded" if os.environ.get("HYDRALM_DECODE_LINEAR") == "fused" else ""
+    # opt-in decode paths measure under keys of their own, so the record keeps the default's figures beside them
+    opt_in = {
+        ("HYDRALM_DECODE_LINEAR", "fused"): "-folded",
+        ("HYDRALM_RETRIEVAL_DECODE", "triton"): "-retrieval-kernel",
+    }
+    variant = "".join(suffix for (name, value), suffix in opt_in.items() if os.environ.get(name) == value)
     if os.environ.get("BENCH_STREAM_COMPILE") == "1":  # the stream through torch.compile'd blocks (its own keys)
         model.compile_blocks()
         stream_key += "-compiled"
@@ -523,14 +527,14 @@ def decode_batched(
             rows[-1]["setup_s"] = setup_s
             print(rows[-1], flush=True)
             if decode_figures:
-                run.record(f"decode_tok_s/{subject}-memory{folded}-bs{batch}/{context}", batch * 1e3 / ms, "tok/s")
+                run.record(f"decode_tok_s/{subject}-memory{variant}-bs{batch}/{context}", batch * 1e3 / ms, "tok/s")
             if run is record.RUN:
                 record.write()  # after each row: a run cut short keeps what it measured
         RESULTS["decode_batched"] = rows
         if mtp is None and os.environ.get("BENCH_MTP", "1") != "0":  # after the first context (the long one last)
             RESULTS["mtp"] = mtp = _mtp_speedup(model, kind, mtp_new_tokens, prompt, sync)
             print(mtp, flush=True)
-            run.record(f"mtp_speedup/{subject}{folded}-k2", mtp["speedup"], "×")
+            run.record(f"mtp_speedup/{subject}{variant}-k2", mtp["speedup"], "×")
         if run is record.RUN:
             record.write()
     _print_table("graph decode, tokens/s over all rows", rows, ["context", "batch", "ms_per_step", "tok_s", "setup_s"])

@@ -33,3 +33,16 @@ def test_decode_batched_records_every_figure(tmp_path):
     assert all(figure["value"] > 0 for figure in run.figures.values())
     assert out["mtp"]["identical_to_generate"] and 0 <= out["mtp"]["acceptance"] <= 1
     assert run.write(tmp_path / "cpu.json").exists()
+
+
+def test_an_opt_in_decode_path_records_under_keys_of_its_own(monkeypatch):
+    """HYDRALM_DECODE_LINEAR=fused / HYDRALM_RETRIEVAL_DECODE=triton figures sit beside the default's, not over them."""
+    monkeypatch.setenv("HYDRALM_DECODE_LINEAR", "fused")
+    monkeypatch.setenv("HYDRALM_RETRIEVAL_DECODE", "triton")
+    monkeypatch.setenv("BENCH_MTP", "0")
+    run = record.Run()
+    decode_batched(static_model(), contexts=[40], batches=[1], kind="static", subject="tiny", run=run)
+    assert set(run.figures) == {
+        "decode_tok_s/tiny-memory-folded-retrieval-kernel-bs1/40",
+        "streaming_prefill_ktok_s/tiny-memory/40",
+    }

@@ -99,10 +99,12 @@ HYDRALM_DECODE_MANY = auto | torch | fused
 
 HYDRALM_RETRIEVAL_DECODE = auto | torch | triton
     The one-token step of retrieval layers. triton: routing, top-k and the attention over the picked chunks and
-    the local context in one Triton kernel that reads the rings in place (kernels/retrieval/triton_decode.py),
-    instead of about twenty PyTorch kernels and gathered copies of the picked chunks. auto = torch everywhere: its
-    GPU check passed on an H200 (55d1790), but it decoded slower there (834.8 against 1043.8 tok/s at batch 1;
-    one program per (row, head) is latency-bound, docs/inference.md).
+    the local context in three Triton kernels that read the rings in place (kernels/retrieval/triton_decode.py:
+    scores per block of slots, one program per pick or local chunk, a merge by log-sum-exp), instead of about
+    twenty PyTorch kernels and gathered copies of the picked chunks. auto = torch everywhere: an earlier
+    one-kernel version passed its GPU check on an H200 (55d1790) but decoded slower there (834.8 against 1043.8
+    tok/s at batch 1; one program per (row, head) was latency-bound, docs/inference.md); the split version has
+    not run on a GPU yet.
 
 HYDRALM_DECODE_LINEAR = auto | torch | gemv | fused
     The matmuls of a decode step (bias-free projections called without autograd on at most 16 rows): gemv runs

@@ -1,18 +1,26 @@
-"""One decode step of retrieval attention as one Triton kernel (backend HYDRALM_RETRIEVAL_DECODE=triton).
+"""One decode step of retrieval attention as three Triton kernels (backend HYDRALM_RETRIEVAL_DECODE=triton).
 
 The PyTorch step (``RetrievalAttention.step``) scores the token's query against the summaries of the held chunks
 (two fp32 matmuls, pool and bank), picks the top k with a sort-based top-k, gathers the picked chunks' keys and
 values into new tensors and runs SDPA over them and the local context: about twenty kernels per layer and token,
-and at batch 64 the gathered copies and SDPA are most of the decode step's GPU time (docs/benchmarks.md). Here one
-program per (row, query head) does all of it, reading the chunks where the rings hold them:
+and at batch 64 the gathered copies and SDPA are most of the decode step's GPU time (docs/benchmarks.md). Here,
+reading the chunks where the rings hold them:
 
-    scores  = q . summary of each held slot (fp32; -inf where the slot may not be picked)
-    picks   = top_k slots by score, ties to the lowest chunk id (``topk_lowest_id``'s order)
-    y       = softmax attention over [picked exact chunks (C keys) | picked pool chunks (C / r keys) |
-              the previous chunk (if any) | the chunk in progress up to the token], one softmax, fp32
+    _route_scores   one program per (row, query head, block of slots): scores = q . summary of each held slot
+                    (fp32; -inf where the slot may not be picked)
+    _attend_part    one program per (row, query head, part), parts = the k picks, the previous chunk, the chunk
+                    in progress: the part's pick (top k slots by score, ties to the lowest chunk id, as
+                    ``topk_lowest_id`` orders them), then an online softmax over its keys -> a partial output
+                    and its base-2 log-sum-exp, fp32
+    _combine_parts  one program per (row, query head): the k + 2 partials merged by their log-sum-exps, which is
+                    one softmax over [picked exact chunks (C keys) | picked pool chunks (C / r keys) | the previous
+                    chunk (if any) | the chunk in progress up to the token]
 
-Same picks and formulas as the PyTorch step (the test oracle, tests/test_retrieval_decode.py); another
-summation order, so scores within rounding of each other may pick differently (near-ties).
+Flash-decoding's split: the work of a (row, head) spreads over many programs, so at batch 1 (12 heads) the GPU is
+not left with twelve programs working through 576 slots and k chunks in sequence, as a one-kernel version did
+(39 us a layer on an H200, slower than the PyTorch step's 24 us; docs/inference.md). Same picks and formulas as
+the PyTorch step (the test oracle, tests/test_retrieval_decode.py); another summation order, so scores within
+rounding of each other may pick differently (near-ties).
 """
 
 from typing import Tuple
@@ -21,94 +29,123 @@ import torch
 
 from hydralm.kernels.triton_common import tl, triton
 
-# Slots (pool + bank) a program scores at once; more take the PyTorch step (a memory-less bank that grew large).
+# Slots (pool + bank) a pick program reads the scores of at once; more take the PyTorch step (a memory-less bank
+# that grew large).
 MAX_SLOTS = 4096
+ROUTE_BLOCK = 64  # slots per scoring program
 
 if triton is not None:
 
     @triton.jit
-    def _chunk_update(q, keys, values, first, r, rows_ok, m_i, l_i, acc, scale_log2, d, dmask, D):
-        """Online-softmax update of (m_i, l_i, acc) with rows first + r of keys / values, (rows, D) row-major
-        (rows_ok: which rows count)."""
+    def _route_scores_kernel(
+        q_ptr, summaries, pool_summaries, routable, scores_ptr, H, H_KV, S, P, D,
+        BLOCK: tl.constexpr, BD: tl.constexpr,
+    ):  # fmt: skip
+        """scores[row, h, slot] = q . summary (fp32) over a block of [pool | bank] slots; -inf where not routable."""
+        bh, blk = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        row, h = bh // H, bh % H
+        kv = row * H_KV + h // (H // H_KV)
+        d = tl.arange(0, BD)
+        q = tl.load(q_ptr + bh * D + d, mask=d < D, other=0.0).to(tl.float32)
+        s_idx = blk * BLOCK + tl.arange(0, BLOCK)
+        in_pool, in_bank = s_idx < P, (s_idx >= P) & (s_idx < P + S)
+        ptrs = tl.where(
+            in_pool[:, None],
+            pool_summaries + (kv * P + s_idx)[:, None] * D + d[None, :],
+            summaries + (kv * S + (s_idx - P))[:, None] * D + d[None, :],
+        )
+        held = tl.load(ptrs, mask=(in_pool | in_bank)[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        scores = tl.sum(held * q[None, :], 1)
+        ok = tl.load(routable + s_idx, mask=s_idx < P + S, other=0) != 0
+        tl.store(scores_ptr + bh * (P + S) + s_idx, tl.where(ok, scores, float("-inf")), mask=s_idx < P + S)
+
+    @triton.jit
+    def _chunk_softmax(q, keys, values, first, r, rows_ok, scale_log2, d, dmask, D):
+        """(max, exp-sum, unnormalised output) of q's softmax over rows first + r of keys / values, (rows, D)
+        row-major, base 2 (rows_ok: which rows count; none: -inf, 0, zeros)."""
         k_ptrs = keys + (first + r)[:, None] * D + d[None, :]
         v_ptrs = values + (first + r)[:, None] * D + d[None, :]
         k = tl.load(k_ptrs, mask=rows_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        s = tl.sum(k * q[None, :], 1) * scale_log2
-        s = tl.where(rows_ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing read yet: keep exp2 finite
-        p = tl.exp2(s - m_safe)
-        alpha = tl.exp2(m_i - m_safe)
+        s = tl.where(rows_ok, tl.sum(k * q[None, :], 1) * scale_log2, float("-inf"))
+        m = tl.max(s, 0)
+        p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m))  # no key: every p is 0, nothing NaN
         v = tl.load(v_ptrs, mask=rows_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
-        return m_new, l_i * alpha + tl.sum(p, 0), acc
+        return m, tl.sum(p, 0), tl.sum(p[:, None] * v, 0)
 
     @triton.jit
-    def _retrieval_step_kernel(
-        q_ptr, buf_k, buf_v, bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries, slot_ids, routable,
-        pos_ptr, out_ptr,
+    def _attend_part_kernel(
+        q_ptr, buf_k, buf_v, bank_k, bank_v, pool_k, pool_v, scores_ptr, slot_ids, pos_ptr,
+        m_ptr, denom_ptr, acc_ptr,
         H, H_KV, S, P, D, scale_log2,
         C: tl.constexpr, CP: tl.constexpr, TOP_K: tl.constexpr,
-        BLOCK_S: tl.constexpr, BC: tl.constexpr, BCP: tl.constexpr, BD: tl.constexpr, DB: tl.constexpr,
+        BLOCK_S: tl.constexpr, BC: tl.constexpr, BCP: tl.constexpr, BD: tl.constexpr,
     ):  # fmt: skip
-        row, h = tl.program_id(0), tl.program_id(1)
-        hk = h // (H // H_KV)
+        """Part j < TOP_K: the j-th pick's chunk (exact or pooled); part TOP_K: the previous chunk; part TOP_K + 1:
+        the chunk in progress up to the token. Writes the part's (max, exp-sum, unnormalised output)."""
+        bh, part = tl.program_id(0).to(tl.int64), tl.program_id(1)
+        row, h = bh // H, bh % H
+        kv = row * H_KV + h // (H // H_KV)  # (row, key head): the rings' leading index
         d = tl.arange(0, BD)
         dmask = d < D
-        q = tl.load(q_ptr + (row * H + h) * D + d, mask=dmask, other=0.0).to(tl.float32)
+        q = tl.load(q_ptr + bh * D + d, mask=dmask, other=0.0).to(tl.float32)
         pos = tl.load(pos_ptr)
         c, filled = pos // C, pos % C
-        kv = (row * H_KV + hk).to(tl.int64)  # (row, key head): the rings' leading index; int64 offsets
-
-        # Routing: q . summary over [pool | bank] slots, fp32, DB columns at a time (a whole (slots, D) tile would
-        # not fit in registers).
-        s_idx = tl.arange(0, BLOCK_S)
-        in_pool, in_bank = s_idx < P, (s_idx >= P) & (s_idx < P + S)
-        scores = tl.zeros([BLOCK_S], dtype=tl.float32)
-        for d0 in tl.static_range(0, BD, DB):
-            dd = d0 + tl.arange(0, DB)
-            q_part = tl.load(q_ptr + (row * H + h) * D + dd, mask=dd < D, other=0.0).to(tl.float32)
-            ptrs = tl.where(
-                in_pool[:, None],
-                pool_summaries + (kv * P + s_idx)[:, None] * D + dd[None, :],
-                summaries + (kv * S + (s_idx - P))[:, None] * D + dd[None, :],
-            )
-            held = tl.load(ptrs, mask=(in_pool | in_bank)[:, None] & (dd < D)[None, :], other=0.0)
-            scores += tl.sum(held * q_part[None, :], 1)
-        ok = tl.load(routable + s_idx, mask=s_idx < P + S, other=0) != 0
-        scores = tl.where(ok, scores, float("-inf"))
-        n_ok = tl.sum(ok.to(tl.int32), 0)  # picks past the routable slots read nothing
-        ids = tl.load(slot_ids + s_idx, mask=s_idx < P + S, other=0)
-        big_id = tl.full([BLOCK_S], 2**62, dtype=tl.int64)
-
-        m_i = tl.full([1], float("-inf"), dtype=tl.float32).sum(0)  # a scalar -inf
-        l_i = tl.zeros([1], dtype=tl.float32).sum(0)
-        acc = tl.zeros([BD], dtype=tl.float32)
         r_c, r_p = tl.arange(0, BC), tl.arange(0, BCP)
-        for j in tl.static_range(TOP_K):
-            best = tl.max(scores, 0)
-            tied = scores == best
-            chosen_id = tl.min(tl.where(tied, ids, big_id), 0)  # ties to the lowest chunk id
-            slot = tl.min(tl.where(tied & (ids == chosen_id), s_idx, BLOCK_S), 0)
-            scores = tl.where(s_idx == slot, float("-inf"), scores)
+        if part < TOP_K:
+            s_idx = tl.arange(0, BLOCK_S)
+            scores = tl.load(scores_ptr + bh * (P + S) + s_idx, mask=s_idx < P + S, other=float("-inf"))
+            ids = tl.load(slot_ids + s_idx, mask=s_idx < P + S, other=0)
+            big_id = tl.full([BLOCK_S], 2**62, dtype=tl.int64)
+            slot = BLOCK_S  # the part's pick: `part` picks are taken out first
+            found = False
+            for j in tl.static_range(TOP_K):
+                if j <= part:
+                    best = tl.max(scores, 0)
+                    tied = scores == best
+                    chosen_id = tl.min(tl.where(tied, ids, big_id), 0)  # ties to the lowest chunk id
+                    slot = tl.min(tl.where(tied & (ids == chosen_id), s_idx, BLOCK_S), 0)
+                    found = best > float("-inf")  # fewer routable slots than picks: this part reads nothing
+                    scores = tl.where(s_idx == slot, float("-inf"), scores)
             # scalars broadcast to blocks before they meet a block (Triton's CPU interpreter mistypes the mix)
-            base = (kv * S + (slot - P)) * C
-            rows = (r_c < C) & (r_c * 0 + slot >= P) & (r_c * 0 + n_ok > j)
-            m_i, l_i, acc = _chunk_update(q, bank_k, bank_v, base, r_c, rows, m_i, l_i, acc, scale_log2, d, dmask, D)
-            base = (kv * P + slot) * CP
-            rows = (r_p < CP) & (r_p * 0 + slot < P) & (r_p * 0 + n_ok > j)
-            m_i, l_i, acc = _chunk_update(q, pool_k, pool_v, base, r_p, rows, m_i, l_i, acc, scale_log2, d, dmask, D)
+            if slot >= P:
+                rows = (r_c < C) & (r_c * 0 + found.to(tl.int32) > 0)
+                m, denom, acc = _chunk_softmax(
+                    q, bank_k, bank_v, (kv * S + (slot - P)) * C, r_c, rows, scale_log2, d, dmask, D
+                )
+            else:
+                rows = (r_p < CP) & (r_p * 0 + found.to(tl.int32) > 0)
+                m, denom, acc = _chunk_softmax(
+                    q, pool_k, pool_v, (kv * P + slot) * CP, r_p, rows, scale_log2, d, dmask, D
+                )
+        elif part == TOP_K:  # the previous chunk: bank slot (c - 1) % S, none before the first chunk
+            rows = (r_c < C) & (r_c * 0 + c > 0)
+            first = (kv * S + (c + S - 1) % S) * C
+            m, denom, acc = _chunk_softmax(q, bank_k, bank_v, first, r_c, rows, scale_log2, d, dmask, D)
+        else:  # the chunk in progress, up to this token
+            rows = (r_c < C) & (r_c * 0 + filled >= r_c)
+            m, denom, acc = _chunk_softmax(q, buf_k, buf_v, kv * C, r_c, rows, scale_log2, d, dmask, D)
+        out = bh * (TOP_K + 2) + part
+        tl.store(m_ptr + out, m)
+        tl.store(denom_ptr + out, denom)
+        tl.store(acc_ptr + out * D + d, acc, mask=dmask)
 
-        # Local context: the previous chunk (bank slot (c - 1) % S, none before the first) and the chunk in
-        # progress up to this token.
-        previous = (c + S - 1) % S
-        rows = (r_c < C) & (r_c * 0 + c > 0)
-        m_i, l_i, acc = _chunk_update(
-            q, bank_k, bank_v, (kv * S + previous) * C, r_c, rows, m_i, l_i, acc, scale_log2, d, dmask, D
+    @triton.jit
+    def _combine_parts_kernel(
+        m_ptr, denom_ptr, acc_ptr, out_ptr, D, PARTS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr
+    ):
+        """y = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) denom_j over the parts, M their max (the chunk in progress
+        holds the token itself, so M is finite)."""
+        bh = tl.program_id(0).to(tl.int64)
+        parts, d = tl.arange(0, BP), tl.arange(0, BD)
+        ok = parts < PARTS
+        m = tl.load(m_ptr + bh * PARTS + parts, mask=ok, other=float("-inf"))
+        denom = tl.load(denom_ptr + bh * PARTS + parts, mask=ok, other=0.0)
+        acc = tl.load(
+            acc_ptr + (bh * PARTS + parts)[:, None] * D + d[None, :], mask=ok[:, None] & (d < D)[None, :], other=0.0
         )
-        rows = (r_c < C) & (r_c * 0 + filled >= r_c)
-        m_i, l_i, acc = _chunk_update(q, buf_k, buf_v, kv * C, r_c, rows, m_i, l_i, acc, scale_log2, d, dmask, D)
-        tl.store(out_ptr + (row * H + h) * D + d, acc / l_i, mask=dmask)
+        w = tl.exp2(m - tl.max(m, 0))  # an empty part: 2^-inf = 0
+        y = tl.sum(w[:, None] * acc, 0) / tl.sum(w * denom, 0)
+        tl.store(out_ptr + bh * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
 @torch.library.custom_op("hydralm::retrieval_decode_step", mutates_args=())
@@ -137,16 +174,28 @@ def retrieval_decode_step(
     B, H, D = q.shape
     h_kv, S, C = bank_k.shape[1], bank_k.shape[2], bank_k.shape[3]
     P, CP = pool_k.shape[2], pool_k.shape[3]
-    out = torch.empty_like(q)
-    args = [t.contiguous() for t in (q, buf_k, buf_v, bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries)]
-    _retrieval_step_kernel[(B, H)](
-        *args, slot_ids.contiguous(), routable.to(torch.int8).contiguous(), pos.reshape(1).to(torch.int64), out,
-        H, h_kv, S, P, D, D**-0.5 * 1.4426950408889634,
-        C=C, CP=max(CP, 1), TOP_K=min(top_k, P + S),
-        BLOCK_S=triton.next_power_of_2(P + S), BC=triton.next_power_of_2(C), BCP=triton.next_power_of_2(max(CP, 1)),
-        BD=triton.next_power_of_2(D), DB=min(8, triton.next_power_of_2(D)),
-        num_warps=8,  # ptxas for sm_90 (576 slots, D 64, top-8): 184 registers, no spills; 4 warps spilled
+    top_k = min(top_k, P + S)
+    q, buf_k, buf_v, bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries = (
+        t.contiguous() for t in (q, buf_k, buf_v, bank_k, bank_v, summaries, pool_k, pool_v, pool_summaries)
+    )
+    slot_ids, BD = slot_ids.contiguous(), triton.next_power_of_2(D)
+    scores = torch.empty(B * H, P + S, device=q.device, dtype=torch.float32)
+    _route_scores_kernel[(B * H, triton.cdiv(P + S, ROUTE_BLOCK))](
+        q, summaries, pool_summaries, routable.to(torch.int8).contiguous(), scores, H, h_kv, S, P, D,
+        BLOCK=ROUTE_BLOCK, BD=BD,
     )  # fmt: skip
+    parts = top_k + 2  # the picks, the previous chunk, the chunk in progress
+    m = torch.empty(B * H, parts, device=q.device, dtype=torch.float32)
+    denom = torch.empty_like(m)
+    acc = torch.empty(B * H, parts, D, device=q.device, dtype=torch.float32)
+    _attend_part_kernel[(B * H, parts)](
+        q, buf_k, buf_v, bank_k, bank_v, pool_k, pool_v, scores, slot_ids, pos.reshape(1).to(torch.int64),
+        m, denom, acc, H, h_kv, S, P, D, D**-0.5 * 1.4426950408889634,
+        C=C, CP=max(CP, 1), TOP_K=top_k, BLOCK_S=triton.next_power_of_2(P + S), BC=triton.next_power_of_2(C),
+        BCP=triton.next_power_of_2(max(CP, 1)), BD=BD,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    _combine_parts_kernel[(B * H,)](m, denom, acc, out, D, PARTS=parts, BP=triton.next_power_of_2(parts), BD=BD)
     return (out,)
 
 
