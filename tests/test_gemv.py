@@ -56,25 +56,32 @@ def _model(seed=5):
     return HydraLM(cfg).eval()
 
 
+def _parallel_and_counted_steps(model, ids, backend: str, monkeypatch):
+    """(parallel logits, logits of stepping the tokens one by one with HYDRALM_DECODE_LINEAR=backend, the folded
+    arguments of each GEMV call the steps made)."""
+    import hydralm.kernels.linear.triton_gemv as kernel
+
+    with torch.no_grad():
+        parallel = model(ids)["logits"]
+    calls, gemv = [], kernel.gemv
+    monkeypatch.setattr(kernel, "gemv", lambda *a, **k: calls.append(sorted(k)) or gemv(*a, **k))
+    monkeypatch.setattr(kernel, "MIN_PROGRAMS", 2)  # wider column blocks: fewer programs for the CPU interpreter
+    monkeypatch.setenv("HYDRALM_DECODE_LINEAR", backend)
+    with torch.no_grad():
+        state, steps = model.init_state(ids.shape[0]), []
+        for t in range(ids.shape[1]):
+            logits, state = model.step(ids[:, t], state)
+            steps.append(logits)
+    return parallel, torch.stack(steps, 1), calls
+
+
 def test_decoding_with_the_gemv_gives_the_parallel_logits_and_training_never_takes_it(monkeypatch):
     """C1 with every block projection on the GEMV (counted), and a training forward + backward (autograd on, many
     rows) through F.linear with the switch set: the same loss and gradients as without it."""
     model = _model()
     ids = torch.randint(0, 50, (2, 6))  # the retrieval layer picks from token 4 on (chunks of 2)
-    with torch.no_grad():
-        parallel = model(ids)["logits"]
-    import hydralm.kernels.linear.triton_gemv as kernel
-
-    calls, gemv = [], kernel.gemv
-    monkeypatch.setattr(kernel, "gemv", lambda *a: calls.append(1) or gemv(*a))
-    monkeypatch.setattr(kernel, "MIN_PROGRAMS", 2)  # wider column blocks: fewer programs for the CPU interpreter
-    monkeypatch.setenv("HYDRALM_DECODE_LINEAR", "gemv")
-    with torch.no_grad():
-        state, steps = model.init_state(2), []
-        for t in range(ids.shape[1]):
-            logits, state = model.step(ids[:, t], state)
-            steps.append(logits)
-    assert (torch.stack(steps, 1) - parallel).abs().max() < 1e-4
+    parallel, stepped, calls = _parallel_and_counted_steps(model, ids, "gemv", monkeypatch)
+    assert (stepped - parallel).abs().max() < 1e-4
     assert len(calls) == 3 * 4 * ids.shape[1]  # 3 blocks x (mixer in, mixer out, MLP up, MLP down) per token
 
     model.train()
@@ -248,23 +255,11 @@ def test_decoding_with_the_folds_gives_the_parallel_logits(monkeypatch):
     verification) equals the steps; and a block's step compiles to one graph with the folded calls."""
     model = _model()
     ids = torch.randint(0, 50, (2, 6))
+    parallel, stepped, calls = _parallel_and_counted_steps(model, ids, "fused", monkeypatch)
+    assert (stepped - parallel).abs().max() < 1e-4
+    per_block = [["eps", "norm_weight"], ["residual", "swiglu"], ["eps", "norm_weight"], ["residual", "swiglu"]]
+    assert sorted(map(str, calls)) == sorted(map(str, per_block * 3 * ids.shape[1]))  # norm, residual: 2 each
     with torch.no_grad():
-        parallel = model(ids)["logits"]
-    import hydralm.kernels.linear.triton_gemv as kernel
-
-    calls, gemv = [], kernel.gemv
-    monkeypatch.setattr(kernel, "gemv", lambda *a, **k: calls.append(sorted(k)) or gemv(*a, **k))
-    monkeypatch.setattr(kernel, "MIN_PROGRAMS", 2)
-    monkeypatch.setenv("HYDRALM_DECODE_LINEAR", "fused")
-    with torch.no_grad():
-        state, steps = model.init_state(2), []
-        for t in range(ids.shape[1]):
-            logits, state = model.step(ids[:, t], state)
-            steps.append(logits)
-        stepped = torch.stack(steps, 1)
-        assert (stepped - parallel).abs().max() < 1e-4
-        per_block = [["eps", "norm_weight"], ["residual", "swiglu"], ["eps", "norm_weight"], ["residual", "swiglu"]]
-        assert sorted(map(str, calls)) == sorted(map(str, per_block * 3 * ids.shape[1]))  # norm, residual: 2 each
         many, _, _ = model.step_many(ids[:, :3], model.init_state(2))
         assert (many - stepped[:, :3]).abs().max() < 1e-5
         block, x_t = model.blocks[0], torch.randn(2, 32)
