@@ -196,10 +196,8 @@ class GatedDeltaNet(nn.Module):
             states.append(S)
         qkv = proj[..., : 3 * self.n_heads * self.head_dim]
         conv_inputs = torch.cat([state.conv.to(qkv.dtype), qkv], dim=1)  # as ShortConv.step_many keeps them
-        return io.project_out(self.out, torch.stack(outputs, dim=1)), {
-            "S": torch.stack(states, dim=1),
-            "conv": conv_inputs,
-        }
+        y = io.project_out(self.out, torch.stack(outputs, dim=1))
+        return y, {"S": torch.stack(states, dim=1), "conv": conv_inputs}
 
     def state_after(self, state: DeltaNetState, trail: Trail, kept: Counter) -> DeltaNetState:
         S = read_slot(trail["S"], 1, kept - 1)

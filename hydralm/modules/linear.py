@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.kernels.linear import decode_linear, folds_into_gemv
+from hydralm.modules.rmsnorm import RMSNorm
 
 
 class Linear(nn.Linear):
@@ -26,7 +27,7 @@ class BlockIO:
     (`folds_into_gemv`) the norm, SwiGLU's product and the add run inside the GEMV, rounding where the modules
     do (kernels/linear/triton_gemv.py); elsewhere the modules run as written."""
 
-    def __init__(self, norm: Optional[nn.Module] = None, residual: Optional[torch.Tensor] = None):
+    def __init__(self, norm: Optional[RMSNorm] = None, residual: Optional[torch.Tensor] = None):
         self.norm, self.residual = norm, residual
 
     def project_in(self, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
