@@ -96,34 +96,36 @@ if triton is not None:
             scores = tl.load(scores_ptr + bh * (P + S) + s_idx, mask=s_idx < P + S, other=float("-inf"))
             ids = tl.load(slot_ids + s_idx, mask=s_idx < P + S, other=0)
             big_id = tl.full([BLOCK_S], 2**62, dtype=tl.int64)
-            slot = BLOCK_S  # the part's pick: `part` picks are taken out first
-            found = False
+            # the part's pick: `part` picks are taken out first (scalar tensors, so the branches below agree on
+            # their types when compiled)
+            slot = tl.full([1], BLOCK_S, dtype=tl.int32).sum(0)
+            found = tl.zeros([1], dtype=tl.int32).sum(0)  # 0: fewer routable slots than picks, nothing to read
             for j in tl.static_range(TOP_K):
                 if j <= part:
                     best = tl.max(scores, 0)
                     tied = scores == best
                     chosen_id = tl.min(tl.where(tied, ids, big_id), 0)  # ties to the lowest chunk id
                     slot = tl.min(tl.where(tied & (ids == chosen_id), s_idx, BLOCK_S), 0)
-                    found = best > float("-inf")  # fewer routable slots than picks: this part reads nothing
+                    found = (best > float("-inf")).to(tl.int32)
                     scores = tl.where(s_idx == slot, float("-inf"), scores)
             # scalars broadcast to blocks before they meet a block (Triton's CPU interpreter mistypes the mix)
             if slot >= P:
-                rows = (r_c < C) & (r_c * 0 + found.to(tl.int32) > 0)
+                exact_rows = (r_c < C) & (r_c * 0 + found > 0)
                 m, denom, acc = _chunk_softmax(
-                    q, bank_k, bank_v, (kv * S + (slot - P)) * C, r_c, rows, scale_log2, d, dmask, D
+                    q, bank_k, bank_v, (kv * S + (slot - P)) * C, r_c, exact_rows, scale_log2, d, dmask, D
                 )
             else:
-                rows = (r_p < CP) & (r_p * 0 + found.to(tl.int32) > 0)
+                pool_rows = (r_p < CP) & (r_p * 0 + found > 0)
                 m, denom, acc = _chunk_softmax(
-                    q, pool_k, pool_v, (kv * P + slot) * CP, r_p, rows, scale_log2, d, dmask, D
+                    q, pool_k, pool_v, (kv * P + slot) * CP, r_p, pool_rows, scale_log2, d, dmask, D
                 )
         elif part == TOP_K:  # the previous chunk: bank slot (c - 1) % S, none before the first chunk
-            rows = (r_c < C) & (r_c * 0 + c > 0)
+            previous_rows = (r_c < C) & (r_c * 0 + c > 0)
             first = (kv * S + (c + S - 1) % S) * C
-            m, denom, acc = _chunk_softmax(q, bank_k, bank_v, first, r_c, rows, scale_log2, d, dmask, D)
+            m, denom, acc = _chunk_softmax(q, bank_k, bank_v, first, r_c, previous_rows, scale_log2, d, dmask, D)
         else:  # the chunk in progress, up to this token
-            rows = (r_c < C) & (r_c * 0 + filled >= r_c)
-            m, denom, acc = _chunk_softmax(q, buf_k, buf_v, kv * C, r_c, rows, scale_log2, d, dmask, D)
+            own_rows = (r_c < C) & (r_c * 0 + filled >= r_c)
+            m, denom, acc = _chunk_softmax(q, buf_k, buf_v, kv * C, r_c, own_rows, scale_log2, d, dmask, D)
         out = bh * (TOP_K + 2) + part
         tl.store(m_ptr + out, m)
         tl.store(denom_ptr + out, denom)
