@@ -489,12 +489,7 @@ def decode_batched(
     piece = int(os.environ.get("BENCH_STREAM_PIECE", "8192"))
     rows, engine, done, mtp = [], StreamingEngine(model, chunk_size=piece), 0, None
     stream_key = f"{subject}-memory" + ("" if piece == 8192 else f"-piece{piece}")
-    # opt-in decode paths measure under keys of their own, so the record keeps the default's figures beside them
-    opt_in = {
-        ("HYDRALM_DECODE_LINEAR", "fused"): "-folded",
-        ("HYDRALM_RETRIEVAL_DECODE", "triton"): "-retrieval-kernel",
-    }
-    variant = "".join(suffix for (name, value), suffix in opt_in.items() if os.environ.get(name) == value)
+    variant = decode_variant()
     if os.environ.get("BENCH_STREAM_COMPILE") == "1":  # the stream through torch.compile'd blocks (its own keys)
         model.compile_blocks()
         stream_key += "-compiled"
@@ -539,6 +534,18 @@ def decode_batched(
             record.write()
     _print_table("graph decode, tokens/s over all rows", rows, ["context", "batch", "ms_per_step", "tok_s", "setup_s"])
     return {"decode": rows, "mtp": mtp}
+
+
+# opt-in decode paths measure under keys of their own, so the record keeps the default's figures beside them
+DECODE_OPT_INS = {
+    ("HYDRALM_DECODE_LINEAR", "fused"): "-folded",
+    ("HYDRALM_RETRIEVAL_DECODE", "triton"): "-retrieval-kernel",
+}
+
+
+def decode_variant() -> str:
+    """The key suffix of the opt-in decode paths this process runs ('' for the defaults)."""
+    return "".join(suffix for (name, value), suffix in DECODE_OPT_INS.items() if os.environ.get(name) == value)
 
 
 def _mtp_speedup(model, kind: str, new_tokens: int, prompt, sync) -> dict:
