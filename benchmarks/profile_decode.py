@@ -13,6 +13,11 @@ memory on, as `speed decode` runs it) it prints
 `BENCH_COMPILE_MODE` (default reduce-overhead; max-autotune also graph-captures) is the compiled step's mode on
 a GPU.
 `d_model` narrows the preset (same layer schedule) so that the matmuls do not hide the host time on a CPU.
+
+`python -m benchmarks.profile_decode [preset] [context] [d_model] kernels` only compiles the StaticDecoder step
+(torch.compile, inductor) and prints how many kernels inductor generated for it: C++ kernels on a CPU, Triton
+kernels on a GPU. The count moves with the decode switches (HYDRALM_DECODE_LINEAR, HYDRALM_RETRIEVAL_DECODE) and
+needs no timing, so a CPU shows what a switch removes (with TRITON_INTERPRET=1 for the Triton paths).
 """
 
 import collections
@@ -140,5 +145,29 @@ def _aten_below(event) -> int:
     return count
 
 
+def count_compiled_kernels(preset: str = "160m", context: int = 2048, d_model: int = 96) -> int:
+    """Kernels inductor generates for one compiled StaticDecoder step after `context` random tokens (memory on)."""
+    from torch._inductor import metrics
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    overrides = {} if d_model <= 0 else {"d_model": d_model}
+    model = HydraLM(HydraConfig.from_preset(preset, memory=DECODE_MEMORY, **overrides)).to(device).eval()
+    if device == "cuda":
+        model = model.bfloat16()
+    engine = StreamingEngine(model, chunk_size=min(context, 4096))
+    with torch.no_grad():
+        engine.process(torch.randint(0, model.cfg.vocab_size, (1, context), device=device))
+        decoder = StaticDecoder(model, engine.state, compile=True)
+        metrics.reset()
+        decoder.step(torch.zeros(1, dtype=torch.long, device=device))  # compiles
+    count = metrics.generated_kernel_count
+    print(f"{model.cfg.summary()} on {device}: {count} kernels generated for the compiled decode step", flush=True)
+    return count
+
+
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "160m", *(int(a) for a in sys.argv[2:4]), "compile" in sys.argv[4:])
+    preset, numbers = (sys.argv[1] if len(sys.argv) > 1 else "160m"), [int(a) for a in sys.argv[2:4]]
+    if "kernels" in sys.argv[4:]:
+        count_compiled_kernels(preset, *numbers)
+    else:
+        main(preset, *numbers, "compile" in sys.argv[4:])
