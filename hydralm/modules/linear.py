@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hydralm.kernels.linear import decode_linear, folds_into_gemv
+from hydralm.kernels.linear import decode_linear, folds_into_gemv, triton_gemv
 from hydralm.modules.rmsnorm import RMSNorm
 
 
@@ -34,18 +34,14 @@ class BlockIO:
         if self.norm is None:
             return linear(x)
         if folds_into_gemv(x, linear.weight, linear.bias):
-            from hydralm.kernels.linear.triton_gemv import gemv
-
-            return gemv(x, linear.weight, norm_weight=self.norm.weight, eps=self.norm.eps)
+            return triton_gemv.gemv(x, linear.weight, norm_weight=self.norm.weight, eps=self.norm.eps)
         return linear(self.norm(x))
 
     def project_out(self, linear: nn.Linear, o: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         """swiglu: o is [gate | up] and the projection's input silu(gate) * up (SwiGLU's down projection)."""
         residual = self.residual
         if folds_into_gemv(o, linear.weight, linear.bias) and (residual is None or residual.dtype == o.dtype):
-            from hydralm.kernels.linear.triton_gemv import gemv
-
-            return gemv(o, linear.weight, residual=residual, swiglu=swiglu)
+            return triton_gemv.gemv(o, linear.weight, residual=residual, swiglu=swiglu)
         if swiglu:
             gate, up = o.chunk(2, dim=-1)
             o = F.silu(gate) * up
