@@ -563,6 +563,7 @@ def _check_folded_gemv(device: str, dtype: torch.dtype, tol: float) -> None:
     projection, SwiGLU's product and the residual around the down projection; 1 and 3 rows, each row of the
     3-row call bit-identical to its one-row call."""
     from hydralm.kernels.linear.triton_gemv import gemv
+    from hydralm.modules.rmsnorm import RMSNorm
 
     worst, differing_rows = 0.0, 0
     for (N, K), fold in (
@@ -579,9 +580,9 @@ def _check_folded_gemv(device: str, dtype: torch.dtype, tol: float) -> None:
             xd = x.double()
             if fold == "norm":
                 args = dict(norm_weight=norm_weight, eps=1e-5)
-                expected = F.linear(
-                    xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-5) * norm_weight.double(), weight.double()
-                )
+                norm = RMSNorm(K, eps=1e-5).to(device, torch.float64)
+                norm.weight.data.copy_(norm_weight)
+                expected = F.linear(norm.reference(xd), weight.double())
             elif fold == "residual":
                 args = dict(residual=residual)
                 expected = residual.double() + F.linear(xd, weight.double())

@@ -38,11 +38,8 @@ from hydralm.static_decode import StaticDecoder
 def main(preset: str = "160m", context: int = 8192, d_model: int = 96, compile_static: bool = False) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    overrides = {} if d_model <= 0 else {"d_model": d_model}
-    cfg = HydraConfig.from_preset(preset, memory=DECODE_MEMORY, **overrides)
-    model = HydraLM(cfg).to(device).eval()
-    if device == "cuda":
-        model = model.bfloat16()  # as `speed decode_batched` decodes
+    model = _decode_model(preset, d_model, device)
+    cfg = model.cfg
     engine = StreamingEngine(model, chunk_size=min(context, 4096))
     batch = int(os.environ.get("BENCH_DECODE_BATCH", "1"))  # rows decoded together
     token = torch.zeros(batch, dtype=torch.long, device=device)
@@ -145,15 +142,20 @@ def _aten_below(event) -> int:
     return count
 
 
+def _decode_model(preset: str, d_model: int, device: str) -> HydraLM:
+    """The preset with compressive memory (as `speed decode` runs it), narrowed to d_model when > 0; bf16 on a GPU,
+    as `speed decode_batched` decodes."""
+    overrides = {} if d_model <= 0 else {"d_model": d_model}
+    model = HydraLM(HydraConfig.from_preset(preset, memory=DECODE_MEMORY, **overrides)).to(device).eval()
+    return model.bfloat16() if device == "cuda" else model
+
+
 def count_compiled_kernels(preset: str = "160m", context: int = 2048, d_model: int = 96) -> int:
     """Kernels inductor generates for one compiled StaticDecoder step after `context` random tokens (memory on)."""
     from torch._inductor import metrics
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    overrides = {} if d_model <= 0 else {"d_model": d_model}
-    model = HydraLM(HydraConfig.from_preset(preset, memory=DECODE_MEMORY, **overrides)).to(device).eval()
-    if device == "cuda":
-        model = model.bfloat16()
+    model = _decode_model(preset, d_model, device)
     engine = StreamingEngine(model, chunk_size=min(context, 4096))
     with torch.no_grad():
         engine.process(torch.randint(0, model.cfg.vocab_size, (1, context), device=device))
