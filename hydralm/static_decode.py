@@ -44,6 +44,8 @@ class StaticDecoder:
         self.model = model
         device = model.embed.weight.device
         self.state: DecodeState = [layer.with_device_counters(device) for layer in state]
+        for layer in self.state:
+            layer.in_place = True  # the decoder's own buffers: a step may update them in place (LayerState)
         self.batch_size = self.state[0].batch_size
         self.compile, self.compile_mode = compile, compile_mode
         self.kept = torch.zeros((), dtype=torch.long, device=device)  # commit's count, a device counter

@@ -153,18 +153,27 @@ class GatedDeltaNet(nn.Module):
         return self._output(o.to(x_t.dtype), gate, fla=False, io=io), DeltaNetState(S=S, conv=conv_cache)
 
     def _step_fused(self, x_t: torch.Tensor, state: DeltaNetState, io: BlockIO) -> Tuple[torch.Tensor, DeltaNetState]:
-        """``step`` with everything between the two projections in one Triton kernel (HYDRALM_DECODE=fused)."""
-        o, S, conv = self._fused_kernel(io.project_in(self.in_proj, x_t), state.conv, state.S, x_t.dtype)
+        """``step`` with everything between the two projections in one Triton kernel (HYDRALM_DECODE=fused); on a
+        StaticDecoder's buffers (``state.in_place``) the kernel writes the new S and conv cache over the old ones."""
+        proj = io.project_in(self.in_proj, x_t)
+        if state.in_place and state.conv.dtype == proj.dtype:
+            from hydralm.kernels.delta_rule.triton_decode import gated_deltanet_step_fused_
+
+            o = gated_deltanet_step_fused_(proj, state.conv, *self._fused_args(state.S, x_t.dtype))
+            return io.project_out(self.out, o), DeltaNetState(S=state.S, conv=state.conv)
+        o, S, conv = self._fused_kernel(proj, state.conv, state.S, x_t.dtype)
         return io.project_out(self.out, o), DeltaNetState(S=S, conv=conv)
 
     def _fused_kernel(self, proj_t: torch.Tensor, cache: torch.Tensor, S: torch.Tensor, dtype: torch.dtype):
         """One token's input projection output -> (o for the output projection, new S, new conv cache)."""
         from hydralm.kernels.delta_rule.triton_decode import gated_deltanet_step_fused
 
-        return gated_deltanet_step_fused(
-            proj_t, cache, self.conv.weight, self.A_log, self.dt_bias, S, self.out_norm.weight, self.n_heads,
-            self.head_dim, self.out_norm.eps, self.norm_qk, self.use_gate, out_dtype=dtype,
-        )  # fmt: skip
+        return gated_deltanet_step_fused(proj_t, cache, *self._fused_args(S, dtype))
+
+    def _fused_args(self, S: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """The fused step kernel's arguments after (proj, cache)."""
+        return (self.conv.weight, self.A_log, self.dt_bias, S, self.out_norm.weight, self.n_heads, self.head_dim,
+                self.out_norm.eps, self.norm_qk, self.use_gate, dtype)  # fmt: skip
 
     def step_many(self, x: torch.Tensor, state: DeltaNetState, io: BlockIO = PLAIN_IO) -> Tuple[torch.Tensor, Trail]:
         """x (B, T, d_model) -> (y (B, T, d_model), trail): T steps with one pass over the projections. The

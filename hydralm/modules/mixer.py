@@ -52,6 +52,10 @@ class LayerState:
 
     COUNTERS: ClassVar[Tuple[str, ...]] = ()
     FP32_FIELDS: ClassVar[Tuple[str, ...]] = ()
+    # True on the buffers a StaticDecoder owns (no one keeps their old values): a layer's ``step`` may then write
+    # its new state into them, where it would otherwise return new tensors that the decoder copies back. Not a
+    # field: copies, clones and the states a step returns are values again.
+    in_place = False
 
     # -- fields --------------------------------------------------------------------------------------
     def tensors(self) -> Dict[str, torch.Tensor]:

@@ -11,7 +11,10 @@ between the input projection's output and the output projection's input is one p
     o = D^-1/2 q^T S, rounded to the projection's dtype, then RMSNorm * weight (* SiLU(gate))
 
 Same formulas and order as the PyTorch step (the test oracle, tests/test_gdn_decode_fused.py). The new state and
-conv cache are new tensors: callers that keep the old state (speculative rollback) still can.
+conv cache are new tensors, so callers that keep the old state (speculative rollback) still can; or, in
+``gated_deltanet_step_fused_``, written over the old ones in place (a StaticDecoder's own buffers: no copy back).
+Each program reads its (D, D) state tile and its conv channels before it writes them, and no other program
+touches them, so the in-place form computes the same values.
 """
 
 from typing import Tuple
@@ -108,10 +111,44 @@ def gated_deltanet_step_fused(
     the delta-rule output to it before the norm). Returns (o (B, H D) for the output projection, new S, new
     cache), all new tensors. A custom op: torch.compile(fullgraph=True) (the StaticDecoder's graphs) keeps it as
     one opaque call."""
+    proj, cache, S = proj.contiguous(), cache.contiguous(), S.contiguous()
+    out, S_out, cache_out = _outputs(proj, S, n_heads, head_dim, conv_weight.shape[-1], out_dtype)
+    _launch(proj, cache, conv_weight, A_log, dt_bias, S, norm_weight, out, S_out, cache_out, n_heads, head_dim,
+            norm_eps, norm_qk, use_gate)  # fmt: skip
+    return out, S_out, cache_out
+
+
+@torch.library.custom_op("hydralm::gated_deltanet_step_", mutates_args=("cache", "S"))
+def gated_deltanet_step_fused_(
+    proj: torch.Tensor,
+    cache: torch.Tensor,
+    conv_weight: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    S: torch.Tensor,
+    norm_weight: torch.Tensor,
+    n_heads: int,
+    head_dim: int,
+    norm_eps: float,
+    norm_qk: bool,
+    use_gate: bool,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``gated_deltanet_step_fused`` writing the new S and conv cache over `S` and `cache` (contiguous) in place;
+    returns o."""
+    if not (cache.is_contiguous() and S.is_contiguous()):
+        raise ValueError("gated_deltanet_step_fused_ updates S and cache in place: both must be contiguous")
+    proj = proj.contiguous()
+    out = _outputs(proj, S, n_heads, head_dim, conv_weight.shape[-1], out_dtype)[0]
+    _launch(proj, cache, conv_weight, A_log, dt_bias, S, norm_weight, out, S, cache, n_heads, head_dim, norm_eps,
+            norm_qk, use_gate)  # fmt: skip
+    return out
+
+
+def _launch(proj, cache, conv_weight, A_log, dt_bias, S, norm_weight, out, S_out, cache_out, n_heads, head_dim,
+            norm_eps, norm_qk, use_gate):  # fmt: skip
     B, H, D = proj.shape[0], n_heads, head_dim
     K = conv_weight.shape[-1]
-    proj, cache, S = proj.contiguous(), cache.contiguous(), S.contiguous()
-    out, S_out, cache_out = _outputs(proj, S, n_heads, head_dim, K, out_dtype)
     _gdn_step_kernel[(B, H)](
         proj, cache, conv_weight.reshape(3 * H * D, K).contiguous(), A_log, dt_bias, S, norm_weight,
         out, S_out, cache_out,
@@ -119,7 +156,6 @@ def gated_deltanet_step_fused(
         H, D, norm_eps, D**-0.5,
         K=K, BLOCK_D=triton.next_power_of_2(D), NORM_QK=norm_qk, USE_GATE=use_gate,
     )  # fmt: skip
-    return out, S_out, cache_out
 
 
 def _outputs(proj, S, n_heads, head_dim, K, out_dtype):
@@ -133,3 +169,9 @@ def _outputs(proj, S, n_heads, head_dim, K, out_dtype):
 def _(proj, cache, conv_weight, A_log, dt_bias, S, norm_weight, n_heads, head_dim, norm_eps, norm_qk, use_gate,
       out_dtype):  # fmt: skip
     return _outputs(proj, S, n_heads, head_dim, conv_weight.shape[-1], out_dtype)
+
+
+@gated_deltanet_step_fused_.register_fake
+def _(proj, cache, conv_weight, A_log, dt_bias, S, norm_weight, n_heads, head_dim, norm_eps, norm_qk, use_gate,
+      out_dtype):  # fmt: skip
+    return _outputs(proj, S, n_heads, head_dim, conv_weight.shape[-1], out_dtype)[0]
