@@ -192,3 +192,60 @@ def test_model_verification_with_the_fused_multi_token_step(monkeypatch):
     for layer in (0, 2):
         assert _rel(results["fused"][1][layer].S, results["torch"][1][layer].S) < 1e-5
     assert len(calls) == 2 * ids.shape[1]  # both DeltaNet layers, every token, only in the fused run
+
+
+@pytest.mark.parametrize("use_gate, kernel", [(True, 4), (False, 2), (True, 1)])
+def test_in_place_step_equals_the_functional_one(use_gate, kernel, monkeypatch):
+    """On a state marked in_place (a StaticDecoder's buffers) the fused step writes the new S and conv cache into
+    the given tensors: the same bits as the functional step's new tensors, at the same addresses."""
+    torch.manual_seed(8)
+    layer = _layer(2, 16, use_gate=use_gate, kernel=kernel)
+    state = _state(layer, B=2)
+    owned = state.clone()
+    owned.in_place = True
+    xs = torch.randn(3, 2, 40)
+    with torch.no_grad():
+        y_ref, s_ref = _steps(layer, xs, state, "fused", monkeypatch)
+        addresses = (owned.S.data_ptr(), owned.conv.data_ptr())
+        ys = []
+        for x_t in xs:
+            y, new = layer.step(x_t, owned)
+            assert new.S is owned.S and new.conv is owned.conv
+            ys.append(y)
+    assert torch.equal(torch.stack(ys), y_ref)
+    assert torch.equal(owned.S, s_ref.S) and torch.equal(owned.conv, s_ref.conv)
+    assert (owned.S.data_ptr(), owned.conv.data_ptr()) == addresses
+
+
+def test_static_decoder_steps_update_its_buffers_in_place(monkeypatch):
+    """A StaticDecoder's DeltaNet buffers advance in place and stay equal to model.step's states; the comparison
+    fails when the in-place kernel drops its writes (sabotage)."""
+    import hydralm.kernels.delta_rule.triton_decode as fused
+    from hydralm.static_decode import StaticDecoder
+
+    torch.manual_seed(9)
+    model = _two_deltanet_model()
+    monkeypatch.setenv("HYDRALM_DECODE", "fused")
+    ids = torch.randint(0, 50, (4, 2))
+
+    def decode(decoder, state):
+        for t in range(ids.shape[0]):
+            logits, state = model.step(ids[t], state)
+            assert (decoder.step(ids[t]) - logits).abs().max() < 1e-5
+        return state
+
+    with torch.no_grad():
+        state = model(torch.randint(0, 50, (2, 5)), return_state=True)["state"]
+        decoder = StaticDecoder(model, state)
+        address = decoder.state[0].S.data_ptr()
+        state = decode(decoder, state)
+        assert decoder.state[0].S.data_ptr() == address
+        assert torch.equal(decoder.state[0].S, state[0].S) and torch.equal(decoder.state[2].conv, state[2].conv)
+        kernel = fused.gated_deltanet_step_fused_
+
+        def dropped_writes(proj, cache, conv_weight, A_log, dt_bias, S, *rest):  # the kernel writes into copies
+            return kernel(proj, cache.clone(), conv_weight, A_log, dt_bias, S.clone(), *rest)
+
+        monkeypatch.setattr(fused, "gated_deltanet_step_fused_", dropped_writes)
+        with pytest.raises(AssertionError):
+            decode(StaticDecoder(model, state), state)
