@@ -245,7 +245,7 @@ class HydraLM(nn.Module):
         for block, layer_state in zip(self._blocks(), state):
             x, layer_state = block.step(x, layer_state)
             new_state.append(layer_state)
-        return self.lm_head(self.norm(x)), new_state, x
+        return self._decode_head(x), new_state, x
 
     def step_many(
         self, input_ids: torch.Tensor, state: Optional[DecodeState] = None
@@ -272,7 +272,7 @@ class HydraLM(nn.Module):
         for block, layer_state in zip(self._blocks(), state):
             x, trail = block.step_many(x, layer_state)
             trails.append(trail)
-        return self.lm_head(self.norm(x)), DecodeTrail(input_ids.shape[1], trails), x
+        return self._decode_head(x), DecodeTrail(input_ids.shape[1], trails), x
 
     def state_after(self, state: DecodeState, trail: DecodeTrail, kept: Counter) -> DecodeState:
         """The state after the first `kept` (1 .. T) tokens of the ``step_many`` / ``decode_many`` call that left
@@ -306,6 +306,11 @@ class HydraLM(nn.Module):
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h)
+
+    def _decode_head(self, x: torch.Tensor) -> torch.Tensor:
+        """lm_head(norm(x)) in decode steps: one GEMV with the final norm folded in where the decode projections
+        fold theirs (HYDRALM_DECODE_LINEAR=fused, hydralm/modules/linear.py), else the two modules."""
+        return BlockIO(self.norm).project_in(self.lm_head, x)
 
     def _blocks(self) -> Iterator[Block]:
         """The residual blocks, typed (iterating an nn.ModuleList yields plain Modules)."""

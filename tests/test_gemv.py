@@ -250,15 +250,16 @@ def test_folded_inputs_that_do_not_fit_get_one_clear_error():
 
 
 def test_decoding_with_the_folds_gives_the_parallel_logits(monkeypatch):
-    """C1 with HYDRALM_DECODE_LINEAR=fused: every block projection of a step is one GEMV with its norm, product or
-    residual folded in (counted), the logits within 1e-4 of the parallel forward; step_many (speculative
+    """C1 with HYDRALM_DECODE_LINEAR=fused: every block projection of a step, and the LM head, is one GEMV with its
+    norm, product or residual folded in (counted), the logits within 1e-4 of the parallel forward; step_many (speculative
     verification) equals the steps; and a block's step compiles to one graph with the folded calls."""
     model = _model()
     ids = torch.randint(0, 50, (2, 6))
     parallel, stepped, calls = _parallel_and_counted_steps(model, ids, "fused", monkeypatch)
     assert (stepped - parallel).abs().max() < 1e-4
     per_block = [["eps", "norm_weight"], ["residual", "swiglu"], ["eps", "norm_weight"], ["residual", "swiglu"]]
-    assert sorted(map(str, calls)) == sorted(map(str, per_block * 3 * ids.shape[1]))  # norm, residual: 2 each
+    head = [["eps", "norm_weight"]]  # the final norm folded into the LM head
+    assert sorted(map(str, calls)) == sorted(map(str, (per_block * 3 + head) * ids.shape[1]))
     with torch.no_grad():
         many, _, _ = model.step_many(ids[:, :3], model.init_state(2))
         assert (many - stepped[:, :3]).abs().max() < 1e-5
