@@ -846,7 +846,7 @@ def check_spec_decode(device: str) -> None:
         _record("StaticDecoder verify graph logits vs decode steps (max abs / max |logit|)", worst / scale, 1e-4)
         _record("StaticDecoder commit graph state vs decode steps (max abs)", state_gap, 1e-4)
         hidden, token = out["hidden"][:, -1], out["logits"][:, -1].argmax(-1)
-        eager = model.mtp.draft_step(1, hidden, token, model.embed, model._head)[1]
+        eager = model.mtp.draft_step(1, hidden, token, model.embed, model.lm_head)[1]
         gap = float((decoder.mtp_step(1, hidden, token)[1] - eager).abs().max())
         _record("StaticDecoder mtp_step graph vs MTPHead.draft_step (max abs)", gap, 1e-4)
     prompt = torch.randint(0, 256, (1, 50), generator=gen).to(device)

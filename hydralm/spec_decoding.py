@@ -250,7 +250,7 @@ class MTPDrafter:
         self.step = step if step is not None else self._eager_step
 
     def _eager_step(self, depth: int, hidden: torch.Tensor, token: torch.Tensor):
-        return self.model.mtp.draft_step(depth, hidden, token, self.model.embed, self.model._head)
+        return self.model.mtp.draft_step(depth, hidden, token, self.model.embed, self.model.lm_head)
 
     def start(self, first_token: torch.Tensor, hidden: torch.Tensor) -> None:
         self.hidden = hidden

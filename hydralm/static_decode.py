@@ -143,7 +143,7 @@ class StaticDecoder:
         return hidden.clone(), logits.clone()
 
     def _mtp_step(self, depth: int, hidden: torch.Tensor, token: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        return self.model.mtp.draft_step(depth, hidden, token, self.model.embed, self.model._head)
+        return self.model.mtp.draft_step(depth, hidden, token, self.model.embed, self.model.lm_head)
 
     @torch.no_grad()
     def greedy_round(
@@ -171,7 +171,7 @@ class StaticDecoder:
         model = self.model
         h, token, drafts = hidden, pending, []
         for depth in range(1, k + 1):
-            h, logits = model.mtp.draft_step(depth, h, token, model.embed, model._head)
+            h, logits = model.mtp.draft_step(depth, h, token, model.embed, model.lm_head)
             token = logits.argmax(-1)
             drafts.append(token)
         drafted = torch.cat(drafts)  # (k,)

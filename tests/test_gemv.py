@@ -251,8 +251,8 @@ def test_folded_inputs_that_do_not_fit_get_one_clear_error():
 
 def test_decoding_with_the_folds_gives_the_parallel_logits(monkeypatch):
     """C1 with HYDRALM_DECODE_LINEAR=fused: every block projection of a step, and the LM head, is one GEMV with its
-    norm, product or residual folded in (counted), the logits within 1e-4 of the parallel forward; step_many (speculative
-    verification) equals the steps; and a block's step compiles to one graph with the folded calls."""
+    norm, product or residual folded in (counted), the logits within 1e-4 of the parallel forward; step_many
+    (speculative verification) equals the steps; and a block's step compiles to one graph with the folded calls."""
     model = _model()
     ids = torch.randint(0, 50, (2, 6))
     parallel, stepped, calls = _parallel_and_counted_steps(model, ids, "fused", monkeypatch)

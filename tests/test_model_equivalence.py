@@ -101,8 +101,8 @@ def test_c1_mtp_drafts_from_decode_state_match_parallel_mtp_logits():
         state = None
         for t in range(ids.shape[1] - 2):
             _, state, hidden = model.step_hidden(ids[:, t], state)
-            h1, logits1 = model.mtp.draft_step(1, hidden, ids[:, t + 1], model.embed, model._head)
-            _, logits2 = model.mtp.draft_step(2, h1, ids[:, t + 2], model.embed, model._head)
+            h1, logits1 = model.mtp.draft_step(1, hidden, ids[:, t + 1], model.embed, model.lm_head)
+            _, logits2 = model.mtp.draft_step(2, h1, ids[:, t + 2], model.embed, model.lm_head)
             assert (logits1 - out["mtp_logits"][0][:, t]).abs().max() < TOLERANCE
             assert (logits2 - out["mtp_logits"][1][:, t]).abs().max() < TOLERANCE
 

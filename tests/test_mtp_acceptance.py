@@ -92,7 +92,7 @@ def test_teacher_forced_acceptance_lines_each_module_up_with_the_position_it_dra
             for depth in (1, 2):
                 if t + depth >= 11:  # the target token t + depth + 1 is past the text
                     break
-                h, draft = model.mtp.draft_step(depth, h, ids[0, t + depth : t + depth + 1], model.embed, model._head)
+                h, draft = model.mtp.draft_step(depth, h, ids[0, t + depth : t + depth + 1], model.embed, model.lm_head)
                 expected[depth - 1] += int(draft.argmax(-1) == logits[t + depth].argmax(-1))
     assert counts == [10, 9] and greedy == expected
 

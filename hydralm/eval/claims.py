@@ -269,7 +269,7 @@ def c1_max_diff(model: HydraLM, ids: torch.Tensor, splits: List[int]) -> Dict[st
             logits, state, hidden = model.step_hidden(ids[:, t], state)
             steps.append(logits)
             if mtp and t + 1 < N:
-                drafts.append(model.mtp.draft_step(1, hidden, ids[:, t + 1], model.embed, model._head)[1])
+                drafts.append(model.mtp.draft_step(1, hidden, ids[:, t + 1], model.embed, model.lm_head)[1])
     diffs = [
         (parallel["logits"] - torch.cat(pieces, 1)).abs().max(),
         (parallel["logits"] - torch.stack(steps, 1)).abs().max(),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hydralm.kernels.cross_entropy import linear_cross_entropy
-from hydralm.modules.linear import Linear
+from hydralm.modules.linear import BlockIO, Linear
 from hydralm.modules.rmsnorm import RMSNorm
 
 
@@ -58,13 +58,14 @@ class MTPHead(nn.Module):
         return features
 
     def draft_step(
-        self, k: int, hidden: torch.Tensor, token: torch.Tensor, embed: nn.Embedding, lm_head: Callable
+        self, k: int, hidden: torch.Tensor, token: torch.Tensor, embed: nn.Embedding, lm_head: nn.Linear
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decode form of module k (1-based): hidden (B, d) = h^{k-1} at the last position, token (B,) the
-        token k ahead of it. Returns (h^k, logits (B, V) for the token k + 1 ahead)."""
+        token k ahead of it. Returns (h^k, logits (B, V) for the token k + 1 ahead): lm_head(out_norm(h^k)), one
+        GEMV with the norm folded in where decode projections fold (hydralm/modules/linear.py)."""
         layer = self.layers[k - 1]
         h = layer(hidden, embed(token))
-        return h, lm_head(layer.out_norm(h))
+        return h, BlockIO(layer.out_norm).project_in(lm_head, h)
 
 
 def mtp_loss(mtp_logits: List[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
