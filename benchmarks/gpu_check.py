@@ -4,15 +4,16 @@ Each fast path is compared with the reference kernel on fresh random inputs, out
 the table says PASS/FAIL against the tolerance printed next to it. Run it on every new GPU stack before
 trusting `auto` (hydralm/kernels/backend.py). Sections:
 `python -m benchmarks.gpu_check [delta_rule] [qk_norm] [state_pass] [fla] [flex] [static_decode] [decode_fused]
-[decode_linear] [spec_decode] [retrieval] [retrieval_stream] [exactness] [gdn_block] [cross_entropy] [rmsnorm]
-[swiglu] [rotary] [short_conv]`
+[retrieval_decode] [swa_decode] [decode_linear] [spec_decode] [retrieval] [retrieval_stream] [exactness] [gdn_block]
+[cross_entropy] [rmsnorm] [swiglu] [rotary] [short_conv]`
 (GPU_CHECK_DELTANET=fused,triton limits the delta_rule section to those backends, GPU_CHECK_DELTANET_SHAPES=0,2
 to those of its three shapes; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
 decoder on the fused Gated DeltaNet step, HYDRALM_DECODE_LINEAR=gemv on the decode GEMV (=fused: with the
 blocks' norms, SwiGLU products and residual adds folded into it),
 HYDRALM_DECODE_MANY=fused spec_decode's verification on the fused multi-token step, HYDRALM_STREAM_ROUTING=triton
-retrieval_stream's and exactness's calls with a state on the ranged Triton router: each of these is the CUDA
+retrieval_stream's and exactness's calls with a state on the ranged Triton router, HYDRALM_RETRIEVAL_DECODE=triton
+and HYDRALM_SWA_DECODE=triton static_decode's decoder on the retrieval and SWA step kernels: each of these is the CUDA
 default once its check has passed, and naming it checks that path even where `auto` would not pick it).
 """
 
@@ -453,12 +454,13 @@ def check_static_decode(device: str) -> None:
     """StaticDecoder eager and as a CUDA graph (compile_mode="reduce-overhead") vs model.step, fp32, 150 steps
     through chunk completion, compression, eviction and the SWA ring's wrap. The decoder runs on the switches
     given (HYDRALM_DECODE=fused: the fused Gated DeltaNet step; HYDRALM_RETRIEVAL_DECODE=triton: the retrieval
-    step's kernel); model.step, the reference, on the PyTorch steps."""
+    step's kernel; HYDRALM_SWA_DECODE=triton: the SWA step's); model.step, the reference, on the PyTorch steps."""
     from hydralm import StaticDecoder
     from hydralm.state import clone_state
 
     torch.backends.cuda.matmul.allow_tf32 = False
     decode, retrieval = os.environ.get("HYDRALM_DECODE"), os.environ.get("HYDRALM_RETRIEVAL_DECODE")
+    swa = os.environ.get("HYDRALM_SWA_DECODE")
     model = _decode_model(device)
     out = model(torch.randint(0, 256, (2, 40), device=device), return_state=True)
     for name, kwargs in (("eager", {}), ("CUDA graph", dict(compile=True, compile_mode="reduce-overhead"))):
@@ -466,12 +468,15 @@ def check_static_decode(device: str) -> None:
         token, worst, scale = out["logits"][:, -1].argmax(-1), 0.0, 0.0
         for _ in range(150):
             with _env("HYDRALM_DECODE", "torch"), _env("HYDRALM_RETRIEVAL_DECODE", "torch"):
-                expected, state = model.step(token, state)
+                with _env("HYDRALM_SWA_DECODE", "torch"):
+                    expected, state = model.step(token, state)
             with _env("HYDRALM_DECODE", decode), _env("HYDRALM_RETRIEVAL_DECODE", retrieval):
-                got = decoder.step(token)
+                with _env("HYDRALM_SWA_DECODE", swa):
+                    got = decoder.step(token)
             worst, scale = max(worst, float((got - expected).abs().max())), max(scale, float(expected.abs().max()))
             token = expected.argmax(-1)
         parts = (("fused GDN step", decode == "fused"), ("retrieval kernel", retrieval == "triton"))
+        parts += (("SWA kernel", swa == "triton"),)
         kernels = ", ".join(part for part, on in parts if on)
         label = f"StaticDecoder {name}{f' ({kernels})' if kernels else ''} logits vs model.step"
         _record(f"{label} (max abs / max |logit|)", worst / scale, 1e-4)
@@ -531,6 +536,34 @@ def check_retrieval_decode(device: str) -> None:
             logits[backend] = torch.stack(steps)
         _record(f"retrieval step kernel vs PyTorch step, {str(dtype)[6:]} 64 tokens: logits",
                 _rel(logits["triton"], logits["torch"]), tol)  # fmt: skip
+
+
+@torch.no_grad()
+def check_swa_decode(device: str) -> None:
+    """The sliding-window decode step's kernel (HYDRALM_SWA_DECODE=triton) vs the PyTorch step: one 160m-sized SWA
+    layer (d 768, H 12 on 12 key heads as the preset, and on 4 for GQA; window 512), batch 4, 64 steps after a
+    480-token read (the ring fills at the 32nd step, then wraps), fp32 (IEEE matmuls) and bf16 logits."""
+    from hydralm import HydraConfig, HydraLM
+    from hydralm.state import clone_state
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    for kv_heads in (12, 4):
+        fields = dict(n_layers=1, layer_types=["swa"], vocab_size=256, swa_window=512)
+        cfg = HydraConfig(d_model=768, n_heads=12, n_kv_heads=kv_heads, **fields)
+        for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            model = HydraLM(cfg).to(device, dtype).eval()
+            ids = torch.randint(0, 256, (4, 544), device=device)
+            start = model(ids[:, :480], return_state=True)["state"]
+            logits = {}
+            for backend in ("torch", "triton"):
+                with _env("HYDRALM_SWA_DECODE", backend):
+                    state, steps = clone_state(start), []
+                    for t in range(480, ids.shape[1]):
+                        out, state = model.step(ids[:, t], state)
+                        steps.append(out)
+                logits[backend] = torch.stack(steps)
+            _record(f"SWA step kernel vs PyTorch step, H 12/{kv_heads}, {str(dtype)[6:]} 64 tokens: logits",
+                    _rel(logits["triton"], logits["torch"]), tol)  # fmt: skip
 
 
 @torch.no_grad()
@@ -923,6 +956,7 @@ def main() -> int:
         "static_decode",
         "decode_fused",
         "retrieval_decode",
+        "swa_decode",
         "decode_linear",
         "spec_decode",
         "retrieval",
@@ -944,6 +978,7 @@ def main() -> int:
         "static_decode": check_static_decode,
         "decode_fused": check_decode_fused,
         "retrieval_decode": check_retrieval_decode,
+        "swa_decode": check_swa_decode,
         "decode_linear": check_decode_linear,
         "spec_decode": check_spec_decode,
         "retrieval": check_retrieval,

@@ -40,6 +40,7 @@ def _gemv(fold: str):
 
 def _retrieval_decode():
     """At the 160m layer's shapes: 576 held slots (512 pooled chunks of 8 keys, 64 exact of 64), top-8, D 64."""
+    from hydralm.kernels.attention import triton_decode_parts as parts
     from hydralm.kernels.retrieval import triton_decode as kernels
 
     bf16, fp32 = "*bf16", "*fp32"
@@ -52,8 +53,24 @@ def _retrieval_decode():
                  dict(q_ptr=bf16, **rings, scores_ptr=fp32, slot_ids="*i64", pos_ptr="*i64", m_ptr=fp32,
                       denom_ptr=fp32, acc_ptr=fp32, scale_log2="fp32"),
                  dict(C=64, CP=8, TOP_K=8, BLOCK_S=1024, BC=64, BCP=8, BD=64)),
-        _compile(kernels._combine_parts_kernel, dict(m_ptr=fp32, denom_ptr=fp32, acc_ptr=fp32, out_ptr=bf16),
+        _compile(parts._combine_parts_kernel, dict(m_ptr=fp32, denom_ptr=fp32, acc_ptr=fp32, out_ptr=bf16),
                  dict(PARTS=10, BP=16, BD=64)),
+    ]  # fmt: skip
+
+
+def _swa_decode():
+    """At the 160m layer's shapes: a ring of 512 slots (8 blocks of 64), D 64."""
+    from hydralm.kernels.attention import triton_decode as kernels
+    from hydralm.kernels.attention import triton_decode_parts as parts
+
+    bf16, fp32 = "*bf16", "*fp32"
+    return [
+        _compile(kernels._window_part_kernel,
+                 dict(q_ptr=bf16, ring_k=bf16, ring_v=bf16, pos_ptr="*i64", m_ptr=fp32, denom_ptr=fp32, acc_ptr=fp32,
+                      scale_log2="fp32"),
+                 dict(BLOCK=kernels.SLOT_BLOCK, BD=64)),
+        _compile(parts._combine_parts_kernel, dict(m_ptr=fp32, denom_ptr=fp32, acc_ptr=fp32, out_ptr=bf16),
+                 dict(PARTS=512 // kernels.SLOT_BLOCK, BP=8, BD=64)),
     ]  # fmt: skip
 
 
@@ -78,6 +95,7 @@ CASES = {
     "gemv+SWIGLU+RESIDUAL": lambda: _gemv("SWIGLU+RESIDUAL"),
     "gemv+RESIDUAL": lambda: _gemv("RESIDUAL"),
     "retrieval_decode": _retrieval_decode,
+    "swa_decode": _swa_decode,
     "mismatched_branches": _mismatched_branches,
 }
 

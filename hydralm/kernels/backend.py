@@ -106,6 +106,14 @@ HYDRALM_RETRIEVAL_DECODE = auto | torch | triton
     tok/s at batch 1; one program per (row, head) was latency-bound, docs/inference.md); the split version has
     not run on a GPU yet.
 
+HYDRALM_SWA_DECODE = auto | torch | triton
+    The attention of the one-token step of sliding-window layers (after the ring write). triton: two Triton
+    kernels that read the ring in place, each query head its key head by index (kernels/attention/triton_decode.py:
+    one program per (row, head, block of 64 slots), a merge by log-sum-exp), instead of repeat_kv's copies of the
+    ring, the mask of the written slots and SDPA on one query; fp32 / bf16 / fp16 only. auto = torch everywhere
+    until `HYDRALM_SWA_DECODE=triton python -m benchmarks.gpu_check swa_decode` has passed: it has not run on a
+    GPU yet.
+
 HYDRALM_DECODE_LINEAR = auto | torch | gemv | fused
     The matmuls of a decode step (bias-free projections called without autograd on at most 16 rows): gemv runs
     them as one Triton kernel that streams each weight once over many programs (kernels/linear/triton_gemv.py)
@@ -196,6 +204,7 @@ DECODE_CHOICES = ("auto", "torch", "fused")
 DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv", "fused")
 DECODE_MANY_CHOICES = ("auto", "torch", "fused")
 RETRIEVAL_DECODE_CHOICES = ("auto", "torch", "triton")
+SWA_DECODE_CHOICES = ("auto", "torch", "triton")
 STREAM_ROUTING_CHOICES = ("auto", "torch", "triton")
 GDN_MODULES_CHOICES = ("auto", "torch", "fla")
 SHORT_CONV_CHOICES = ("auto", "torch", "fla", "triton")
@@ -357,6 +366,14 @@ def retrieval_decode_backend(is_cuda: bool) -> str:
     if _choice("HYDRALM_RETRIEVAL_DECODE", RETRIEVAL_DECODE_CHOICES) != "triton":
         return "torch"
     _require_triton("HYDRALM_RETRIEVAL_DECODE", "triton", is_cuda, "the PyTorch step")
+    return "triton"
+
+
+def swa_decode_backend(is_cuda: bool) -> str:
+    """'triton' when asked by name, else 'torch' (auto: its GPU check has not run yet; module docstring)."""
+    if _choice("HYDRALM_SWA_DECODE", SWA_DECODE_CHOICES) != "triton":
+        return "torch"
+    _require_triton("HYDRALM_SWA_DECODE", "triton", is_cuda, "the PyTorch step")
     return "triton"
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from hydralm.config import HydraConfig
 from hydralm.kernels.attention.local import repeat_kv, sliding_window_attention
-from hydralm.kernels.backend import attention_backend
+from hydralm.kernels.backend import attention_backend, swa_decode_backend
 from hydralm.modules.attention import AttentionProjections, check_rotary_head_dim
 from hydralm.modules.linear import PLAIN_IO, BlockIO
 from hydralm.modules.mixer import Counter, LayerState, Trail
@@ -25,6 +25,7 @@ from hydralm.modules.rotary import Rotary
 from hydralm.modules.slots import positions, write_slot
 
 FLEX_MIN_QUERIES = 128  # one flex tile (kernels/attention/flex.py)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the step kernel's (HYDRALM_SWA_DECODE)
 
 
 @dataclass
@@ -101,14 +102,19 @@ class SlidingWindowAttention(nn.Module):
         # written into copies (states are values: callers may roll back to the old one)
         ring_k = write_slot(state.k, 2, pos % self.window, k[:, :, 0])
         ring_v = write_slot(state.v, 2, pos % self.window, v[:, :, 0])
-        written = torch.arange(self.window, device=x_t.device) <= pos  # all slots once the ring has wrapped
-        groups = self.proj.kv_groups
-        y = F.scaled_dot_product_attention(
-            q,
-            repeat_kv(ring_k.to(q.dtype), groups),
-            repeat_kv(ring_v.to(q.dtype), groups),
-            attn_mask=written.view(1, 1, 1, self.window),
-        )
+        if swa_decode_backend(x_t.is_cuda) == "triton" and q.dtype in KERNEL_DTYPES and ring_k.dtype in KERNEL_DTYPES:
+            from hydralm.kernels.attention.triton_decode import sliding_window_decode
+
+            y = sliding_window_decode(q[:, :, 0], ring_k, ring_v, pos)[:, :, None]  # the ring read in place
+        else:
+            written = torch.arange(self.window, device=x_t.device) <= pos  # all slots once the ring has wrapped
+            groups = self.proj.kv_groups
+            y = F.scaled_dot_product_attention(
+                q,
+                repeat_kv(ring_k.to(q.dtype), groups),
+                repeat_kv(ring_v.to(q.dtype), groups),
+                attn_mask=written.view(1, 1, 1, self.window),
+            )
         return self.proj.merge(y, io)[:, 0], SlidingWindowState(k=ring_k, v=ring_v, pos=pos + 1)
 
     def step_many(

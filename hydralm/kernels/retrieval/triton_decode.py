@@ -21,12 +21,15 @@ not left with twelve programs working through 576 slots and k chunks in sequence
 (39 us a layer on an H200, slower than the PyTorch step's 24 us; docs/inference.md). Same picks and formulas as
 the PyTorch step (the test oracle, tests/test_retrieval_decode.py); another summation order, so scores within
 rounding of each other may pick differently (near-ties).
+The part's softmax and the merge are shared with the sliding-window step (kernels/attention/
+triton_decode_parts.py).
 """
 
 from typing import Tuple
 
 import torch
 
+from hydralm.kernels.attention.triton_decode_parts import LOG2_E, combine_parts, empty_parts
 from hydralm.kernels.triton_common import tl, triton
 
 # Slots (pool + bank) a pick program reads the scores of at once; more take the PyTorch step (a memory-less bank
@@ -35,6 +38,7 @@ MAX_SLOTS = 4096
 ROUTE_BLOCK = 64  # slots per scoring program
 
 if triton is not None:
+    from hydralm.kernels.attention.triton_decode_parts import _chunk_softmax
 
     @triton.jit
     def _route_scores_kernel(
@@ -58,19 +62,6 @@ if triton is not None:
         scores = tl.sum(held * q[None, :], 1)
         ok = tl.load(routable + s_idx, mask=s_idx < P + S, other=0) != 0
         tl.store(scores_ptr + bh * (P + S) + s_idx, tl.where(ok, scores, float("-inf")), mask=s_idx < P + S)
-
-    @triton.jit
-    def _chunk_softmax(q, keys, values, first, r, rows_ok, scale_log2, d, dmask, D):
-        """(max, exp-sum, unnormalised output) of q's softmax over rows first + r of keys / values, (rows, D)
-        row-major, base 2 (rows_ok: which rows count; none: -inf, 0, zeros)."""
-        k_ptrs = keys + (first + r)[:, None] * D + d[None, :]
-        v_ptrs = values + (first + r)[:, None] * D + d[None, :]
-        k = tl.load(k_ptrs, mask=rows_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        s = tl.where(rows_ok, tl.sum(k * q[None, :], 1) * scale_log2, float("-inf"))
-        m = tl.max(s, 0)
-        p = tl.exp2(s - tl.where(m == float("-inf"), 0.0, m))  # no key: every p is 0, nothing NaN
-        v = tl.load(v_ptrs, mask=rows_ok[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        return m, tl.sum(p, 0), tl.sum(p[:, None] * v, 0)
 
     @triton.jit
     def _attend_part_kernel(
@@ -131,24 +122,6 @@ if triton is not None:
         tl.store(denom_ptr + out, denom)
         tl.store(acc_ptr + out * D + d, acc, mask=dmask)
 
-    @triton.jit
-    def _combine_parts_kernel(
-        m_ptr, denom_ptr, acc_ptr, out_ptr, D, PARTS: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr
-    ):
-        """y = sum_j 2^(m_j - M) acc_j / sum_j 2^(m_j - M) denom_j over the parts, M their max (the chunk in progress
-        holds the token itself, so M is finite)."""
-        bh = tl.program_id(0).to(tl.int64)
-        parts, d = tl.arange(0, BP), tl.arange(0, BD)
-        ok = parts < PARTS
-        m = tl.load(m_ptr + bh * PARTS + parts, mask=ok, other=float("-inf"))
-        denom = tl.load(denom_ptr + bh * PARTS + parts, mask=ok, other=0.0)
-        acc = tl.load(
-            acc_ptr + (bh * PARTS + parts)[:, None] * D + d[None, :], mask=ok[:, None] & (d < D)[None, :], other=0.0
-        )
-        w = tl.exp2(m - tl.max(m, 0))  # an empty part: 2^-inf = 0
-        y = tl.sum(w[:, None] * acc, 0) / tl.sum(w * denom, 0)
-        tl.store(out_ptr + bh * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)
-
 
 @torch.library.custom_op("hydralm::retrieval_decode_step", mutates_args=())
 def retrieval_decode_step(
@@ -187,18 +160,14 @@ def retrieval_decode_step(
         BLOCK=ROUTE_BLOCK, BD=BD,
     )  # fmt: skip
     parts = top_k + 2  # the picks, the previous chunk, the chunk in progress
-    m = torch.empty(B * H, parts, device=q.device, dtype=torch.float32)
-    denom = torch.empty_like(m)
-    acc = torch.empty(B * H, parts, D, device=q.device, dtype=torch.float32)
+    m, denom, acc = empty_parts(B * H, parts, D, q.device)
     _attend_part_kernel[(B * H, parts)](
         q, buf_k, buf_v, bank_k, bank_v, pool_k, pool_v, scores, slot_ids, pos.reshape(1).to(torch.int64),
-        m, denom, acc, H, h_kv, S, P, D, D**-0.5 * 1.4426950408889634,
+        m, denom, acc, H, h_kv, S, P, D, D**-0.5 * LOG2_E,
         C=C, CP=max(CP, 1), TOP_K=top_k, BLOCK_S=triton.next_power_of_2(P + S), BC=triton.next_power_of_2(C),
         BCP=triton.next_power_of_2(max(CP, 1)), BD=BD,
     )  # fmt: skip
-    out = torch.empty_like(q)
-    _combine_parts_kernel[(B * H,)](m, denom, acc, out, D, PARTS=parts, BP=triton.next_power_of_2(parts), BD=BD)
-    return (out,)
+    return (combine_parts(m, denom, acc, torch.empty_like(q)),)
 
 
 @retrieval_decode_step.register_fake
