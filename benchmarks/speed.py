@@ -540,6 +540,7 @@ def decode_batched(
 DECODE_OPT_INS = {
     ("HYDRALM_DECODE_LINEAR", "fused"): "-folded",
     ("HYDRALM_RETRIEVAL_DECODE", "triton"): "-retrieval-kernel",
+    ("HYDRALM_SWA_DECODE", "triton"): "-swa-kernel",
 }
 
 
