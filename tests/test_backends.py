@@ -154,7 +154,7 @@ def test_retrieval_and_gdn_module_switches_pick_only_checked_paths(monkeypatch):
     "name,path,pick",
     [
         ("HYDRALM_DECODE", "fused", backend.decode_backend),
-        ("HYDRALM_DECODE_LINEAR", "gemv", backend.decode_linear_backend),
+        ("HYDRALM_DECODE_LINEAR", "fused", backend.decode_linear_backend),
         ("HYDRALM_DECODE_MANY", "fused", backend.decode_many_backend),
         ("HYDRALM_STREAM_ROUTING", "triton", backend.stream_routing_backend),
         ("HYDRALM_NORM", "triton", backend.norm_backend),
@@ -192,15 +192,32 @@ def test_packed_deltanet_inputs_are_the_cuda_default_and_a_validated_switch(monk
         backend.deltanet_packed(is_cuda=True)
 
 
-def test_the_retrieval_decode_kernel_is_opt_in_until_its_gpu_check_passes(monkeypatch):
-    for var in ("HYDRALM_RETRIEVAL_DECODE", "TRITON_INTERPRET"):
+@pytest.mark.parametrize(
+    "name,pick", [("HYDRALM_RETRIEVAL_DECODE", backend.retrieval_decode_backend),
+                  ("HYDRALM_SWA_DECODE", backend.swa_decode_backend)]
+)  # fmt: skip
+def test_decode_step_kernels_are_auto_on_cuda_up_to_the_rows_they_were_timed_at(monkeypatch, name, pick):
+    for var in (name, "TRITON_INTERPRET"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert backend.retrieval_decode_backend(is_cuda=True) == "torch"  # auto: not yet checked on a GPU
-    monkeypatch.setenv("HYDRALM_RETRIEVAL_DECODE", "triton")
-    assert backend.retrieval_decode_backend(is_cuda=True) == "triton"
-    with pytest.raises(RuntimeError, match="HYDRALM_RETRIEVAL_DECODE=triton needs"):
-        backend.retrieval_decode_backend(is_cuda=False)
-    monkeypatch.setenv("HYDRALM_RETRIEVAL_DECODE", "fast")
-    with pytest.raises(ValueError, match="HYDRALM_RETRIEVAL_DECODE='fast' is invalid"):
-        backend.retrieval_decode_backend(is_cuda=True)
+    assert pick(is_cuda=True, rows=1) == "triton" and pick(is_cuda=True, rows=backend.DECODE_KERNEL_ROWS) == "triton"
+    assert pick(is_cuda=True, rows=64) == "torch"  # not timed at larger batches: the PyTorch step
+    assert pick(is_cuda=False, rows=1) == "torch"
+    monkeypatch.setenv(name, "triton")
+    assert pick(is_cuda=True, rows=64) == "triton"  # asked by name: whatever the batch
+    with pytest.raises(RuntimeError, match=f"{name}=triton needs"):
+        pick(is_cuda=False)
+    monkeypatch.setenv(name, "torch")
+    assert pick(is_cuda=True, rows=1) == "torch"
+    monkeypatch.setenv(name, "fast")
+    with pytest.raises(ValueError, match=f"{name}='fast' is invalid"):
+        pick(is_cuda=True)
+
+
+def test_the_plain_decode_gemv_is_still_asked_by_name(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(backend, "triton_available", lambda: True)
+    monkeypatch.setenv("HYDRALM_DECODE_LINEAR", "gemv")
+    assert backend.decode_linear_backend(is_cuda=True) == "gemv"
+    with pytest.raises(RuntimeError, match="HYDRALM_DECODE_LINEAR=gemv needs"):
+        backend.decode_linear_backend(is_cuda=False)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from hydralm import HydraConfig, HydraLM
-from hydralm.kernels import backend
 from hydralm.kernels.triton_common import triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="the `triton` package is a dev dependency")
@@ -125,17 +124,3 @@ def test_the_step_compiles_with_the_kernel_in_its_graph(monkeypatch):
                 buffers.copy_(new)  # as a StaticDecoder does: the same inputs at every step, one graph
             assert _rel(logits, expected[:, t]) < 1e-5
     assert len(graphs) == 1 and "sliding_window_decode" in graphs[0]
-
-
-def test_the_switch_is_opt_in_until_its_gpu_check_passes(monkeypatch):
-    for var in ("HYDRALM_SWA_DECODE", "TRITON_INTERPRET"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(backend, "triton_available", lambda: True)
-    assert backend.swa_decode_backend(is_cuda=True) == "torch"  # auto: not yet checked on a GPU
-    monkeypatch.setenv("HYDRALM_SWA_DECODE", "triton")
-    assert backend.swa_decode_backend(is_cuda=True) == "triton"
-    with pytest.raises(RuntimeError, match="HYDRALM_SWA_DECODE=triton needs"):
-        backend.swa_decode_backend(is_cuda=False)
-    monkeypatch.setenv("HYDRALM_SWA_DECODE", "fast")
-    with pytest.raises(ValueError, match="HYDRALM_SWA_DECODE='fast' is invalid"):
-        backend.swa_decode_backend(is_cuda=True)

@@ -87,7 +87,9 @@ HYDRALM_DECODE = auto | torch | fused
     (kernels/delta_rule/triton_decode.py) instead of a few dozen small PyTorch kernels; fp32 states only (an
     fp64 state takes the PyTorch step). auto = fused on CUDA (with triton), torch elsewhere:
     `HYDRALM_DECODE=fused python -m benchmarks.gpu_check decode_fused static_decode spec_decode` passed on an
-    H200 at 8e6833c (fp32 6.3e-7, bf16 4.9e-3; the CUDA-graph decoder within 7.2e-7 of `model.step`).
+    H200 at 8e6833c (fp32 6.3e-7, bf16 4.9e-3; the CUDA-graph decoder within 7.2e-7 of `model.step`). On a
+    StaticDecoder's own buffers the kernel writes the new state and conv cache in place (no copy back per layer);
+    `static_decode` passed with that at 75fc635 (8.9e-7).
 
 HYDRALM_DECODE_MANY = auto | torch | fused
     The multi-token step of Gated DeltaNet layers (`step_many`: verifying k + 1 tokens in speculative decoding).
@@ -101,30 +103,43 @@ HYDRALM_RETRIEVAL_DECODE = auto | torch | triton
     The one-token step of retrieval layers. triton: routing, top-k and the attention over the picked chunks and
     the local context in three Triton kernels that read the rings in place (kernels/retrieval/triton_decode.py:
     scores per block of slots, one program per pick or local chunk, a merge by log-sum-exp), instead of about
-    twenty PyTorch kernels and gathered copies of the picked chunks. auto = torch everywhere: an earlier
-    one-kernel version passed its GPU check on an H200 (55d1790) but decoded slower there (834.8 against 1043.8
-    tok/s at batch 1; one program per (row, head) was latency-bound, docs/inference.md); the split version has
-    not run on a GPU yet.
+    twenty PyTorch kernels and gathered copies of the picked chunks. auto = triton on CUDA (with triton) for at most
+    DECODE_KERNEL_ROWS (16) rows, torch elsewhere: `HYDRALM_RETRIEVAL_DECODE=triton python -m benchmarks.gpu_check
+    retrieval_decode static_decode` passed on an H200 at 27be1e9 (the PyTorch step's logits within 4.2e-7 fp32,
+    6.5e-3 bf16; the StaticDecoder eager and as a CUDA graph within 1.4e-6 of `model.step`), and again with every
+    decode switch below at 75fc635; batch-1 decode of the 160m model after 4k tokens ran 1135 tok/s with it against
+    1010 without (`speed decode_batched`). An earlier one-program-per-(row, head) version was slower (834.8 against
+    1043.8 tok/s, 55d1790) and 5x slower at batch 64; the split version is not yet timed above batch 1, so larger
+    batches keep the PyTorch step under auto.
 
 HYDRALM_SWA_DECODE = auto | torch | triton
     The attention of the one-token step of sliding-window layers (after the ring write). triton: two Triton
     kernels that read the ring in place, each query head its key head by index (kernels/attention/triton_decode.py:
     one program per (row, head, block of 64 slots), a merge by log-sum-exp), instead of repeat_kv's copies of the
-    ring, the mask of the written slots and SDPA on one query; fp32 / bf16 / fp16 only. auto = torch everywhere
-    until `HYDRALM_SWA_DECODE=triton python -m benchmarks.gpu_check swa_decode` has passed: it has not run on a
-    GPU yet.
+    ring, the mask of the written slots and SDPA on one query; fp32 / bf16 / fp16 only. auto = triton on CUDA (with
+    triton) for at most DECODE_KERNEL_ROWS rows, torch elsewhere: `python -m benchmarks.gpu_check swa_decode
+    static_decode` (every decode switch set) passed on an H200 at 75fc635 (the PyTorch step's logits within 3.9e-7
+    fp32, 6.4e-3 bf16, MHA and GQA; the StaticDecoder eager and as a CUDA graph within 8.9e-7 of `model.step`), and
+    batch-1 decode after 4k tokens went from 1256 to 1303 tok/s with it (the folds and the retrieval kernel on in
+    both; `speed decode_batched`, same run). Not yet timed above batch 1.
 
 HYDRALM_DECODE_LINEAR = auto | torch | gemv | fused
-    The matmuls of a decode step (bias-free projections called without autograd on at most 16 rows): gemv runs
-    them as one Triton kernel that streams each weight once over many programs (kernels/linear/triton_gemv.py)
-    instead of cuBLAS's many-row tiles. auto = gemv on CUDA (with triton), torch elsewhere: `HYDRALM_DECODE_LINEAR=gemv
-    python -m benchmarks.gpu_check decode_linear static_decode` passed on an H200 at 94c54f9 (fp32 9.7e-8, bf16
-    1.7e-3 of fp64 F.linear; the CUDA-graph decoder within 3.5e-7 of `model.step`); the 160m graph step went from
-    1.15 to 1.09 ms (`profile_decode 160m 8192 0 compile`). fused: gemv with the elementwise ops around a block's
-    projections folded into them (the block's RMSNorm into the mixer's and the MLP's first projection, SwiGLU's
-    product into the down projection, the residual adds into the mixer's and the MLP's last), about three kernels
-    fewer per layer and step; asked by name only until `HYDRALM_DECODE_LINEAR=fused python -m benchmarks.gpu_check
-    decode_linear static_decode spec_decode` has passed on a GPU.
+    The matmuls of a decode step (bias-free projections called without autograd on at most 16 rows). gemv: one
+    Triton kernel that streams each weight once over many programs (kernels/linear/triton_gemv.py) instead of
+    cuBLAS's many-row tiles; `HYDRALM_DECODE_LINEAR=gemv python -m benchmarks.gpu_check decode_linear
+    static_decode` passed on an H200 at 94c54f9 (fp32 9.7e-8, bf16 1.7e-3 of fp64 F.linear; the CUDA-graph decoder
+    within 3.5e-7 of `model.step`); the 160m graph step went from 1.15 to 1.09 ms (`profile_decode 160m 8192 0
+    compile`). fused: gemv with the elementwise ops around a block's projections folded into them (the block's
+    RMSNorm into the mixer's and the MLP's first projection, SwiGLU's product into the down projection, the
+    residual adds into the mixer's and the MLP's last; the final norm into the LM head, an MTP module's output norm
+    into its head), about three kernels fewer per layer and step. auto = fused on CUDA (with triton), torch
+    elsewhere: `HYDRALM_DECODE_LINEAR=fused python -m benchmarks.gpu_check decode_linear` passed on an H200 at
+    27be1e9 (folds vs fp64: fp32 1.1e-7, bf16 2.5e-3; every row of 3- and 16-row calls bit-identical to one-row
+    calls) and `static_decode` with every decode switch at 75fc635 (above); batch-1 decode after 4k tokens ran 982
+    tok/s with the folds alone at 27be1e9, where the record's figure for gemv is 1010 (another run), and 1256 with
+    the folds and the retrieval kernel at 75fc635: the folds alone were not faster in that comparison across runs,
+    the set of decode switches that auto now picks was (1303 against 1010 tok/s). `spec_decode` was not rerun with
+    the folds.
 
 HYDRALM_CROSS_ENTROPY = auto | torch | triton | liger | fla
     The training loss (kernels/cross_entropy/). torch: our chunked linear + cross-entropy in PyTorch (the
@@ -361,29 +376,38 @@ def decode_backend(is_cuda: bool) -> str:
     return _checked_triton_path("HYDRALM_DECODE", DECODE_CHOICES, "fused", is_cuda, "the PyTorch step")
 
 
-def retrieval_decode_backend(is_cuda: bool) -> str:
-    """'triton' when asked by name, else 'torch' (auto: the kernel is slower on an H200; module docstring)."""
-    if _choice("HYDRALM_RETRIEVAL_DECODE", RETRIEVAL_DECODE_CHOICES) != "triton":
-        return "torch"
-    _require_triton("HYDRALM_RETRIEVAL_DECODE", "triton", is_cuda, "the PyTorch step")
-    return "triton"
+# Rows (batch size) up to which auto picks the decode step kernels of retrieval and SWA layers: they were timed on
+# an H200 at batch 1 (module docstring); larger batches keep the PyTorch steps until timed there.
+DECODE_KERNEL_ROWS = 16
 
 
-def swa_decode_backend(is_cuda: bool) -> str:
-    """'triton' when asked by name, else 'torch' (auto: its GPU check has not run yet; module docstring)."""
-    if _choice("HYDRALM_SWA_DECODE", SWA_DECODE_CHOICES) != "triton":
-        return "torch"
-    _require_triton("HYDRALM_SWA_DECODE", "triton", is_cuda, "the PyTorch step")
-    return "triton"
+def retrieval_decode_backend(is_cuda: bool, rows: int = 1) -> str:
+    """'triton' or 'torch' for the one-token step of retrieval layers over `rows` batch rows."""
+    return _decode_kernel_path("HYDRALM_RETRIEVAL_DECODE", RETRIEVAL_DECODE_CHOICES, is_cuda, rows)
+
+
+def swa_decode_backend(is_cuda: bool, rows: int = 1) -> str:
+    """'triton' or 'torch' for the attention of the one-token step of sliding-window layers over `rows` rows."""
+    return _decode_kernel_path("HYDRALM_SWA_DECODE", SWA_DECODE_CHOICES, is_cuda, rows)
+
+
+def _decode_kernel_path(name: str, choices: tuple, is_cuda: bool, rows: int) -> str:
+    """auto: 'triton' on CUDA (with triton) for at most DECODE_KERNEL_ROWS rows, else 'torch'; a named choice as
+    asked (triton needs a device that runs it)."""
+    choice = _choice(name, choices)
+    if choice == "auto":
+        return "triton" if is_cuda and _triton_usable(is_cuda) and rows <= DECODE_KERNEL_ROWS else "torch"
+    if choice == "triton":
+        _require_triton(name, choice, is_cuda, "the PyTorch step")
+    return choice
 
 
 def decode_linear_backend(is_cuda: bool) -> str:
-    """'fused' (asked by name: its GPU check has not run yet), 'gemv' or 'torch' for the few-row matmuls of decode
-    steps."""
-    if _choice("HYDRALM_DECODE_LINEAR", DECODE_LINEAR_CHOICES) == "fused":
-        _require_triton("HYDRALM_DECODE_LINEAR", "fused", is_cuda, "F.linear")
-        return "fused"
-    return _checked_triton_path("HYDRALM_DECODE_LINEAR", DECODE_LINEAR_CHOICES, "gemv", is_cuda, "F.linear")
+    """'fused', 'gemv' or 'torch' for the few-row matmuls of decode steps (auto: fused on CUDA)."""
+    if _choice("HYDRALM_DECODE_LINEAR", DECODE_LINEAR_CHOICES) == "gemv":
+        _require_triton("HYDRALM_DECODE_LINEAR", "gemv", is_cuda, "F.linear")
+        return "gemv"
+    return _checked_triton_path("HYDRALM_DECODE_LINEAR", DECODE_LINEAR_CHOICES, "fused", is_cuda, "F.linear")
 
 
 def stream_routing_backend(is_cuda: bool) -> str:

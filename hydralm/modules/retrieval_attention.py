@@ -548,7 +548,7 @@ class RetrievalAttention(nn.Module):
     def _fused_step(self, q: torch.Tensor, slots: int) -> bool:
         """Whether this step runs as one Triton kernel (HYDRALM_RETRIEVAL_DECODE): not while logging picks, and for
         at most MAX_SLOTS held chunks."""
-        if self.routing_log is not None or retrieval_decode_backend(q.is_cuda) != "triton":
+        if self.routing_log is not None or retrieval_decode_backend(q.is_cuda, q.shape[0]) != "triton":
             return False
         from hydralm.kernels.retrieval.triton_decode import MAX_SLOTS
 

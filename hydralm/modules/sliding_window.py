@@ -102,7 +102,8 @@ class SlidingWindowAttention(nn.Module):
         # written into copies (states are values: callers may roll back to the old one)
         ring_k = write_slot(state.k, 2, pos % self.window, k[:, :, 0])
         ring_v = write_slot(state.v, 2, pos % self.window, v[:, :, 0])
-        if swa_decode_backend(x_t.is_cuda) == "triton" and q.dtype in KERNEL_DTYPES and ring_k.dtype in KERNEL_DTYPES:
+        kernel_dtypes = q.dtype in KERNEL_DTYPES and ring_k.dtype in KERNEL_DTYPES
+        if kernel_dtypes and swa_decode_backend(x_t.is_cuda, x_t.shape[0]) == "triton":
             from hydralm.kernels.attention.triton_decode import sliding_window_decode
 
             y = sliding_window_decode(q[:, :, 0], ring_k, ring_v, pos)[:, :, None]  # the ring read in place
