@@ -516,7 +516,6 @@ def check_retrieval_decode(device: str) -> None:
     6000-token read (exact and pooled chunks held), fp32 (IEEE matmuls) and bf16 logits."""
     from benchmarks.speed import DECODE_MEMORY
     from hydralm import HydraConfig, HydraLM
-    from hydralm.state import clone_state
 
     torch.backends.cuda.matmul.allow_tf32 = False
     cfg = HydraConfig(
@@ -524,18 +523,27 @@ def check_retrieval_decode(device: str) -> None:
     )
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         model = HydraLM(cfg).to(device, dtype).eval()
-        ids = torch.randint(0, 256, (4, 6064), device=device)
-        start = model(ids[:, :6000], return_state=True)["state"]
-        logits = {}
-        for backend in ("torch", "triton"):
-            with _env("HYDRALM_RETRIEVAL_DECODE", backend):
-                state, steps = clone_state(start), []
-                for t in range(6000, ids.shape[1]):
-                    out, state = model.step(ids[:, t], state)
-                    steps.append(out)
-            logits[backend] = torch.stack(steps)
+        logits = _step_logits_per_backend(model, "HYDRALM_RETRIEVAL_DECODE", read=6000, steps=64, device=device)
         _record(f"retrieval step kernel vs PyTorch step, {str(dtype)[6:]} 64 tokens: logits",
                 _rel(logits["triton"], logits["torch"]), tol)  # fmt: skip
+
+
+def _step_logits_per_backend(model, switch: str, read: int, steps: int, device: str) -> dict:
+    """{backend: (steps, 4, vocab) logits} of `steps` decode steps after a `read`-token forward, batch 4, with the
+    step switch `switch` set to torch and to triton (the same tokens and start state for both)."""
+    from hydralm.state import clone_state
+
+    ids = torch.randint(0, 256, (4, read + steps), device=device)
+    start = model(ids[:, :read], return_state=True)["state"]
+    logits = {}
+    for backend in ("torch", "triton"):
+        with _env(switch, backend):
+            state, outs = clone_state(start), []
+            for t in range(read, read + steps):
+                out, state = model.step(ids[:, t], state)
+                outs.append(out)
+        logits[backend] = torch.stack(outs)
+    return logits
 
 
 @torch.no_grad()
@@ -544,7 +552,6 @@ def check_swa_decode(device: str) -> None:
     layer (d 768, H 12 on 12 key heads as the preset, and on 4 for GQA; window 512), batch 4, 64 steps after a
     480-token read (the ring fills at the 32nd step, then wraps), fp32 (IEEE matmuls) and bf16 logits."""
     from hydralm import HydraConfig, HydraLM
-    from hydralm.state import clone_state
 
     torch.backends.cuda.matmul.allow_tf32 = False
     for kv_heads in (12, 4):
@@ -552,16 +559,7 @@ def check_swa_decode(device: str) -> None:
         cfg = HydraConfig(d_model=768, n_heads=12, n_kv_heads=kv_heads, **fields)
         for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
             model = HydraLM(cfg).to(device, dtype).eval()
-            ids = torch.randint(0, 256, (4, 544), device=device)
-            start = model(ids[:, :480], return_state=True)["state"]
-            logits = {}
-            for backend in ("torch", "triton"):
-                with _env("HYDRALM_SWA_DECODE", backend):
-                    state, steps = clone_state(start), []
-                    for t in range(480, ids.shape[1]):
-                        out, state = model.step(ids[:, t], state)
-                        steps.append(out)
-                logits[backend] = torch.stack(steps)
+            logits = _step_logits_per_backend(model, "HYDRALM_SWA_DECODE", read=480, steps=64, device=device)
             _record(f"SWA step kernel vs PyTorch step, H 12/{kv_heads}, {str(dtype)[6:]} 64 tokens: logits",
                     _rel(logits["triton"], logits["torch"]), tol)  # fmt: skip
 
