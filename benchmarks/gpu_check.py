@@ -11,7 +11,8 @@ to those of its three shapes; GPU_CHECK_RETRIEVAL_SHAPES=n
 checks the retrieval kernels on the first n of their shapes only; HYDRALM_DECODE=fused runs static_decode's
 decoder on the fused Gated DeltaNet step, HYDRALM_DECODE_LINEAR=gemv on the decode GEMV (=fused: with the
 blocks' norms, SwiGLU products and residual adds folded into it),
-HYDRALM_DECODE_MANY=fused spec_decode's verification on the fused multi-token step, HYDRALM_STREAM_ROUTING=triton
+HYDRALM_DECODE_MANY=fused spec_decode's verification on the fused multi-token step (=looped: its T tokens in one
+launch), HYDRALM_STREAM_ROUTING=triton
 retrieval_stream's and exactness's calls with a state on the ranged Triton router, HYDRALM_RETRIEVAL_DECODE=triton
 and HYDRALM_SWA_DECODE=triton static_decode's decoder on the retrieval and SWA step kernels: each of these is the CUDA
 default once its check has passed, and naming it checks that path even where `auto` would not pick it).

@@ -249,3 +249,54 @@ def test_static_decoder_steps_update_its_buffers_in_place(monkeypatch):
         monkeypatch.setattr(fused, "gated_deltanet_step_fused_", dropped_writes)
         with pytest.raises(AssertionError):
             decode(StaticDecoder(model, state), state)
+
+
+@pytest.mark.parametrize(
+    "n_heads, head_dim, use_gate, norm_qk, kernel, tokens",
+    [(2, 16, True, True, 4, 3), (3, 24, False, True, 2, 5), (2, 20, True, False, 1, 2), (1, 16, True, True, 4, 1)],
+)
+def test_looped_multi_token_step_equals_the_per_token_launches(n_heads, head_dim, use_gate, norm_qk, kernel, tokens,
+                                                                 monkeypatch):  # fmt: skip
+    """HYDRALM_DECODE_MANY=looped (the T tokens in one launch) gives what T launches of the fused step give, bit for
+    bit: outputs, and the state after every prefix; windows that reach back into the conv cache and past it."""
+    torch.manual_seed(10)
+    layer = _layer(n_heads, head_dim, use_gate, norm_qk, kernel)
+    state = _state(layer, B=2)
+    x = torch.randn(2, tokens, 40)
+    with torch.no_grad():
+        y_ref, after_ref = _many(layer, x, state, "fused", monkeypatch)
+        y, after = _many(layer, x, state, "looped", monkeypatch)
+    assert torch.equal(y, y_ref)
+    for s, s_ref in zip(after, after_ref):
+        assert torch.equal(s.S, s_ref.S) and torch.equal(s.conv, s_ref.conv)
+
+
+def test_the_looped_comparison_fails_when_the_conv_cache_is_dropped(monkeypatch):
+    """Sabotage: the looped kernel fed a zero conv cache (the tokens' windows lose their first inputs) is caught."""
+    import hydralm.kernels.delta_rule.triton_decode as fused
+
+    torch.manual_seed(11)
+    layer = _layer(2, 16)
+    state = _state(layer, B=2)
+    x = torch.randn(2, 3, 40)
+    kernel = fused.gated_deltanet_steps_fused
+    with torch.no_grad():
+        y_ref, _ = _many(layer, x, state, "fused", monkeypatch)
+        monkeypatch.setattr(fused, "gated_deltanet_steps_fused", lambda proj, cache, *a: kernel(proj, 0 * cache, *a))
+        y, _ = _many(layer, x, state, "looped", monkeypatch)
+    assert _rel(y, y_ref) > 1e-4
+
+
+def test_looped_verification_compiles_in_one_graph(monkeypatch):
+    """decode_many with the looped kernel under torch.compile(fullgraph=True) (aot_eager): the same logits."""
+    torch.manual_seed(12)
+    model = _two_deltanet_model()
+    monkeypatch.setenv("HYDRALM_DECODE_MANY", "looped")
+    ids = torch.randint(0, 50, (2, 3))
+    with torch.no_grad():
+        state = model(torch.randint(0, 50, (2, 5)), return_state=True)["state"]
+        eager, _, _ = model.decode_many(ids, state)
+        compiled, _, _ = torch.compile(model.decode_many, fullgraph=True, backend="aot_eager")(ids, state)
+        monkeypatch.setenv("HYDRALM_DECODE_MANY", "torch")
+        reference, _, _ = model.decode_many(ids, state)
+    assert torch.equal(compiled, eager) and _rel(eager, reference) < 1e-5

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="the `triton` pac
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _compile(fn, types: dict, constants: dict):
+def _compile(fn, types: dict, constants: dict, num_warps: int = 4):
     """triton.compile for sm_90 with pointer / scalar types by argument name (others i32) and constexpr values."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -27,7 +27,7 @@ def _compile(fn, types: dict, constants: dict):
     signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
     constexprs = {(names.index(n),): v for n, v in constants.items()}
     source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 def _gemv(fold: str):
@@ -74,6 +74,21 @@ def _swa_decode():
     ]  # fmt: skip
 
 
+def _gdn_decode():
+    """The Gated DeltaNet step kernel and its T-token form at the 160m layer's shapes: H 12, D 64, conv width 4,
+    bf16 projections, fp32 states, three tokens (a speculative verify of two drafts)."""
+    from hydralm.kernels.delta_rule import triton_decode as kernels
+
+    bf16, fp32 = "*bf16", "*fp32"
+    common = dict(proj=bf16, cache=bf16, conv_w=bf16, A_log=fp32, dt_bias=fp32, S=fp32, norm_w=bf16, out=bf16,
+                  norm_eps="fp32", scale="fp32")  # fmt: skip
+    flags = dict(K=4, BLOCK_D=64, NORM_QK=True, USE_GATE=True)
+    return [
+        _compile(kernels._gdn_step_kernel, dict(common, S_out=fp32, cache_out=bf16), flags),
+        _compile(kernels._gdn_steps_kernel, dict(common, S_trail=fp32), dict(flags, T=3), kernels.STEPS_WARPS),
+    ]
+
+
 def _mismatched_branches():
     import triton
     import triton.language as tl
@@ -96,6 +111,7 @@ CASES = {
     "gemv+RESIDUAL": lambda: _gemv("RESIDUAL"),
     "retrieval_decode": _retrieval_decode,
     "swa_decode": _swa_decode,
+    "gdn_decode": _gdn_decode,
     "mismatched_branches": _mismatched_branches,
 }
 

@@ -91,13 +91,17 @@ HYDRALM_DECODE = auto | torch | fused
     StaticDecoder's own buffers the kernel writes the new state and conv cache in place (no copy back per layer);
     `static_decode` passed with that at 75fc635 (8.9e-7).
 
-HYDRALM_DECODE_MANY = auto | torch | fused
+HYDRALM_DECODE_MANY = auto | torch | fused | looped
     The multi-token step of Gated DeltaNet layers (`step_many`: verifying k + 1 tokens in speculative decoding).
     fused: one input projection for the T tokens, then each token's conv, gates, delta rule and gated norm in
     HYDRALM_DECODE's fused kernel (T launches per layer instead of a few dozen PyTorch ops per token); fp32
     states only. auto = fused on CUDA (with triton), torch elsewhere: `HYDRALM_DECODE_MANY=fused python -m
     benchmarks.gpu_check spec_decode` passed 4/4 on an H200 at 25b0068 (verify graph 7.4e-7 and commit graph
-    3.8e-6 of decode steps, greedy self-draft on graphs identical to greedy generate).
+    3.8e-6 of decode steps, greedy self-draft on graphs identical to greedy generate). looped: the T tokens in one
+    launch of a kernel that keeps the state in registers from token to token and writes each token's state into
+    the trail (kernels/delta_rule/triton_decode.py, ``gated_deltanet_steps_fused``): one launch a layer instead of T
+    and a stack of the T states, bit for bit what T launches of the fused step give (tests/test_gdn_decode_fused.py);
+    asked by name only until `HYDRALM_DECODE_MANY=looped python -m benchmarks.gpu_check spec_decode` has passed.
 
 HYDRALM_RETRIEVAL_DECODE = auto | torch | triton
     The one-token step of retrieval layers. triton: routing, top-k and the attention over the picked chunks and
@@ -217,7 +221,7 @@ DELTANET_CHOICES = ("auto", "torch", "triton", "fused", "fla")
 CROSS_ENTROPY_CHOICES = ("auto", "torch", "triton", "liger", "fla")
 DECODE_CHOICES = ("auto", "torch", "fused")
 DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv", "fused")
-DECODE_MANY_CHOICES = ("auto", "torch", "fused")
+DECODE_MANY_CHOICES = ("auto", "torch", "fused", "looped")
 RETRIEVAL_DECODE_CHOICES = ("auto", "torch", "triton")
 SWA_DECODE_CHOICES = ("auto", "torch", "triton")
 STREAM_ROUTING_CHOICES = ("auto", "torch", "triton")
@@ -418,7 +422,11 @@ def stream_routing_backend(is_cuda: bool) -> str:
 
 
 def decode_many_backend(is_cuda: bool) -> str:
-    """'fused' or 'torch' for the multi-token step of Gated DeltaNet layers."""
+    """'looped' (asked by name: its GPU check has not run yet), 'fused' or 'torch' for the multi-token step of Gated
+    DeltaNet layers."""
+    if _choice("HYDRALM_DECODE_MANY", DECODE_MANY_CHOICES) == "looped":
+        _require_triton("HYDRALM_DECODE_MANY", "looped", is_cuda, "the PyTorch loop")
+        return "looped"
     return _checked_triton_path("HYDRALM_DECODE_MANY", DECODE_MANY_CHOICES, "fused", is_cuda, "the PyTorch loop")
 
 

@@ -180,7 +180,7 @@ class GatedDeltaNet(nn.Module):
         delta rule still runs token by token (a (B, H, D, D) update each); the trail keeps S after every token
         (T copies of a state that is small next to the weights) and the short conv's inputs, so any prefix's
         state is a read, not a recomputation."""
-        if state.S.dtype == torch.float32 and decode_many_backend(x.is_cuda) == "fused":
+        if state.S.dtype == torch.float32 and decode_many_backend(x.is_cuda) in ("fused", "looped"):
             return self._step_many_fused(x, state, io)
         qkv, a, b, gate = self._project(x, io)
         qkv, conv_inputs = self.conv.step_many(qkv, state.conv)
@@ -196,17 +196,23 @@ class GatedDeltaNet(nn.Module):
 
     def _step_many_fused(self, x: torch.Tensor, state: DeltaNetState, io: BlockIO) -> Tuple[torch.Tensor, Trail]:
         """``step_many`` with each token's conv, gates, delta rule and gated norm in the fused step kernel
-        (HYDRALM_DECODE_MANY=fused): one launch per token and layer after one input projection."""
+        (HYDRALM_DECODE_MANY=fused): one launch per token and layer after one input projection; =looped: one
+        launch for the T tokens, which writes the trail's states itself."""
         proj = io.project_in(self.in_proj, x)  # (B, T, 3 H D + 2 H [+ H D])
-        S, cache, outputs, states = state.S, state.conv, [], []
-        for t in range(x.shape[1]):
-            o, S, cache = self._fused_kernel(proj[:, t], cache, S, x.dtype)
-            outputs.append(o)
-            states.append(S)
+        if decode_many_backend(x.is_cuda) == "looped":
+            from hydralm.kernels.delta_rule.triton_decode import gated_deltanet_steps_fused
+
+            o, states = gated_deltanet_steps_fused(proj, state.conv, *self._fused_args(state.S, x.dtype))
+        else:
+            S, cache, outputs, per_token = state.S, state.conv, [], []
+            for t in range(x.shape[1]):
+                o_t, S, cache = self._fused_kernel(proj[:, t], cache, S, x.dtype)
+                outputs.append(o_t)
+                per_token.append(S)
+            o, states = torch.stack(outputs, dim=1), torch.stack(per_token, dim=1)
         qkv = proj[..., : 3 * self.n_heads * self.head_dim]
         conv_inputs = torch.cat([state.conv.to(qkv.dtype), qkv], dim=1)  # as ShortConv.step_many keeps them
-        y = io.project_out(self.out, torch.stack(outputs, dim=1))
-        return y, {"S": torch.stack(states, dim=1), "conv": conv_inputs}
+        return io.project_out(self.out, o), {"S": states, "conv": conv_inputs}
 
     def state_after(self, state: DeltaNetState, trail: Trail, kept: Counter) -> DeltaNetState:
         S = read_slot(trail["S"], 1, kept - 1)

@@ -23,6 +23,11 @@ import torch
 
 from hydralm.kernels.triton_common import tl, triton
 
+# Warps of the T-token kernel. Compiled for sm_90 at D 64 (ptxas -v, Triton 3.9), its (D, D) fp32 state and the
+# products of it spill 1.6 KB of stack a thread at 4 warps and 32 B at 8. The one-token kernel launches with
+# Triton's default 4 warps, where it spills about 500 B (none at 8): a change to time on a GPU before it is made.
+STEPS_WARPS = 8
+
 if triton is not None:
     # torch.nn.functional.softplus returns x as is above it; a kernel reads only constexpr globals
     SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
@@ -47,6 +52,37 @@ if triton is not None:
         return (y * tl.sigmoid(y)).to(x.dtype).to(tl.float32)
 
     @triton.jit
+    def _qk_normed(q, k, dtype, NORM_QK: tl.constexpr):
+        """F.normalize: x / max(|x|, eps), in the projection's dtype."""
+        if NORM_QK:
+            q = (q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-6)).to(dtype).to(tl.float32)
+            k = (k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-6)).to(dtype).to(tl.float32)
+        return q, k
+
+    @triton.jit
+    def _update_and_read(
+        proj_row, A_log, dt_bias, state, q, k, v, norm_w, h, H, HD, D, d, m, norm_eps, scale, out_dtype,
+        USE_GATE: tl.constexpr,
+    ):  # fmt: skip
+        """One token of head h given its row of the input projection's output: the gates, the delta-rule update
+        of `state` and its readout through the gated RMSNorm. Returns (new state, y)."""
+        a = tl.load(proj_row + 3 * HD + h).to(tl.float32) + tl.load(dt_bias + h).to(tl.float32)
+        softplus = tl.where(a > SOFTPLUS_THRESHOLD, a, tl.log(1.0 + tl.exp(a)))
+        decay = tl.exp(-tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus)
+        beta = tl.sigmoid(tl.load(proj_row + 3 * HD + H + h).to(tl.float32))
+        kS = tl.sum(k[:, None] * state, 0)  # k^T S
+        state = decay * (state - beta * k[:, None] * kS[None, :]) + beta * k[:, None] * v[None, :]
+
+        o = scale * tl.sum(q[:, None] * state, 0)
+        o = o.to(out_dtype).to(tl.float32)  # the PyTorch step normalises o in the layer input's dtype
+        rstd = 1.0 / tl.sqrt(tl.sum(o * o, 0) / D + norm_eps)
+        y = o * rstd * tl.load(norm_w + d, mask=m, other=0.0).to(tl.float32)
+        if USE_GATE:
+            gate = tl.load(proj_row + 3 * HD + 2 * H + h * D + d, mask=m, other=0.0).to(tl.float32)
+            y = y * gate * tl.sigmoid(gate)
+        return state, y
+
+    @triton.jit
     def _gdn_step_kernel(
         proj, cache, conv_w, A_log, dt_bias, S, norm_w, out, S_out, cache_out,
         stride_pb, stride_cb, stride_ct, stride_ob, stride_ot,
@@ -63,31 +99,60 @@ if triton is not None:
                        stride_pb, stride_cb, stride_ct, stride_ob, stride_ot, K)  # fmt: skip
         v = _conv_silu(proj, cache, conv_w, cache_out, row, 2 * HD + h * D, d, m,
                        stride_pb, stride_cb, stride_ct, stride_ob, stride_ot, K)  # fmt: skip
-        if NORM_QK:  # F.normalize: x / max(|x|, eps), in the projection's dtype
-            dtype = proj.dtype.element_ty
-            q = (q / tl.maximum(tl.sqrt(tl.sum(q * q, 0)), 1e-6)).to(dtype).to(tl.float32)
-            k = (k / tl.maximum(tl.sqrt(tl.sum(k * k, 0)), 1e-6)).to(dtype).to(tl.float32)
-
-        a = tl.load(proj + row * stride_pb + 3 * HD + h).to(tl.float32) + tl.load(dt_bias + h).to(tl.float32)
-        softplus = tl.where(a > SOFTPLUS_THRESHOLD, a, tl.log(1.0 + tl.exp(a)))
-        decay = tl.exp(-tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus)
-        beta = tl.sigmoid(tl.load(proj + row * stride_pb + 3 * HD + H + h).to(tl.float32))
+        q, k = _qk_normed(q, k, proj.dtype.element_ty, NORM_QK)
 
         tile = ((row * H + h) * D + d[:, None]) * D + d[None, :]  # S[row, h] is (D_k, D_v), row-major
         tile_mask = m[:, None] & m[None, :]
         state = tl.load(S + tile, mask=tile_mask, other=0.0)
-        kS = tl.sum(k[:, None] * state, 0)  # k^T S
-        state = decay * (state - beta * k[:, None] * kS[None, :]) + beta * k[:, None] * v[None, :]
+        state, y = _update_and_read(proj + row * stride_pb, A_log, dt_bias, state, q, k, v, norm_w, h, H, HD, D,
+                                    d, m, norm_eps, scale, out.dtype.element_ty, USE_GATE)  # fmt: skip
         tl.store(S_out + tile, state, mask=tile_mask)
-
-        o = scale * tl.sum(q[:, None] * state, 0)
-        o = o.to(out.dtype.element_ty).to(tl.float32)  # the PyTorch step normalises o in the layer input's dtype
-        rstd = 1.0 / tl.sqrt(tl.sum(o * o, 0) / D + norm_eps)
-        y = o * rstd * tl.load(norm_w + d, mask=m, other=0.0).to(tl.float32)
-        if USE_GATE:
-            gate = tl.load(proj + row * stride_pb + 3 * HD + 2 * H + h * D + d, mask=m, other=0.0).to(tl.float32)
-            y = y * gate * tl.sigmoid(gate)
         tl.store(out + row * HD + h * D + d, y, mask=m)
+
+    @triton.jit
+    def _conv_silu_at(proj, cache, conv_w, row, t, c0, d, m, stride_pb, stride_pt, stride_cb, stride_ct,
+                      K: tl.constexpr):  # fmt: skip
+        """``_conv_silu`` for token t of a multi-token call: its window is the sequence [cache | proj's tokens]
+        at t .. t + K - 1 (cache entries first while t < K - 1), in the same order of summation."""
+        x = tl.load(proj + row * stride_pb + t * stride_pt + c0 + d, mask=m, other=0.0)
+        acc = x.to(tl.float32) * tl.load(conv_w + (c0 + d) * K + (K - 1), mask=m, other=0.0).to(tl.float32)
+        for j in tl.static_range(K - 1):
+            if t + j < K - 1:
+                past = tl.load(cache + row * stride_cb + (t + j) * stride_ct + c0 + d, mask=m, other=0.0).to(x.dtype)
+            else:
+                past = tl.load(proj + row * stride_pb + (t + j - (K - 1)) * stride_pt + c0 + d, mask=m, other=0.0)
+            acc += past.to(tl.float32) * tl.load(conv_w + (c0 + d) * K + j, mask=m, other=0.0).to(tl.float32)
+        y = acc.to(x.dtype).to(tl.float32)
+        return (y * tl.sigmoid(y)).to(x.dtype).to(tl.float32)
+
+    @triton.jit
+    def _gdn_steps_kernel(
+        proj, cache, conv_w, A_log, dt_bias, S, norm_w, out, S_trail,
+        stride_pb, stride_pt, stride_cb, stride_ct,
+        H, D, norm_eps, scale,
+        T: tl.constexpr, K: tl.constexpr, BLOCK_D: tl.constexpr, NORM_QK: tl.constexpr, USE_GATE: tl.constexpr,
+    ):  # fmt: skip
+        """T tokens of head h in one program: the state stays in registers between them; after each token its
+        state goes to S_trail[row, t, h] and its output to out[row, t]."""
+        row, h = tl.program_id(0), tl.program_id(1)
+        d = tl.arange(0, BLOCK_D)
+        m = d < D
+        HD = H * D
+        square = d[:, None] * D + d[None, :]
+        tile_mask = m[:, None] & m[None, :]
+        state = tl.load(S + (row * H + h) * D * D + square, mask=tile_mask, other=0.0)
+        for t in tl.static_range(T):
+            q = _conv_silu_at(proj, cache, conv_w, row, t, h * D, d, m, stride_pb, stride_pt, stride_cb, stride_ct, K)
+            k = _conv_silu_at(proj, cache, conv_w, row, t, HD + h * D, d, m,
+                              stride_pb, stride_pt, stride_cb, stride_ct, K)  # fmt: skip
+            v = _conv_silu_at(proj, cache, conv_w, row, t, 2 * HD + h * D, d, m,
+                              stride_pb, stride_pt, stride_cb, stride_ct, K)  # fmt: skip
+            q, k = _qk_normed(q, k, proj.dtype.element_ty, NORM_QK)
+            state, y = _update_and_read(proj + row * stride_pb + t * stride_pt, A_log, dt_bias, state, q, k, v,
+                                        norm_w, h, H, HD, D, d, m, norm_eps, scale, out.dtype.element_ty,
+                                        USE_GATE)  # fmt: skip
+            tl.store(S_trail + ((row * T + t) * H + h) * D * D + square, state, mask=tile_mask)
+            tl.store(out + (row * T + t) * HD + h * D + d, y, mask=m)
 
 
 @torch.library.custom_op("hydralm::gated_deltanet_step", mutates_args=())
@@ -175,3 +240,48 @@ def _(proj, cache, conv_weight, A_log, dt_bias, S, norm_weight, n_heads, head_di
 def _(proj, cache, conv_weight, A_log, dt_bias, S, norm_weight, n_heads, head_dim, norm_eps, norm_qk, use_gate,
       out_dtype):  # fmt: skip
     return _outputs(proj, S, n_heads, head_dim, conv_weight.shape[-1], out_dtype)[0]
+
+
+@torch.library.custom_op("hydralm::gated_deltanet_steps", mutates_args=())
+def gated_deltanet_steps_fused(
+    proj: torch.Tensor,
+    cache: torch.Tensor,
+    conv_weight: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    S: torch.Tensor,
+    norm_weight: torch.Tensor,
+    n_heads: int,
+    head_dim: int,
+    norm_eps: float,
+    norm_qk: bool,
+    use_gate: bool,
+    out_dtype: torch.dtype,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """T tokens in one launch (HYDRALM_DECODE_MANY=looped): proj (B, T, 3 H D + 2 H [+ H D]) the input
+    projection's output for the T tokens, the rest as ``gated_deltanet_step_fused``. Returns (o (B, T, H D), the
+    state after each token (B, T, H, D, D) fp32): what T calls of the one-token kernel give, bit for bit."""
+    B, T = proj.shape[:2]
+    H, D, K = n_heads, head_dim, conv_weight.shape[-1]
+    proj, cache, S = proj.contiguous(), cache.contiguous(), S.contiguous()
+    out, trail = _steps_outputs(proj, S, H, D, out_dtype)
+    _gdn_steps_kernel[(B, H)](
+        proj, cache, conv_weight.reshape(3 * H * D, K).contiguous(), A_log, dt_bias, S, norm_weight, out, trail,
+        proj.stride(0), proj.stride(1), cache.stride(0), cache.stride(1),
+        H, D, norm_eps, D**-0.5,
+        T=T, K=K, BLOCK_D=triton.next_power_of_2(D), NORM_QK=norm_qk, USE_GATE=use_gate,
+        num_warps=STEPS_WARPS,
+    )  # fmt: skip
+    return out, trail
+
+
+def _steps_outputs(proj, S, n_heads, head_dim, out_dtype):
+    B, T = proj.shape[:2]
+    out = torch.empty(B, T, n_heads * head_dim, device=proj.device, dtype=out_dtype)
+    return out, torch.empty(B, T, *S.shape[1:], device=S.device, dtype=S.dtype)
+
+
+@gated_deltanet_steps_fused.register_fake
+def _(proj, cache, conv_weight, A_log, dt_bias, S, norm_weight, n_heads, head_dim, norm_eps, norm_qk, use_gate,
+      out_dtype):  # fmt: skip
+    return _steps_outputs(proj, S, n_heads, head_dim, out_dtype)
