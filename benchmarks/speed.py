@@ -541,6 +541,7 @@ DECODE_OPT_INS = {
     ("HYDRALM_DECODE_LINEAR", "fused"): "-folded",
     ("HYDRALM_RETRIEVAL_DECODE", "triton"): "-retrieval-kernel",
     ("HYDRALM_SWA_DECODE", "triton"): "-swa-kernel",
+    ("HYDRALM_DECODE_MANY", "looped"): "-looped-verify",
 }
 
 
