@@ -396,14 +396,10 @@ def swa_decode_backend(is_cuda: bool, rows: int = 1) -> str:
 
 
 def _decode_kernel_path(name: str, choices: tuple, is_cuda: bool, rows: int) -> str:
-    """auto: 'triton' on CUDA (with triton) for at most DECODE_KERNEL_ROWS rows, else 'torch'; a named choice as
-    asked (triton needs a device that runs it)."""
-    choice = _choice(name, choices)
-    if choice == "auto":
-        return "triton" if is_cuda and _triton_usable(is_cuda) and rows <= DECODE_KERNEL_ROWS else "torch"
-    if choice == "triton":
-        _require_triton(name, choice, is_cuda, "the PyTorch step")
-    return choice
+    """A checked Triton path (`_checked_triton_path`) whose auto also stops above DECODE_KERNEL_ROWS rows."""
+    if rows > DECODE_KERNEL_ROWS and _choice(name, choices) == "auto":
+        return "torch"
+    return _checked_triton_path(name, choices, "triton", is_cuda, "the PyTorch step")
 
 
 def decode_linear_backend(is_cuda: bool) -> str:

@@ -180,8 +180,9 @@ class GatedDeltaNet(nn.Module):
         delta rule still runs token by token (a (B, H, D, D) update each); the trail keeps S after every token
         (T copies of a state that is small next to the weights) and the short conv's inputs, so any prefix's
         state is a read, not a recomputation."""
-        if state.S.dtype == torch.float32 and decode_many_backend(x.is_cuda) in ("fused", "looped"):
-            return self._step_many_fused(x, state, io)
+        backend = decode_many_backend(x.is_cuda)
+        if state.S.dtype == torch.float32 and backend in ("fused", "looped"):
+            return self._step_many_fused(x, state, io, looped=backend == "looped")
         qkv, a, b, gate = self._project(x, io)
         qkv, conv_inputs = self.conv.step_many(qkv, state.conv)
         q, k, v = self._split_heads(qkv, fla=False)  # (B, T, H, D)
@@ -194,12 +195,14 @@ class GatedDeltaNet(nn.Module):
         y = self._output(torch.stack(outputs, dim=1).to(x.dtype), gate, fla=False, io=io)
         return y, {"S": torch.stack(states, dim=1), "conv": conv_inputs}
 
-    def _step_many_fused(self, x: torch.Tensor, state: DeltaNetState, io: BlockIO) -> Tuple[torch.Tensor, Trail]:
+    def _step_many_fused(
+        self, x: torch.Tensor, state: DeltaNetState, io: BlockIO, looped: bool
+    ) -> Tuple[torch.Tensor, Trail]:
         """``step_many`` with each token's conv, gates, delta rule and gated norm in the fused step kernel
         (HYDRALM_DECODE_MANY=fused): one launch per token and layer after one input projection; =looped: one
         launch for the T tokens, which writes the trail's states itself."""
         proj = io.project_in(self.in_proj, x)  # (B, T, 3 H D + 2 H [+ H D])
-        if decode_many_backend(x.is_cuda) == "looped":
+        if looped:
             from hydralm.kernels.delta_rule.triton_decode import gated_deltanet_steps_fused
 
             o, states = gated_deltanet_steps_fused(proj, state.conv, *self._fused_args(state.S, x.dtype))
