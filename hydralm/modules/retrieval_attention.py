@@ -513,8 +513,14 @@ class RetrievalAttention(nn.Module):
         pos = st.pos
         c, filled = pos // C, pos % C  # the chunk in progress, tokens already in it
         q, k, v = self.proj.split(x_t[:, None], io)  # (B, H, 1, D), (B, H_kv, 1, D)
-        buf_k = write_slot(st.buf_k, 2, filled, k[:, :, 0])
-        buf_v = write_slot(st.buf_v, 2, filled, v[:, :, 0])
+        in_place = self._updates_in_place(st, q)
+        if in_place:  # a StaticDecoder's own buffers: the token goes where it lies, and so does the chunk below
+            index = filled.reshape(1)
+            buf_k = st.buf_k.index_copy_(2, index, k.to(st.buf_k.dtype))
+            buf_v = st.buf_v.index_copy_(2, index, v.to(st.buf_v.dtype))
+        else:
+            buf_k = write_slot(st.buf_k, 2, filled, k[:, :, 0])
+            buf_v = write_slot(st.buf_v, 2, filled, v[:, :, 0])
         bank_k, bank_v, summaries = st.bank_k, st.bank_v, st.summaries
         if self.memory is None and bank_k.shape[2] < c + 1:  # room for the chunk in progress (host int c)
             bank_k, bank_v, summaries = (_grow(t, max(c + 1, 2 * t.shape[2])) for t in (bank_k, bank_v, summaries))
@@ -539,11 +545,29 @@ class RetrievalAttention(nn.Module):
             y = self._step_attention(q, st, buf_k, buf_v, bank_k, bank_v, summaries, slot_ids, routable, c, filled)
 
         # The chunk completes with this token: it joins the bank in slot c % S.
+        if in_place:
+            from hydralm.kernels.retrieval.triton_ring_update import retrieval_complete_chunk_
+
+            rings = (st.bank_k, st.bank_v, st.summaries, st.pool_k, st.pool_v, st.pool_summaries)
+            retrieval_complete_chunk_(buf_k, buf_v, *rings, self.memory.pool_query, pos)
+            return self.proj.merge(y, io)[:, 0], RetrievalState(buf_k, buf_v, *rings, pos=pos + 1)
         complete = filled == C - 1
         rings = self._complete_chunk(st, bank_k, bank_v, summaries, c, buf_k, buf_v, complete)
         buf_k, buf_v = where(complete, torch.zeros_like(buf_k), buf_k), where(complete, torch.zeros_like(buf_v), buf_v)
         new = RetrievalState(buf_k, buf_v, *rings, pos=pos + 1)
         return self.proj.merge(y, io)[:, 0], new
+
+    def _updates_in_place(self, st: RetrievalState, q: torch.Tensor) -> bool:
+        """Whether this step writes the token and a completing chunk into `st`'s own tensors with the ring-update
+        kernel (kernels/retrieval/triton_ring_update.py): on a StaticDecoder's buffers (``st.in_place``, fixed
+        shapes with memory, a device counter) when HYDRALM_RETRIEVAL_DECODE picks Triton at any row count."""
+        return (
+            st.in_place
+            and self.memory is not None
+            and torch.is_tensor(st.pos)
+            and all(t.is_contiguous() for t in st.tensors().values())
+            and retrieval_decode_backend(q.is_cuda) == "triton"
+        )
 
     def _fused_step(self, q: torch.Tensor, slots: int) -> bool:
         """Whether this step runs as one Triton kernel (HYDRALM_RETRIEVAL_DECODE): not while logging picks, and for

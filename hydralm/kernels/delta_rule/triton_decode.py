@@ -23,9 +23,12 @@ import torch
 
 from hydralm.kernels.triton_common import tl, triton
 
-# Warps of the T-token kernel. Compiled for sm_90 at D 64 (ptxas -v, Triton 3.9), its (D, D) fp32 state and the
-# products of it spill 1.6 KB of stack a thread at 4 warps and 32 B at 8. The one-token kernel launches with
-# Triton's default 4 warps, where it spills about 500 B (none at 8): a change to time on a GPU before it is made.
+# Warps of the one-token kernel. Timed alone as a CUDA graph on an H200 (bf16 projections, H 12, D 64, 55ad51c):
+# 4.0 / 5.0 / 5.6 / 7.2 us at 2 / 4 / 8 / 16 warps for one row, 7.5 / 12.8 / 18.2 / 29.4 us for 64 rows. Fewer
+# warps spill more of the (D, D) fp32 state to the stack (about 500 B a thread at 4 warps, none at 8, sm_90), but
+# the spills stay in L1 and the block's reductions get shorter.
+STEP_WARPS = 2
+# Warps of the T-token kernel: its state and the products of it spill 1.6 KB a thread at 4 warps and 32 B at 8.
 STEPS_WARPS = 8
 
 if triton is not None:
@@ -221,7 +224,7 @@ def _launch(proj, cache, conv_weight, A_log, dt_bias, S, norm_weight, out, S_out
         out, S_out, cache_out,
         proj.stride(0), cache.stride(0), cache.stride(1), cache_out.stride(0), cache_out.stride(1),
         H, D, norm_eps, D**-0.5,
-        K=K, BLOCK_D=triton.next_power_of_2(D), NORM_QK=norm_qk, USE_GATE=use_gate,
+        K=K, BLOCK_D=triton.next_power_of_2(D), NORM_QK=norm_qk, USE_GATE=use_gate, num_warps=STEP_WARPS,
     )  # fmt: skip
 
 
