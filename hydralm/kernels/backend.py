@@ -108,13 +108,16 @@ HYDRALM_RETRIEVAL_DECODE = auto | torch | triton
     the local context in three Triton kernels that read the rings in place (kernels/retrieval/triton_decode.py:
     scores per block of slots, one program per pick or local chunk, a merge by log-sum-exp), instead of about
     twenty PyTorch kernels and gathered copies of the picked chunks. auto = triton on CUDA (with triton) for at most
-    DECODE_KERNEL_ROWS (16) rows, torch elsewhere: `HYDRALM_RETRIEVAL_DECODE=triton python -m benchmarks.gpu_check
+    DECODE_KERNEL_ROWS (64) rows, torch elsewhere: `HYDRALM_RETRIEVAL_DECODE=triton python -m benchmarks.gpu_check
     retrieval_decode static_decode` passed on an H200 at 27be1e9 (the PyTorch step's logits within 4.2e-7 fp32,
     6.5e-3 bf16; the StaticDecoder eager and as a CUDA graph within 1.4e-6 of `model.step`), and again with every
     decode switch below at 75fc635; batch-1 decode of the 160m model after 4k tokens ran 1135 tok/s with it against
     1010 without (`speed decode_batched`). An earlier one-program-per-(row, head) version was slower (834.8 against
-    1043.8 tok/s, 55d1790) and 5x slower at batch 64; the split version is not yet timed above batch 1, so larger
-    batches keep the PyTorch step under auto.
+    1043.8 tok/s, 55d1790) and 5x slower at batch 64. With it, a StaticDecoder's step also writes a completing
+    chunk into the rings in place with one kernel (kernels/retrieval/triton_ring_update.py) at any row count; the
+    same checks passed at 6aa3407 (5.95e-7), and the 160m graph step after 4k tokens ran 1584 tok/s at batch 1,
+    5202 at batch 8 and 42.3k at batch 64 with both attention kernels, against 27.3k at batch 64 on the PyTorch
+    steps, so DECODE_KERNEL_ROWS is 64 since then.
 
 HYDRALM_SWA_DECODE = auto | torch | triton
     The attention of the one-token step of sliding-window layers (after the ring write). triton: two Triton
@@ -125,7 +128,7 @@ HYDRALM_SWA_DECODE = auto | torch | triton
     static_decode` (every decode switch set) passed on an H200 at 75fc635 (the PyTorch step's logits within 3.9e-7
     fp32, 6.4e-3 bf16, MHA and GQA; the StaticDecoder eager and as a CUDA graph within 8.9e-7 of `model.step`), and
     batch-1 decode after 4k tokens went from 1256 to 1303 tok/s with it (the folds and the retrieval kernel on in
-    both; `speed decode_batched`, same run). Not yet timed above batch 1.
+    both; `speed decode_batched`, same run); timed at 8 and 64 rows with the retrieval kernel above.
 
 HYDRALM_DECODE_LINEAR = auto | torch | gemv | fused
     The matmuls of a decode step (bias-free projections called without autograd on at most 16 rows). gemv: one
@@ -382,7 +385,7 @@ def decode_backend(is_cuda: bool) -> str:
 
 # Rows (batch size) up to which auto picks the decode step kernels of retrieval and SWA layers: they were timed on
 # an H200 at batch 1 (module docstring); larger batches keep the PyTorch steps until timed there.
-DECODE_KERNEL_ROWS = 16
+DECODE_KERNEL_ROWS = 64  # the largest batch the decode kernels were timed at against the PyTorch steps
 
 
 def retrieval_decode_backend(is_cuda: bool, rows: int = 1) -> str:
