@@ -509,53 +509,60 @@ class RetrievalAttention(nn.Module):
         Reads the bank and pool rings whole under masks of the chunks each slot holds, so with memory every
         shape is fixed and ``pos`` may be a device counter (StaticDecoder). A chunk completes inside the step:
         it joins the bank, and the chunk leaving the exact window is compressed into the pool."""
-        C, device = self.chunk_size, x_t.device
-        pos = st.pos
-        c, filled = pos // C, pos % C  # the chunk in progress, tokens already in it
         q, k, v = self.proj.split(x_t[:, None], io)  # (B, H, 1, D), (B, H_kv, 1, D)
-        in_place = self._updates_in_place(st, q)
-        if in_place:  # a StaticDecoder's own buffers: the token goes where it lies, and so does the chunk below
-            index = filled.reshape(1)
-            buf_k = st.buf_k.index_copy_(2, index, k.to(st.buf_k.dtype))
-            buf_v = st.buf_v.index_copy_(2, index, v.to(st.buf_v.dtype))
-        else:
-            buf_k = write_slot(st.buf_k, 2, filled, k[:, :, 0])
-            buf_v = write_slot(st.buf_v, 2, filled, v[:, :, 0])
+        if self._updates_in_place(st, q):
+            y = self._step_in_place(q, k, v, st, st.pos)
+            return self.proj.merge(y, io)[:, 0], dataclasses.replace(st, pos=st.pos + 1)
+        C, pos = self.chunk_size, st.pos
+        c, filled = pos // C, pos % C  # the chunk in progress, tokens already in it
+        buf_k = write_slot(st.buf_k, 2, filled, k[:, :, 0])
+        buf_v = write_slot(st.buf_v, 2, filled, v[:, :, 0])
         bank_k, bank_v, summaries = st.bank_k, st.bank_v, st.summaries
         if self.memory is None and bank_k.shape[2] < c + 1:  # room for the chunk in progress (host int c)
             bank_k, bank_v, summaries = (_grow(t, max(c + 1, 2 * t.shape[2])) for t in (bank_k, bank_v, summaries))
-        S, P = bank_k.shape[2], st.pool_k.shape[2]
+        y = self._step_attention_at(q, st, buf_k, buf_v, bank_k, bank_v, summaries, pos)
+        # The chunk completes with this token: it joins the bank in slot c % S.
+        complete = filled == C - 1
+        rings = self._complete_chunk(st, bank_k, bank_v, summaries, c, buf_k, buf_v, complete)
+        buf_k, buf_v = where(complete, torch.zeros_like(buf_k), buf_k), where(complete, torch.zeros_like(buf_v), buf_v)
+        new = RetrievalState(buf_k, buf_v, *rings, pos=pos + 1)
+        return self.proj.merge(y, io)[:, 0], new
 
-        # Routing over [pool | bank] slots: a token of chunk c may pick chunks 0 .. c - 2 still held.
+    def _step_in_place(self, q, k, v, st: RetrievalState, pos: torch.Tensor) -> torch.Tensor:
+        """The token at position `pos` on a StaticDecoder's buffers: its key and value written where they lie, the
+        attention, then a completing chunk moved into the rings by the ring-update kernel. q (B, H, 1, D) ->
+        (B, H, 1, D); `st` holds the state after the token (its pos is the caller's to advance)."""
+        from hydralm.kernels.retrieval.triton_ring_update import retrieval_complete_chunk_
+
+        index = (pos % self.chunk_size).reshape(1)
+        st.buf_k.index_copy_(2, index, k.to(st.buf_k.dtype))
+        st.buf_v.index_copy_(2, index, v.to(st.buf_v.dtype))
+        y = self._step_attention_at(q, st, st.buf_k, st.buf_v, st.bank_k, st.bank_v, st.summaries, pos)
+        rings = (st.bank_k, st.bank_v, st.summaries, st.pool_k, st.pool_v, st.pool_summaries)
+        retrieval_complete_chunk_(st.buf_k, st.buf_v, *rings, self.memory.pool_query, pos)
+        return y
+
+    def _step_attention_at(self, q, st, buf_k, buf_v, bank_k, bank_v, summaries, pos: Counter) -> torch.Tensor:
+        """The token at `pos` (its key already in buf_k / buf_v) attends: routing over [pool | bank] slots, a token
+        of chunk c picking among chunks 0 .. c - 2 still held, and its local context. (B, H, 1, D)."""
+        C, device = self.chunk_size, q.device
+        c, filled = pos // C, pos % C
+        S, P = bank_k.shape[2], st.pool_k.shape[2]
         slot_ids = ring_ids(c - 1, S, device)  # the chunk each bank slot holds (< 0: none)
         routable = (slot_ids >= 0) & (slot_ids <= c - 2)
         if P:  # compressed chunk j sits in pool slot j % P
             pool_ids = ring_ids(c - self.exact_chunks - 1, P, device)
             routable = torch.cat([pool_ids >= 0, routable])
             slot_ids = torch.cat([pool_ids, slot_ids])
-        if self._fused_step(q, P + S):
-            from hydralm.kernels.retrieval.triton_decode import retrieval_decode_step
+        if not self._fused_step(q, P + S):
+            return self._step_attention(q, st, buf_k, buf_v, bank_k, bank_v, summaries, slot_ids, routable, c, filled)
+        from hydralm.kernels.retrieval.triton_decode import retrieval_decode_step
 
-            pos_t = pos if torch.is_tensor(pos) else torch.tensor(pos, device=device)
-            y = retrieval_decode_step(
-                q[:, :, 0], buf_k, buf_v, bank_k, bank_v, summaries, st.pool_k, st.pool_v, st.pool_summaries,
-                slot_ids, routable, pos_t, self.top_k,
-            )[0][:, :, None]  # fmt: skip
-        else:
-            y = self._step_attention(q, st, buf_k, buf_v, bank_k, bank_v, summaries, slot_ids, routable, c, filled)
-
-        # The chunk completes with this token: it joins the bank in slot c % S.
-        if in_place:
-            from hydralm.kernels.retrieval.triton_ring_update import retrieval_complete_chunk_
-
-            rings = (st.bank_k, st.bank_v, st.summaries, st.pool_k, st.pool_v, st.pool_summaries)
-            retrieval_complete_chunk_(buf_k, buf_v, *rings, self.memory.pool_query, pos)
-            return self.proj.merge(y, io)[:, 0], RetrievalState(buf_k, buf_v, *rings, pos=pos + 1)
-        complete = filled == C - 1
-        rings = self._complete_chunk(st, bank_k, bank_v, summaries, c, buf_k, buf_v, complete)
-        buf_k, buf_v = where(complete, torch.zeros_like(buf_k), buf_k), where(complete, torch.zeros_like(buf_v), buf_v)
-        new = RetrievalState(buf_k, buf_v, *rings, pos=pos + 1)
-        return self.proj.merge(y, io)[:, 0], new
+        pos_t = pos if torch.is_tensor(pos) else torch.tensor(pos, device=device)
+        return retrieval_decode_step(
+            q[:, :, 0], buf_k, buf_v, bank_k, bank_v, summaries, st.pool_k, st.pool_v, st.pool_summaries,
+            slot_ids, routable, pos_t, self.top_k,
+        )[0][:, :, None]  # fmt: skip
 
     def _updates_in_place(self, st: RetrievalState, q: torch.Tensor) -> bool:
         """Whether this step writes the token and a completing chunk into `st`'s own tensors with the ring-update
@@ -615,6 +622,8 @@ class RetrievalAttention(nn.Module):
         """x (B, T, d_model) -> (y (B, T, d_model), trail of the new keys and values (B, H_kv, T, D)): T steps
         with one pass over the projections; `st` is left as it was."""
         q, k, v = self.proj.split(x, io)
+        if self._verifies_in_place(st, q):
+            return self.proj.merge(self._verify_in_place(q, k, v, st), io), {"k": k, "v": v}
         outputs = []
         for start, n in pieces(x.shape[1], self.chunk_size):
             part = slice(start, start + n)
@@ -624,10 +633,63 @@ class RetrievalAttention(nn.Module):
         return self.proj.merge(torch.cat(outputs, dim=2), io), {"k": k, "v": v}
 
     def state_after(self, state: RetrievalState, trail: Trail, kept: Counter) -> RetrievalState:
+        if self._verifies_in_place(state, trail["k"]) and torch.is_tensor(kept):
+            return self._replay_in_place(state, trail, kept)
         for start, n in pieces(trail["k"].shape[2], self.chunk_size):
             part = slice(start, start + n)
             state = self._advance(state, trail["k"][:, :, part], trail["v"][:, :, part], kept_in_piece(kept, start, n))
         return state
+
+    # -- speculative verification on a StaticDecoder's buffers, with the step's kernels ---------------------
+    def _verifies_in_place(self, st: RetrievalState, q: torch.Tensor) -> bool:
+        """Whether T tokens are verified as T in-place steps (``_verify_in_place``): on the buffers the
+        ring-update kernel writes, for T <= C tokens (a verify completes at most one chunk)."""
+        return 1 < self.chunk_size and q.shape[2] <= self.chunk_size and self._updates_in_place(st, q)
+
+    def _verify_in_place(self, q, k, v, st: RetrievalState) -> torch.Tensor:
+        """What T ``step`` calls on these buffers give, with the same kernels and so the same bits (speculative
+        decoding then matches greedy decoding token for token), and the buffers as they were: the slots the T steps
+        may write (the chunk in progress, the bank slot of chunk c, the pool slot it would leave into) are saved
+        first and written back after. q (B, H, T, D) -> (B, H, T, D)."""
+        saved = [(tensor, index, tensor.index_select(2, index)) for tensor, index in self._verify_slots(st)]
+        outputs = [
+            self._step_in_place(q[:, :, j : j + 1], k[:, :, j : j + 1], v[:, :, j : j + 1], st, st.pos + j)
+            for j in range(q.shape[2])
+        ]
+        for tensor, index, values in saved:
+            tensor.index_copy_(2, index, values)
+        return torch.cat(outputs, dim=2)
+
+    def _verify_slots(self, st: RetrievalState) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """(tensor, slots along dim 2) that up to C steps from st.pos may write."""
+        C, device = self.chunk_size, st.buf_k.device
+        S, P = st.bank_k.shape[2], st.pool_k.shape[2]
+        c = st.pos // C
+        whole = torch.arange(C, device=device)
+        slots = [(st.buf_k, whole), (st.buf_v, whole)]
+        slots += [(t, (c % S).reshape(1)) for t in (st.bank_k, st.bank_v, st.summaries)]
+        if P:
+            slots += [(t, ((c - S) % P).reshape(1)) for t in (st.pool_k, st.pool_v, st.pool_summaries)]
+        return slots
+
+    def _replay_in_place(self, st: RetrievalState, trail: Trail, kept: torch.Tensor) -> RetrievalState:
+        """``state_after`` on a StaticDecoder's buffers: the first `kept` (a device counter) of the verified tokens
+        written and their chunk moved as ``step`` does, with the same kernel, so the state is the steps' bit for
+        bit; the other tokens write back what their slot held and run the ring update at a position that
+        completes nothing (0)."""
+        from hydralm.kernels.retrieval.triton_ring_update import retrieval_complete_chunk_
+
+        rings = (st.bank_k, st.bank_v, st.summaries, st.pool_k, st.pool_v, st.pool_summaries)
+        for j in range(trail["k"].shape[2]):
+            live, pos = j < kept, st.pos + j
+            index = (pos % self.chunk_size).reshape(1)
+            for buf, new in ((st.buf_k, trail["k"]), (st.buf_v, trail["v"])):
+                value = torch.where(live, new[:, :, j : j + 1].to(buf.dtype), buf.index_select(2, index))
+                buf.index_copy_(2, index, value)
+            retrieval_complete_chunk_(
+                st.buf_k, st.buf_v, *rings, self.memory.pool_query, torch.where(live, pos, torch.zeros_like(pos))
+            )
+        return dataclasses.replace(st, pos=st.pos + kept)
 
     def _attend_next(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st: RetrievalState) -> torch.Tensor:
         """The n <= C tokens right after `st`: q (B, H, n, D), k/v (B, H_kv, n, D) -> (B, H, n, D), what n

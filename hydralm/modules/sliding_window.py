@@ -125,6 +125,8 @@ class SlidingWindowAttention(nn.Module):
         q, k, v = self.proj.split(x, io)
         position = positions(state.pos, x.shape[1], x.device)
         q, k = self.rotary(q, position), self.rotary(k, position)
+        if self._verifies_in_place(state, q):
+            return self.proj.merge(self._verify_in_place(q, k, v, state), io), {"k": k, "v": v}
         outputs, st = [], state
         for start, n in pieces(x.shape[1], self.window):
             part = slice(start, start + n)
@@ -138,6 +140,33 @@ class SlidingWindowAttention(nn.Module):
             part = slice(start, start + n)
             state = self._advance(state, trail["k"][:, :, part], trail["v"][:, :, part], kept_in_piece(kept, start, n))
         return state
+
+    def _verifies_in_place(self, st: SlidingWindowState, q: torch.Tensor) -> bool:
+        """Whether T tokens are verified as T steps of the step's kernel on a StaticDecoder's ring (T <= window)."""
+        return (
+            st.in_place
+            and torch.is_tensor(st.pos)
+            and q.shape[2] <= self.window
+            and q.dtype in KERNEL_DTYPES
+            and st.k.dtype in KERNEL_DTYPES
+            and swa_decode_backend(q.is_cuda, q.shape[0]) == "triton"
+        )
+
+    def _verify_in_place(self, q, k, v, st: SlidingWindowState) -> torch.Tensor:
+        """What T ``step`` calls give, with the step's kernel and so the same bits: each token written into the ring
+        and attending in turn, then the T slots written back as they were. q (B, H, T, D) -> (B, H, T, D)."""
+        from hydralm.kernels.attention.triton_decode import sliding_window_decode
+
+        slots = positions(st.pos, q.shape[2], q.device) % self.window
+        saved = [(ring, ring.index_select(2, slots)) for ring in (st.k, st.v)]
+        outputs = []
+        for j in range(q.shape[2]):
+            st.k.index_copy_(2, slots[j : j + 1], k[:, :, j : j + 1].to(st.k.dtype))
+            st.v.index_copy_(2, slots[j : j + 1], v[:, :, j : j + 1].to(st.v.dtype))
+            outputs.append(sliding_window_decode(q[:, :, j], st.k, st.v, st.pos + j)[:, :, None])
+        for ring, values in saved:
+            ring.index_copy_(2, slots, values)
+        return torch.cat(outputs, dim=2)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st: SlidingWindowState) -> torch.Tensor:
         """n <= window queries at positions pos .. pos + n - 1 over [ring | their own keys]: query j sees the ring
