@@ -1,6 +1,6 @@
-"""Speculative verification on a StaticDecoder with the decode kernels (HYDRALM_RETRIEVAL_DECODE=triton,
-HYDRALM_SWA_DECODE=triton): the retrieval and sliding-window layers verify T tokens as T in-place steps of the
-step's kernels and write their slots back, and the retrieval layer's commit replays the kept tokens with the
+"""Speculative verification on a StaticDecoder with the decode kernels (HYDRALM_DECODE_VERIFY=kernels,
+HYDRALM_RETRIEVAL_DECODE=triton, HYDRALM_SWA_DECODE=triton): the retrieval and sliding-window layers verify T
+tokens as T in-place steps of the step's kernels and write their slots back, and the retrieval layer's commit replays the kept tokens with the
 ring-update kernel. So a verify's logits are the decode steps' bit for bit, the state does not move, and a commit
 leaves the state the steps leave: speculative decoding matches greedy decoding token for token. Off GPU the kernels
 run in Triton's CPU interpreter (conftest.py)."""
@@ -24,6 +24,7 @@ KERNELS = {
     "HYDRALM_DECODE": "fused",
     "HYDRALM_DECODE_MANY": "fused",
     "HYDRALM_DECODE_LINEAR": "fused",
+    "HYDRALM_DECODE_VERIFY": "kernels",
 }
 
 

@@ -103,6 +103,18 @@ HYDRALM_DECODE_MANY = auto | torch | fused | looped
     and a stack of the T states, bit for bit what T launches of the fused step give (tests/test_gdn_decode_fused.py);
     asked by name only until `HYDRALM_DECODE_MANY=looped python -m benchmarks.gpu_check spec_decode` has passed.
 
+HYDRALM_DECODE_VERIFY = auto | torch | kernels
+    Speculative verification of the retrieval and sliding-window layers on a StaticDecoder's buffers (``verify``,
+    ``commit``, ``greedy_round``). kernels: the T tokens run as T in-place steps of the layer's step kernels
+    (HYDRALM_RETRIEVAL_DECODE / HYDRALM_SWA_DECODE = triton), the slots they write are saved before and written
+    back after, and a retrieval layer's commit replays the kept tokens with its ring-update kernel: verify logits
+    and committed states are the decode steps' bit for bit (tests/test_kernel_verify.py), so greedy
+    self-drafting emits what greedy ``generate`` does even where logits nearly tie. torch: one PyTorch pass over
+    the T tokens (another summation order than the step kernels: at 6aa3407 greedy self-drafting on the random
+    160m model diverged from ``generate`` within 512 tokens, and ran 0.98x its speed). auto = torch until
+    `HYDRALM_DECODE_VERIFY=kernels python -m benchmarks.gpu_check spec_decode` passes on a GPU; asked by name,
+    kernels wherever the step kernels run (Triton's interpreter on a CPU).
+
 HYDRALM_RETRIEVAL_DECODE = auto | torch | triton
     The one-token step of retrieval layers. triton: routing, top-k and the attention over the picked chunks and
     the local context in three Triton kernels that read the rings in place (kernels/retrieval/triton_decode.py:
@@ -225,6 +237,7 @@ CROSS_ENTROPY_CHOICES = ("auto", "torch", "triton", "liger", "fla")
 DECODE_CHOICES = ("auto", "torch", "fused")
 DECODE_LINEAR_CHOICES = ("auto", "torch", "gemv", "fused")
 DECODE_MANY_CHOICES = ("auto", "torch", "fused", "looped")
+DECODE_VERIFY_CHOICES = ("auto", "torch", "kernels")
 RETRIEVAL_DECODE_CHOICES = ("auto", "torch", "triton")
 SWA_DECODE_CHOICES = ("auto", "torch", "triton")
 STREAM_ROUTING_CHOICES = ("auto", "torch", "triton")
@@ -427,6 +440,12 @@ def decode_many_backend(is_cuda: bool) -> str:
         _require_triton("HYDRALM_DECODE_MANY", "looped", is_cuda, "the PyTorch loop")
         return "looped"
     return _checked_triton_path("HYDRALM_DECODE_MANY", DECODE_MANY_CHOICES, "fused", is_cuda, "the PyTorch loop")
+
+
+def decode_verify_backend() -> str:
+    """'kernels' (asked by name: its GPU check has not run yet) or 'torch' for speculative verification of the
+    retrieval and SWA layers on a StaticDecoder's buffers (the layers also need their step kernels on)."""
+    return "kernels" if _choice("HYDRALM_DECODE_VERIFY", DECODE_VERIFY_CHOICES) == "kernels" else "torch"
 
 
 def _checked_triton_path(name: str, choices: tuple, path: str, is_cuda: bool, instead: str) -> str:

@@ -39,7 +39,12 @@ from torch import nn
 
 from hydralm.config import HydraConfig, config_error
 from hydralm.kernels.attention.local import repeat_kv
-from hydralm.kernels.backend import retrieval_backend, retrieval_decode_backend, stream_routing_backend
+from hydralm.kernels.backend import (
+    decode_verify_backend,
+    retrieval_backend,
+    retrieval_decode_backend,
+    stream_routing_backend,
+)
 from hydralm.kernels.retrieval.gather import gather_chunks, sparse_chunk_attention, union_of_selections
 from hydralm.kernels.retrieval.routing import route_tokens, topk_lowest_id
 from hydralm.modules.attention import AttentionProjections
@@ -643,8 +648,14 @@ class RetrievalAttention(nn.Module):
     # -- speculative verification on a StaticDecoder's buffers, with the step's kernels ---------------------
     def _verifies_in_place(self, st: RetrievalState, q: torch.Tensor) -> bool:
         """Whether T tokens are verified as T in-place steps (``_verify_in_place``): on the buffers the
-        ring-update kernel writes, for T <= C tokens (a verify completes at most one chunk)."""
-        return 1 < self.chunk_size and q.shape[2] <= self.chunk_size and self._updates_in_place(st, q)
+        ring-update kernel writes, for T <= C tokens (a verify completes at most one chunk), when
+        HYDRALM_DECODE_VERIFY=kernels."""
+        return (
+            decode_verify_backend() == "kernels"
+            and 1 < self.chunk_size
+            and q.shape[2] <= self.chunk_size
+            and self._updates_in_place(st, q)
+        )
 
     def _verify_in_place(self, q, k, v, st: RetrievalState) -> torch.Tensor:
         """What T ``step`` calls on these buffers give, with the same kernels and so the same bits (speculative

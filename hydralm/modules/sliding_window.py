@@ -16,7 +16,7 @@ from torch import nn
 
 from hydralm.config import HydraConfig
 from hydralm.kernels.attention.local import repeat_kv, sliding_window_attention
-from hydralm.kernels.backend import attention_backend, swa_decode_backend
+from hydralm.kernels.backend import attention_backend, decode_verify_backend, swa_decode_backend
 from hydralm.modules.attention import AttentionProjections, check_rotary_head_dim
 from hydralm.modules.linear import PLAIN_IO, BlockIO
 from hydralm.modules.mixer import Counter, LayerState, Trail
@@ -142,9 +142,11 @@ class SlidingWindowAttention(nn.Module):
         return state
 
     def _verifies_in_place(self, st: SlidingWindowState, q: torch.Tensor) -> bool:
-        """Whether T tokens are verified as T steps of the step's kernel on a StaticDecoder's ring (T <= window)."""
+        """Whether T tokens are verified as T steps of the step's kernel on a StaticDecoder's ring (T <= window),
+        when HYDRALM_DECODE_VERIFY=kernels."""
         return (
-            st.in_place
+            decode_verify_backend() == "kernels"
+            and st.in_place
             and torch.is_tensor(st.pos)
             and q.shape[2] <= self.window
             and q.dtype in KERNEL_DTYPES

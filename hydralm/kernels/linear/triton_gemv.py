@@ -105,11 +105,13 @@ if triton is not None:
     )(_gemv_kernel)
 
 
-def _blocks(N: int, K: int):
+def _blocks(N: int, K: int, interpreter: bool = False):
     """(BLOCK_N, BLOCK_K): columns per program so that there are about 2 * MIN_PROGRAMS programs; K in as few
     steps as keep the (columns x K) tile within TILE elements (registers), so that each program has most of its
-    loads in flight at once. The one configuration in Triton's interpreter."""
-    block_n = max(1, min(triton.next_power_of_2(triton.cdiv(N, 2 * MIN_PROGRAMS)), 16, TILE // 256))
+    loads in flight at once. In Triton's interpreter (its one configuration), which runs the programs one after
+    another, as few programs as 16-column blocks allow."""
+    programs = 1 if interpreter else 2 * MIN_PROGRAMS
+    block_n = max(1, min(triton.next_power_of_2(triton.cdiv(N, programs)), 16, TILE // 256))
     block_k = max(16, min(1024, triton.next_power_of_2(K), TILE // block_n))
     return block_n, block_k
 
@@ -151,7 +153,7 @@ def gemv(
         RESIDUAL=residual is not None,
     )
     if interpreting():
-        block_n, block_k = _blocks(N, K)
+        block_n, block_k = _blocks(N, K, interpreter=True)
         _gemv_kernel[(triton.cdiv(N, block_n),)](*args, BLOCK_N=block_n, BLOCK_K=block_k, **flags)
     else:
         _gemv_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)](*args, **flags)
