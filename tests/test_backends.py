@@ -201,10 +201,10 @@ def test_decode_step_kernels_are_auto_on_cuda_up_to_the_rows_they_were_timed_at(
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(backend, "triton_available", lambda: True)
     assert pick(is_cuda=True, rows=1) == "triton" and pick(is_cuda=True, rows=backend.DECODE_KERNEL_ROWS) == "triton"
-    assert pick(is_cuda=True, rows=64) == "torch"  # not timed at larger batches: the PyTorch step
+    assert pick(is_cuda=True, rows=backend.DECODE_KERNEL_ROWS + 1) == "torch"  # not timed above: the PyTorch step
     assert pick(is_cuda=False, rows=1) == "torch"
     monkeypatch.setenv(name, "triton")
-    assert pick(is_cuda=True, rows=64) == "triton"  # asked by name: whatever the batch
+    assert pick(is_cuda=True, rows=512) == "triton"  # asked by name: whatever the batch
     with pytest.raises(RuntimeError, match=f"{name}=triton needs"):
         pick(is_cuda=False)
     monkeypatch.setenv(name, "torch")
@@ -221,3 +221,13 @@ def test_the_plain_decode_gemv_is_still_asked_by_name(monkeypatch):
     assert backend.decode_linear_backend(is_cuda=True) == "gemv"
     with pytest.raises(RuntimeError, match="HYDRALM_DECODE_LINEAR=gemv needs"):
         backend.decode_linear_backend(is_cuda=False)
+
+
+def test_kernel_verify_is_asked_by_name_only(monkeypatch):
+    monkeypatch.delenv("HYDRALM_DECODE_VERIFY", raising=False)
+    assert backend.decode_verify_backend() == "torch"  # auto: its GPU check has not run yet
+    monkeypatch.setenv("HYDRALM_DECODE_VERIFY", "kernels")
+    assert backend.decode_verify_backend() == "kernels"
+    monkeypatch.setenv("HYDRALM_DECODE_VERIFY", "steps")
+    with pytest.raises(ValueError, match="HYDRALM_DECODE_VERIFY='steps' is invalid"):
+        backend.decode_verify_backend()
