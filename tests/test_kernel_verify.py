@@ -1,9 +1,9 @@
 """Speculative verification on a StaticDecoder with the decode kernels (HYDRALM_DECODE_VERIFY=kernels,
 HYDRALM_RETRIEVAL_DECODE=triton, HYDRALM_SWA_DECODE=triton): the retrieval and sliding-window layers verify T
-tokens as T in-place steps of the step's kernels and write their slots back, and the retrieval layer's commit replays the kept tokens with the
-ring-update kernel. So a verify's logits are the decode steps' bit for bit, the state does not move, and a commit
-leaves the state the steps leave: speculative decoding matches greedy decoding token for token. Off GPU the kernels
-run in Triton's CPU interpreter (conftest.py)."""
+tokens as T in-place steps of the step's kernels and write their slots back, and the retrieval layer's commit
+replays the kept tokens with the ring-update kernel. So a verify's logits are the decode steps' bit for bit, the
+state does not move, and a commit leaves the state the steps leave: speculative decoding matches greedy decoding
+token for token. Off GPU the kernels run in Triton's CPU interpreter (conftest.py)."""
 
 import pytest
 import torch
@@ -30,7 +30,8 @@ KERNELS = {
 
 def _model():
     torch.manual_seed(0)
-    fields = dict(vocab_size=64, d_model=64, n_layers=2, n_heads=2, retrieval_chunk_size=8, retrieval_top_k=2, swa_window=8)
+    fields = dict(vocab_size=64, d_model=64, n_layers=2, n_heads=2, swa_window=8)
+    fields.update(retrieval_chunk_size=8, retrieval_top_k=2)
     model = HydraLM(HydraConfig(**fields, layer_types=["retrieval", "swa"], memory=MEMORY)).eval()
     with torch.no_grad():
         model.blocks[0].mixer.memory.pool_query.normal_()  # zero at init: plain mean pooling
@@ -38,8 +39,8 @@ def _model():
 
 
 def _rounds(rows, monkeypatch, kept_counts=(1, 3, 2)):
-    """Verify 3 tokens, commit the first kept_counts[i] of them; against steps of a second decoder from the same state. Yields
-    (verify logits, steps' logits, state after verify equal to before, committed state equal to the steps')."""
+    """Verify 3 tokens, commit the first kept_counts[i] of them; against steps of a second decoder from the same
+    state. Yields (verify logits, steps' logits, state unmoved by verify, committed state equal to the steps')."""
     for name, value in KERNELS.items():
         monkeypatch.setenv(name, value)
     model = _model()
