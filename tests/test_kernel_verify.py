@@ -30,9 +30,9 @@ KERNELS = {
 
 def _model():
     torch.manual_seed(0)
-    fields = dict(vocab_size=64, d_model=64, n_layers=2, n_heads=2, swa_window=8)
+    fields = dict(vocab_size=64, d_model=64, n_layers=3, n_heads=2, swa_window=8)
     fields.update(retrieval_chunk_size=8, retrieval_top_k=2)
-    model = HydraLM(HydraConfig(**fields, layer_types=["retrieval", "swa"], memory=MEMORY)).eval()
+    model = HydraLM(HydraConfig(**fields, layer_types=["retrieval", "swa", "deltanet"], memory=MEMORY)).eval()
     with torch.no_grad():
         model.blocks[0].mixer.memory.pool_query.normal_()  # zero at init: plain mean pooling
     return model
